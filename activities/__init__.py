@@ -1,0 +1,1 @@
+"""Activities: one module per outside system. Every one is idempotent by its ``key``."""

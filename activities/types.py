@@ -1,0 +1,118 @@
+"""Inputs and results of every activity.
+
+Pure dataclasses with no I/O imports, so workflow code can import them inside the sandbox.
+Each activity takes one dataclass, so fields can be added later without breaking histories.
+Every ``key`` is an idempotency key: ``<workflow id>/<step>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+#: ApplicationError types a workflow reacts to.
+UNDELIVERABLE = "Undeliverable"  # hard bounce or suppressed address: never retried
+NO_EMAIL_ADDRESS = "NoEmailAddress"  # the customer has no known email address
+AUDIENCE_REJECTED = "AudienceRejected"  # the ad platform refused the request for good
+
+
+@dataclass
+class ProductInfo:
+    """A product as shown in an email."""
+
+    product_id: str
+    name: str
+    price_minor: int | None = None
+    currency: str = "USD"
+    image_url: str | None = None
+    url: str | None = None
+
+
+@dataclass
+class CartLine:
+    product: ProductInfo
+    quantity: int = 1
+
+
+@dataclass
+class CouponInfo:
+    code: str
+    amount_minor: int
+    currency: str
+    expires_at: datetime
+
+
+@dataclass
+class RecommendInput:
+    customer_id: str
+    product_ids: list[str]
+    limit: int = 3
+
+
+@dataclass
+class RecommendResult:
+    products: list[ProductInfo] = field(default_factory=list)
+    source: str = "bought_together"  # or "popular" when the shop has no matching history
+
+
+@dataclass
+class SendEmailInput:
+    key: str
+    journey_id: str
+    step: str
+    customer_id: str
+    template: (
+        str  # a template family in activities/templates: <template>.subject.j2, .html.j2, .txt.j2
+    )
+    cart: list[CartLine] = field(default_factory=list)
+    cart_url: str = ""
+    recommendations: list[ProductInfo] = field(default_factory=list)
+    coupon: CouponInfo | None = None
+
+
+@dataclass
+class SendEmailResult:
+    message_id: str
+    to_address: str
+    status: str  # "sent"; "already_sent" for a retry; "unconfirmed" if the server may have it
+
+
+@dataclass
+class AudienceChange:
+    key: str
+    journey_id: str
+    step: str
+    customer_id: str
+    audience: str  # kaeru's name for the audience; the provider maps it to its own id
+
+
+@dataclass
+class AudienceResult:
+    provider: str
+    audience_id: str
+
+
+@dataclass
+class IssueCouponInput:
+    key: str
+    journey_id: str
+    step: str
+    customer_id: str
+    amount_minor: int
+    currency: str
+    ttl_seconds: float
+
+
+@dataclass
+class ConversionInput:
+    key: str
+    journey_id: str
+    customer_id: str
+    after_step: str
+    order_id: str
+    value_minor: int
+    currency: str
+    coupon_code: str | None
+    occurred_at: datetime
+    detail: dict[str, Any] = field(default_factory=dict)

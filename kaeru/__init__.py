@@ -1,0 +1,1 @@
+"""kaeru: marketing automation for online shops on Temporal."""

@@ -1,0 +1,54 @@
+"""Touchpoints: one append-only row per touch, the ground truth for analytics later."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from kaeru.models import Customer, Touchpoint, utcnow
+
+
+def record_touchpoint(
+    session: Session,
+    *,
+    customer_id: str,
+    kind: str,
+    key: str | None = None,
+    journey_id: str | None = None,
+    step: str | None = None,
+    occurred_at: datetime | None = None,
+    order_id: str | None = None,
+    value_minor: int | None = None,
+    currency: str | None = None,
+    coupon_code: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Touchpoint:
+    """Add a touchpoint in ``session``'s transaction. With ``key``, a second call adds nothing."""
+    if key is not None:
+        existing = session.exec(select(Touchpoint).where(Touchpoint.key == key)).first()
+        if existing is not None:
+            return existing
+    row = Touchpoint(
+        key=key,
+        customer_id=customer_id,
+        journey_id=journey_id,
+        step=step,
+        kind=kind,
+        occurred_at=occurred_at or utcnow(),
+        order_id=order_id,
+        value_minor=value_minor,
+        currency=currency,
+        coupon_code=coupon_code,
+        detail=detail or {},
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def email_of(session: Session, customer_id: str) -> str | None:
+    """The customer's email address, as last identified."""
+    customer = session.get(Customer, customer_id)
+    return customer.email if customer else None

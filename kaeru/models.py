@@ -1,0 +1,226 @@
+"""Database tables (sqlmodel). Works on SQLite and PostgreSQL; schema changes go through alembic.
+
+Every timestamp is timezone-aware UTC. Money is integer minor units plus a currency code.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: kaeru stores timezone-aware UTC timestamps only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(*, nullable: bool = False, index: bool = False) -> Any:
+    column = Column(UTCDateTime(), nullable=nullable, index=index)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(default_factory=utcnow, sa_column=column)
+
+
+def _json(nullable: bool = False) -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSON, nullable=nullable))
+
+
+class Event(SQLModel, table=True):
+    """Every accepted event, stored before it is routed (the outbox). ``seq`` orders them."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_unrouted", "routed_at", "seq"),)
+
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    message_id: str = Field(sa_column=Column(String(200), unique=True, nullable=False))
+    customer_id: str = Field(sa_column=Column(String(200), nullable=False, index=True))
+    type: str = Field(max_length=20)
+    name: str | None = Field(default=None, max_length=200)
+    payload: dict[str, Any] = _json()
+    timestamp: datetime = _ts()
+    received_at: datetime = _ts()
+    routed_at: datetime | None = _ts(nullable=True)
+    route_attempts: int = 0
+    route_error: str | None = None
+
+
+class Customer(SQLModel, table=True):
+    """A shopper: ``userId``, or ``anonymousId`` until identified."""
+
+    __tablename__ = "customers"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    email: str | None = Field(default=None, max_length=320)
+    traits: dict[str, Any] = _json()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Product(SQLModel, table=True):
+    """What the shop sells, as learnt from its events."""
+
+    __tablename__ = "products"
+
+    product_id: str = Field(primary_key=True, max_length=200)
+    name: str = Field(max_length=500)
+    price_minor: int | None = None
+    currency: str = Field(default="USD", max_length=3)
+    image_url: str | None = None
+    url: str | None = None
+    updated_at: datetime = _ts()
+
+
+class Order(SQLModel, table=True):
+    """A completed order, stored at ingestion whether or not a journey is waiting for it."""
+
+    __tablename__ = "orders"
+
+    order_id: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(index=True, max_length=200)
+    total_minor: int
+    currency: str = Field(max_length=3)
+    coupon: str | None = Field(default=None, max_length=200)
+    completed_at: datetime = _ts()
+
+
+class OrderLine(SQLModel, table=True):
+    __tablename__ = "order_lines"
+
+    order_id: str = Field(primary_key=True, max_length=200)
+    product_id: str = Field(primary_key=True, max_length=200, index=True)
+    quantity: int = 1
+
+
+class Coupon(SQLModel, table=True):
+    """A single-use coupon of the local coupon provider."""
+
+    __tablename__ = "coupons"
+
+    code: str = Field(primary_key=True, max_length=64)
+    idempotency_key: str = Field(sa_column=Column(String(400), unique=True, nullable=False))
+    customer_id: str = Field(index=True, max_length=200)
+    journey_id: str = Field(max_length=400)
+    amount_minor: int
+    currency: str = Field(max_length=3)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    redeemed_at: datetime | None = _ts(nullable=True)
+    redeemed_order_id: str | None = Field(default=None, max_length=200)
+
+
+class AudienceMember(SQLModel, table=True):
+    """Membership in the local audience store (the default ad-audience provider)."""
+
+    __tablename__ = "audience_members"
+
+    audience: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(primary_key=True, max_length=200)
+    email_sha256: str = Field(max_length=64)
+    journey_id: str = Field(max_length=400)
+    added_at: datetime = _ts()
+
+
+class EmailMessage(SQLModel, table=True):
+    """The email outbox: one row per journey step, so a retried send never sends twice.
+
+    ``status`` goes pending → sending → data → sent; ``data`` means the SMTP server may
+    already hold the message (the worker died while it answered), so it is never resent.
+    """
+
+    __tablename__ = "email_messages"
+
+    key: str = Field(primary_key=True, max_length=400)
+    message_id: str = Field(max_length=400)
+    customer_id: str = Field(index=True, max_length=200)
+    journey_id: str = Field(max_length=400)
+    step: str = Field(max_length=100)
+    to_address: str = Field(max_length=320)
+    subject: str = Field(max_length=500)
+    status: str = Field(max_length=20)
+    links: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    created_at: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True)
+    error: str | None = None
+    first_open_routed: bool = False
+    first_click_routed: bool = False
+
+
+class Suppression(SQLModel, table=True):
+    """Addresses kaeru must not email (hard bounces now; complaints and unsubscribes later)."""
+
+    __tablename__ = "suppressions"
+
+    email: str = Field(primary_key=True, max_length=320)
+    reason: str = Field(max_length=50)
+    detail: str | None = None
+    created_at: datetime = _ts()
+
+
+class Touchpoint(SQLModel, table=True):
+    """Append-only record of every touch: sent, opened, clicked, audience, coupon, conversion."""
+
+    __tablename__ = "touchpoints"
+    __table_args__ = (UniqueConstraint("key", name="uq_touchpoints_key"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    key: str | None = Field(default=None, max_length=400)
+    customer_id: str = Field(index=True, max_length=200)
+    journey_id: str | None = Field(default=None, index=True, max_length=400)
+    step: str | None = Field(default=None, max_length=100)
+    kind: str = Field(index=True, max_length=50)
+    occurred_at: datetime = _ts()
+    order_id: str | None = Field(default=None, max_length=200)
+    value_minor: int | None = None
+    currency: str | None = Field(default=None, max_length=3)
+    coupon_code: str | None = Field(default=None, max_length=64)
+    detail: dict[str, Any] = _json()
+
+
+class AppSecret(SQLModel, table=True):
+    """Secrets kaeru generates once and must keep across restarts (the link-signing key)."""
+
+    __tablename__ = "app_secrets"
+
+    name: str = Field(primary_key=True, max_length=100)
+    value: str = Field(max_length=200)
+    created_at: datetime = _ts()
+
+
+class Lease(SQLModel, table=True):
+    """A named lease held by one process at a time (the event router)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=100)
+    holder: str = Field(max_length=200)
+    expires_at: datetime = _ts()

@@ -1,0 +1,73 @@
+"""The one place that knows how to reach Temporal: client factory and search attributes.
+
+The API, the worker and the CLI all connect through :func:`connect`, so a data converter,
+interceptors or TLS added later apply everywhere at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from kaeru.settings import Settings
+from workflows.kit import SEARCH_ATTRIBUTES
+
+
+async def connect(settings: Settings, address: str | None = None) -> Client:
+    """Connect to the configured Temporal namespace.
+
+    Raises:
+        RuntimeError: Temporal cannot be reached; the message says which setting to check.
+    """
+    target = address or settings.resolved_temporal_address
+    try:
+        return await Client.connect(target, namespace=settings.temporal_namespace)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"cannot reach Temporal at {target} (namespace {settings.temporal_namespace!r}): "
+            f"{exc}. Start it with `kaeru dev`, or set KAERU_TEMPORAL_ADDRESS."
+        ) from exc
+
+
+async def missing_search_attributes(client: Client, namespace: str) -> list[str]:
+    """Names of kaeru's search attributes that the namespace does not define yet."""
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    return [key.name for key in SEARCH_ATTRIBUTES if key.name not in listed.custom_attributes]
+
+
+async def ensure_search_attributes(client: Client, namespace: str, timeout: float = 30.0) -> None:
+    """Register kaeru's search attributes and wait until the server lists them.
+
+    Raises:
+        RuntimeError: the server refused (on Temporal Cloud, add them in the namespace settings).
+    """
+    missing = await missing_search_attributes(client, namespace)
+    if missing:
+        try:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    namespace=namespace,
+                    search_attributes=dict.fromkeys(
+                        missing, IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+                    ),
+                )
+            )
+        except RPCError as exc:
+            raise RuntimeError(
+                f"could not add search attributes {missing} to namespace {namespace!r}: {exc}. "
+                "On a managed Temporal (Cloud), add them as Keyword attributes yourself."
+            ) from exc
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await missing_search_attributes(client, namespace):
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"search attributes {missing} were not registered in {timeout}s")
+        await asyncio.sleep(0.2)

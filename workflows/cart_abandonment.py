@@ -1,0 +1,273 @@
+"""Cart abandonment: a shopper leaves a full cart; bring them back.
+
+The story: the cart goes quiet for a while → email with the cart and related products →
+if opened, a while later the shopper joins a retargeting ad audience → if they click the ad,
+a while later an email with a single-use coupon. A purchase at any moment ends it at once,
+and the shopper leaves every audience the journey put them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.types import (
+        CartLine,
+        CouponInfo,
+        IssueCouponInput,
+        ProductInfo,
+        RecommendInput,
+        RecommendResult,
+        SendEmailInput,
+    )
+    from kaeru.money import to_minor
+    from workflows.kit import RETRY, Journey, JourneyEvent, JourneyExit, JourneyResult
+
+CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
+
+
+@dataclass
+class CartJourneySettings:
+    """What shapes one journey, fixed at its start (a later deploy does not change it)."""
+
+    email_delay: float = 86400.0
+    open_wait: float = 86400.0
+    ad_delay: float = 86400.0
+    ad_click_wait: float = 3 * 86400.0
+    offer_delay: float = 86400.0
+    offer_wait: float = 3 * 86400.0
+    coupon_ttl: float = 7 * 86400.0
+    coupon_amount_minor: int = 1000
+    coupon_currency: str = "USD"
+    cart_url: str = "https://shop.example/cart"
+    audience: str = "cart-retargeting"
+    recommendations: int = 3
+    #: Continue-as-new once the history holds this many events while the cart keeps changing.
+    history_limit: int = 2000
+
+
+@dataclass
+class CartCarryOver:
+    """State handed to the next run when a busy cart continues as new."""
+
+    cart: list[CartLine]
+    last_seq: int
+    last_change: datetime
+    story: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CartJourneyInput:
+    customer_id: str
+    settings: CartJourneySettings = field(default_factory=CartJourneySettings)
+    carried: CartCarryOver | None = None
+
+
+def _product(props: dict[str, Any]) -> ProductInfo | None:
+    """A product from Segment e-commerce properties; None without an id."""
+    product_id = props.get("product_id") or props.get("sku") or props.get("id")
+    if not isinstance(product_id, str | int) or isinstance(product_id, bool):
+        return None
+    currency = str(props.get("currency") or "USD").upper()[:3]
+    price = props.get("price")
+    try:
+        price_minor = to_minor(price, currency) if price is not None else None
+    except ValueError:
+        price_minor = None
+    name = props.get("name")
+    image, url = props.get("image_url"), props.get("url")
+    return ProductInfo(
+        product_id=str(product_id),
+        name=str(name) if name else str(product_id),
+        price_minor=price_minor,
+        currency=currency,
+        image_url=str(image) if isinstance(image, str) else None,
+        url=str(url) if isinstance(url, str) else None,
+    )
+
+
+def _quantity(props: dict[str, Any], default: int = 1) -> int:
+    quantity = props.get("quantity", default)
+    if isinstance(quantity, bool) or not isinstance(quantity, int | float) or quantity < 1:
+        return default
+    return int(quantity)
+
+
+@workflow.defn(name="CartAbandonment")
+class CartAbandonment(Journey):
+    kind = "cart-abandonment"
+
+    @workflow.init
+    def __init__(self, start: CartJourneyInput) -> None:
+        carried = start.carried
+        self._begin(
+            start.customer_id,
+            carried.last_seq if carried else 0,
+            carried.story if carried else None,
+        )
+        self.settings = start.settings
+        self.cart: list[CartLine] = list(carried.cart) if carried else []
+        self.cart_version = 0
+        self.last_change = carried.last_change if carried else workflow.now()
+        self.coupon: CouponInfo | None = None
+
+    @workflow.run
+    async def run(self, start: CartJourneyInput) -> JourneyResult:
+        s = self.settings
+        try:
+            await self.wait_until_cart_is_quiet()
+            related = await self.related_products()
+            await self.send_email("cart_email", self.email("cart_email", "cart_reminder", related))
+            if not await self.within(s.open_wait, lambda: "cart_email" in self.engaged, "an open"):
+                return await self.finish("not_opened")
+            await self.pause(s.ad_delay, "the ad delay")
+            await self.join_audience("ad_audience", s.audience)
+            if not await self.within(s.ad_click_wait, lambda: self.ad_clicks > 0, "an ad click"):
+                return await self.finish("ad_not_clicked")
+            await self.pause(s.offer_delay, "the offer delay")
+            self.coupon = await self.issue_coupon("offer_coupon")
+            await self.send_email("offer_email", self.email("offer_email", "cart_offer", []))
+            await self.pause(s.offer_wait, "a purchase with the coupon")
+            return await self.finish("offer_ignored")
+        except JourneyExit as exit_:
+            return await self.finish(exit_.outcome)
+
+    # ---- the cart ---------------------------------------------------------------------------
+
+    def on_event(self, event: JourneyEvent) -> None:
+        if event.name not in CART_EVENTS:
+            return
+        if self.apply_cart_change(event) and not self.cart:
+            self.exit_with("cart_emptied")
+        if self.step in ("started", "cart_quiet"):
+            # Every cart event restarts the quiet period: the shopper is still shopping.
+            self.cart_version += 1
+            self.last_change = workflow.now()
+
+    def apply_cart_change(self, event: JourneyEvent) -> bool:
+        """Update the cart from one cart event. True if the event said what the cart holds."""
+        props = event.properties
+        if event.name in ("Product Added", "Product Removed"):
+            product = _product(props)
+            if product is None:
+                return False
+            line = next((x for x in self.cart if x.product.product_id == product.product_id), None)
+            if event.name == "Product Added":
+                if line is None:
+                    self.cart.append(CartLine(product=product, quantity=_quantity(props)))
+                else:
+                    line.product, line.quantity = product, line.quantity + _quantity(props)
+                self.tell(f"added {product.name} to the cart")
+            elif line is not None:
+                line.quantity -= _quantity(props, default=line.quantity)
+                self.cart = [x for x in self.cart if x.quantity > 0]
+                self.tell(f"removed {product.name} from the cart")
+            return True
+        if not isinstance(props.get("products"), list):
+            return False
+        self.cart = [
+            CartLine(product=product, quantity=_quantity(item))
+            for item in props["products"]
+            if isinstance(item, dict) and (product := _product(item)) is not None
+        ]
+        self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
+        return True
+
+    async def wait_until_cart_is_quiet(self) -> None:
+        """Wait until the cart has not changed for ``email_delay``; each change restarts it."""
+        self.enter("cart_quiet")
+        while True:
+            version = self.cart_version
+            quiet_until = self.last_change + timedelta(seconds=self.settings.email_delay)
+            remaining = (quiet_until - workflow.now()).total_seconds()
+            if remaining <= 0:
+                break
+            changed = await self.within(
+                remaining, lambda: self.cart_version != version, "a quiet cart"
+            )
+            if not changed:
+                break
+            info = workflow.info()
+            if (
+                info.is_continue_as_new_suggested()
+                or info.get_current_history_length() > self.settings.history_limit
+            ):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    CartJourneyInput(
+                        customer_id=self.customer_id,
+                        settings=self.settings,
+                        carried=CartCarryOver(
+                            self.cart, self.last_seq, self.last_change, self.story
+                        ),
+                    )
+                )
+        if not self.cart:
+            raise JourneyExit("cart_emptied")
+        self.done("cart_quiet", f"the cart went quiet with {len(self.cart)} item(s)")
+
+    # ---- the steps ------------------------------------------------------------------------
+
+    async def related_products(self) -> list[ProductInfo]:
+        if self.settings.recommendations <= 0:
+            return []
+        result = await workflow.execute_activity(
+            "recommend_products",
+            RecommendInput(
+                customer_id=self.customer_id,
+                product_ids=[line.product.product_id for line in self.cart],
+                limit=self.settings.recommendations,
+            ),
+            result_type=RecommendResult,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RETRY,
+        )
+        return result.products
+
+    async def issue_coupon(self, step: str) -> CouponInfo:
+        self.check_exit()
+        self.enter(step)
+        s = self.settings
+        coupon = await workflow.execute_activity(
+            "issue_coupon",
+            IssueCouponInput(
+                key=self.key(step),
+                journey_id=workflow.info().workflow_id,
+                step=step,
+                customer_id=self.customer_id,
+                amount_minor=s.coupon_amount_minor,
+                currency=s.coupon_currency,
+                ttl_seconds=s.coupon_ttl,
+            ),
+            result_type=CouponInfo,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RETRY,
+        )
+        self.done(step, f"issued coupon {coupon.code}")
+        return coupon
+
+    def email(self, step: str, template: str, related: list[ProductInfo]) -> SendEmailInput:
+        return SendEmailInput(
+            key=self.key(step),
+            journey_id=workflow.info().workflow_id,
+            step=step,
+            customer_id=self.customer_id,
+            template=template,
+            cart=list(self.cart),
+            cart_url=self.settings.cart_url,
+            recommendations=related,
+            coupon=self.coupon,
+        )
+
+    def details(self) -> dict[str, Any]:
+        items = ", ".join(f"{line.quantity}× {line.product.name}" for line in self.cart)
+        facts: dict[str, Any] = {"cart": items or "empty"}
+        if self.audiences:
+            facts["audiences"] = ", ".join(self.audiences)
+        if self.coupon:
+            facts["coupon"] = self.coupon.code
+        return facts

@@ -1,0 +1,391 @@
+"""The journey kit: what every journey shares, so a new journey is one small class.
+
+A journey receives the customer's events through one signal (``event``), waits with
+:meth:`Journey.within` and :meth:`Journey.pause` (which also end it at once on a purchase),
+touches the world only through activities named by string, and keeps operators informed
+through search attributes, memo, current details and the ``status`` query.
+
+This module runs inside the workflow sandbox: it imports nothing that does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.types import (
+        NO_EMAIL_ADDRESS,
+        UNDELIVERABLE,
+        AudienceChange,
+        AudienceResult,
+        ConversionInput,
+        SendEmailInput,
+        SendEmailResult,
+    )
+    from kaeru.money import to_minor
+
+CUSTOMER_ID = SearchAttributeKey.for_keyword("KaeruCustomerId")
+STEP = SearchAttributeKey.for_keyword("KaeruStep")
+OUTCOME = SearchAttributeKey.for_keyword("KaeruOutcome")
+SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME)
+
+EVENT_SIGNAL = "event"
+ORDER_COMPLETED = "Order Completed"
+AD_CLICKED = "Ad Clicked"
+EMAIL_OPENED = "Email Opened"
+EMAIL_LINK_CLICKED = "Email Link Clicked"
+
+#: Temporary failures retry with backoff; what retrying cannot fix is non-retryable.
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+)
+#: How long a message step keeps retrying a down SMTP server before the journey gives up.
+SEND_DEADLINE = timedelta(hours=12)
+#: A worker that dies mid-activity is noticed within this, and the activity runs again.
+HEARTBEAT = timedelta(seconds=10)
+
+
+@dataclass
+class JourneyEvent:
+    """One stored customer event, as the router delivers it. ``seq`` orders a customer's events."""
+
+    seq: int
+    name: str
+    message_id: str
+    occurred_at: datetime
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Purchase:
+    order_id: str
+    value_minor: int
+    currency: str
+    coupon: str | None
+    occurred_at: datetime
+
+
+@dataclass
+class JourneyResult:
+    outcome: str
+    last_step: str
+    order_id: str | None = None
+    coupon_code: str | None = None
+
+
+@dataclass
+class JourneyStatus:
+    """What the ``status`` query answers: where the journey is and how it got there."""
+
+    journey_id: str
+    customer_id: str
+    step: str
+    outcome: str | None
+    waiting_for: str | None
+    waiting_until: datetime | None
+    story: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class JourneyExit(Exception):
+    """Raised inside a journey to end it with ``outcome`` (purchase, emptied cart, bounce...)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def purchase_from(event: JourneyEvent) -> Purchase:
+    """Read a Segment ``Order Completed`` event. Bad amounts count as zero, not as a crash."""
+    props = event.properties
+    currency = str(props.get("currency") or "USD").upper()[:3]
+    amount = props.get("total", props.get("revenue", 0))
+    try:
+        value_minor = to_minor(amount if amount is not None else 0, currency)
+    except ValueError:
+        value_minor = 0
+    coupon = props.get("coupon")
+    return Purchase(
+        order_id=str(props.get("order_id") or event.message_id),
+        value_minor=value_minor,
+        currency=currency,
+        coupon=str(coupon) if coupon else None,
+        occurred_at=event.occurred_at,
+    )
+
+
+class Journey:
+    """Base of every journey workflow. Subclasses set ``kind`` and write ``run``."""
+
+    #: Prefix of the workflow id: ``<kind>-<customer id>``.
+    kind: ClassVar[str]
+
+    def _begin(self, customer_id: str, last_seq: int = 0, story: list[str] | None = None) -> None:
+        self.customer_id = customer_id
+        self.last_seq = last_seq
+        self.story: list[str] = list(story or [])
+        self.step = "started"
+        self.completed_step = "started"
+        self.outcome: str | None = None
+        self.exit_reason: str | None = None
+        self.purchase: Purchase | None = None
+        self.engaged: set[str] = set()
+        self.audiences: dict[str, str] = {}
+        self.ad_clicks = 0
+        self.waiting_for: str | None = None
+        self.waiting_until: datetime | None = None
+
+    # ---- events -------------------------------------------------------------------------
+
+    @workflow.signal(name=EVENT_SIGNAL)
+    def receive(self, event: JourneyEvent) -> None:
+        """Take one routed event. A re-delivered event (same or older ``seq``) is ignored."""
+        if event.seq <= self.last_seq:
+            return
+        self.last_seq = event.seq
+        if self.outcome is not None:
+            return
+        if event.name == ORDER_COMPLETED:
+            self.purchase = purchase_from(event)
+            self.exit_with("purchased")
+        elif event.name in (EMAIL_OPENED, EMAIL_LINK_CLICKED):
+            step = str(event.properties.get("step", ""))
+            if step and step not in self.engaged:
+                self.engaged.add(step)
+                verb = "opened" if event.name == EMAIL_OPENED else "clicked"
+                self.tell(f"the shopper {verb} the {step} email")
+        elif event.name == AD_CLICKED:
+            if self.audiences:
+                self.ad_clicks += 1
+                self.tell("the shopper clicked the retargeting ad")
+        else:
+            self.on_event(event)
+
+    def on_event(self, event: JourneyEvent) -> None:
+        """Journey-specific events; the kit handled purchases, opens, clicks and ad clicks."""
+
+    def exit_with(self, outcome: str) -> None:
+        """Ask the journey to end at its next wait (the first reason wins)."""
+        if self.exit_reason is None:
+            self.exit_reason = outcome
+
+    def check_exit(self) -> None:
+        if self.exit_reason is not None:
+            raise JourneyExit(self.exit_reason)
+
+    # ---- waiting ------------------------------------------------------------------------
+
+    async def within(self, seconds: float, done: Callable[[], bool], waiting_for: str) -> bool:
+        """Wait up to ``seconds`` for ``done()``. True if it happened, False if time ran out.
+
+        Raises:
+            JourneyExit: the journey must end (a purchase, an emptied cart...) meanwhile.
+        """
+        self.check_exit()
+        self.waiting_for = waiting_for
+        self.waiting_until = workflow.now() + timedelta(seconds=seconds)
+        self.publish()
+        try:
+            await workflow.wait_condition(
+                lambda: done() or self.exit_reason is not None,
+                timeout=timedelta(seconds=max(seconds, 0.001)),
+                timeout_summary=waiting_for,
+            )
+            happened = True
+        except TimeoutError:
+            happened = False
+        finally:
+            self.waiting_for = None
+            self.waiting_until = None
+        self.check_exit()
+        return happened
+
+    async def pause(self, seconds: float, why: str) -> None:
+        """Sleep ``seconds``, ending the journey at once if it must end meanwhile."""
+        await self.within(seconds, lambda: False, why)
+
+    # ---- steps that touch the world -------------------------------------------------------
+
+    def key(self, step: str) -> str:
+        """The idempotency key of ``step``: the same for every retry and every replay."""
+        info = workflow.info()
+        return f"{info.workflow_id}/{info.first_execution_run_id}/{step}"
+
+    async def send_email(self, step: str, email: SendEmailInput) -> SendEmailResult:
+        """Send one message step; a bounce or a missing address ends the journey."""
+        self.check_exit()
+        self.enter(step)
+        try:
+            result = await workflow.execute_activity(
+                "send_email",
+                email,
+                result_type=SendEmailResult,
+                start_to_close_timeout=timedelta(minutes=2),
+                heartbeat_timeout=HEARTBEAT,
+                schedule_to_close_timeout=SEND_DEADLINE,
+                retry_policy=RETRY,
+                summary=f"email {step}",
+            )
+        except ActivityError as err:
+            raise self._exit_for(err, step) from err
+        self.done(step, f"sent the {step} email to the shopper ({result.status})")
+        return result
+
+    async def join_audience(self, step: str, audience: str) -> AudienceResult:
+        self.check_exit()
+        self.enter(step)
+        try:
+            result = await workflow.execute_activity(
+                "add_to_audience",
+                self._audience_change(step, audience),
+                result_type=AudienceResult,
+                start_to_close_timeout=timedelta(minutes=1),
+                schedule_to_close_timeout=SEND_DEADLINE,
+                retry_policy=RETRY,
+            )
+        except ActivityError as err:
+            raise self._exit_for(err, step) from err
+        self.audiences[audience] = step
+        self.done(step, f"added the shopper to the {audience} audience ({result.provider})")
+        return result
+
+    async def leave_audiences(self) -> None:
+        """Take the shopper out of every audience this journey put them in."""
+        for audience in list(self.audiences):
+            step = f"leave-{audience}"
+            try:
+                await workflow.execute_activity(
+                    "remove_from_audience",
+                    self._audience_change(step, audience),
+                    result_type=AudienceResult,
+                    start_to_close_timeout=timedelta(minutes=1),
+                    schedule_to_close_timeout=SEND_DEADLINE,
+                    retry_policy=RETRY,
+                )
+            except ActivityError as err:
+                workflow.logger.error(
+                    "could not remove %s from %s: %s", self.customer_id, audience, err
+                )
+                self.tell(f"could NOT remove the shopper from the {audience} audience: {err.cause}")
+                continue
+            del self.audiences[audience]
+            self.tell(f"removed the shopper from the {audience} audience")
+
+    def _audience_change(self, step: str, audience: str) -> AudienceChange:
+        return AudienceChange(
+            key=self.key(step),
+            journey_id=workflow.info().workflow_id,
+            step=step,
+            customer_id=self.customer_id,
+            audience=audience,
+        )
+
+    def _exit_for(self, err: ActivityError, step: str) -> JourneyExit:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == UNDELIVERABLE:
+            self.tell(f"the {step} email bounced: {cause.message}")
+            return JourneyExit("undeliverable")
+        if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
+            self.tell("the shopper has no known email address")
+            return JourneyExit("no_email_address")
+        workflow.logger.error("step %s failed for good: %s", step, err)
+        self.tell(f"step {step} failed for good: {cause or err}")
+        return JourneyExit("failed")
+
+    async def finish(self, outcome: str) -> JourneyResult:
+        """End the journey: leave every audience, store a conversion, publish the outcome."""
+        self.outcome = outcome
+        self.tell(f"journey ended: {outcome}")
+        await self.leave_audiences()
+        purchase = self.purchase if outcome == "purchased" else None
+        if purchase is not None:
+            await workflow.execute_activity(
+                "record_conversion",
+                ConversionInput(
+                    key=self.key("conversion"),
+                    journey_id=workflow.info().workflow_id,
+                    customer_id=self.customer_id,
+                    after_step=self.completed_step,
+                    order_id=purchase.order_id,
+                    value_minor=purchase.value_minor,
+                    currency=purchase.currency,
+                    coupon_code=purchase.coupon,
+                    occurred_at=purchase.occurred_at,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RETRY,
+            )
+        self.step = "ended"
+        workflow.upsert_search_attributes([STEP.value_set("ended"), OUTCOME.value_set(outcome)])
+        self.publish()
+        return JourneyResult(
+            outcome=outcome,
+            last_step=self.completed_step,
+            order_id=purchase.order_id if purchase else None,
+            coupon_code=purchase.coupon if purchase else None,
+        )
+
+    # ---- bookkeeping for operators ---------------------------------------------------------
+
+    def enter(self, step: str) -> None:
+        """Mark the step the journey is in (search attribute ``KaeruStep``)."""
+        self.step = step
+        workflow.upsert_search_attributes([STEP.value_set(step)])
+        self.publish()
+
+    def done(self, step: str, line: str) -> None:
+        self.completed_step = step
+        self.tell(line)
+
+    def tell(self, line: str) -> None:
+        """Add a line to the journey's story (status query and current details)."""
+        self.story.append(f"{workflow.now():%Y-%m-%d %H:%M:%S} {line}")
+        del self.story[:-50]
+        self.publish()
+
+    def details(self) -> dict[str, Any]:
+        """Journey-specific facts for the status query and current details."""
+        return {}
+
+    @workflow.query(name="status")
+    def status(self) -> JourneyStatus:
+        return JourneyStatus(
+            journey_id=workflow.info().workflow_id,
+            customer_id=self.customer_id,
+            step=self.step,
+            outcome=self.outcome,
+            waiting_for=self.waiting_for,
+            waiting_until=self.waiting_until,
+            story=list(self.story),
+            details=self.details(),
+        )
+
+    def publish(self) -> None:
+        """Render the current details shown on the workflow's page in the Temporal UI."""
+        lines = [f"**{type(self).__name__}** for customer `{self.customer_id}`", ""]
+        lines.append(f"- step: `{self.step}`" + (f" → **{self.outcome}**" if self.outcome else ""))
+        if self.waiting_for and self.waiting_until:
+            lines.append(
+                f"- waiting for {self.waiting_for} until {self.waiting_until:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        for name, value in self.details().items():
+            lines.append(f"- {name}: {value}")
+        lines += ["", "Story:", *[f"1. {line}" for line in self.story[-15:]]]
+        workflow.set_current_details("\n".join(lines))
+
+    @staticmethod
+    def start_search_attributes(customer_id: str) -> list[SearchAttributePair[str]]:
+        """Search attributes to give a journey when it starts (used by the router)."""
+        return [
+            SearchAttributePair(CUSTOMER_ID, customer_id),
+            SearchAttributePair(STEP, "started"),
+        ]
