@@ -1,0 +1,75 @@
+"""The kaeru worker: registers every journey and activity. ``kaeru worker`` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.ads import AudienceActivities
+from activities.conversions import ConversionActivities
+from activities.coupons import CouponActivities
+from activities.email import EmailActivities
+from activities.recommendations import RecommendationActivities
+from kaeru.db import migrate
+from kaeru.settings import Settings
+from workflows.cart_abandonment import CartAbandonment
+
+log = logging.getLogger("kaeru.worker")
+
+#: Every journey kind. A new journey is added here and in the router's table.
+WORKFLOWS: Sequence[type] = (CartAbandonment,)
+
+#: Pure modules the sandbox may share instead of re-importing per workflow run.
+PASSTHROUGH = ("activities.types", "kaeru.money", "workflows.kit")
+
+
+def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
+    """Every activity, with its clients injected once."""
+    email = EmailActivities(settings)
+    ads = AudienceActivities(settings, http)
+    return [
+        email.send_email,
+        ads.add_to_audience,
+        ads.remove_from_audience,
+        CouponActivities(settings).issue_coupon,
+        RecommendationActivities(settings).recommend_products,
+        ConversionActivities(settings).record_conversion,
+    ]
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    activity_executor: concurrent.futures.Executor | None = None,
+) -> Worker:
+    """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes)."""
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=list(WORKFLOWS),
+        activities=activities_for(settings, http),
+        activity_executor=activity_executor,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_concurrent_activities=settings.max_concurrent_activities,
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+    )
+
+
+async def run_worker(client: Client, settings: Settings) -> None:
+    """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
+    await asyncio.to_thread(migrate, settings.resolved_database_url)
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        worker = build_worker(client, settings, http)
+        log.info("worker polling task queue %r", settings.task_queue)
+        await worker.run()
