@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
@@ -30,6 +30,8 @@ with workflow.unsafe.imports_passed_through():
         SendEmailResult,
     )
     from kaeru.money import to_minor
+
+T = TypeVar("T")
 
 CUSTOMER_ID = SearchAttributeKey.for_keyword("KaeruCustomerId")
 STEP = SearchAttributeKey.for_keyword("KaeruStep")
@@ -220,40 +222,44 @@ class Journey:
         info = workflow.info()
         return f"{info.workflow_id}/{info.first_execution_run_id}/{step}"
 
+    async def call(
+        self, activity: str, arg: Any, result_type: type[T], step: str, *, heartbeat: bool = False
+    ) -> T:
+        """Run an activity with kaeru's timeouts and retries.
+
+        Temporary failures retry with backoff for up to ``SEND_DEADLINE``.
+
+        Raises:
+            JourneyExit: the activity failed for good (bounce, no address, deadline passed).
+        """
+        try:
+            result = await workflow.execute_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=timedelta(minutes=2),
+                heartbeat_timeout=HEARTBEAT if heartbeat else None,
+                schedule_to_close_timeout=SEND_DEADLINE,
+                retry_policy=RETRY,
+                summary=f"{activity} ({step})",
+            )
+        except ActivityError as err:
+            raise self._exit_for(err, step) from err
+        return cast(T, result)
+
     async def send_email(self, step: str, email: SendEmailInput) -> SendEmailResult:
         """Send one message step; a bounce or a missing address ends the journey."""
         self.check_exit()
         self.enter(step)
-        try:
-            result = await workflow.execute_activity(
-                "send_email",
-                email,
-                result_type=SendEmailResult,
-                start_to_close_timeout=timedelta(minutes=2),
-                heartbeat_timeout=HEARTBEAT,
-                schedule_to_close_timeout=SEND_DEADLINE,
-                retry_policy=RETRY,
-                summary=f"email {step}",
-            )
-        except ActivityError as err:
-            raise self._exit_for(err, step) from err
+        result = await self.call("send_email", email, SendEmailResult, step, heartbeat=True)
         self.done(step, f"sent the {step} email to the shopper ({result.status})")
         return result
 
     async def join_audience(self, step: str, audience: str) -> AudienceResult:
         self.check_exit()
         self.enter(step)
-        try:
-            result = await workflow.execute_activity(
-                "add_to_audience",
-                self._audience_change(step, audience),
-                result_type=AudienceResult,
-                start_to_close_timeout=timedelta(minutes=1),
-                schedule_to_close_timeout=SEND_DEADLINE,
-                retry_policy=RETRY,
-            )
-        except ActivityError as err:
-            raise self._exit_for(err, step) from err
+        change = self._audience_change(step, audience)
+        result = await self.call("add_to_audience", change, AudienceResult, step)
         self.audiences[audience] = step
         self.done(step, f"added the shopper to the {audience} audience ({result.provider})")
         return result
@@ -308,22 +314,21 @@ class Journey:
         await self.leave_audiences()
         purchase = self.purchase if outcome == "purchased" else None
         if purchase is not None:
-            await workflow.execute_activity(
-                "record_conversion",
-                ConversionInput(
-                    key=self.key("conversion"),
-                    journey_id=workflow.info().workflow_id,
-                    customer_id=self.customer_id,
-                    after_step=self.completed_step,
-                    order_id=purchase.order_id,
-                    value_minor=purchase.value_minor,
-                    currency=purchase.currency,
-                    coupon_code=purchase.coupon,
-                    occurred_at=purchase.occurred_at,
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RETRY,
+            conversion = ConversionInput(
+                key=self.key("conversion"),
+                journey_id=workflow.info().workflow_id,
+                customer_id=self.customer_id,
+                after_step=self.completed_step,
+                order_id=purchase.order_id,
+                value_minor=purchase.value_minor,
+                currency=purchase.currency,
+                coupon_code=purchase.coupon,
+                occurred_at=purchase.occurred_at,
             )
+            try:
+                await self.call("record_conversion", conversion, type(None), "conversion")
+            except JourneyExit:
+                self.tell("could NOT store the conversion")
         self.step = "ended"
         workflow.upsert_search_attributes([STEP.value_set("ended"), OUTCOME.value_set(outcome)])
         self.publish()

@@ -1,0 +1,448 @@
+"""Every branch of the cart-abandonment journey, on Temporal's time-skipping test server.
+
+The activities are the real ones (real SMTP server on loopback, real SQLite, local audience
+store and coupon provider): only time is fast-forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlmodel import select
+from temporalio.client import WorkflowHandle
+from temporalio.common import TypedSearchAttributes
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+
+from kaeru.db import session
+from kaeru.models import AudienceMember, Coupon, Customer, EmailMessage, Suppression, Touchpoint
+from tests.conftest import make_settings
+from tests.support.smtp import SMTPTestServer
+from worker import build_worker
+from workflows.cart_abandonment import CartAbandonment, CartJourneyInput, CartJourneySettings
+from workflows.kit import (
+    CUSTOMER_ID,
+    EVENT_SIGNAL,
+    OUTCOME,
+    STEP,
+    Journey,
+    JourneyEvent,
+    JourneyResult,
+)
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+SETTINGS = CartJourneySettings(
+    email_delay=DAY,
+    open_wait=DAY,
+    ad_delay=DAY,
+    ad_click_wait=3 * DAY,
+    offer_delay=DAY,
+    offer_wait=3 * DAY,
+    coupon_ttl=7 * DAY,
+    cart_url="https://shop.test/cart",
+)
+SHOE = {"product_id": "shoe", "name": "Trail Shoe", "price": 89.5, "quantity": 1}
+SOCK = {"product_id": "sock", "name": "Wool Socks", "price": 12, "quantity": 2}
+
+
+@dataclass
+class Shopper:
+    """One customer's journey under test, driven the way the router drives it."""
+
+    env: WorkflowEnvironment
+    db: str
+    smtp: SMTPTestServer
+    task_queue: str
+    customer_id: str = field(default_factory=lambda: f"c-{uuid.uuid4().hex[:8]}")
+    seq: int = 0
+    settings: CartJourneySettings = field(default_factory=lambda: SETTINGS)
+
+    @property
+    def journey_id(self) -> str:
+        return f"{CartAbandonment.kind}-{self.customer_id}"
+
+    @property
+    def handle(self) -> WorkflowHandle[Any, Any]:
+        return self.env.client.get_workflow_handle(self.journey_id, result_type=JourneyResult)
+
+    def event(self, name: str, /, seq: int | None = None, **props: Any) -> JourneyEvent:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        return JourneyEvent(seq, name, f"m-{uuid.uuid4()}", datetime.now(UTC), props)
+
+    async def cart(self, name: str, /, **props: Any) -> JourneyEvent:
+        """A cart event: signal-with-start, as the router sends it."""
+        event = self.event(name, **props)
+        await self.env.client.start_workflow(
+            CartAbandonment.run,
+            CartJourneyInput(self.customer_id, self.settings),
+            id=self.journey_id,
+            task_queue=self.task_queue,
+            start_signal=EVENT_SIGNAL,
+            start_signal_args=[event],
+            search_attributes=TypedSearchAttributes(
+                Journey.start_search_attributes(self.customer_id)
+            ),
+        )
+        return event
+
+    async def signal(self, name: str, /, **props: Any) -> None:
+        await self.handle.signal(EVENT_SIGNAL, self.event(name, **props))
+
+    async def purchase(self, order_id: str = "o-1", coupon: str | None = None) -> None:
+        props: dict[str, Any] = {"order_id": order_id, "total": 101.5, "currency": "USD"}
+        if coupon:
+            props["coupon"] = coupon
+        await self.signal("Order Completed", **props)
+
+    async def opened(self, step: str = "cart_email") -> None:
+        await self.signal("Email Opened", step=step, journey_id=self.journey_id)
+
+    async def status(self) -> Any:
+        return await self.handle.query(CartAbandonment.status)
+
+    async def wait_for_step(self, step: str) -> None:
+        """Wait (in real time, without skipping) until the journey reaches ``step``."""
+        for _ in range(200):
+            current = (await self.status()).step
+            if current == step:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"journey stuck at {current!r}, expected {step!r}")
+
+    async def skip(self, seconds: float) -> None:
+        await self.env.sleep(timedelta(seconds=seconds))
+
+    async def outcome(self) -> str:
+        result = await self.handle.result()
+        return str(result.outcome)
+
+    def emails(self) -> list[Any]:
+        return [m.message for m in self.smtp.messages if self.email in m.rcpt_tos]
+
+    @property
+    def email(self) -> str:
+        return f"{self.customer_id}@shoppers.test"
+
+    def audience(self) -> list[str]:
+        with session(self.db) as s:
+            rows = s.exec(select(AudienceMember)).all()
+            return [r.customer_id for r in rows if r.customer_id == self.customer_id]
+
+    def touchpoints(self, kind: str) -> list[Touchpoint]:
+        with session(self.db) as s:
+            return list(
+                s.exec(
+                    select(Touchpoint).where(
+                        Touchpoint.customer_id == self.customer_id, Touchpoint.kind == kind
+                    )
+                ).all()
+            )
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SMTPTestServer]:
+    async with SMTPTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def shopper(
+    time_skipping_env: WorkflowEnvironment,
+    sqlite_url: str,
+    smtp: SMTPTestServer,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Shopper]:
+    settings = make_settings(sqlite_url, smtp_port=smtp.port)
+    async with httpx.AsyncClient() as http:
+        worker = build_worker(time_skipping_env.client, settings, http)
+        async with worker:
+            shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
+            with session(sqlite_url) as s:
+                s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+            yield shopper
+            # A journey left running without its worker would stop the shared test server
+            # from skipping time for every later test.
+            with contextlib.suppress(RPCError):
+                await shopper.handle.terminate("test over")
+            record_to = os.environ.get("KAERU_RECORD_HISTORIES")
+            if record_to:
+                # Stores this test's history for tests/replay (see docs/writing-a-journey.md).
+                history = await shopper.handle.fetch_history()
+                path = Path(record_to) / f"{request.node.name.removeprefix('test_')}.json"
+                path.write_text(history.to_json())
+
+
+async def reach_ad_audience(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.opened()
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("ad_audience")
+
+
+async def reach_offer(shopper: Shopper) -> str:
+    await reach_ad_audience(shopper)
+    await shopper.signal("Ad Clicked")
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("offer_email")
+    status = await shopper.status()
+    return str(status.details["coupon"])
+
+
+# ---- the happy path and its exits ---------------------------------------------------------
+
+
+async def test_offer_redeemed_ends_purchased_with_coupon(shopper: Shopper) -> None:
+    coupon = await reach_offer(shopper)
+    assert len(shopper.emails()) == 2
+    offer = shopper.emails()[1]
+    assert coupon in offer.get_body(("plain",)).get_content()
+    assert shopper.audience() == [shopper.customer_id]
+
+    await shopper.purchase("o-77", coupon=coupon)
+
+    assert await shopper.outcome() == "purchased"
+    assert shopper.audience() == []
+    [conversion] = shopper.touchpoints("conversion")
+    assert (conversion.order_id, conversion.value_minor, conversion.currency) == (
+        "o-77",
+        10150,
+        "USD",
+    )
+    assert conversion.coupon_code == coupon
+    assert conversion.step == "offer_email"
+    with session(shopper.db) as s:
+        issued = s.exec(select(Coupon).where(Coupon.code == coupon)).one()
+    assert issued.customer_id == shopper.customer_id
+    assert issued.amount_minor == 1000
+
+
+async def test_offer_ignored(shopper: Shopper) -> None:
+    await reach_offer(shopper)
+    await shopper.skip(3 * DAY + 60)
+    assert await shopper.outcome() == "offer_ignored"
+    assert shopper.audience() == []
+    assert len(shopper.emails()) == 2
+    assert shopper.touchpoints("conversion") == []
+
+
+async def test_not_opened(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+    assert len(shopper.emails()) == 1
+    assert shopper.touchpoints("audience_joined") == []
+
+
+async def test_click_counts_as_open(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.signal("Email Link Clicked", step="cart_email", journey_id=shopper.journey_id)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("ad_audience")
+    assert shopper.audience() == [shopper.customer_id]
+
+
+async def test_ad_not_clicked_leaves_audience(shopper: Shopper) -> None:
+    await reach_ad_audience(shopper)
+    assert shopper.audience() == [shopper.customer_id]
+    await shopper.skip(3 * DAY + 60)
+    assert await shopper.outcome() == "ad_not_clicked"
+    assert shopper.audience() == []
+    assert len(shopper.touchpoints("audience_left")) == 1
+
+
+async def test_ad_click_before_joining_does_not_count(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.opened()
+    await shopper.signal("Ad Clicked")  # an old ad: the shopper is not in our audience yet
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("ad_audience")
+    await shopper.skip(3 * DAY + 60)
+    assert await shopper.outcome() == "ad_not_clicked"
+
+
+# ---- a purchase ends the journey at once, whatever the step -------------------------------
+
+
+async def test_purchase_while_cart_is_quiet(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(HOUR)
+    await shopper.purchase()
+    assert await shopper.outcome() == "purchased"
+    assert shopper.emails() == []
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.step == "started"
+
+
+async def test_purchase_before_open(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.purchase()
+    assert await shopper.outcome() == "purchased"
+    assert len(shopper.emails()) == 1
+    assert shopper.touchpoints("conversion")[0].step == "cart_email"
+
+
+async def test_purchase_after_open_before_audience(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.opened()
+    await shopper.skip(HOUR)
+    await shopper.purchase()
+    assert await shopper.outcome() == "purchased"
+    assert shopper.touchpoints("audience_joined") == []
+
+
+async def test_purchase_in_audience_leaves_it(shopper: Shopper) -> None:
+    await reach_ad_audience(shopper)
+    await shopper.purchase()
+    assert await shopper.outcome() == "purchased"
+    assert shopper.audience() == []
+    assert shopper.touchpoints("conversion")[0].step == "ad_audience"
+
+
+async def test_purchase_after_ad_click_before_offer(shopper: Shopper) -> None:
+    await reach_ad_audience(shopper)
+    await shopper.signal("Ad Clicked")
+    await shopper.skip(HOUR)
+    await shopper.purchase()
+    assert await shopper.outcome() == "purchased"
+    assert len(shopper.emails()) == 1
+    assert shopper.touchpoints("coupon_issued") == []
+    assert shopper.audience() == []
+
+
+# ---- the cart ------------------------------------------------------------------------------
+
+
+async def test_cart_change_restarts_the_quiet_period(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(20 * HOUR)
+    await shopper.cart("Product Added", **SOCK)
+    await shopper.skip(5 * HOUR)  # a day after the first change, 5 hours after the second
+    assert (await shopper.status()).step == "cart_quiet"
+    assert shopper.emails() == []
+    await shopper.skip(20 * HOUR)
+    await shopper.wait_for_step("cart_email")
+    [email] = shopper.emails()
+    text = email.get_body(("plain",)).get_content()
+    assert "Trail Shoe" in text and "Wool Socks" in text
+
+
+async def test_emptied_cart_ends_the_journey(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(HOUR)
+    await shopper.cart("Product Removed", product_id="shoe")
+    assert await shopper.outcome() == "cart_emptied"
+    assert shopper.emails() == []
+
+
+async def test_cart_viewed_replaces_the_cart(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.cart("Cart Viewed", products=[SOCK])
+    status = await shopper.status()
+    assert status.details["cart"] == "2× Wool Socks"
+    await shopper.cart("Checkout Started", products=[])
+    assert await shopper.outcome() == "cart_emptied"
+
+
+async def test_duplicate_events_have_one_effect(shopper: Shopper) -> None:
+    first = await shopper.cart("Product Added", **SHOE)
+    # The router re-delivers an event after a crash: same seq, so the journey ignores it.
+    await shopper.handle.signal(EVENT_SIGNAL, first)
+    await shopper.handle.signal(EVENT_SIGNAL, first)
+    assert (await shopper.status()).details["cart"] == "1× Trail Shoe"
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.opened()
+    await shopper.opened()  # a second open changes nothing
+    await shopper.purchase("o-1")
+    await shopper.purchase("o-1")
+    assert await shopper.outcome() == "purchased"
+    assert len(shopper.emails()) == 1
+    assert len(shopper.touchpoints("conversion")) == 1
+
+
+async def test_busy_cart_continues_as_new_without_losing_state(shopper: Shopper) -> None:
+    shopper.settings = CartJourneySettings(**{**SETTINGS.__dict__, "history_limit": 40})
+    first = await shopper.cart("Product Added", **SHOE)
+    run_id = (await shopper.handle.describe()).run_id
+    for _ in range(30):
+        await shopper.cart("Product Added", **SOCK)
+        await shopper.skip(60)
+    later = (await shopper.handle.describe()).run_id
+    assert later != run_id
+    assert first.seq == 1
+    status = await shopper.status()
+    assert status.details["cart"] == "1× Trail Shoe, 60× Wool Socks"
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    assert len(shopper.emails()) == 1
+
+
+# ---- delivery problems --------------------------------------------------------------------
+
+
+async def test_bounce_ends_the_journey_undeliverable(shopper: Shopper) -> None:
+    shopper.smtp.reject_recipient(shopper.email, 550)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "undeliverable"
+    assert shopper.emails() == []
+    with session(shopper.db) as s:
+        assert s.get(Suppression, shopper.email) is not None
+        row = s.exec(select(EmailMessage)).one()
+    assert row.status == "bounced"
+    assert len(shopper.touchpoints("email_bounced")) == 1
+
+
+async def test_no_email_address_ends_the_journey(shopper: Shopper) -> None:
+    with session(shopper.db) as s:
+        customer = s.get(Customer, shopper.customer_id)
+        assert customer is not None
+        customer.email = None
+        s.add(customer)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "no_email_address"
+
+
+# ---- what operators see ----------------------------------------------------------------------
+
+
+async def test_search_attributes_status_and_details(shopper: Shopper) -> None:
+    await reach_ad_audience(shopper)
+    description = await shopper.handle.describe()
+    attributes = description.typed_search_attributes
+    assert attributes.get(CUSTOMER_ID) == shopper.customer_id
+    assert attributes.get(STEP) == "ad_audience"
+    status = await shopper.status()
+    assert status.waiting_for == "an ad click"
+    assert any("opened the cart_email email" in line for line in status.story)
+    await shopper.purchase()
+    await shopper.outcome()
+    attributes = (await shopper.handle.describe()).typed_search_attributes
+    assert attributes.get(OUTCOME) == "purchased"
+    assert attributes.get(STEP) == "ended"
