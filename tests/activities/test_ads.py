@@ -1,0 +1,263 @@
+"""Ad audiences: the local store on SQLite and PostgreSQL, Meta through a real loopback server."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlmodel import select
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.ads import AUDIENCE_UNAVAILABLE, AudienceActivities, email_sha256
+from activities.types import AUDIENCE_REJECTED, NO_EMAIL_ADDRESS, AudienceChange, AudienceResult
+from kaeru.db import session
+from kaeru.models import AudienceMember
+from kaeru.settings import Settings
+from tests.activities.factories import add_customer, touchpoints
+from tests.conftest import make_settings
+from tests.support.graph_api import (
+    AUDIENCE_THROTTLED,
+    BAD_TOKEN,
+    INVALID_PARAMETER,
+    RATE_LIMITED,
+    SERVER_ERROR,
+    Answer,
+    GraphAPIServer,
+    graph_error,
+)
+
+JOURNEY = "cart-abandonment-c1"
+ALICE_HASH = hashlib.sha256(b"alice@example.com").hexdigest()
+
+
+def change(step: str = "ad_audience", customer_id: str = "c1") -> AudienceChange:
+    return AudienceChange(
+        key=f"{JOURNEY}/run-1/{step}",
+        journey_id=JOURNEY,
+        step=step,
+        customer_id=customer_id,
+        audience="cart-retargeting",
+    )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+def meta_settings(url: str, graph: GraphAPIServer, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "meta_graph_url": graph.url,
+        "meta_access_token": graph.token,
+        "meta_audience_id": graph.audience_id,
+    }
+    values.update(overrides)
+    return make_settings(url, **values)
+
+
+async def add(settings: Settings, http: httpx.AsyncClient, what: AudienceChange) -> AudienceResult:
+    result: AudienceResult = await ActivityEnvironment().run(
+        AudienceActivities(settings, http).add_to_audience, what
+    )
+    return result
+
+
+async def remove(
+    settings: Settings, http: httpx.AsyncClient, what: AudienceChange
+) -> AudienceResult:
+    result: AudienceResult = await ActivityEnvironment().run(
+        AudienceActivities(settings, http).remove_from_audience, what
+    )
+    return result
+
+
+async def failure(settings: Settings, http: httpx.AsyncClient) -> ApplicationError:
+    with pytest.raises(ApplicationError) as caught:
+        await add(settings, http, change())
+    return caught.value
+
+
+def members(url: str) -> list[AudienceMember]:
+    with session(url) as s:
+        return list(s.exec(select(AudienceMember)))
+
+
+def test_hash_is_of_the_trimmed_lower_cased_address() -> None:
+    assert email_sha256("  Alice@Example.COM\n") == ALICE_HASH
+    assert len(ALICE_HASH) == 64
+
+
+# ---- the local audience store ----------------------------------------------------------------
+
+
+async def test_local_store_add_and_remove_are_idempotent(
+    database_url: str, http: httpx.AsyncClient
+) -> None:
+    add_customer(database_url, "c1", " Alice@Example.com ")
+    settings = make_settings(database_url)
+    joined = change()
+
+    assert await add(settings, http, joined) == AudienceResult("local", "cart-retargeting")
+    await add(settings, http, joined)  # a retry
+
+    [member] = members(database_url)
+    assert (member.audience, member.customer_id, member.email_sha256, member.journey_id) == (
+        "cart-retargeting",
+        "c1",
+        ALICE_HASH,
+        JOURNEY,
+    )
+    [tp] = touchpoints(database_url)
+    assert (tp.kind, tp.key, tp.step) == ("audience_joined", joined.key, "ad_audience")
+    assert tp.detail == {
+        "audience": "cart-retargeting",
+        "provider": "local",
+        "audience_id": "cart-retargeting",
+    }
+
+    left = change("leave-cart-retargeting")
+    assert await remove(settings, http, left) == AudienceResult("local", "cart-retargeting")
+    await remove(settings, http, left)
+
+    assert members(database_url) == []
+    assert [(t.kind, t.key) for t in touchpoints(database_url)] == [
+        ("audience_joined", joined.key),
+        ("audience_left", left.key),
+    ]
+
+
+async def test_customer_without_email_cannot_join(
+    database_url: str, http: httpx.AsyncClient
+) -> None:
+    add_customer(database_url, "c1", None)
+    settings = make_settings(database_url)
+
+    for customer in ("c1", "nobody"):
+        with pytest.raises(ApplicationError) as caught:
+            await add(settings, http, change(customer_id=customer))
+        assert (caught.value.type, caught.value.non_retryable) == (NO_EMAIL_ADDRESS, True)
+        assert "identify" in caught.value.message
+    assert members(database_url) == [] and touchpoints(database_url) == []
+
+
+# ---- Meta Custom Audiences -------------------------------------------------------------------
+
+
+async def test_meta_add_and_remove(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    add_customer(database_url, "c1", "ALICE@example.com ")
+    settings = meta_settings(database_url, graph_api)
+
+    result = await add(settings, http, change())
+
+    assert result == AudienceResult("meta", graph_api.audience_id)
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    [request] = graph_api.requests
+    assert request.method == "POST"
+    assert request.path == f"/v21.0/{graph_api.audience_id}/users"
+    assert request.body["payload"] == {"schema": "EMAIL_SHA256", "data": [ALICE_HASH]}
+    assert "access_token" not in request.query  # secrets stay out of logged URLs
+    assert members(database_url) == []  # Meta holds the audience, not the local store
+
+    left = change("leave-cart-retargeting")
+    assert await remove(settings, http, left) == AudienceResult("meta", graph_api.audience_id)
+
+    assert graph_api.member_hashes() == set()
+    assert graph_api.requests[-1].method == "DELETE"
+    assert [(t.kind, t.detail["provider"]) for t in touchpoints(database_url)] == [
+        ("audience_joined", "meta"),
+        ("audience_left", "meta"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "fix"),
+    [
+        (INVALID_PARAMETER, "code 100", "KAERU_META_AUDIENCE_ID"),
+        (BAD_TOKEN, "code 190", "KAERU_META_ACCESS_TOKEN"),
+    ],
+)
+async def test_meta_refusal_is_not_retried(
+    sqlite_url: str,
+    http: httpx.AsyncClient,
+    graph_api: GraphAPIServer,
+    answer: Answer,
+    code: str,
+    fix: str,
+) -> None:
+    add_customer(sqlite_url, "c1", "alice@example.com")
+    graph_api.answer_next(answer)
+
+    error = await failure(meta_settings(sqlite_url, graph_api), http)
+
+    assert (error.type, error.non_retryable) == (AUDIENCE_REJECTED, True)
+    assert "HTTP 400" in error.message and code in error.message and fix in error.message
+    assert "fbtrace_id" in error.message
+    assert graph_api.member_hashes() == set() and touchpoints(sqlite_url) == []
+
+
+async def test_meta_rejects_a_wrong_token_and_audience_for_real(
+    sqlite_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    """Not scripted: the fake validates like Meta, and kaeru reads its answers."""
+    add_customer(sqlite_url, "c1", "alice@example.com")
+
+    token = await failure(
+        meta_settings(sqlite_url, graph_api, meta_access_token="EAAB-stale-token"), http
+    )
+    audience = await failure(meta_settings(sqlite_url, graph_api, meta_audience_id="404"), http)
+
+    assert token.type == audience.type == AUDIENCE_REJECTED
+    assert "Invalid OAuth access token" in token.message
+    assert "Object with ID '404' does not exist" in audience.message
+    assert "EAAB-stale-token" not in token.message  # never echo the token
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        RATE_LIMITED,
+        SERVER_ERROR,
+        AUDIENCE_THROTTLED,
+        graph_error(400, 12345, "Temporary issue", is_transient=True),
+    ],
+    ids=["429", "500", "400-code-80003", "400-is-transient"],
+)
+async def test_meta_busy_is_retried_and_the_retry_succeeds(
+    sqlite_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer, answer: Answer
+) -> None:
+    add_customer(sqlite_url, "c1", "alice@example.com")
+    settings = meta_settings(sqlite_url, graph_api)
+    graph_api.answer_next(answer)
+
+    error = await failure(settings, http)
+
+    assert (error.type, error.non_retryable) == (AUDIENCE_UNAVAILABLE, False)
+    assert touchpoints(sqlite_url) == []
+    assert (await add(settings, http, change())).provider == "meta"  # what Temporal's retry does
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    assert len(touchpoints(sqlite_url, "audience_joined")) == 1
+
+
+async def test_meta_unreachable_is_retried(sqlite_url: str, http: httpx.AsyncClient) -> None:
+    add_customer(sqlite_url, "c1", "alice@example.com")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = make_settings(
+        sqlite_url,
+        meta_graph_url=f"http://127.0.0.1:{port}/v21.0",
+        meta_access_token="t",
+        meta_audience_id="1",
+    )
+
+    error = await failure(settings, http)
+
+    assert (error.type, error.non_retryable) == (AUDIENCE_UNAVAILABLE, False)
+    assert "KAERU_META_GRAPH_URL" in error.message

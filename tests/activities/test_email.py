@@ -1,0 +1,552 @@
+"""send_email against a real SMTP server on loopback, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage as MimeMessage
+from html.parser import HTMLParser
+
+import pytest
+from sqlmodel import select
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.email import (
+    BOUNCED,
+    DATA,
+    PENDING,
+    SENDING,
+    SENT,
+    SMTP_DEFERRED,
+    SMTP_MISCONFIGURED,
+    SMTP_SUPERSEDED,
+    SMTP_UNREACHABLE,
+    TEMPLATE_FAILED,
+    EmailActivities,
+    message_id_for,
+)
+from activities.types import (
+    NO_EMAIL_ADDRESS,
+    UNDELIVERABLE,
+    CartLine,
+    CouponInfo,
+    ProductInfo,
+    SendEmailInput,
+    SendEmailResult,
+)
+from kaeru.db import session
+from kaeru.models import EmailMessage, Suppression
+from kaeru.settings import Settings
+from kaeru.tracking import TrackingToken, read_token
+from tests.activities.factories import add_customer, touchpoints
+from tests.conftest import make_settings
+from tests.support.smtp import SMTPTestServer
+
+JOURNEY = "cart-abandonment-c1"
+KEY = f"{JOURNEY}/run-1/cart_email"
+ADDRESS = "alice@example.com"
+SIGNING_KEY = b"test-secret"  # make_settings' KAERU_SECRET_KEY
+CART_URL = "https://shop.example/cart?id=42&utm_source=kaeru"
+MUG = ProductInfo(
+    "mug", "Frog mug", 1999, "USD", "https://cdn.shop.example/mug.jpg", "https://shop.example/p/mug"
+)
+# Product data comes from shop events: markup in a name, a script URL as its link.
+TEE = ProductInfo("tee", 'Tee <b>"bold"</b> & co', 2500, "USD", None, "javascript:alert(1)")
+POSTER = ProductInfo(
+    "poster",
+    "Pond poster",
+    1200,
+    "USD",
+    "https://cdn.shop.example/poster.jpg",
+    "https://shop.example/p/poster",
+)
+LILY = ProductInfo("lily", "Lily pad", None, "USD", None, None)
+COUPON = CouponInfo("KAERU-ABCDEFGHJK", 1000, "USD", datetime(2030, 1, 31, 12, tzinfo=UTC))
+
+
+def request(
+    key: str = KEY,
+    template: str = "cart_reminder",
+    coupon: CouponInfo | None = None,
+    customer_id: str = "c1",
+) -> SendEmailInput:
+    return SendEmailInput(
+        key=key,
+        journey_id=JOURNEY,
+        step=key.rsplit("/", 1)[1],
+        customer_id=customer_id,
+        template=template,
+        cart=[CartLine(MUG, 2), CartLine(TEE, 1)],
+        cart_url=CART_URL,
+        recommendations=[POSTER, LILY],
+        coupon=coupon,
+    )
+
+
+async def send(
+    settings: Settings, email: SendEmailInput, env: ActivityEnvironment | None = None
+) -> SendEmailResult:
+    result: SendEmailResult = await (env or ActivityEnvironment()).run(
+        EmailActivities(settings).send_email, email
+    )
+    return result
+
+
+async def refused(settings: Settings, email: SendEmailInput) -> ApplicationError:
+    with pytest.raises(ApplicationError) as caught:
+        await send(settings, email)
+    return caught.value
+
+
+def outbox(url: str, key: str = KEY) -> EmailMessage | None:
+    with session(url) as s:
+        return s.get(EmailMessage, key)
+
+
+def suppressions(url: str) -> list[Suppression]:
+    with session(url) as s:
+        return list(s.exec(select(Suppression)))
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "a" and values.get("href"):
+            self.hrefs.append(values["href"] or "")
+        if tag == "img" and values.get("src"):
+            self.images.append(values["src"] or "")
+
+
+def links_of(html: str) -> _Links:
+    parser = _Links()
+    parser.feed(html)
+    return parser
+
+
+def parts(message: MimeMessage) -> tuple[str, str]:
+    text, html = message.get_body(("plain",)), message.get_body(("html",))
+    assert text is not None and html is not None
+    return str(text.get_content()), str(html.get_content())
+
+
+def click_target(url: str, row: EmailMessage) -> str:
+    """Where a tracked link redirects: the token names a link index of the outbox row."""
+    token = read_token(SIGNING_KEY, url.rsplit("/", 1)[1])
+    assert token is not None and token.kind == "c" and token.message_key == row.key
+    assert token.link is not None
+    return row.links[token.link]
+
+
+# ---- content ---------------------------------------------------------------------------------
+
+
+async def test_reminder_shows_the_cart_and_tracks_every_link(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    result = await send(settings, request())
+
+    assert result == SendEmailResult(message_id_for(KEY, settings.mail_from), ADDRESS, "sent")
+    [received] = smtp_server.messages
+    assert received.mail_from == "shop@kaeru.localhost"
+    assert received.rcpt_tos == [ADDRESS]
+    message = received.message
+    assert message.get_content_type() == "multipart/alternative"
+    assert message["Message-ID"] == result.message_id
+    assert re.fullmatch(r"<[0-9a-f]{32}@kaeru\.localhost>", result.message_id)
+    assert message["From"] == settings.mail_from
+    assert message["To"] == ADDRESS
+    assert message["Subject"] == "You left 2 items in your cart"
+    assert message["X-Kaeru-Journey"] == JOURNEY
+    assert message["X-Kaeru-Step"] == "cart_email"
+    assert message["Date"] is not None
+    text, html = parts(message)
+
+    for fragment in ("Frog mug", "2 × 19.99 USD", "39.98 USD", "1 × 25.00 USD", "64.98 USD"):
+        assert fragment in html
+    for fragment in ("Pond poster", "12.00 USD", "Lily pad", "Kaeru Shop", "You might also like"):
+        assert fragment in html
+    assert "Tee &lt;b&gt;&#34;bold&#34;&lt;/b&gt; &amp; co" in html  # escaped, not markup
+    assert 'Tee <b>"bold"</b> & co' in text  # plain text needs no escaping
+    for fragment in ("Frog mug: 2 x 19.99 USD = 39.98 USD", "Total: 64.98 USD", "Pond poster"):
+        assert fragment in text
+    assert "javascript:" not in html and "javascript:" not in text
+
+    row = outbox(database_url)
+    assert row is not None
+    assert (row.status, row.attempts, row.subject) == (SENT, 1, message["Subject"])
+    assert row.sent_at is not None and row.to_address == ADDRESS
+    found = links_of(html)
+    assert found.hrefs and all(h.startswith("http://kaeru.test/t/c/") for h in found.hrefs)
+    targets = {click_target(href, row) for href in found.hrefs}
+    # The script URL and the missing one fall back to the cart and the shop.
+    assert targets == {CART_URL, MUG.url, POSTER.url, settings.shop_url}
+    assert sorted(row.links) == sorted(targets)  # each target once in the outbox
+    text_links = re.findall(r"http://kaeru\.test/t/c/\S+", text)
+    assert {click_target(link, row) for link in text_links} == targets
+    assert CART_URL not in html and CART_URL not in text  # only ever behind a tracked link
+
+    *images, pixel = found.images
+    assert images == [MUG.image_url, POSTER.image_url]
+    assert pixel.startswith("http://kaeru.test/t/o/")
+    assert read_token(SIGNING_KEY, pixel.rsplit("/", 1)[1]) == TrackingToken(KEY, "o")
+    assert re.search(r'<img src="[^"]+/t/o/[^"]+" width="1" height="1" alt=""', html)
+
+    [sent] = touchpoints(database_url, "email_sent")
+    assert (sent.key, sent.customer_id, sent.journey_id, sent.step) == (
+        f"{KEY}/email_sent",
+        "c1",
+        JOURNEY,
+        "cart_email",
+    )
+    assert sent.detail["message_id"] == result.message_id
+
+
+async def test_offer_shows_the_coupon(sqlite_url: str, smtp_server: SMTPTestServer) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
+    offer = replace(
+        request(f"{JOURNEY}/run-1/offer_email", "cart_offer", COUPON), recommendations=[]
+    )
+
+    await send(settings, offer)
+
+    [received] = smtp_server.messages
+    assert received.message["Subject"] == (
+        "10.00 USD off your cart at Kaeru Shop: use KAERU-ABCDEFGHJK"
+    )
+    text, html = parts(received.message)
+    for body in (text, html):
+        assert "KAERU-ABCDEFGHJK" in body
+        assert "10.00 USD off" in body
+        assert "31 January 2030" in body
+        assert "Frog mug" in body
+    assert "You might also like" not in html
+
+
+# ---- idempotency -----------------------------------------------------------------------------
+
+
+async def test_second_call_returns_already_sent_without_sending(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    first = await send(settings, request())
+    second = await send(settings, request())
+
+    assert first.status == "sent"
+    assert second == SendEmailResult(first.message_id, ADDRESS, "already_sent")
+    assert len(smtp_server.messages) == 1
+    assert smtp_server.connections == 1
+    assert len(touchpoints(database_url, "email_sent")) == 1
+
+
+async def test_worker_lost_inside_data_is_not_resent(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """The server holds the message, the attempt dies before its answer: never a second copy."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    env = ActivityEnvironment()
+    env.info = replace(env.info, heartbeat_timeout=timedelta(seconds=0.3))
+    beats: list[float] = []
+    env.on_heartbeat = lambda *details: beats.append(time.monotonic())
+    smtp_server.stall()
+
+    attempt = asyncio.create_task(send(settings, request(), env))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+    row = outbox(database_url)
+    assert row is not None and row.status == DATA
+    stalled_at = len(beats)
+    await asyncio.sleep(0.5)
+    assert len(beats) >= stalled_at + 2  # still heartbeating while the server holds its reply
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    smtp_server.release()
+
+    retry = await send(settings, request())
+
+    assert retry == SendEmailResult(message_id_for(KEY, settings.mail_from), ADDRESS, "unconfirmed")
+    assert len(smtp_server.messages) == 1  # the one the server got inside the window
+    assert smtp_server.connections == 1  # the retry did not even connect
+    row = outbox(database_url)
+    assert row is not None and row.status == DATA
+    assert touchpoints(database_url, "email_sent") == []
+
+
+async def test_attempt_overtaken_before_data_leaves_the_send_to_the_newer_one(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """A worker cut off from Temporal keeps going while a new attempt starts: one message."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.stall("RCPT")
+
+    zombie = asyncio.create_task(send(settings, request()))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+    newer = asyncio.create_task(send(settings, request()))
+    while smtp_server.holding < 2:
+        await asyncio.sleep(0.01)
+    smtp_server.release()
+
+    done = await asyncio.gather(zombie, newer, return_exceptions=True)
+
+    assert isinstance(done[0], ApplicationError) and done[0].type == SMTP_SUPERSEDED
+    assert isinstance(done[1], SendEmailResult) and done[1].status == "sent"
+    assert len(smtp_server.messages) == 1
+    row = outbox(database_url)
+    assert row is not None and (row.status, row.attempts) == (SENT, 2)
+
+
+async def test_timeout_inside_data_reports_unconfirmed(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_port=smtp_server.port, smtp_timeout=0.5)
+    smtp_server.stall()
+
+    result = await send(settings, request())
+    smtp_server.release()
+
+    assert result.status == "unconfirmed"
+    row = outbox(sqlite_url)
+    assert row is not None and row.status == DATA
+    assert (await send(settings, request())).status == "unconfirmed"
+    assert len(smtp_server.messages) == 1
+
+
+# ---- temporary failures: retried, resent, same Message-ID ------------------------------------
+
+
+async def test_temporary_refusal_at_rcpt_is_retried(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.reject_recipient(ADDRESS, 450)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_DEFERRED, False)
+    assert "450" in error.message and "retried" in error.message
+    row = outbox(database_url)
+    assert row is not None and row.status == SENDING
+    assert suppressions(database_url) == [] and touchpoints(database_url) == []
+
+    smtp_server.accept_recipient(ADDRESS)
+    result = await send(settings, request())
+
+    assert result.status == "sent"
+    assert len(smtp_server.messages) == 1
+    row = outbox(database_url)
+    assert row is not None and (row.status, row.attempts) == (SENT, 2)
+
+
+async def test_temporary_refusal_after_data_resends_with_the_same_message_id(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.reject_data(451)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_DEFERRED, False)
+    row = outbox(database_url)
+    assert row is not None and row.status == SENDING  # refused, so the server holds nothing
+
+    assert (await send(settings, request())).status == "sent"
+    [first] = smtp_server.refused_messages
+    [second] = smtp_server.messages
+    expected = message_id_for(KEY, settings.mail_from)
+    assert first.message["Message-ID"] == second.message["Message-ID"] == expected
+
+
+async def test_unreachable_server_is_retried(sqlite_url: str) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = make_settings(sqlite_url, smtp_port=port)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_UNREACHABLE, False)
+    assert f"127.0.0.1:{port}" in error.message and "KAERU_SMTP_PORT" in error.message
+    row = outbox(sqlite_url)
+    assert row is not None and (row.status, row.attempts) == (PENDING, 1)
+
+
+async def test_unset_smtp_host_is_retried_with_the_fix(sqlite_url: str) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_host=None)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
+    assert "KAERU_SMTP_HOST is not set" in error.message
+
+
+# ---- permanent failures ----------------------------------------------------------------------
+
+
+async def test_hard_bounce_suppresses_the_address(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", "  Alice@Example.COM ")
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.reject_recipient(ADDRESS, 550)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
+    assert "550" in error.message and "suppressed" in error.message
+    [suppression] = suppressions(database_url)
+    assert (suppression.email, suppression.reason) == (ADDRESS, "bounce")
+    assert suppression.detail is not None and suppression.detail.startswith("550 5.1.1")
+    [bounce] = touchpoints(database_url, "email_bounced")
+    assert (bounce.key, bounce.step, bounce.detail["phase"]) == (
+        f"{KEY}/email_bounced",
+        "cart_email",
+        "rcpt",
+    )
+    row = outbox(database_url)
+    assert row is not None and row.status == BOUNCED
+    assert smtp_server.messages == []
+
+    connections = smtp_server.connections
+    again = await refused(settings, request())  # the same step, retried anyway
+    later = await refused(settings, request(f"{JOURNEY}/run-1/offer_email"))  # a later step
+    assert again.type == later.type == UNDELIVERABLE
+    assert smtp_server.connections == connections
+    assert len(touchpoints(database_url, "email_bounced")) == 1
+
+
+async def test_message_refused_after_data_is_undeliverable_but_not_suppressed(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.reject_data(554)  # "554 5.7.1 Message rejected as spam": the content
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
+    assert "554" in error.message
+    assert suppressions(database_url) == []
+    [bounce] = touchpoints(database_url, "email_bounced")
+    assert bounce.detail["phase"] == "data"
+    row = outbox(database_url)
+    assert row is not None and row.status == BOUNCED
+
+
+async def test_relay_denied_is_a_setting_to_fix_not_a_bounce(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
+    smtp_server.reject_recipient(
+        ADDRESS, reply="554 5.7.1 <alice@example.com>: Relay access denied"
+    )
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
+    assert "Relay access denied" in error.message and "relay" in error.message
+    assert suppressions(sqlite_url) == [] and touchpoints(sqlite_url) == []
+
+
+async def test_suppressed_address_is_refused_without_contacting_smtp(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    with session(database_url) as s:
+        s.add(Suppression(email="ALICE@example.com", reason="unsubscribe"))
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
+    assert "suppression list (reason: unsubscribe)" in error.message
+    assert smtp_server.connections == 0
+    assert outbox(database_url) is None
+
+
+@pytest.mark.parametrize("email", [None, "   "])
+async def test_customer_without_email_is_refused(
+    database_url: str, smtp_server: SMTPTestServer, email: str | None
+) -> None:
+    add_customer(database_url, "c1", email)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    for customer in ("c1", "nobody"):
+        error = await refused(settings, request(customer_id=customer))
+        assert (error.type, error.non_retryable) == (NO_EMAIL_ADDRESS, True)
+        assert customer in error.message and "identify" in error.message
+    assert smtp_server.connections == 0
+
+
+# ---- SMTP settings and templates ------------------------------------------------------------
+
+
+async def test_login_with_configured_credentials(sqlite_url: str) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    async with SMTPTestServer(credentials=("shop", "s3cret")) as server:
+        good = make_settings(
+            sqlite_url, smtp_port=server.port, smtp_username="shop", smtp_password="s3cret"
+        )
+        bad = good.model_copy(update={"smtp_password": "wrong"})
+
+        error = await refused(bad, request())
+        assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
+        assert "KAERU_SMTP_PASSWORD" in error.message
+        assert server.messages == []
+
+        assert (await send(good, request())).status == "sent"
+        assert len(server.messages) == 1
+    assert suppressions(sqlite_url) == []
+
+
+async def test_login_against_a_server_without_auth_names_the_settings(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(
+        sqlite_url, smtp_port=smtp_server.port, smtp_username="shop", smtp_password="x"
+    )
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
+    assert "AUTH" in error.message and "KAERU_SMTP_USERNAME" in error.message
+
+
+async def test_missing_template_is_retried_and_bad_name_is_not(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
+
+    missing = await refused(settings, request(template="cart_nope"))
+    hostile = await refused(settings, request(template="../etc/passwd"))
+
+    assert (missing.type, missing.non_retryable) == (TEMPLATE_FAILED, False)
+    assert "cart_nope" in missing.message
+    assert (hostile.type, hostile.non_retryable) == (TEMPLATE_FAILED, True)
+    assert smtp_server.connections == 0
+    assert outbox(sqlite_url) is None
