@@ -42,9 +42,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, migrated database: each test runs once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'kaeru.db'}"
