@@ -1,0 +1,339 @@
+"""The HTTP API: Segment-compatible ingestion, tracking links, the admin read API.
+
+``create_app(settings)`` is the whole wiring: the lifespan migrates the database, loads the
+link-signing key and runs the event router; ingestion stores events and wakes the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.client import Client
+
+from kaeru.db import migrate
+from kaeru.models import utcnow
+from kaeru.settings import Settings
+from starter import admin, tracking
+from starter.deps import (
+    ApiError,
+    SettingsDep,
+    basic_auth_user,
+    configured_write_key,
+    error_response,
+    key_matches,
+    router_of,
+    unauthorized,
+)
+from starter.events import (
+    Accepted,
+    BatchAccepted,
+    BatchBody,
+    BodyError,
+    ErrorBody,
+    EventError,
+    IdentifyEvent,
+    IncomingEvent,
+    PageEvent,
+    Rejection,
+    TrackEvent,
+    parse_json,
+    read_event,
+    value_problem,
+)
+from starter.ingest import store_events
+from starter.router import Router
+
+log = logging.getLogger("kaeru.api")
+
+_SCHEMAS = (TrackEvent, IdentifyEvent, PageEvent, BatchBody)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body is not JSON, or not a valid event"},
+    401: {"model": ErrorBody, "description": "missing or wrong write key"},
+    413: {"model": ErrorBody, "description": "over 32 KB per event or 500 KB per batch"},
+    503: {"model": ErrorBody, "description": "KAERU_WRITE_KEY is unset, or storage is down"},
+}
+
+
+def create_app(
+    settings: Settings, client: Client | None = None, *, run_router: bool = True
+) -> FastAPI:
+    """The API for ``settings``.
+
+    Args:
+        settings: loaded once and injected into every endpoint.
+        client: a connected Temporal client for the router; None: the router connects with
+            :func:`kaeru.temporal.connect` in the background and keeps retrying, so ingestion
+            works (stores) while Temporal is down.
+        run_router: False serves the API without routing (another process routes).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrate, settings.resolved_database_url)
+        app.state.signing_key = await asyncio.to_thread(tracking.load_signing_key, settings)
+        if run_router:
+            await app.state.router.start()
+        try:
+            yield
+        finally:
+            await app.state.router.stop()
+
+    app = FastAPI(
+        title="kaeru",
+        summary="Marketing automation where every customer journey is a Temporal workflow",
+        description=(
+            "Ingestion follows the Segment HTTP Tracking API (HTTP Basic auth with the write "
+            'key as user name). Errors are `{"code", "message"}`.'
+        ),
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.router = Router(settings, client)
+    _install_error_handlers(app)
+    _install_openapi(app)
+    app.include_router(_ingestion_routes())
+    app.include_router(tracking.router)
+    app.include_router(admin.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(OperationalError)
+    async def storage_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", exc)
+        return error_response(
+            503,
+            "storage_unavailable",
+            "the database is unavailable; retry later (check KAERU_DATABASE_URL)",
+        )
+
+
+# ---- /openapi.json -------------------------------------------------------------------------------
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Publish the Segment body schemas, which the endpoints read by hand (strict JSON)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description=app.description,
+            routes=app.routes,
+        )
+        _, definitions = models_json_schema(
+            [(model, "validation") for model in _SCHEMAS],
+            ref_template="#/components/schemas/{model}",
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            definitions.get("$defs", {})
+        )
+        schema["components"]["securitySchemes"] = {
+            "writeKey": {
+                "type": "http",
+                "scheme": "basic",
+                "description": "the write key as user name, empty password",
+            }
+        }
+        schema["security"] = [{"writeKey": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _body_doc(model: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+        }
+    }
+
+
+# ---- ingestion -----------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (after gzip), never buffering more.
+
+    Raises:
+        ApiError: 413 over the limit, 415 for an unknown encoding, 400 for broken gzip.
+    """
+    too_large = ApiError(
+        413,
+        "payload_too_large",
+        f"the body is over {limit} bytes (32 KB per event, 500 KB per batch): send smaller batches",
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r}: use gzip")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    if encoding == "identity":
+        return bytes(body)
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        data = inflater.decompress(bytes(body), limit + 1)
+    except zlib.error as exc:
+        raise ApiError(400, "invalid_body", f"the gzip body is corrupt: {exc}") from exc
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise too_large
+    if not inflater.eof:
+        raise ApiError(400, "invalid_body", "the gzip body is truncated")
+    return data
+
+
+async def _authorized_json(request: Request, settings: Settings, limit: int) -> Any:
+    """Check the write key (Basic auth, else ``writeKey`` in the body) and parse the body."""
+    expected = configured_write_key(settings)
+    user = basic_auth_user(request)
+    if user is not None and not key_matches(user, expected):
+        raise unauthorized("wrong write key")
+    body = await read_body(request, limit)
+    try:
+        data = parse_json(body)
+    except BodyError as exc:
+        if user is None:
+            raise unauthorized("send the write key as the Basic auth user name") from exc
+        raise ApiError(400, exc.code, exc.message) from exc
+    if user is None:
+        given = data.get("writeKey") if isinstance(data, dict) else None
+        if given is None:
+            raise unauthorized("send the write key as the Basic auth user name (or writeKey)")
+        if not key_matches(given, expected):
+            raise unauthorized("wrong write key")
+    return data
+
+
+async def _store(request: Request, settings: Settings, events: list[IncomingEvent]) -> None:
+    if not events:
+        return
+    result = await run_in_threadpool(store_events, settings, events)
+    if result.to_route:
+        router_of(request).wake()
+
+
+def _single(
+    event_type: str,
+) -> Callable[[Request, Settings], Coroutine[Any, Any, dict[str, bool]]]:
+    async def ingest(request: Request, settings: SettingsDep) -> dict[str, bool]:
+        data = await _authorized_json(request, settings, settings.max_event_bytes)
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_event", "the body must be a JSON object (one event)")
+        try:
+            event = read_event(data, ad_campaign=settings.ad_campaign, event_type=event_type)
+        except EventError as exc:
+            raise ApiError(400, exc.code, exc.message) from exc
+        await _store(request, settings, [event])
+        return {"success": True}
+
+    ingest.__name__ = f"ingest_{event_type}"
+    return ingest
+
+
+async def ingest_batch(request: Request, settings: SettingsDep) -> BatchAccepted:
+    data = await _authorized_json(request, settings, settings.max_batch_bytes)
+    if not isinstance(data, dict) or not isinstance(data.get("batch"), list):
+        raise ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
+    envelope = {key: value for key, value in data.items() if key != "batch"}
+    if problem := value_problem(envelope):
+        raise ApiError(400, "invalid_body", problem)
+    shared = data.get("context") if isinstance(data.get("context"), dict) else None
+    now = utcnow()
+    accepted: list[IncomingEvent] = []
+    rejected: list[Rejection] = []
+    for index, raw in enumerate(data["batch"]):
+        try:
+            event = read_event(
+                raw,
+                ad_campaign=settings.ad_campaign,
+                shared_context=shared,
+                now=now,
+                max_bytes=settings.max_event_bytes,
+            )
+        except EventError as exc:
+            rejected.append(Rejection(index=index, code=exc.code, message=exc.message))
+        else:
+            accepted.append(event)
+    await _store(request, settings, accepted)
+    if rejected:
+        log.info("batch: %d accepted, %d rejected", len(accepted), len(rejected))
+    return BatchAccepted(accepted=len(accepted), rejected=rejected)
+
+
+def _ingestion_routes() -> APIRouter:
+    routes = APIRouter(prefix="/v1", tags=["ingestion"], responses=_ERRORS)
+    for event_type, model, aliases in (
+        ("track", "TrackEvent", ("t",)),
+        ("identify", "IdentifyEvent", ("i",)),
+        ("page", "PageEvent", ("p",)),
+    ):
+        endpoint = _single(event_type)
+        routes.add_api_route(
+            f"/{event_type}",
+            endpoint,
+            methods=["POST"],
+            response_model=Accepted,
+            summary=f"Segment {event_type}",
+            openapi_extra=_body_doc(model),
+        )
+        for alias in aliases:
+            routes.add_api_route(f"/{alias}", endpoint, methods=["POST"], include_in_schema=False)
+    for path in ("/batch", "/import"):
+        routes.add_api_route(
+            path,
+            ingest_batch,
+            methods=["POST"],
+            response_model=BatchAccepted,
+            summary="Segment batch: valid events are stored, invalid ones listed by index",
+            openapi_extra=_body_doc("BatchBody"),
+            include_in_schema=path == "/batch",
+        )
+    return routes

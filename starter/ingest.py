@@ -1,0 +1,386 @@
+"""Storing accepted events: the outbox row plus what the shop told us (profiles, products, orders).
+
+One transaction per request, committed before the API answers, so an answered event is never
+lost. A repeated ``messageId`` is stored (and later routed) once: duplicates are dropped with
+``INSERT ... ON CONFLICT DO NOTHING``, which also settles two requests racing with the same id.
+Orders are stored here, for every customer, whether or not a journey is waiting for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session
+
+from activities.coupons import redeem_coupon
+from kaeru.db import session as db_session
+from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
+from kaeru.money import to_minor
+from kaeru.settings import Settings
+from starter.events import (
+    MAX_ID_LENGTH,
+    ORDER_COMPLETED,
+    PRODUCT_EVENTS,
+    IncomingEvent,
+    email_of,
+    journey_properties,
+)
+from starter.routing import deliveries
+
+log = logging.getLogger("kaeru.ingest")
+
+#: PostgreSQL advisory lock held while events are inserted, so ``seq`` order is commit order:
+#: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
+#: the journey (which ignores seq <= the last it saw) would drop seq 10.
+OUTBOX_LOCK = 0x6B61657275
+#: Money columns are 32-bit integers; larger amounts are treated as unreadable.
+_MAX_MINOR = 2**31 - 1
+_MAX_QUANTITY = 1_000_000
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: int
+    duplicates: int
+    #: At least one stored event waits for the router.
+    to_route: bool
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` support for the session's database."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
+
+
+def needs_routing(
+    event_type: str, name: str | None, customer_id: str, payload: dict[str, Any]
+) -> bool:
+    return bool(deliveries(name, customer_id, journey_properties(event_type, payload)))
+
+
+def insert_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert outbox rows in order; a ``message_id`` already stored is skipped.
+
+    Returns:
+        The message ids this call stored.
+    """
+    if not rows:
+        return set()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": OUTBOX_LOCK})
+    statement = (
+        _insert(session, _table(Event))
+        .values(list(rows))
+        .on_conflict_do_nothing(index_elements=["message_id"])
+        .returning(_table(Event).c.message_id)
+    )
+    return {row[0] for row in session.execute(statement)}
+
+
+def outbox_row(
+    *,
+    message_id: str,
+    customer_id: str,
+    event_type: str,
+    name: str | None,
+    payload: dict[str, Any],
+    timestamp: datetime,
+    received_at: datetime,
+) -> dict[str, Any]:
+    """An ``events`` row. Events no journey listens to are marked routed at once."""
+    routed = needs_routing(event_type, name, customer_id, payload)
+    return {
+        "message_id": message_id,
+        "customer_id": customer_id,
+        "type": event_type,
+        "name": name,
+        "payload": payload,
+        "timestamp": timestamp,
+        "received_at": received_at,
+        "routed_at": None if routed else received_at,
+        "route_attempts": 0,
+        "route_error": None,
+    }
+
+
+def store_events(settings: Settings, events: Sequence[IncomingEvent]) -> StoreResult:
+    """Store ``events`` (already checked) in one transaction. Blocking: call from a thread."""
+    unique: dict[str, IncomingEvent] = {}
+    for event in events:
+        unique.setdefault(event.message_id, event)
+    with db_session(settings.resolved_database_url) as session:
+        known = _stored_message_ids(session, list(unique))
+        new = [event for message_id, event in unique.items() if message_id not in known]
+        if new:
+            _store_customers(session, new)
+            _store_products(session, new)
+            _store_orders(session, new)
+        received = utcnow()
+        rows = [
+            outbox_row(
+                message_id=event.message_id,
+                customer_id=event.customer_id,
+                event_type=event.type,
+                name=event.name,
+                payload=event.payload,
+                timestamp=event.timestamp,
+                received_at=received,
+            )
+            for event in new
+        ]
+        inserted = insert_events(session, rows)
+    to_route = any(row["routed_at"] is None and row["message_id"] in inserted for row in rows)
+    return StoreResult(
+        stored=len(inserted), duplicates=len(events) - len(inserted), to_route=to_route
+    )
+
+
+def _stored_message_ids(session: Session, message_ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    column = _table(Event).c.message_id
+    for start in range(0, len(message_ids), 500):
+        chunk = message_ids[start : start + 500]
+        found.update(session.execute(select(column).where(column.in_(chunk))).scalars())
+    return found
+
+
+# ---- customers -------------------------------------------------------------------------------
+
+
+def _store_customers(session: Session, events: Iterable[IncomingEvent]) -> None:
+    """Every customer gets a profile; ``identify`` traits and emails update it."""
+    now = utcnow()
+    traits: dict[str, dict[str, Any]] = {}
+    emails: dict[str, str] = {}
+    customer_ids: set[str] = set()
+    for event in events:
+        customer_ids.add(event.customer_id)
+        if event.type == "identify" and event.traits:
+            traits.setdefault(event.customer_id, {}).update(event.traits)
+        if email := email_of(event):
+            emails[event.customer_id] = email
+    session.execute(
+        _insert(session, _table(Customer))
+        .values(
+            [
+                {
+                    "customer_id": c,
+                    "email": None,
+                    "traits": {},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for c in sorted(customer_ids)
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["customer_id"])
+    )
+    # Sorted, so two requests updating the same customers lock them in the same order.
+    for customer_id in sorted(traits.keys() | emails.keys()):
+        customer = session.get(Customer, customer_id, with_for_update=True)
+        assert customer is not None  # inserted above, in this transaction
+        if customer_id in traits:
+            customer.traits = {**customer.traits, **traits[customer_id]}
+        if customer_id in emails:
+            customer.email = emails[customer_id]
+        customer.updated_at = now
+        session.add(customer)
+    session.flush()
+
+
+# ---- products --------------------------------------------------------------------------------
+
+
+def _currency(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 3 and value.isalpha():
+        return value.upper()
+    return "USD"
+
+
+def _minor(amount: Any, currency: str) -> int | None:
+    if amount is None or isinstance(amount, bool) or not isinstance(amount, int | float | str):
+        return None
+    try:
+        value = to_minor(amount, currency)
+    except (ValueError, ArithmeticError):  # to_minor raises InvalidOperation on huge amounts
+        return None
+    return value if abs(value) <= _MAX_MINOR else None
+
+
+def _product_id(props: dict[str, Any]) -> str | None:
+    value = props.get("product_id") or props.get("sku") or props.get("id")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text_value = str(value)
+    return text_value if 0 < len(text_value) <= MAX_ID_LENGTH else None
+
+
+def _product_values(props: dict[str, Any], currency: Any) -> dict[str, Any] | None:
+    """Product columns the event states (absent ones are left as stored)."""
+    product_id = _product_id(props)
+    if product_id is None:
+        return None
+    values: dict[str, Any] = {"product_id": product_id}
+    if isinstance(props.get("name"), str) and props["name"].strip():
+        values["name"] = props["name"][:500]
+    code = _currency(props.get("currency") or currency)
+    if (price := _minor(props.get("price"), code)) is not None:
+        values["price_minor"], values["currency"] = price, code
+    for field in ("image_url", "url"):
+        if isinstance(props.get(field), str):
+            values[field] = props[field][:2000]
+    return values
+
+
+def products_of(event: IncomingEvent) -> list[dict[str, Any]]:
+    """Products an e-commerce event describes: the event itself, or its ``products`` list."""
+    if event.type != "track":
+        return []
+    props = event.properties
+    found: list[dict[str, Any]] = []
+    if event.name in PRODUCT_EVENTS and (values := _product_values(props, None)):
+        found.append(values)
+    items = props.get("products")
+    if isinstance(items, list):
+        found.extend(
+            values
+            for item in items
+            if isinstance(item, dict) and (values := _product_values(item, props.get("currency")))
+        )
+    return found
+
+
+def _store_products(session: Session, events: Iterable[IncomingEvent]) -> None:
+    latest: dict[str, dict[str, Any]] = {}
+    for event in events:
+        for values in products_of(event):
+            latest.setdefault(values["product_id"], {}).update(values)
+    now = utcnow()
+    for product_id in sorted(latest):
+        values = {**latest[product_id], "updated_at": now}
+        row = {"name": product_id, "currency": "USD", **values}
+        statement = (
+            _insert(session, _table(Product))
+            .values(row)
+            .on_conflict_do_update(
+                index_elements=["product_id"],
+                set_={key: value for key, value in values.items() if key != "product_id"},
+            )
+        )
+        session.execute(statement)
+
+
+# ---- orders ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderFacts:
+    order_id: str
+    customer_id: str
+    total_minor: int
+    currency: str
+    coupon: str | None
+    lines: dict[str, int]
+    completed_at: datetime
+
+
+def order_of(event: IncomingEvent) -> OrderFacts | None:
+    """The order an ``Order Completed`` event reports (read as the journeys read it)."""
+    if event.type != "track" or event.name != ORDER_COMPLETED:
+        return None
+    props = event.properties
+    raw_id = props.get("order_id")
+    order_id = (
+        str(raw_id)
+        if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and raw_id != ""
+        else event.message_id
+    )
+    if len(order_id) > MAX_ID_LENGTH:
+        log.warning("order id of event %s is too long to store; order skipped", event.message_id)
+        return None
+    currency = _currency(props.get("currency"))
+    amount = props.get("total", props.get("revenue", 0))
+    total = _minor(amount if amount is not None else 0, currency)
+    if total is None:
+        log.warning("order %s has an unreadable total %r; stored as 0", order_id, amount)
+        total = 0
+    coupon = props.get("coupon")
+    coupon_code = str(coupon) if isinstance(coupon, str | int) and coupon != "" else None
+    if coupon_code is not None and len(coupon_code) > MAX_ID_LENGTH:
+        coupon_code = None
+    lines: dict[str, int] = {}
+    items = props.get("products")
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or (product_id := _product_id(item)) is None:
+            continue
+        quantity = item.get("quantity", 1)
+        if isinstance(quantity, bool) or not isinstance(quantity, int | float) or quantity < 1:
+            quantity = 1
+        lines[product_id] = min(lines.get(product_id, 0) + int(quantity), _MAX_QUANTITY)
+    return OrderFacts(
+        order_id=order_id,
+        customer_id=event.customer_id,
+        total_minor=total,
+        currency=currency,
+        coupon=coupon_code,
+        lines=lines,
+        completed_at=event.timestamp,
+    )
+
+
+def _store_orders(session: Session, events: Iterable[IncomingEvent]) -> None:
+    """Store each new order with its lines and redeem its coupon; a known order is kept as is."""
+    orders: dict[str, OrderFacts] = {}
+    for event in events:
+        if (facts := order_of(event)) is not None:
+            orders.setdefault(facts.order_id, facts)
+    for order_id in sorted(orders):
+        facts = orders[order_id]
+        inserted = session.execute(
+            _insert(session, _table(Order))
+            .values(
+                order_id=facts.order_id,
+                customer_id=facts.customer_id,
+                total_minor=facts.total_minor,
+                currency=facts.currency,
+                coupon=facts.coupon,
+                completed_at=facts.completed_at,
+            )
+            .on_conflict_do_nothing(index_elements=["order_id"])
+            .returning(_table(Order).c.order_id)
+        ).first()
+        if inserted is None:
+            continue
+        for product_id, quantity in sorted(facts.lines.items()):
+            session.add(OrderLine(order_id=order_id, product_id=product_id, quantity=quantity))
+        session.flush()
+        if facts.coupon:
+            _redeem(session, facts)
+
+
+def _redeem(session: Session, facts: OrderFacts) -> None:
+    """Mark the order's coupon used. A failure is logged; the order is kept regardless."""
+    try:
+        with session.begin_nested():
+            coupon = redeem_coupon(session, facts.coupon or "", facts.order_id, facts.completed_at)
+    except Exception:
+        log.exception(
+            "could not redeem coupon %r for order %s; the order is stored without it",
+            facts.coupon,
+            facts.order_id,
+        )
+        return
+    if coupon is None:
+        log.info("order %s used coupon %r, which kaeru did not issue", facts.order_id, facts.coupon)

@@ -1,0 +1,87 @@
+"""The admin read API: audiences, customer profiles, the outbox; all behind the write key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from kaeru.db import session
+from kaeru.journal import record_touchpoint
+from kaeru.models import AudienceMember
+from kaeru.settings import Settings
+from tests.starter.conftest import AUTH, basic
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/audiences/cart-retargeting", "/v1/customers/u1", "/v1/admin/outbox"]
+)
+async def test_admin_needs_the_write_key(api: httpx.AsyncClient, path: str) -> None:
+    assert (await api.get(path)).status_code == 401
+    assert (await api.get(path, headers=basic("wrong"))).status_code == 401
+
+
+async def test_audience_members_oldest_first(api: httpx.AsyncClient, settings: Settings) -> None:
+    start = datetime(2024, 5, 1, tzinfo=UTC)
+    with session(settings.resolved_database_url) as s:
+        for i, customer_id in enumerate(["b", "a", "c"]):
+            s.add(
+                AudienceMember(
+                    audience="cart-retargeting",
+                    customer_id=customer_id,
+                    email_sha256="0" * 64,
+                    journey_id=f"cart-abandonment-{customer_id}",
+                    added_at=start + timedelta(minutes=i),
+                )
+            )
+        s.add(
+            AudienceMember(audience="other", customer_id="z", email_sha256="0" * 64, journey_id="j")
+        )
+    answer = await api.get("/v1/audiences/cart-retargeting", auth=AUTH)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["count"] == 3
+    assert [(m["customer_id"], m["journey_id"]) for m in body["members"]] == [
+        ("b", "cart-abandonment-b"),
+        ("a", "cart-abandonment-a"),
+        ("c", "cart-abandonment-c"),
+    ]
+    assert datetime.fromisoformat(body["members"][0]["added_at"]) == start
+    empty = (await api.get("/v1/audiences/nobody", auth=AUTH)).json()
+    assert (empty["count"], empty["members"]) == (0, [])
+
+
+async def test_customer_profile_with_orders_and_touchpoints(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post("/v1/identify", json={"userId": "u/1", "traits": {"email": "u@x.io"}}, auth=AUTH)
+    await api.post(
+        "/v1/track",
+        json={"userId": "u/1", "event": "Order Completed", "properties": {"order_id": "o9"}},
+        auth=AUTH,
+    )
+    with session(settings.resolved_database_url) as s:
+        record_touchpoint(s, customer_id="u/1", kind="email_opened", step="cart_email")
+    answer = await api.get("/v1/customers/u/1", auth=AUTH)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["customer_id"], body["email"], body["traits"]) == (
+        "u/1",
+        "u@x.io",
+        {"email": "u@x.io"},
+    )
+    assert [o["order_id"] for o in body["orders"]] == ["o9"]
+    assert [(t["kind"], t["step"]) for t in body["touchpoints"]] == [("email_opened", "cart_email")]
+    missing = await api.get("/v1/customers/nobody", auth=AUTH)
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "not_found"
+
+
+async def test_outbox_counts_what_waits(api: httpx.AsyncClient) -> None:
+    await api.post("/v1/track", json={"userId": "u1", "event": "Product Added"}, auth=AUTH)
+    await api.post("/v1/track", json={"userId": "u1", "event": "Product Viewed"}, auth=AUTH)
+    body = (await api.get("/v1/admin/outbox", auth=AUTH)).json()
+    assert body["unrouted"] == 1  # a viewed product has no journey to reach
+    assert body["oldest_unrouted_age_seconds"] >= 0
+    assert (body["failing"], body["oldest_failure"], body["holds_lease"]) == (0, None, False)
