@@ -89,7 +89,7 @@ class Product(SQLModel, table=True):
 
     product_id: str = Field(primary_key=True, max_length=200)
     name: str = Field(max_length=500)
-    price_minor: int | None = None
+    price_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     currency: str = Field(default="USD", max_length=3)
     image_url: str | None = None
     url: str | None = None
@@ -103,7 +103,7 @@ class Order(SQLModel, table=True):
 
     order_id: str = Field(primary_key=True, max_length=200)
     customer_id: str = Field(index=True, max_length=200)
-    total_minor: int
+    total_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
     currency: str = Field(max_length=3)
     coupon: str | None = Field(default=None, max_length=200)
     completed_at: datetime = _ts()
@@ -126,7 +126,7 @@ class Coupon(SQLModel, table=True):
     idempotency_key: str = Field(sa_column=Column(String(400), unique=True, nullable=False))
     customer_id: str = Field(index=True, max_length=200)
     journey_id: str = Field(max_length=400)
-    amount_minor: int
+    amount_minor: int = Field(sa_column=Column(BigInteger, nullable=False))
     currency: str = Field(max_length=3)
     created_at: datetime = _ts()
     expires_at: datetime = _ts()
@@ -200,7 +200,7 @@ class Touchpoint(SQLModel, table=True):
     kind: str = Field(index=True, max_length=50)
     occurred_at: datetime = _ts()
     order_id: str | None = Field(default=None, max_length=200)
-    value_minor: int | None = None
+    value_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     currency: str | None = Field(default=None, max_length=3)
     coupon_code: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] = _json()

@@ -12,6 +12,10 @@ _EXPONENTS = {
 }  # fmt: skip
 
 
+#: The largest amount kaeru stores (a signed 64-bit column).
+MAX_MINOR = 2**63 - 1
+
+
 def exponent(currency: str) -> int:
     """Digits after the decimal point for ``currency``."""
     return _EXPONENTS.get(currency.upper(), 2)
@@ -31,7 +35,12 @@ def to_minor(amount: int | float | str | Decimal, currency: str) -> int:
         raise ValueError(f"{amount!r} is not a number") from exc
     if not value.is_finite():
         raise ValueError("amount must be finite")
-    scaled = value.scaleb(exponent(currency)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    try:
+        scaled = value.scaleb(exponent(currency)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    except ArithmeticError as exc:  # overflow, or too many digits for the decimal context
+        raise ValueError(f"{amount!r} is too large an amount") from exc
+    if abs(scaled) > MAX_MINOR:
+        raise ValueError(f"{amount!r} is too large an amount")
     return int(scaled)
 
 

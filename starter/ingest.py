@@ -39,8 +39,6 @@ log = logging.getLogger("kaeru.ingest")
 #: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
 #: the journey (which ignores seq <= the last it saw) would drop seq 10.
 OUTBOX_LOCK = 0x6B61657275
-#: Money columns are 32-bit integers; larger amounts are treated as unreadable.
-_MAX_MINOR = 2**31 - 1
 _MAX_QUANTITY = 1_000_000
 
 
@@ -213,10 +211,9 @@ def _minor(amount: Any, currency: str) -> int | None:
     if amount is None or isinstance(amount, bool) or not isinstance(amount, int | float | str):
         return None
     try:
-        value = to_minor(amount, currency)
-    except (ValueError, ArithmeticError):  # to_minor raises InvalidOperation on huge amounts
+        return to_minor(amount, currency)
+    except ValueError:  # not a number, or beyond the 64-bit money columns
         return None
-    return value if abs(value) <= _MAX_MINOR else None
 
 
 def _product_id(props: dict[str, Any]) -> str | None:

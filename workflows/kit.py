@@ -156,10 +156,20 @@ class Journey:
         self.last_seq = event.seq
         if self.outcome is not None:
             return
+        try:
+            self._take(event)
+        except Exception:  # a malformed event must never wedge the journey
+            workflow.logger.exception("ignored malformed %s event seq %s", event.name, event.seq)
+            self.tell(f"ignored a malformed {event.name} event")
+
+    def _take(self, event: JourneyEvent) -> None:
         if event.name == ORDER_COMPLETED:
             self.purchase = purchase_from(event)
             self.exit_with("purchased")
         elif event.name in (EMAIL_OPENED, EMAIL_LINK_CLICKED):
+            message_key = event.properties.get("message_key")
+            if isinstance(message_key, str) and not message_key.startswith(self.key("")):
+                return  # an email of an earlier journey of this customer, opened late
             step = str(event.properties.get("step", ""))
             if step and step not in self.engaged:
                 self.engaged.add(step)

@@ -130,7 +130,8 @@ async def test_cart_abandonment_end_to_end(
             # 1. The cart email: the cart, related products, tracked links, an open pixel.
             await eventually(lambda: smtp.messages, "the cart email")
             [first] = smtp.messages
-            assert first.rcpt_tos == ["Ann@example.com"]  # the domain is case-blind, the local part not
+            # Only the domain is case-blind: the local part is kept as the shop sent it.
+            assert first.rcpt_tos == ["Ann@example.com"]
             html, text = parts(first.message)
             assert "Stoneware Mug" in text and "Tea Pot" in text
             assert "shop.test" not in html, "every link must go through the click tracker"

@@ -215,7 +215,9 @@ async def test_email_open_and_ad_click_reach_the_journey(stack: Stack) -> None:
     await post_batch(stack.api, [added(c)])
     await stack.router.drain()
     handle = journey(stack.client, c)
-    message_key = f"cart-abandonment-{c}/run/cart_email"
+    # The key names the journey's first run, as the email activity's idempotency key does.
+    first_run = (await handle.describe()).run_id
+    message_key = f"cart-abandonment-{c}/{first_run}/cart_email"
     with session(stack.settings.resolved_database_url) as s:
         s.add(
             EmailMessage(

@@ -446,3 +446,23 @@ async def test_search_attributes_status_and_details(shopper: Shopper) -> None:
     attributes = (await shopper.handle.describe()).typed_search_attributes
     assert attributes.get(OUTCOME) == "purchased"
     assert attributes.get(STEP) == "ended"
+
+
+async def test_late_open_of_an_earlier_journeys_email_is_ignored(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    earlier = f"{shopper.journey_id}/an-earlier-run/cart_email"
+    await shopper.signal("Email Opened", step="cart_email", message_key=earlier)
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+
+
+async def test_malformed_amounts_do_not_wedge_the_journey(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **{**SHOE, "price": "1e999999"})
+    await shopper.cart("Product Added", product_id={"not": "an id"})
+    assert (await shopper.status()).details["cart"] == "1× Trail Shoe"
+    await shopper.signal("Order Completed", order_id="o-big", total=1e300, currency="USD")
+    assert await shopper.outcome() == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-big" and conversion.value_minor == 0

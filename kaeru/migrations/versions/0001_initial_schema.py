@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 14:46:04.066651
+Create Date: 2026-11-23 15:38:25.767678
 """
 
 from collections.abc import Sequence
@@ -43,7 +43,7 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=400), nullable=False),
         sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
         sa.Column("journey_id", sqlmodel.sql.sqltypes.AutoString(length=400), nullable=False),
-        sa.Column("amount_minor", sa.Integer(), nullable=False),
+        sa.Column("amount_minor", sa.BigInteger(), nullable=False),
         sa.Column("currency", sqlmodel.sql.sqltypes.AutoString(length=3), nullable=False),
         sa.Column("created_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("expires_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
@@ -129,7 +129,7 @@ def upgrade() -> None:
         "orders",
         sa.Column("order_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
         sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("total_minor", sa.Integer(), nullable=False),
+        sa.Column("total_minor", sa.BigInteger(), nullable=False),
         sa.Column("currency", sqlmodel.sql.sqltypes.AutoString(length=3), nullable=False),
         sa.Column("coupon", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
         sa.Column("completed_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
@@ -142,7 +142,7 @@ def upgrade() -> None:
         "products",
         sa.Column("product_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
         sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
-        sa.Column("price_minor", sa.Integer(), nullable=True),
+        sa.Column("price_minor", sa.BigInteger(), nullable=True),
         sa.Column("currency", sqlmodel.sql.sqltypes.AutoString(length=3), nullable=False),
         sa.Column("image_url", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("url", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
@@ -167,7 +167,7 @@ def upgrade() -> None:
         sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=50), nullable=False),
         sa.Column("occurred_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("order_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
-        sa.Column("value_minor", sa.Integer(), nullable=True),
+        sa.Column("value_minor", sa.BigInteger(), nullable=True),
         sa.Column("currency", sqlmodel.sql.sqltypes.AutoString(length=3), nullable=True),
         sa.Column("coupon_code", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
         sa.Column("detail", sa.JSON(), nullable=False),
