@@ -1,0 +1,46 @@
+# kaeru: `make run` shows it working, `make test` proves it. Needs only Python 3.11+ and make;
+# everything else comes from pip into .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Touched after each install: pip runs again only when pyproject.toml is newer.
+STAMP := $(VENV)/.kaeru-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint clean
+
+help:
+	@echo "make run    start Temporal, mail catcher, worker and API, and play the demo shopper"
+	@echo "make test   lint, type-check and run every test"
+	@echo "make lint   ruff and mypy only"
+	@echo "make clean  remove caches and build files (keeps .venv and .kaeru/)"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "kaeru needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1)." \
+		     "Run: make PYTHON=python3.12 ..." >&2; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || { \
+		echo "could not create $(VENV): on Debian/Ubuntu install python3-venv" \
+		     "(apt install python3-venv), then run make again" >&2; rm -rf $(VENV); exit 1; }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/kaeru dev --demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test: lint
+	@$(BIN)/pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; fi; \
+	exit $$status
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

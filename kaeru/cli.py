@@ -1,0 +1,424 @@
+"""The ``kaeru`` command: the embedded dev stack, the worker, the API, and operator chores.
+
+An expected problem (a wrong setting, Temporal unreachable, a port in use) is printed as one
+line saying what is wrong and what to do, and the command exits with status 1; only bugs
+print a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import func
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlmodel import col, select
+from temporalio.client import Client
+
+from kaeru.db import session as db_session
+from kaeru.demo import DemoTarget, run_demo, with_demo_waits
+from kaeru.devstack import (
+    AppServer,
+    StackError,
+    listening_socket,
+    local_url,
+    migrate_database,
+    plan_dev,
+    run_dev,
+    safe_url,
+)
+from kaeru.models import AudienceMember
+from kaeru.settings import Settings
+from kaeru.temporal import connect, ensure_search_attributes
+from starter.app import create_app
+from worker import run_worker
+from workflows.kit import SEARCH_ATTRIBUTES
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="kaeru",
+    help="Marketing automation where every customer journey is a Temporal workflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+# ---- shared plumbing -------------------------------------------------------------------------
+
+
+def fail(problem: str, *fix_lines: str) -> NoReturn:
+    """Print ``problem`` (and any lines of the fix) on stderr and exit with status 1."""
+    errors.print(Text.assemble(("error: ", "bold red"), problem), soft_wrap=True)
+    for line in fix_lines:
+        errors.print(Text(f"  {line}"), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def env_name(field: str) -> str:
+    return f"KAERU_{field.upper()}"
+
+
+def settings_problem(error: ValidationError) -> str:
+    """One line naming every ``KAERU_`` variable that is wrong, with what it should be."""
+    problems = []
+    durations = False
+    for e in error.errors():
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        value = e.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        problems.append(f"{env_name(field)}{shown} is not valid ({e['msg']})")
+        info = Settings.model_fields.get(field)
+        durations = durations or (info is not None and info.annotation is timedelta)
+    fix = "Fix it in the environment or in .env"
+    if durations:
+        fix += "; durations are seconds (86400) or ISO 8601 (P1D, PT30M)"
+    return "; ".join(problems) + f". {fix}"
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        fail(settings_problem(exc))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``, turning expected problems into one line and Ctrl-C into a quiet exit."""
+    try:
+        return asyncio.run(coro)
+    except StackError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def connected(settings: Settings) -> Client:
+    """A Temporal client, or a :class:`StackError` naming the setting to check."""
+    try:
+        return await connect(settings)
+    except RuntimeError as exc:
+        raise StackError(str(exc)) from exc
+
+
+async def until_stopped(*watched: asyncio.Future[Any]) -> None:
+    """Return on SIGINT or SIGTERM, or as soon as one of ``watched`` ends."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# ---- kaeru dev / demo ------------------------------------------------------------------------
+
+
+@app.command()
+def dev(
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo/--no-demo",
+            help="Shorten the cart journey's waits and play a demo shopper once it is up.",
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Run everything on this machine: Temporal, mail catcher, SQLite, worker and API.
+
+    What is configured (KAERU_TEMPORAL_ADDRESS, KAERU_SMTP_HOST, KAERU_DATABASE_URL) is used
+    instead of the embedded part.
+    """
+    settings = load_settings()
+    if demo:
+        settings = with_demo_waits(settings)
+    setup_logging(verbose)
+    run(run_dev(plan_dev(settings), console, demo=demo))
+
+
+@app.command()
+def demo() -> None:
+    """Play the demo shopper against a `kaeru dev --demo` running in another terminal."""
+    plan = plan_dev(with_demo_waits(load_settings()))
+    if plan.inbox_url is None:
+        fail(
+            "the demo reads its email from the local mail catcher, and KAERU_SMTP_HOST is set: "
+            "unset it for `kaeru dev` and `kaeru demo`"
+        )
+    setup_logging(False)
+    target = DemoTarget.for_plan(plan)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=3) as http:
+            for url, what in ((target.api_url, "the API"), (target.inbox_url, "the mail inbox")):
+                try:
+                    await http.get(url)
+                except httpx.HTTPError:
+                    raise StackError(
+                        f"{what} does not answer at {url}: start `kaeru dev --demo` in another "
+                        "terminal first"
+                    ) from None
+        client = await connected(plan.settings)
+        await run_demo(plan.settings, client, target, console)
+
+    run(main())
+
+
+# ---- scale-out processes ---------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Run one worker (journeys and activities) against the configured Temporal."""
+    settings = load_settings()
+    setup_logging(verbose)
+
+    async def main() -> None:
+        client = await connected(settings)
+        task = asyncio.create_task(run_worker(client, settings))
+        console.print(
+            f"worker polling task queue {settings.task_queue!r} on "
+            f"{settings.resolved_temporal_address} ({settings.temporal_namespace}); Ctrl-C stops"
+        )
+        await until_stopped(task)
+        if task.done():
+            error = task.exception()
+            if error is not None:
+                logging.getLogger("kaeru.worker").error("the worker failed", exc_info=error)
+            raise StackError(f"the worker stopped by itself: {error or 'no error'}")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(main())
+
+
+@app.command()
+def api(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Serve the HTTP API on KAERU_API_HOST:KAERU_API_PORT (it also routes events)."""
+    settings = load_settings()
+    if not settings.write_key:
+        fail("KAERU_WRITE_KEY is unset: set it to a long random secret; shops send it")
+    setup_logging(verbose)
+
+    async def main() -> None:
+        sock = listening_socket(
+            settings.api_host,
+            settings.api_port,
+            what="the API",
+            fix="set KAERU_API_PORT to a free port",
+        )
+        # No client: the router connects in the background, so ingestion stores events
+        # even while Temporal is down.
+        server = AppServer(create_app(settings), sock, what="the API")
+        await server.start()
+        console.print(f"API on {local_url(settings.api_host, settings.api_port)}; Ctrl-C stops")
+        await until_stopped(server.task)
+        if server.task.done():
+            error = server.task.exception()
+            raise StackError(f"the API stopped by itself: {error or 'no error'}")
+        await server.stop()
+
+    run(main())
+
+
+# ---- chores ----------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (safe to run again)."""
+    settings = load_settings()
+    url = settings.resolved_database_url
+    try:
+        migrate_database(url)
+    except StackError as exc:
+        fail(str(exc))
+    console.print(f"The database schema is up to date: {safe_url(url)}")
+
+
+@app.command()
+def setup() -> None:
+    """Register kaeru's search attributes on the configured Temporal namespace."""
+    settings = load_settings()
+    namespace = settings.temporal_namespace
+    names = [key.name for key in SEARCH_ATTRIBUTES]
+
+    async def main() -> None:
+        client = await connected(settings)
+        try:
+            await ensure_search_attributes(client, namespace)
+        except RuntimeError as exc:
+            sa = " ".join(f"--sa {name}=Keyword" for name in names)
+            fail(
+                str(exc),
+                "On Temporal Cloud, add them once with the tcld CLI (or in the Cloud UI, under",
+                "the namespace's Search Attributes), then run `kaeru setup` again:",
+                f"  tcld namespace search-attributes add -n {namespace} {sa}",
+            )
+
+    run(main())
+    console.print(
+        f"Search attributes {', '.join(names)} are registered in namespace {namespace!r} "
+        f"on {settings.resolved_temporal_address}."
+    )
+
+
+@app.command()
+def audience(
+    name: Annotated[
+        str | None, typer.Argument(help="The audience; without it, every audience and its size.")
+    ] = None,
+) -> None:
+    """List the members of a local ad audience (the store used unless Meta is configured)."""
+    settings = load_settings()
+    url = settings.resolved_database_url
+    try:
+        label = safe_url(url)
+    except StackError as exc:
+        fail(str(exc))
+    missing = f"the database at {label} has no kaeru tables yet: run `kaeru migrate` or `kaeru dev`"
+    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).exists():
+        fail(missing)
+    rows: list[tuple[str, ...]]
+    try:
+        with db_session(url) as s:
+            if name is None:
+                sizes = s.exec(
+                    select(AudienceMember.audience, func.count())
+                    .group_by(col(AudienceMember.audience))
+                    .order_by(col(AudienceMember.audience))
+                ).all()
+                rows = [(a, str(n)) for a, n in sizes]
+            else:
+                members = s.exec(
+                    select(AudienceMember)
+                    .where(AudienceMember.audience == name)
+                    .order_by(col(AudienceMember.added_at))
+                ).all()
+                rows = [
+                    (m.customer_id, f"{m.added_at:%Y-%m-%d %H:%M:%S}", m.journey_id)
+                    for m in members
+                ]
+    except ProgrammingError:  # PostgreSQL: undefined table
+        fail(missing)
+    except OperationalError as exc:
+        if "no such table" in str(exc):  # SQLite
+            fail(missing)
+        reason = " ".join(str(exc.orig).split())
+        fail(f"cannot open the database at {label} ({reason}): check KAERU_DATABASE_URL")
+    if not rows:
+        console.print(
+            "No local audience has members yet." if name is None else f"No one is in {name!r}."
+        )
+        return
+    table = Table(box=None, header_style="bold")
+    columns = ("audience", "members") if name is None else ("customer", "added (UTC)", "journey")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+# ---- the settings table of the README --------------------------------------------------------
+
+#: What each setting without a description in kaeru/settings.py means.
+MEANINGS: dict[str, str] = {
+    "temporal_namespace": "Temporal namespace of every journey",
+    "task_queue": "task queue the worker polls and journeys run on",
+    "temporal_ui_port": "port of the dev server's web UI (`kaeru dev`)",
+    "max_concurrent_activities": "cap on activities a worker runs at once",
+    "state_dir": "where `kaeru dev` keeps SQLite, Temporal history and caught mail",
+    "api_host": "address the API listens on",
+    "api_port": "port the API listens on",
+    "max_event_bytes": "largest event accepted (413 above it)",
+    "max_batch_bytes": "largest `/v1/batch` body accepted (413 above it)",
+    "smtp_port": "SMTP port (the mail catcher's with `kaeru dev`)",
+    "smtp_username": "SMTP user name; unset: no AUTH",
+    "smtp_password": "SMTP password",
+    "smtp_starttls": "upgrade the SMTP connection with STARTTLS",
+    "smtp_tls": "connect to SMTP over TLS from the start (port 465)",
+    "smtp_timeout": "seconds an SMTP step may take",
+    "mail_from": "From address of every email",
+    "mail_catcher_port": "port of the mail catcher's web inbox (`kaeru dev`)",
+    "shop_name": "shop name shown in emails",
+    "shop_url": "shop home page, linked from emails",
+    "meta_graph_url": "Meta Graph API base URL",
+    "meta_access_token": "Meta access token; with KAERU_META_AUDIENCE_ID, audiences go to Meta",
+    "meta_audience_id": "Meta custom audience id; unset: the local audience store",
+    "cart_email_delay": "how long the cart stays untouched before the cart email",
+    "cart_open_wait": "how long the cart email may stay unopened before the journey ends",
+    "cart_ad_delay": "after the open, wait before joining the retargeting audience",
+    "cart_ad_click_wait": "how long to wait for an ad click before the journey ends",
+    "cart_offer_delay": "after the ad click, wait before the coupon email",
+    "cart_offer_wait": "how long to wait for a purchase after the coupon email",
+    "cart_coupon_ttl": "how long a coupon stays valid",
+    "cart_coupon_currency": "coupon currency (ISO 4217)",
+    "cart_recommendations": "related products in the cart email (0 to 12)",
+}
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, timedelta):
+        seconds = int(value.total_seconds())
+        days, rest = divmod(seconds, 86400)
+        human = f"{days} day{'s' if days != 1 else ''}" if not rest else f"{seconds} s"
+        return f"`{seconds}` ({human})"
+    return f"`{value}`"
+
+
+def settings_markdown() -> str:
+    """Every setting as a Markdown table: variable, default, meaning."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        meaning = info.description or MEANINGS.get(field)
+        if meaning is None:
+            raise RuntimeError(f"setting {field} has no description: add one to kaeru/settings.py")
+        default = _default_text(info.get_default(call_default_factory=True))
+        meaning = meaning.replace("|", "\\|")
+        lines.append(f"| `{env_name(field)}` | {default} | {meaning} |")
+    return "\n".join(lines)
+
+
+@app.command("settings-table")
+def settings_table() -> None:
+    """Print every KAERU_ setting as a Markdown table (for the README)."""
+    typer.echo(settings_markdown())

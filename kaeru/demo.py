@@ -1,0 +1,487 @@
+"""The demo shopper: one cart-abandonment journey, from cart to purchase, in about half a minute.
+
+``kaeru dev --demo`` shortens the journey's waits (unless you set them) and, once the stack is
+up, plays a shopper against the real API over HTTP: identify, two ``Product Added``, a few
+past orders of other shoppers (so "bought together" has data), then it waits for the cart
+email in the mail catcher, opens it (fetches its pixel, as a mail client would), waits to
+join the ad audience, clicks the ad (a ``page`` call with the retargeting UTM campaign),
+waits for the coupon email and buys with the coupon. Every step is narrated with the link
+to look at. ``kaeru demo`` runs the same shopper against a ``kaeru dev --demo`` already
+running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, TypeVar
+from xml.sax.saxutils import escape as xml_escape
+
+import httpx
+from fastapi import APIRouter, HTTPException, Response
+from rich.console import Console
+from rich.text import Text
+from sqlmodel import select
+from temporalio.client import Client
+
+from kaeru.db import session as db_session
+from kaeru.devstack import (
+    DEV_WRITE_KEY,
+    StackError,
+    workflow_url,
+)
+from kaeru.models import AudienceMember
+from kaeru.money import format_minor, to_minor
+from kaeru.settings import Settings
+from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
+from workflows.kit import JourneyResult, JourneyStatus
+
+if TYPE_CHECKING:
+    from kaeru.devstack import DevPlan
+
+T = TypeVar("T")
+
+#: The cart journey's waits during the demo, unless the person set them.
+DEMO_WAITS: dict[str, timedelta] = {
+    "cart_email_delay": timedelta(seconds=10),
+    "cart_open_wait": timedelta(seconds=60),
+    "cart_ad_delay": timedelta(seconds=5),
+    "cart_ad_click_wait": timedelta(seconds=60),
+    "cart_offer_delay": timedelta(seconds=5),
+    "cart_offer_wait": timedelta(seconds=120),
+}
+
+SHOPPER_EMAIL = "demo-shopper@example.com"
+SHOPPER_NAME = "Demo Shopper"
+#: The whole demo gives up after this; with the demo waits it takes about half a minute.
+DEADLINE = 115.0
+COUPON_CODE = re.compile(r"\bKAERU-[A-Z0-9]{4,}\b")
+OPEN_PIXEL = re.compile(r"""src=["']([^"']+/t/o/[^"']+)["']""")
+
+
+def with_demo_waits(settings: Settings) -> Settings:
+    """``settings`` with the demo's short waits wherever the person did not set one."""
+    update = {k: v for k, v in DEMO_WAITS.items() if k not in settings.model_fields_set}
+    return settings.model_copy(update=update)
+
+
+# ---- the demo shop's catalogue -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoProduct:
+    product_id: str
+    name: str
+    price: Decimal
+    colour: str
+
+    def image_svg(self) -> str:
+        """A small picture of the product, so the demo needs no internet."""
+        label = xml_escape(self.name.split(",")[0])
+        return (
+            '<svg xmlns="http://www.w3.org/2000/svg" width="160" height="160" '
+            'viewBox="0 0 160 160">'
+            f'<rect width="160" height="160" rx="18" fill="{self.colour}"/>'
+            '<circle cx="80" cy="66" r="34" fill="#ffffff" fill-opacity=".85"/>'
+            '<circle cx="68" cy="58" r="5" fill="#1d2a22"/><circle cx="92" cy="58" r="5" '
+            'fill="#1d2a22"/>'
+            '<path d="M64 78 q16 12 32 0" stroke="#1d2a22" stroke-width="4" fill="none" '
+            'stroke-linecap="round"/>'
+            '<text x="80" y="134" font-family="sans-serif" font-size="13" text-anchor="middle" '
+            f'fill="#1d2a22">{label}</text></svg>'
+        )
+
+
+CATALOGUE = {
+    p.product_id: p
+    for p in (
+        DemoProduct("frog-mug", "Kaeru Frog Mug", Decimal("18.00"), "#9fd8a8"),
+        DemoProduct("pond-teapot", "Pond Glass Teapot", Decimal("34.00"), "#a8cfe6"),
+        DemoProduct("moss-sencha", "Moss Sencha, 100 g", Decimal("9.50"), "#c6dc8c"),
+        DemoProduct("lily-coasters", "Lily Pad Coasters", Decimal("12.00"), "#e6c8a8"),
+        DemoProduct("rain-candle", "Rainy Day Candle", Decimal("16.00"), "#c8b8e6"),
+    )
+}
+CART = ("frog-mug", "pond-teapot")
+#: Orders of other shoppers: the mug and the teapot are often bought with sencha.
+PAST_ORDERS = (
+    ("frog-mug", "moss-sencha"),
+    ("pond-teapot", "moss-sencha", "lily-coasters"),
+    ("frog-mug", "lily-coasters"),
+    ("frog-mug", "pond-teapot", "moss-sencha"),
+    ("rain-candle", "frog-mug"),
+)
+
+
+def assets_router() -> APIRouter:
+    """Serves the demo products' pictures (mounted on the mail inbox's server)."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/demo/products/{product_id}.svg")
+    def product_image(product_id: str) -> Response:
+        product = CATALOGUE.get(product_id)
+        if product is None:
+            raise HTTPException(404, "no such demo product")
+        return Response(product.image_svg(), media_type="image/svg+xml")
+
+    return router
+
+
+# ---- where the demo talks to -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoTarget:
+    """The running stack's addresses, as a person on this machine reaches them."""
+
+    api_url: str
+    write_key: str
+    inbox_url: str
+    temporal_ui_url: str | None
+    namespace: str
+
+    @classmethod
+    def for_plan(cls, plan: DevPlan) -> DemoTarget:
+        s = plan.settings
+        assert plan.inbox_url is not None
+        return cls(
+            api_url=plan.api_url,
+            write_key=s.write_key or DEV_WRITE_KEY,
+            inbox_url=plan.inbox_url,
+            temporal_ui_url=plan.temporal_ui_url,
+            namespace=s.temporal_namespace,
+        )
+
+
+# ---- the shopper -----------------------------------------------------------------------------
+
+
+class DemoShopper:
+    """One shopper, one journey. Each run is a new customer id, so a new journey."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client,
+        target: DemoTarget,
+        console: Console,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.target = target
+        self.console = console
+        self.http = http
+        self.customer_id = f"demo-{secrets.token_hex(3)}"
+        self.journey_id = f"{CartAbandonment.kind}-{self.customer_id}"
+        self.audience = CartJourneySettings().audience
+        self.started = time.monotonic()
+        self.deadline = self.started + DEADLINE
+
+    # ---- narration ----------------------------------------------------------------------------
+
+    def say(self, line: str, link: str | None = None) -> None:
+        elapsed = time.monotonic() - self.started
+        text = Text.assemble(
+            (f"{datetime.now():%H:%M:%S} ", "dim"),
+            (f"+{elapsed:4.1f}s ", "dim"),
+            ("demo ", "magenta"),
+            line,
+        )
+        if link:
+            text.append(f"\n{' ' * 21}{link}", style="cyan")
+        self.console.print(text, soft_wrap=True)
+
+    # ---- the story ----------------------------------------------------------------------------
+
+    async def run(self) -> JourneyResult:
+        s = self.settings
+        waits = {
+            "KAERU_CART_EMAIL_DELAY": s.cart_email_delay,
+            "KAERU_CART_AD_DELAY": s.cart_ad_delay,
+            "KAERU_CART_OFFER_DELAY": s.cart_offer_delay,
+        }
+        if sum(w.total_seconds() for w in waits.values()) > DEADLINE / 2:
+            raise StackError(
+                f"the demo finishes within {DEADLINE:.0f}s, and {', '.join(waits)} add up to "
+                "more than half of that: unset them (`kaeru dev --demo` makes them seconds)"
+            )
+        self.say(
+            f"shopper {self.customer_id} ({SHOPPER_EMAIL}) comes by; the journey is "
+            f"{self.journey_id}"
+        )
+        await self.post("/v1/batch", {"batch": self.past_orders()})
+        self.say(f"{len(PAST_ORDERS)} past orders of other shoppers are in (for recommendations)")
+        await self.post("/v1/identify", self.identify())
+        for product_id in CART:
+            await self.post("/v1/track", self.product_added(CATALOGUE[product_id]))
+        names = " and ".join(CATALOGUE[p].name for p in CART)
+        self.say(f"added {names} to the cart, then left")
+
+        quiet = s.cart_email_delay.total_seconds()
+        self.say(f"waiting for the cart email (sent once the cart is quiet for {quiet:.0f}s)")
+        cart_email = await self.mail("cart_email", quiet + 45)
+        self.say(f"cart email: {cart_email['subject']!r}", self.inbox_link(cart_email))
+
+        pixel = self.open_pixel(cart_email)
+        answer = await self.http.get(pixel)
+        self.say(f"opened the email (its open pixel answered {answer.status_code})")
+
+        ad_delay = s.cart_ad_delay.total_seconds()
+        self.say(f"waiting to join the {self.audience!r} ad audience (after {ad_delay:.0f}s)")
+        await self.until(self.in_audience, ad_delay + 45, "join the ad audience")
+        self.say(f"is in the {self.audience!r} audience: the retargeting ad can show")
+        await self.post("/v1/page", self.ad_click())
+        self.say(f"clicked the ad (page view, utm_campaign={s.ad_campaign})")
+
+        offer_delay = s.cart_offer_delay.total_seconds()
+        self.say(f"waiting for the coupon email (after {offer_delay:.0f}s)")
+        offer_email = await self.mail("offer_email", offer_delay + 45)
+        coupon = self.coupon_code(offer_email)
+        self.say(f"coupon email with {coupon}", self.inbox_link(offer_email))
+
+        order = await self.buy(coupon)
+        self.say(f"bought the cart with {coupon}: order {order}")
+        return await self.outcome()
+
+    # ---- events, as a shop backend sends them -------------------------------------------------
+
+    def event(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "messageId": f"demo-{uuid.uuid4()}",
+            "context": {"library": {"name": "kaeru-demo", "version": "1"}},
+            **fields,
+        }
+
+    def product(self, p: DemoProduct, quantity: int = 1) -> dict[str, Any]:
+        return {
+            "product_id": p.product_id,
+            "sku": p.product_id.upper(),
+            "name": p.name,
+            "price": float(p.price),
+            "currency": "USD",
+            "quantity": quantity,
+            "image_url": f"{self.target.inbox_url}/demo/products/{p.product_id}.svg",
+            "url": f"{self.settings.shop_url.rstrip('/')}/products/{p.product_id}",
+        }
+
+    def past_orders(self) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        batch = []
+        for n, items in enumerate(PAST_ORDERS, start=1):
+            products = [self.product(CATALOGUE[p]) for p in items]
+            total = sum(CATALOGUE[p].price for p in items)
+            batch.append(
+                self.event(
+                    type="track",
+                    userId=f"{self.customer_id}-neighbour-{n}",
+                    event="Order Completed",
+                    timestamp=(now - timedelta(days=n)).isoformat(),
+                    properties={
+                        "order_id": f"{self.customer_id}-past-{n}",
+                        "total": float(total),
+                        "revenue": float(total),
+                        "currency": "USD",
+                        "products": products,
+                    },
+                )
+            )
+        return batch
+
+    def identify(self) -> dict[str, Any]:
+        return self.event(
+            userId=self.customer_id, traits={"email": SHOPPER_EMAIL, "name": SHOPPER_NAME}
+        )
+
+    def product_added(self, p: DemoProduct) -> dict[str, Any]:
+        return self.event(
+            userId=self.customer_id, event="Product Added", properties=self.product(p)
+        )
+
+    def ad_click(self) -> dict[str, Any]:
+        campaign = self.settings.ad_campaign
+        url = (
+            f"{self.settings.cart_url}?utm_source=facebook&utm_medium=paid_social"
+            f"&utm_campaign={campaign}"
+        )
+        return self.event(
+            userId=self.customer_id,
+            name="Cart",
+            properties={"url": url, "title": "Your cart"},
+            context={
+                "campaign": {"name": campaign, "source": "facebook", "medium": "paid_social"},
+                "page": {"url": url},
+            },
+        )
+
+    async def buy(self, coupon: str) -> str:
+        s = self.settings
+        subtotal = sum(to_minor(CATALOGUE[p].price, "USD") for p in CART)
+        discount = min(s.cart_coupon_amount_minor, subtotal)
+        total = Decimal(subtotal - discount) / 100
+        order_id = f"{self.customer_id}-order"
+        await self.post(
+            "/v1/track",
+            self.event(
+                userId=self.customer_id,
+                event="Order Completed",
+                properties={
+                    "order_id": order_id,
+                    "total": float(total),
+                    "revenue": float(total),
+                    "discount": float(Decimal(discount) / 100),
+                    "coupon": coupon,
+                    "currency": "USD",
+                    "products": [self.product(CATALOGUE[p]) for p in CART],
+                },
+            ),
+        )
+        return f"{order_id}, {format_minor(subtotal - discount, 'USD')}"
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.target.api_url}{path}"
+        try:
+            answer = await self.http.post(url, json=body, auth=(self.target.write_key, ""))
+        except httpx.HTTPError as exc:
+            raise StackError(
+                f"cannot reach the API at {self.target.api_url} ({exc}): is `kaeru dev` running?"
+            ) from exc
+        if answer.status_code == 401:
+            raise StackError(
+                f"the API refused write key {self.target.write_key!r}: set KAERU_WRITE_KEY to "
+                "the key `kaeru dev` printed"
+            )
+        if answer.status_code >= 300:
+            raise StackError(f"the API answered {answer.status_code} to {path}: {answer.text}")
+        data: dict[str, Any] = answer.json() if answer.content else {}
+        rejected = data.get("rejected") if isinstance(data, dict) else None
+        if rejected:
+            raise StackError(f"the API rejected demo events: {rejected}")
+        return data
+
+    # ---- watching what the journey does ------------------------------------------------------
+
+    async def until(self, check: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
+        """Poll ``check`` until it returns something, or fail saying where to look."""
+        began = time.monotonic()
+        give_up = min(began + timeout, self.deadline)
+        while True:
+            found = await check()
+            if found is not None:
+                return found
+            if time.monotonic() > give_up:
+                raise StackError(
+                    f"the shopper did not {what} within {give_up - began:.0f}s. Is `kaeru dev "
+                    "--demo` running (plain `kaeru dev` keeps the day-long waits)? "
+                    f"The journey: {self.journey_link(None)}"
+                )
+            await asyncio.sleep(0.5)
+
+    async def mail(self, step: str, timeout: float) -> dict[str, Any]:
+        """The journey's email of ``step``, from the mail catcher's JSON API."""
+
+        async def arrived() -> dict[str, Any] | None:
+            try:
+                listed = await self.http.get(f"{self.target.inbox_url}/api/messages")
+            except httpx.HTTPError as exc:
+                raise StackError(
+                    f"cannot reach the mail catcher at {self.target.inbox_url} ({exc}): "
+                    "the demo reads mail there, so KAERU_SMTP_HOST must be unset"
+                ) from exc
+            for m in listed.json():
+                if m.get("journey") == self.journey_id and m.get("step") == step:
+                    detail = await self.http.get(f"{self.target.inbox_url}/api/messages/{m['id']}")
+                    message: dict[str, Any] = detail.json()
+                    return message
+            return None
+
+        return await self.until(arrived, timeout, f"get the {step} email")
+
+    def inbox_link(self, message: dict[str, Any]) -> str:
+        return f"{self.target.inbox_url}/m/{message['id']}"
+
+    @staticmethod
+    def open_pixel(message: dict[str, Any]) -> str:
+        found = OPEN_PIXEL.search(message.get("html") or "")
+        if found is None:
+            raise StackError("the cart email has no open pixel (/t/o/...) in its HTML part")
+        return html.unescape(found.group(1))
+
+    @staticmethod
+    def coupon_code(message: dict[str, Any]) -> str:
+        found = COUPON_CODE.search(message.get("text") or "") or COUPON_CODE.search(
+            message.get("html") or ""
+        )
+        if found is None:
+            raise StackError("the offer email carries no KAERU-… coupon code")
+        return found.group(0)
+
+    async def in_audience(self) -> bool | None:
+        """True once the shopper is in the local ad audience (the API, else the database)."""
+        answer = await self.http.get(
+            f"{self.target.api_url}/v1/audiences/{self.audience}",
+            auth=(self.target.write_key, ""),
+        )
+        if answer.status_code == 200:
+            members = answer.json().get("members", [])
+            if any(m.get("customer_id") == self.customer_id for m in members):
+                return True
+            return None
+        return await asyncio.to_thread(self._in_audience_table) or None
+
+    def _in_audience_table(self) -> bool:
+        with db_session(self.settings.resolved_database_url) as s:
+            row = s.exec(
+                select(AudienceMember).where(
+                    AudienceMember.audience == self.audience,
+                    AudienceMember.customer_id == self.customer_id,
+                )
+            ).first()
+        return row is not None
+
+    async def outcome(self) -> JourneyResult:
+        handle = self.client.get_workflow_handle_for(CartAbandonment.run, self.journey_id)
+        remaining = max(self.deadline - time.monotonic(), 5.0)
+        try:
+            result = await asyncio.wait_for(handle.result(), remaining)
+        except TimeoutError:
+            raise StackError(
+                f"the journey did not end after the purchase; see {self.journey_link(None)}"
+            ) from None
+        description = await handle.describe()
+        status = await handle.query("status", result_type=JourneyStatus)
+        self.say(
+            f"journey ended: {result.outcome} (last step {result.last_step}, "
+            f"coupon {result.coupon_code})",
+            self.journey_link(description.run_id),
+        )
+        for line in status.story:
+            self.console.print(Text(f"{' ' * 21}{line}", style="dim"), soft_wrap=True)
+        self.say(f"done in {time.monotonic() - self.started:.0f}s; run it again: kaeru demo")
+        return result
+
+    def journey_link(self, run_id: str | None) -> str:
+        ui = self.target.temporal_ui_url
+        if ui is None:
+            return f"workflow {self.journey_id} in your Temporal UI"
+        return workflow_url(ui, self.target.namespace, self.journey_id, run_id)
+
+
+async def run_demo(
+    settings: Settings, client: Client, target: DemoTarget, console: Console
+) -> JourneyResult:
+    """Play one demo shopper against the running stack and narrate it.
+
+    Raises:
+        StackError: a part of the stack did not do its step in time; the message says where.
+    """
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        return await DemoShopper(settings, client, target, console, http).run()

@@ -1,0 +1,242 @@
+"""The embedded stack's parts: the dev-server launcher for real, the ports, the plan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from kaeru.demo import DEMO_WAITS, with_demo_waits
+from kaeru.devstack import (
+    DEV_WRITE_KEY,
+    StackError,
+    TemporalDevServer,
+    listening_socket,
+    plan_dev,
+)
+from kaeru.settings import Settings
+from kaeru.temporal import missing_search_attributes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return state in ("Z", "X")
+
+
+async def test_dev_server_registers_search_attributes_and_keeps_history(tmp_path: Path) -> None:
+    port, ui_port = free_port(), free_port()
+    db_file = tmp_path / "temporal.db"
+    workflow_id = f"devstack-probe-{uuid.uuid4().hex[:8]}"
+
+    async with TemporalDevServer(db_file=db_file, port=port, ui_port=ui_port) as server:
+        first_pid = server.pid
+        client = await Client.connect(server.address)
+        assert await missing_search_attributes(client, "default") == []
+        # A workflow can be started by type name with no worker: it simply waits.
+        await client.start_workflow(
+            "DevstackProbe", id=workflow_id, task_queue=f"probe-{uuid.uuid4().hex[:8]}"
+        )
+        async with httpx.AsyncClient() as http:
+            ui = await http.get(f"http://127.0.0.1:{ui_port}/", timeout=10)
+        assert ui.status_code == 200
+    assert first_pid is not None and gone(first_pid)
+    assert server.returncode() is not None
+
+    async with TemporalDevServer(db_file=db_file, port=port, ui_port=None) as again:
+        client = await Client.connect(again.address)
+        described = await client.get_workflow_handle(workflow_id).describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+        assert await missing_search_attributes(client, "default") == []
+        second_pid = again.pid
+    assert second_pid is not None and gone(second_pid)
+
+
+async def test_dev_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    taken = listening_socket("127.0.0.1", 0, what="test", fix="-")
+    port = taken.getsockname()[1]
+    server = TemporalDevServer(db_file=tmp_path / "t.db", port=port, ui_port=None)
+    try:
+        with pytest.raises(StackError, match="exited with code"):
+            await server.start(timeout=30)
+    finally:
+        taken.close()
+    assert server.returncode() is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+async def test_dev_server_dies_with_its_parent(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from pathlib import Path
+        from kaeru.devstack import TemporalDevServer
+
+        async def main():
+            server = TemporalDevServer(
+                db_file=Path({str(tmp_path / "t.db")!r}), port={free_port()}, ui_port=None
+            )
+            await server.start()
+            print(server.pid, flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(parent.stdout.readline), 60)
+        child = int(line)
+        assert not gone(child)
+        parent.send_signal(signal.SIGKILL)  # no cleanup code runs
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while not gone(child) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert gone(child), "the dev server outlived the process that started it"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_port_in_use_names_the_setting_to_change() -> None:
+    taken = listening_socket("127.0.0.1", 0, what="test", fix="-")
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(StackError) as caught:
+            listening_socket(
+                "127.0.0.1", port, what="the API", fix="set KAERU_API_PORT to a free port"
+            )
+    finally:
+        taken.close()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "in use" in message
+    assert "KAERU_API_PORT" in message
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def test_dev_starts_what_is_not_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("KAERU_"):
+            monkeypatch.delenv(name)
+
+    plan = plan_dev(settings(api_port=8123))
+
+    assert plan.temporal and plan.mail_catcher and plan.dev_write_key
+    assert plan.settings.temporal_address == "127.0.0.1:7233"
+    assert plan.settings.smtp_host == "127.0.0.1"
+    assert plan.settings.write_key == DEV_WRITE_KEY
+    assert plan.settings.public_url == "http://localhost:8123"
+    assert plan.inbox_url == "http://localhost:8025"
+
+
+def test_dev_uses_what_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("KAERU_"):
+            monkeypatch.delenv(name)
+
+    plan = plan_dev(
+        settings(
+            temporal_address="temporal.internal:7233",
+            smtp_host="smtp.example",
+            smtp_port=587,
+            smtp_starttls=True,
+            write_key="k",
+            public_url="https://t.example",
+        )
+    )
+
+    assert not plan.temporal and not plan.mail_catcher and not plan.dev_write_key
+    assert plan.settings.temporal_address == "temporal.internal:7233"
+    assert (plan.settings.smtp_host, plan.settings.smtp_port) == ("smtp.example", 587)
+    assert plan.settings.smtp_starttls
+    assert plan.settings.public_url == "https://t.example"
+    assert plan.inbox_url is None and plan.temporal_ui_url is None
+
+
+def test_demo_waits_leave_what_the_person_set_alone() -> None:
+    demo = with_demo_waits(settings(cart_offer_wait="PT10M"))
+
+    assert demo.cart_offer_wait == timedelta(minutes=10)
+    assert demo.cart_email_delay == DEMO_WAITS["cart_email_delay"]
+    assert demo.cart_ad_click_wait == DEMO_WAITS["cart_ad_click_wait"]
+
+
+async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path) -> None:
+    """`kaeru dev --demo` end to end, against a dev server on free ports (7233 may be taken)."""
+    async with TemporalDevServer(db_file=tmp_path / "t.db", port=free_port(), ui_port=None) as t:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAERU_")}
+        env |= {
+            "KAERU_TEMPORAL_ADDRESS": t.address,
+            "KAERU_STATE_DIR": str(tmp_path / "state"),
+            "KAERU_API_PORT": str(free_port()),
+            "KAERU_SMTP_PORT": str(free_port()),
+            "KAERU_MAIL_CATCHER_PORT": str(free_port()),
+            "KAERU_TASK_QUEUE": f"kaeru-demo-{uuid.uuid4().hex[:8]}",
+        }
+        dev = subprocess.Popen(
+            [sys.executable, "-c", "from kaeru.cli import app; app()", "dev", "--demo"],
+            cwd=Path(__file__).parent.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert dev.stdout is not None
+            deadline = time.monotonic() + 120
+            while not any("journey ended:" in line for line in lines):
+                assert time.monotonic() < deadline, "the demo took over two minutes:\n" + "".join(
+                    lines
+                )
+                line = await asyncio.wait_for(asyncio.to_thread(dev.stdout.readline), 120)
+                assert line, "kaeru dev exited:\n" + "".join(lines)
+                lines.append(line)
+            dev.send_signal(signal.SIGINT)
+            rest, _ = await asyncio.to_thread(dev.communicate, timeout=30)
+        finally:
+            dev.kill()
+        output = "".join(lines) + rest
+
+    assert "journey ended: purchased" in output, output
+    assert "coupon email with KAERU-" in output
+    assert dev.returncode == 0, output
+    assert "kaeru stopped." in output and "Traceback" not in output
