@@ -357,39 +357,6 @@ def audience(
 # ---- the settings table of the README --------------------------------------------------------
 
 #: What each setting without a description in kaeru/settings.py means.
-MEANINGS: dict[str, str] = {
-    "temporal_namespace": "Temporal namespace of every journey",
-    "task_queue": "task queue the worker polls and journeys run on",
-    "temporal_ui_port": "port of the dev server's web UI (`kaeru dev`)",
-    "max_concurrent_activities": "cap on activities a worker runs at once",
-    "state_dir": "where `kaeru dev` keeps SQLite, Temporal history and caught mail",
-    "api_host": "address the API listens on",
-    "api_port": "port the API listens on",
-    "max_event_bytes": "largest event accepted (413 above it)",
-    "max_batch_bytes": "largest `/v1/batch` body accepted (413 above it)",
-    "smtp_port": "SMTP port (the mail catcher's with `kaeru dev`)",
-    "smtp_username": "SMTP user name; unset: no AUTH",
-    "smtp_password": "SMTP password",
-    "smtp_starttls": "upgrade the SMTP connection with STARTTLS",
-    "smtp_tls": "connect to SMTP over TLS from the start (port 465)",
-    "smtp_timeout": "seconds an SMTP step may take",
-    "mail_from": "From address of every email",
-    "mail_catcher_port": "port of the mail catcher's web inbox (`kaeru dev`)",
-    "shop_name": "shop name shown in emails",
-    "shop_url": "shop home page, linked from emails",
-    "meta_graph_url": "Meta Graph API base URL",
-    "meta_access_token": "Meta access token; with KAERU_META_AUDIENCE_ID, audiences go to Meta",
-    "meta_audience_id": "Meta custom audience id; unset: the local audience store",
-    "cart_email_delay": "how long the cart stays untouched before the cart email",
-    "cart_open_wait": "how long the cart email may stay unopened before the journey ends",
-    "cart_ad_delay": "after the open, wait before joining the retargeting audience",
-    "cart_ad_click_wait": "how long to wait for an ad click before the journey ends",
-    "cart_offer_delay": "after the ad click, wait before the coupon email",
-    "cart_offer_wait": "how long to wait for a purchase after the coupon email",
-    "cart_coupon_ttl": "how long a coupon stays valid",
-    "cart_coupon_currency": "coupon currency (ISO 4217)",
-    "cart_recommendations": "related products in the cart email (0 to 12)",
-}
 
 
 def _default_text(value: Any) -> str:
@@ -409,7 +376,7 @@ def settings_markdown() -> str:
     """Every setting as a Markdown table: variable, default, meaning."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for field, info in Settings.model_fields.items():
-        meaning = info.description or MEANINGS.get(field)
+        meaning = info.description
         if meaning is None:
             raise RuntimeError(f"setting {field} has no description: add one to kaeru/settings.py")
         default = _default_text(info.get_default(call_default_factory=True))

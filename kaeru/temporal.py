@@ -27,8 +27,14 @@ async def connect(settings: Settings, address: str | None = None) -> Client:
         RuntimeError: Temporal cannot be reached; the message says which setting to check.
     """
     target = address or settings.resolved_temporal_address
+    api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     try:
-        return await Client.connect(target, namespace=settings.temporal_namespace)
+        return await Client.connect(
+            target,
+            namespace=settings.temporal_namespace,
+            api_key=api_key,
+            tls=settings.temporal_tls or api_key is not None,
+        )
     except RuntimeError as exc:
         raise RuntimeError(
             f"cannot reach Temporal at {target} (namespace {settings.temporal_namespace!r}): "
