@@ -8,7 +8,9 @@ and the shopper leaves every audience the journey put them in.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -27,6 +29,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.kit import Journey, JourneyEvent, JourneyExit, JourneyResult
 
 CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
+#: Caps that keep a journey's state (and so every workflow task) small whatever the shop
+#: sends: Temporal refuses payloads of a few MB, and a refused task would wedge the journey.
+MAX_CART_LINES = 50
+MAX_TEXT = 200
+MAX_URL = 2000
+MAX_QUANTITY = 10_000
 
 
 @dataclass
@@ -80,22 +88,25 @@ def _product(props: dict[str, Any]) -> ProductInfo | None:
     except ValueError:
         price_minor = None
     name = props.get("name")
-    image, url = props.get("image_url"), props.get("url")
     return ProductInfo(
-        product_id=str(product_id),
-        name=str(name) if name else str(product_id),
+        product_id=str(product_id)[:MAX_TEXT],
+        name=(str(name) if isinstance(name, str) and name else str(product_id))[:MAX_TEXT],
         price_minor=price_minor,
         currency=currency,
-        image_url=str(image) if isinstance(image, str) else None,
-        url=str(url) if isinstance(url, str) else None,
+        image_url=_url(props.get("image_url")),
+        url=_url(props.get("url")),
     )
+
+
+def _url(value: Any) -> str | None:
+    return value if isinstance(value, str) and len(value) <= MAX_URL else None
 
 
 def _quantity(props: dict[str, Any], default: int = 1) -> int:
     quantity = props.get("quantity", default)
-    if isinstance(quantity, bool) or not isinstance(quantity, int | float) or quantity < 1:
+    if isinstance(quantity, bool) or not isinstance(quantity, int | float):
         return default
-    return int(quantity)
+    return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
 
 
 @workflow.defn(name="CartAbandonment")
@@ -136,6 +147,10 @@ class CartAbandonment(Journey):
             return await self.finish("offer_ignored")
         except JourneyExit as exit_:
             return await self.finish(exit_.outcome)
+        except asyncio.CancelledError:
+            # An operator cancelled the journey: still take the shopper out of every audience.
+            await self.finish("cancelled")
+            raise
 
     # ---- the cart ---------------------------------------------------------------------------
 
@@ -158,7 +173,9 @@ class CartAbandonment(Journey):
                 return False
             line = next((x for x in self.cart if x.product.product_id == product.product_id), None)
             if event.name == "Product Added":
-                if line is None:
+                if line is None and len(self.cart) >= MAX_CART_LINES:
+                    self.tell(f"the cart is full ({MAX_CART_LINES} lines): ignored {product.name}")
+                elif line is None:
                     self.cart.append(CartLine(product=product, quantity=_quantity(props)))
                 else:
                     line.product, line.quantity = product, line.quantity + _quantity(props)
@@ -172,7 +189,7 @@ class CartAbandonment(Journey):
             return False
         self.cart = [
             CartLine(product=product, quantity=_quantity(item))
-            for item in props["products"]
+            for item in props["products"][:MAX_CART_LINES]
             if isinstance(item, dict) and (product := _product(item)) is not None
         ]
         self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
@@ -225,7 +242,13 @@ class CartAbandonment(Journey):
             limit=self.settings.recommendations,
         )
         try:
-            result = await self.call("recommend_products", wanted, RecommendResult, "cart_email")
+            result = await self.call(
+                "recommend_products",
+                wanted,
+                RecommendResult,
+                "cart_email",
+                deadline=timedelta(minutes=1),
+            )
         except JourneyExit:
             return []  # the email goes out without related products rather than not at all
         return result.products

@@ -17,7 +17,8 @@ from typing import Any, ClassVar, TypeVar, cast
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import (
@@ -186,8 +187,9 @@ class Journey:
         """Journey-specific events; the kit handled purchases, opens, clicks and ad clicks."""
 
     def exit_with(self, outcome: str) -> None:
-        """Ask the journey to end at its next wait (the first reason wins)."""
-        if self.exit_reason is None:
+        """Ask the journey to end at its next wait (the first reason wins, but a purchase
+        beats any other: a shop that empties the cart at checkout still gets a conversion)."""
+        if self.exit_reason is None or outcome == "purchased":
             self.exit_reason = outcome
 
     def check_exit(self) -> None:
@@ -233,27 +235,47 @@ class Journey:
         return f"{info.workflow_id}/{info.first_execution_run_id}/{step}"
 
     async def call(
-        self, activity: str, arg: Any, result_type: type[T], step: str, *, heartbeat: bool = False
+        self,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        step: str,
+        *,
+        heartbeat: bool = False,
+        deadline: timedelta = SEND_DEADLINE,
+        stop_on_purchase: bool = False,
     ) -> T:
         """Run an activity with kaeru's timeouts and retries.
 
-        Temporary failures retry with backoff for up to ``SEND_DEADLINE``.
+        Temporary failures retry with backoff for up to ``deadline``. With
+        ``stop_on_purchase``, a purchase meanwhile cancels the activity (it stops unless it
+        has already handed the message over) and ends the journey.
 
         Raises:
-            JourneyExit: the activity failed for good (bounce, no address, deadline passed).
+            JourneyExit: the activity failed for good (bounce, no address, deadline passed),
+                or a purchase stopped it.
         """
+        handle = workflow.start_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=HEARTBEAT if heartbeat else None,
+            schedule_to_close_timeout=deadline,
+            retry_policy=RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"{activity} ({step})",
+        )
+        if stop_on_purchase:
+            await workflow.wait_condition(lambda: handle.done() or self.purchase is not None)
+            if not handle.done():
+                handle.cancel()
         try:
-            result = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                start_to_close_timeout=timedelta(minutes=2),
-                heartbeat_timeout=HEARTBEAT if heartbeat else None,
-                schedule_to_close_timeout=SEND_DEADLINE,
-                retry_policy=RETRY,
-                summary=f"{activity} ({step})",
-            )
+            result = await handle
         except ActivityError as err:
+            if self.purchase is not None and isinstance(err.cause, CancelledError):
+                self.tell(f"stopped the {step} step: the shopper bought meanwhile")
+                raise JourneyExit("purchased") from err
             raise self._exit_for(err, step) from err
         return cast(T, result)
 
@@ -261,7 +283,9 @@ class Journey:
         """Send one message step; a bounce or a missing address ends the journey."""
         self.check_exit()
         self.enter(step)
-        result = await self.call("send_email", email, SendEmailResult, step, heartbeat=True)
+        result = await self.call(
+            "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
+        )
         self.done(step, f"sent the {step} email to the shopper ({result.status})")
         return result
 
@@ -269,8 +293,10 @@ class Journey:
         self.check_exit()
         self.enter(step)
         change = self._audience_change(step, audience)
-        result = await self.call("add_to_audience", change, AudienceResult, step)
+        # Recorded first: if the add fails for good after reaching the platform, finish()
+        # still removes the shopper (removing a non-member is harmless).
         self.audiences[audience] = step
+        result = await self.call("add_to_audience", change, AudienceResult, step)
         self.done(step, f"added the shopper to the {audience} audience ({result.provider})")
         return result
 
@@ -363,6 +389,7 @@ class Journey:
 
     def tell(self, line: str) -> None:
         """Add a line to the journey's story (status query and current details)."""
+        line = line if len(line) <= 200 else line[:199] + "…"
         self.story.append(f"{workflow.now():%Y-%m-%d %H:%M:%S} {line}")
         del self.story[:-50]
         self.publish()

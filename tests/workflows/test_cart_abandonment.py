@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import select
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -466,3 +466,42 @@ async def test_malformed_amounts_do_not_wedge_the_journey(shopper: Shopper) -> N
     assert await shopper.outcome() == "purchased"
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-big" and conversion.value_minor == 0
+
+
+async def test_cancelled_journey_still_leaves_the_audience(shopper: Shopper) -> None:
+    await reach_ad_audience(shopper)
+    assert shopper.audience() == [shopper.customer_id]
+    await shopper.handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await shopper.handle.result()
+    assert shopper.audience() == []
+    attributes = (await shopper.handle.describe()).typed_search_attributes
+    assert attributes.get(OUTCOME) == "cancelled"
+
+
+async def test_purchase_beats_an_emptied_cart_in_the_same_task(shopper: Shopper) -> None:
+    """A shop that empties the cart at checkout: both events reach the journey at once."""
+    idle_queue = f"idle-{uuid.uuid4().hex[:6]}"
+    real_queue, shopper.task_queue = shopper.task_queue, idle_queue
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.purchase("o-checkout")
+    settings = make_settings(shopper.db, smtp_port=shopper.smtp.port, task_queue=idle_queue)
+    assert real_queue != idle_queue
+    async with httpx.AsyncClient() as http, build_worker(shopper.env.client, settings, http):
+        assert await shopper.outcome() == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-checkout"
+
+
+async def test_a_huge_cart_stays_small(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    long_name = "N" * 30_000
+    for n in range(60):
+        await shopper.cart("Product Added", product_id=f"p{n}", name=long_name, quantity=1e300)
+    status = await shopper.status()
+    assert status.details["cart"].count("×") == 50
+    assert "1× " + "N" * 200 + "," in status.details["cart"]
+    assert all(len(line) < 250 for line in status.story)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
