@@ -40,6 +40,8 @@ OUTCOME = SearchAttributeKey.for_keyword("KaeruOutcome")
 SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME)
 
 EVENT_SIGNAL = "event"
+#: ``workflow.patched`` ids, each naming a change to running journeys (docs/writing-a-journey.md).
+OPENS_NEED_MESSAGE_KEY = "opens-need-message-key"
 ORDER_COMPLETED = "Order Completed"
 AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
@@ -169,7 +171,12 @@ class Journey:
             self.exit_with("purchased")
         elif event.name in (EMAIL_OPENED, EMAIL_LINK_CLICKED):
             message_key = event.properties.get("message_key")
-            if isinstance(message_key, str) and not message_key.startswith(self.key("")):
+            if not isinstance(message_key, str):
+                # Journeys started before this patch counted opens without a key; keep that
+                # for them, so their histories replay.
+                if workflow.patched(OPENS_NEED_MESSAGE_KEY):
+                    return  # forged: tracking always names the message
+            elif not message_key.startswith(self.key("")):
                 return  # an email of an earlier journey of this customer, opened late
             step = str(event.properties.get("step", ""))
             if step and step not in self.engaged:

@@ -107,8 +107,14 @@ class Shopper:
             props["coupon"] = coupon
         await self.signal("Order Completed", **props)
 
-    async def opened(self, step: str = "cart_email") -> None:
-        await self.signal("Email Opened", step=step, journey_id=self.journey_id)
+    async def message_key(self, step: str) -> str:
+        """The outbox key of this journey's ``step`` email, as tracking links carry it."""
+        first_run = (await self.handle.describe()).raw_description.workflow_execution_info
+        return f"{self.journey_id}/{first_run.first_run_id}/{step}"
+
+    async def opened(self, step: str = "cart_email", event: str = "Email Opened") -> None:
+        key = await self.message_key(step)
+        await self.signal(event, step=step, journey_id=self.journey_id, message_key=key)
 
     async def status(self) -> Any:
         return await self.handle.query(CartAbandonment.status)
@@ -181,7 +187,8 @@ async def shopper(
             if record_to:
                 # Stores this test's history for tests/replay (see docs/writing-a-journey.md).
                 history = await shopper.handle.fetch_history()
-                path = Path(record_to) / f"{request.node.name.removeprefix('test_')}.json"
+                name = request.node.name.removeprefix("test_")
+                path = Path(record_to) / f"{name}@{shopper.journey_id}.json"
                 path.write_text(history.to_json())
 
 
@@ -254,7 +261,7 @@ async def test_click_counts_as_open(shopper: Shopper) -> None:
     await shopper.cart("Product Added", **SHOE)
     await shopper.skip(DAY + 60)
     await shopper.wait_for_step("cart_email")
-    await shopper.signal("Email Link Clicked", step="cart_email", journey_id=shopper.journey_id)
+    await shopper.opened("cart_email", event="Email Link Clicked")
     await shopper.skip(DAY + 60)
     await shopper.wait_for_step("ad_audience")
     assert shopper.audience() == [shopper.customer_id]
@@ -454,6 +461,7 @@ async def test_late_open_of_an_earlier_journeys_email_is_ignored(shopper: Shoppe
     await shopper.wait_for_step("cart_email")
     earlier = f"{shopper.journey_id}/an-earlier-run/cart_email"
     await shopper.signal("Email Opened", step="cart_email", message_key=earlier)
+    await shopper.signal("Email Opened", step="cart_email")  # forged: no message key
     await shopper.skip(DAY + 60)
     assert await shopper.outcome() == "not_opened"
 
