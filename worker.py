@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -60,6 +61,9 @@ def build_worker(
         activity_executor=activity_executor,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_concurrent_activities=settings.max_concurrent_activities,
+        # On SIGTERM (a deploy), let an email already handed to SMTP finish rather than
+        # cancelling it mid-DATA, which would leave it unconfirmed.
+        graceful_shutdown_timeout=timedelta(seconds=settings.smtp_timeout + 10),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
