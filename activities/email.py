@@ -13,6 +13,18 @@ A retry resends from ``pending`` or ``sending`` (the server holds nothing), retu
 connection that broke, between DATA and the server's final answer leaves the message's fate
 unknown, and SMTP offers no way to ask. That window is the only ambiguous one in the protocol,
 so inside it kaeru is at most once and reports the send as ``unconfirmed``.
+
+Every status change is a compare-and-set: one ``UPDATE … WHERE status IN (…) AND attempts =
+…``, never a read then a write, so of two attempts (a zombie and its retry) at most one ever
+commits ``data``, whatever their interleaving, on SQLite and PostgreSQL alike. A retry bumps
+``attempts`` the same way, which fences older attempts off from any later transition.
+
+A cancelled send (the shopper bought meanwhile) stops wherever it is before ``data`` is
+claimed; from the claim on it is not interruptible (the DATA step is bounded by
+``smtp_timeout``), so a cancel never leaves an unsent message marked ``data``.
+
+Nothing this module puts into a workflow history (results, error messages) holds a full
+email address: :func:`mask_address` shows ``a***@example.com`` instead.
 """
 
 from __future__ import annotations
@@ -21,19 +33,22 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import aiosmtplib
 import jinja2
 from aiosmtplib.email import quote_address
 from markupsafe import escape
 from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -53,6 +68,8 @@ from kaeru.money import format_minor
 from kaeru.settings import Settings
 from kaeru.tracking import click_url, open_url, signing_key
 
+T = TypeVar("T")
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 PENDING = "pending"
@@ -68,14 +85,37 @@ SMTP_MISCONFIGURED = "SmtpMisconfigured"  # our settings are wrong; a retry afte
 TEMPLATE_FAILED = "TemplateFailed"
 SMTP_SUPERSEDED = "SmtpSuperseded"  # a newer attempt of the same send took over
 
+#: The longest subject kaeru sends (the outbox column holds 500; mail clients show ~60).
+MAX_SUBJECT = 200
+#: The longest product name or header value kaeru puts in a message.
+MAX_TEXT = 200
+#: RFC 5321's limit on a forward path, less its angle brackets.
+MAX_ADDRESS = 254
+
 _FAMILY = re.compile(r"^[a-z0-9_]+$")
 # RFC 3463 enhanced status codes: "5.1.1" (bad mailbox) or "5.7.1" (policy) after the code.
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Anything that looks like an address, in a server's reply or an error message.
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]]+")
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def normalise_address(address: str) -> str:
     """The form of an address that suppressions are keyed and looked up by."""
     return address.strip().lower()
+
+
+def mask_address(address: str) -> str:
+    """``alice@example.com`` as ``a***@example.com``: what histories and errors may show."""
+    local, at, domain = normalise_address(address).rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def scrub(text: str) -> str:
+    """``text`` with every address in it masked (a server's reply may quote the recipient)."""
+    return _ADDRESS.sub(lambda m: mask_address(m.group(0)), text)
 
 
 def message_id_for(key: str, mail_from: str) -> str:
@@ -153,25 +193,45 @@ class EmailActivities:
 
         Returns:
             ``sent``; ``already_sent`` when an earlier attempt sent it; ``unconfirmed`` when an
-            earlier attempt died inside the DATA window (see the module docstring).
+            earlier attempt died inside the DATA window (see the module docstring). Its
+            ``to_address`` is masked (``a***@example.com``): the result lands in the history.
 
         Raises:
             ApplicationError: ``NoEmailAddress`` or ``Undeliverable`` (suppressed address, hard
                 bounce), both non-retryable; retryable ones for 4xx answers, connection
                 trouble and settings to fix.
+            asyncio.CancelledError: cancelled before this attempt claimed DATA (nothing sent;
+                a cancel after the claim waits for the send to finish and is then ignored).
         """
         async with _heartbeating():
             outgoing = await asyncio.to_thread(self._prepare, email)
-            if outgoing.payload is None:
-                return SendEmailResult(outgoing.message_id, outgoing.to_address, outgoing.status)
-            status = await self._deliver(email, outgoing)
-            if status == SENT:
-                await asyncio.to_thread(self._mark_sent, email, outgoing)
-        return SendEmailResult(outgoing.message_id, outgoing.to_address, status)
+            status = outgoing.status
+            if outgoing.payload is not None:
+                status = await self._deliver(email, outgoing)
+        return SendEmailResult(outgoing.message_id, mask_address(outgoing.to_address), status)
 
     # ---- before SMTP: the outbox row and the rendered message ------------------------------
 
     def _prepare(self, email: SendEmailInput) -> _Outgoing:
+        """Render the message and count this attempt in the outbox row, or say why not to send.
+
+        The row is read, then written with a compare-and-set on what was read; if another
+        attempt changed it in between (a zombie claimed ``data``, a retry started), read again.
+        """
+        for _ in range(5):
+            try:
+                outgoing = self._try_prepare(email)
+            except IntegrityError:  # another attempt created the row first: read it
+                continue
+            if outgoing is not None:
+                return outgoing
+        raise ApplicationError(
+            f"attempts of email {email.key} kept changing its outbox row under each other; "
+            "the send is retried with backoff",
+            type=SMTP_SUPERSEDED,
+        )
+
+    def _try_prepare(self, email: SendEmailInput) -> _Outgoing | None:
         with session(self.settings.resolved_database_url) as s:
             link_key = signing_key(s, self.settings.secret_key)  # may commit: call it first
             row = s.get(EmailMessage, email.key)
@@ -187,7 +247,7 @@ class EmailActivities:
                 )
                 return _Outgoing(row.message_id, row.to_address, status="unconfirmed")
             if row is not None and row.status == BOUNCED:
-                raise _undeliverable(f"{row.to_address} bounced earlier: {row.error}")
+                raise _undeliverable(f"{mask_address(row.to_address)} bounced earlier: {row.error}")
 
             address = (email_of(s, email.customer_id) or "").strip()
             if not address:
@@ -201,18 +261,23 @@ class EmailActivities:
             suppressed = suppression_of(s, address)
             if suppressed is not None:
                 raise _undeliverable(
-                    f"{address} is on the suppression list (reason: {suppressed.reason}), so "
-                    f"the {email.step} email is not sent; delete its row from the suppressions "
-                    "table only if the shopper asked for email again or the address works again"
+                    f"{mask_address(address)} is on the suppression list (reason: "
+                    f"{suppressed.reason}), so the {email.step} email is not sent; delete its "
+                    "row from the suppressions table only if the shopper asked for email again "
+                    "or the address works again"
                 )
             try:
                 if not address.isascii():
                     raise ValueError("non-ASCII addresses need SMTPUTF8, which kaeru lacks")
+                if len(address) > MAX_ADDRESS:
+                    raise ValueError(f"longer than {MAX_ADDRESS} characters")
                 quote_address(address)
             except ValueError as exc:
+                activity.logger.debug("unusable address of %s: %r", email.customer_id, address)
                 raise _undeliverable(
                     f"customer {email.customer_id!r} has an unusable email address "
-                    f"{address!r} ({exc}); send an identify call with a correct traits.email"
+                    f"{mask_address(address)!r} ({scrub(str(exc))}); send an identify call "
+                    "with a correct traits.email"
                 ) from exc
 
             # The first attempt's id, even if KAERU_MAIL_FROM changed since: one message, one id.
@@ -220,26 +285,48 @@ class EmailActivities:
             message_id = row.message_id if row else message_id_for(email.key, mail_from)
             rendered = self._render(email, link_key)
             if row is None:
-                row = EmailMessage(
-                    key=email.key,
-                    message_id=message_id,
-                    customer_id=email.customer_id,
-                    journey_id=email.journey_id,
-                    step=email.step,
-                    to_address=address,
-                    subject=rendered.subject,
-                    status=PENDING,
+                attempt = 1
+                s.add(
+                    EmailMessage(
+                        key=email.key,
+                        message_id=message_id,
+                        customer_id=email.customer_id,
+                        journey_id=email.journey_id,
+                        step=email.step,
+                        to_address=address,
+                        subject=rendered.subject,
+                        status=PENDING,
+                        links=rendered.links,
+                        attempts=attempt,
+                    )
                 )
-            row.to_address, row.subject, row.links = address, rendered.subject, rendered.links
-            row.attempts += 1
-            s.add(row)
+                s.flush()
+            else:
+                attempt = row.attempts + 1
+                counted = s.exec(
+                    update(EmailMessage)
+                    .where(
+                        col(EmailMessage.key) == email.key,
+                        col(EmailMessage.status) == row.status,
+                        col(EmailMessage.attempts) == row.attempts,
+                    )
+                    .values(
+                        attempts=attempt,
+                        to_address=address,
+                        subject=rendered.subject,
+                        links=rendered.links,
+                    )
+                )
+                if counted.rowcount != 1:
+                    return None  # another attempt moved the row meanwhile: read it again
             payload = self._compose(email, address, message_id, rendered)
-        return _Outgoing(message_id, address, payload, attempt=row.attempts)
+        return _Outgoing(message_id, address, payload, attempt=attempt)
 
     def _render(self, email: SendEmailInput, link_key: bytes) -> _Rendered:
         s = self.settings
         family = email.template
         links: list[str] = []
+        hosts = _Hosts.of(s)
 
         def track(url: str) -> str:
             """The click-tracking link to ``url``, registering it in the message's links."""
@@ -249,14 +336,14 @@ class EmailActivities:
                 links.append(url)
             return click_url(s.public_url, link_key, email.key, links.index(url))
 
-        cart_url = _web_url(email.cart_url) or s.cart_url
+        cart_url = hosts.link(email.cart_url) or s.cart_url
         context: dict[str, Any] = {
             "track": track,
             "shop": {"name": s.shop_name, "url": s.shop_url},
             "cart_url": cart_url,
-            "cart": _cart_context(email, cart_url),
+            "cart": _cart_context(email, cart_url, hosts),
             "cart_total": _cart_total(email),
-            "related": [_product_context(p, s.shop_url) for p in email.recommendations],
+            "related": [_product_context(p, s.shop_url, hosts) for p in email.recommendations],
             "coupon": _coupon_context(email.coupon) if email.coupon else None,
         }
         if not _FAMILY.match(family):
@@ -273,12 +360,17 @@ class EmailActivities:
         except (jinja2.TemplateError, ValueError) as exc:
             # A deploy fixes a broken template; retrying until then keeps the journey alive.
             raise ApplicationError(
-                f"cannot render the {family} email: {exc}. Fix activities/templates/"
+                f"cannot render the {family} email: {scrub(str(exc))}. Fix activities/templates/"
                 f"{family}.{{subject,html,txt}}.j2 and deploy; the send is retried meanwhile",
                 type=TEMPLATE_FAILED,
             ) from exc
         pixel = open_url(s.public_url, link_key, email.key)
-        return _Rendered(" ".join(subject.split()), text, _with_pixel(html, pixel), links)
+        return _Rendered(
+            _clean(subject, MAX_SUBJECT),
+            _encodable(text),
+            _encodable(_with_pixel(html, pixel)),
+            links,
+        )
 
     def _compose(
         self, email: SendEmailInput, address: str, message_id: str, rendered: _Rendered
@@ -289,8 +381,9 @@ class EmailActivities:
         message["Subject"] = rendered.subject
         message["Date"] = format_datetime(utcnow())
         message["Message-ID"] = message_id
-        message["X-Kaeru-Journey"] = email.journey_id
-        message["X-Kaeru-Step"] = email.step
+        # Both hold a customer id from the shop's events: never let it add a header line.
+        message["X-Kaeru-Journey"] = _clean(email.journey_id, MAX_TEXT)
+        message["X-Kaeru-Step"] = _clean(email.step, MAX_TEXT)
         message.set_content(rendered.text)
         message.add_alternative(rendered.html, subtype="html")
         return message.as_bytes(policy=SMTP_POLICY)
@@ -299,6 +392,9 @@ class EmailActivities:
 
     async def _deliver(self, email: SendEmailInput, out: _Outgoing) -> str:
         """Run the SMTP conversation step by step, to commit ``data`` right before DATA.
+
+        Up to RCPT a cancel stops the send (nothing was claimed); from the claim on the rest
+        runs to its end despite a cancel (see :meth:`_transmit`).
 
         Returns:
             ``sent``, or ``unconfirmed`` if the line broke inside the DATA window.
@@ -312,7 +408,6 @@ class EmailActivities:
                 type=SMTP_MISCONFIGURED,
             )
         sender = parseaddr(s.mail_from)[1] or s.mail_from.strip()
-        assert out.payload is not None
         smtp = aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
@@ -322,27 +417,58 @@ class EmailActivities:
         )
         phase = "connect"
         try:
-            await smtp.connect()
-            phase = "ehlo"
-            await smtp.ehlo()
-            if s.smtp_starttls:
-                phase = "starttls"
-                await smtp.starttls()
+            try:
+                await smtp.connect()
+                phase = "ehlo"
                 await smtp.ehlo()
-            if s.smtp_username:
-                phase = "login"
-                await smtp.login(s.smtp_username, s.smtp_password or "")
-            await asyncio.to_thread(self._set_status, email.key, SENDING)
-            phase = "mail"
-            await smtp.mail(sender)
-            phase = "rcpt"
-            await smtp.rcpt(out.to_address)
-            await asyncio.to_thread(self._claim_data, email.key, out.attempt)
-            phase = "data"
-            await smtp.data(out.payload)
-        except aiosmtplib.SMTPResponseException as exc:
+                if s.smtp_starttls:
+                    phase = "starttls"
+                    await smtp.starttls()
+                    await smtp.ehlo()
+                if s.smtp_username:
+                    phase = "login"
+                    await smtp.login(s.smtp_username, s.smtp_password or "")
+                await asyncio.to_thread(
+                    self._advance_or_stop, email.key, out.attempt, (PENDING, SENDING), SENDING
+                )
+                phase = "mail"
+                await smtp.mail(sender)
+                phase = "rcpt"
+                await smtp.rcpt(out.to_address)
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                return await self._failed(email, out, phase, exc)
+            return await _despite_cancel(self._transmit(email, out, smtp), email.key)
+        finally:
+            smtp.close()
+
+    async def _transmit(self, email: SendEmailInput, out: _Outgoing, smtp: aiosmtplib.SMTP) -> str:
+        """Claim ``data``, send the message and record the outcome: never interrupted midway.
+
+        A cancel that cut in between the claim's commit and DATA would leave an unsent message
+        marked ``data``, never to be resent; so this runs to its end, DATA bounded by
+        ``smtp_timeout`` (a timeout there is an ``unconfirmed`` send, as a broken line is).
+        """
+        assert out.payload is not None
+        await asyncio.to_thread(self._claim_data, email.key, out.attempt)
+        try:
+            await asyncio.wait_for(smtp.data(out.payload), self.settings.smtp_timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return await self._failed(email, out, "data", exc)
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await smtp.quit()  # the message is accepted; a failed goodbye changes nothing
+        await asyncio.to_thread(self._mark_sent, email, out)
+        return SENT
+
+    async def _failed(
+        self, email: SendEmailInput, out: _Outgoing, phase: str, exc: Exception
+    ) -> str:
+        """Map a failed SMTP step to an error, or (a broken line inside DATA) ``unconfirmed``."""
+        s = self.settings
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
             await self._refused(email, out, phase, exc.code, exc.message)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+        if isinstance(
+            exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError | OSError
+        ):
             if phase == "data":
                 activity.logger.warning(
                     "the connection to %s:%s broke after DATA for email %s (%s): the server "
@@ -351,32 +477,25 @@ class EmailActivities:
                     s.smtp_host,
                     s.smtp_port,
                     email.key,
-                    exc,
+                    exc or type(exc).__name__,
                     out.message_id,
                 )
                 return "unconfirmed"
             raise ApplicationError(
                 f"cannot talk to the SMTP server at {s.smtp_host}:{s.smtp_port} during "
-                f"{phase.upper()}: {exc or type(exc).__name__}. Check that it runs and that "
-                "KAERU_SMTP_HOST, KAERU_SMTP_PORT, KAERU_SMTP_TLS and KAERU_SMTP_STARTTLS "
-                "match it; the send is retried with backoff",
+                f"{phase.upper()}: {scrub(str(exc)) or type(exc).__name__}. Check that it runs "
+                "and that KAERU_SMTP_HOST, KAERU_SMTP_PORT, KAERU_SMTP_TLS and "
+                "KAERU_SMTP_STARTTLS match it; the send is retried with backoff",
                 type=SMTP_UNREACHABLE,
             ) from exc
-        except aiosmtplib.SMTPException as exc:
-            # No reply code: the server lacks what our settings require (AUTH, STARTTLS).
-            raise ApplicationError(
-                f"the SMTP server at {s.smtp_host}:{s.smtp_port} cannot do what kaeru's "
-                f"settings ask at {phase.upper()}: {exc}. Check KAERU_SMTP_STARTTLS, "
-                "KAERU_SMTP_TLS, KAERU_SMTP_USERNAME and KAERU_SMTP_PASSWORD against the "
-                "relay; the send is retried with backoff",
-                type=SMTP_MISCONFIGURED,
-            ) from exc
-        else:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit()  # the message is accepted; a failed goodbye changes nothing
-            return SENT
-        finally:
-            smtp.close()
+        # No reply code: the server lacks what our settings require (AUTH, STARTTLS).
+        raise ApplicationError(
+            f"the SMTP server at {s.smtp_host}:{s.smtp_port} cannot do what kaeru's "
+            f"settings ask at {phase.upper()}: {scrub(str(exc))}. Check KAERU_SMTP_STARTTLS, "
+            "KAERU_SMTP_TLS, KAERU_SMTP_USERNAME and KAERU_SMTP_PASSWORD against the "
+            "relay; the send is retried with backoff",
+            type=SMTP_MISCONFIGURED,
+        ) from exc
 
     async def _refused(
         self, email: SendEmailInput, out: _Outgoing, phase: str, code: int, text: str
@@ -385,14 +504,18 @@ class EmailActivities:
         s = self.settings
         kind = _Refusal.classify(phase, code, text)
         answer = f"{code} {text}".strip()
+        shown = scrub(answer)  # servers quote the recipient: "550 <alice@…>: no such user"
+        to = mask_address(out.to_address)
         where = f"the SMTP server at {s.smtp_host}:{s.smtp_port}"
         if kind == _Refusal.TEMPORARY:
             if phase == "data":
                 # The server refused the message outright, so it holds nothing: resend.
-                await asyncio.to_thread(self._set_status, email.key, SENDING, answer)
+                await asyncio.to_thread(
+                    self._advance, email.key, out.attempt, (DATA,), SENDING, error=answer
+                )
             raise ApplicationError(
-                f"{where} deferred the {email.step} email to {out.to_address} at "
-                f"{phase.upper()} with {answer}; the send is retried with backoff",
+                f"{where} deferred the {email.step} email to {to} at "
+                f"{phase.upper()} with {shown}; the send is retried with backoff",
                 type=SMTP_DEFERRED,
             )
         if kind == _Refusal.CONFIG:
@@ -403,7 +526,7 @@ class EmailActivities:
                 "and KAERU_SMTP_PASSWORD)",
             }.get(phase, "check the KAERU_SMTP_* settings against the relay")
             raise ApplicationError(
-                f"{where} refused kaeru at {phase.upper()} with {answer}: {fix}. The send is "
+                f"{where} refused kaeru at {phase.upper()} with {shown}: {fix}. The send is "
                 "retried with backoff, so it goes out once the settings are fixed",
                 type=SMTP_MISCONFIGURED,
             )
@@ -416,49 +539,67 @@ class EmailActivities:
             else "The message was refused, not the address: check its content with the relay"
         )
         raise _undeliverable(
-            f"{where} refused the {email.step} email to {out.to_address} at {phase.upper()} "
-            f"with {answer}. {consequence}"
+            f"{where} refused the {email.step} email to {to} at {phase.upper()} "
+            f"with {shown}. {consequence}"
         )
 
-    # ---- outbox bookkeeping ----------------------------------------------------------------
+    # ---- outbox bookkeeping: every status change a compare-and-set ---------------------------
+
+    def _advance(
+        self,
+        key: str,
+        attempt: int,
+        sources: Iterable[str],
+        target: str,
+        s: Session | None = None,
+        **values: Any,
+    ) -> bool:
+        """Move attempt ``attempt``'s row from one of ``sources`` to ``target`` in one UPDATE.
+
+        False if the row is in another status or a newer attempt has started: the caller lost.
+        """
+        statement = (
+            update(EmailMessage)
+            .where(
+                col(EmailMessage.key) == key,
+                col(EmailMessage.attempts) == attempt,
+                col(EmailMessage.status).in_(tuple(sources)),
+            )
+            .values(status=target, **values)
+        )
+        if s is not None:
+            return bool(s.exec(statement).rowcount == 1)
+        with session(self.settings.resolved_database_url) as own:
+            return bool(own.exec(statement).rowcount == 1)
+
+    def _advance_or_stop(
+        self, key: str, attempt: int, sources: Iterable[str], target: str, **values: Any
+    ) -> None:
+        if not self._advance(key, attempt, sources, target, **values):
+            raise ApplicationError(
+                f"attempt {attempt} of email {key} was overtaken by another attempt before "
+                f"{target.upper()}, so it stops here and leaves the sending to that one",
+                type=SMTP_SUPERSEDED,
+            )
 
     def _claim_data(self, key: str, attempt: int) -> None:
-        """Commit ``data`` for this attempt, unless a newer attempt has started meanwhile.
+        """Commit ``data`` for this attempt, unless another attempt has moved the row meanwhile.
 
         A worker cut off from Temporal (not from SMTP) keeps sending while Temporal starts a
-        new attempt elsewhere; the attempt counter lets only the newest one enter DATA.
+        new attempt elsewhere; the attempt counter lets only the newest one enter DATA, and the
+        status lets only one attempt ever enter it.
         """
-        with session(self.settings.resolved_database_url) as s:
-            claimed = s.exec(
-                update(EmailMessage)
-                .where(
-                    col(EmailMessage.key) == key,
-                    col(EmailMessage.attempts) == attempt,
-                    col(EmailMessage.status).in_((PENDING, SENDING)),
-                )
-                .values(status=DATA, error=None)
-            )
-            if claimed.rowcount != 1:
-                raise ApplicationError(
-                    f"attempt {attempt} of email {key} was overtaken by a newer attempt before "
-                    "DATA, so it stops here and leaves the sending to that one",
-                    type=SMTP_SUPERSEDED,
-                )
-
-    def _set_status(self, key: str, status: str, error: str | None = None) -> None:
-        with session(self.settings.resolved_database_url) as s:
-            row = s.get(EmailMessage, key)
-            if row is None:
-                raise RuntimeError(f"email outbox row {key!r} vanished during the send")
-            row.status, row.error = status, error
-            s.add(row)
+        self._advance_or_stop(key, attempt, (PENDING, SENDING), DATA, error=None)
 
     def _mark_sent(self, email: SendEmailInput, out: _Outgoing) -> None:
         with session(self.settings.resolved_database_url) as s:
-            row = s.get(EmailMessage, email.key)
-            assert row is not None
-            row.status, row.sent_at, row.error = SENT, utcnow(), None
-            s.add(row)
+            if not self._advance(
+                email.key, out.attempt, (DATA,), SENT, s, sent_at=utcnow(), error=None
+            ):
+                activity.logger.warning(
+                    "email %s was sent but its outbox row left `data` meanwhile", email.key
+                )
+                return
             record_touchpoint(
                 s,
                 customer_id=email.customer_id,
@@ -473,10 +614,14 @@ class EmailActivities:
         self, email: SendEmailInput, out: _Outgoing, phase: str, answer: str, suppress: bool
     ) -> None:
         with session(self.settings.resolved_database_url) as s:
-            row = s.get(EmailMessage, email.key)
-            assert row is not None
-            row.status, row.error = BOUNCED, f"{phase.upper()}: {answer}"
-            s.add(row)
+            bounced = self._advance(
+                email.key,
+                out.attempt,
+                (SENDING, DATA),
+                BOUNCED,
+                s,
+                error=f"{phase.upper()}: {answer}",
+            )
             if suppress and suppression_of(s, out.to_address) is None:
                 s.add(
                     Suppression(
@@ -485,6 +630,8 @@ class EmailActivities:
                         detail=answer,
                     )
                 )
+            if not bounced:
+                return  # another attempt owns the row now; the address verdict still holds
             record_touchpoint(
                 s,
                 customer_id=email.customer_id,
@@ -500,38 +647,101 @@ class EmailActivities:
 
 
 def _undeliverable(message: str) -> ApplicationError:
-    return ApplicationError(message, type=UNDELIVERABLE, non_retryable=True)
+    return ApplicationError(scrub(message), type=UNDELIVERABLE, non_retryable=True)
 
 
 def _web_url(url: str | None) -> str | None:
     """``url`` if it is an http(s) URL; product data comes from events, so never trust it."""
-    if url and re.match(r"^https?://[^\s\"'<>]+$", url, re.IGNORECASE):
+    if url and re.match(r"^https?://[^\s\"'<>\\\x00-\x1f\x7f]+$", url, re.IGNORECASE):
         return url
     return None
 
 
+def _host_of(url: str) -> str | None:
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:  # "http://[::1" and the like
+        return None
+    return host.rstrip(".").lower() if host else None
+
+
+@dataclass(frozen=True)
+class _Hosts:
+    """Where a message's links and images may point.
+
+    Links: http(s) URLs on the host of ``KAERU_SHOP_URL`` or ``KAERU_CART_URL``, or on a
+    subdomain of one (``cdn.shop.example`` for ``shop.example``); kaeru's own click redirect
+    must never take a shopper elsewhere (phishing), so other product links fall back to the
+    cart's (or the shop's) page. Images: the same hosts; an image from elsewhere is dropped,
+    the product shown by name. One exception, for ``kaeru dev`` and its demo: when
+    ``KAERU_PUBLIC_URL`` is itself on loopback, kaeru runs on a developer's machine and
+    images on loopback (``localhost``, ``127.0.0.1``, ``::1``, any port: the mail catcher
+    serves the demo's pictures) are kept too. A real deployment has a public
+    ``KAERU_PUBLIC_URL``, so there a loopback image is dropped like any other foreign one.
+    """
+
+    links: frozenset[str]
+    images: frozenset[str]
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Hosts:
+        shop = frozenset(h for h in map(_host_of, (settings.shop_url, settings.cart_url)) if h)
+        local = _host_of(settings.public_url) in _LOOPBACK
+        return cls(shop, shop | _LOOPBACK if local else shop)
+
+    @staticmethod
+    def _on(url: str | None, hosts: frozenset[str]) -> str | None:
+        url = _web_url(url)
+        host = _host_of(url) if url else None
+        if url and host and any(host == h or host.endswith(f".{h}") for h in hosts):
+            return url
+        return None
+
+    def link(self, url: str | None) -> str | None:
+        return self._on(url, self.links)
+
+    def image(self, url: str | None) -> str | None:
+        return self._on(url, self.images)
+
+
+def _encodable(text: str) -> str:
+    """``text`` without lone surrogates (JSON can carry them), which no encoder accepts."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters: control characters and line breaks become
+    spaces, runs of space one, and a longer text ends in an ellipsis. Safe in a header."""
+    chars = (
+        " " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c
+        for c in _encodable(str(text))
+    )
+    line = " ".join("".join(chars).split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
 def _money(amount_minor: int | None, currency: str) -> str | None:
-    return format_minor(amount_minor, currency) if amount_minor is not None else None
+    return format_minor(amount_minor, _clean(currency, 8)) if amount_minor is not None else None
 
 
-def _product_context(product: ProductInfo, fallback_url: str) -> dict[str, Any]:
+def _product_context(product: ProductInfo, fallback_url: str, hosts: _Hosts) -> dict[str, Any]:
     return {
         "id": product.product_id,
-        "name": product.name,
+        "name": _clean(product.name, MAX_TEXT) or product.product_id,
         "price": _money(product.price_minor, product.currency),
-        "image": _web_url(product.image_url),
-        "url": _web_url(product.url) or fallback_url,
+        "image": hosts.image(product.image_url),
+        "url": hosts.link(product.url) or fallback_url,
     }
 
 
-def _cart_context(email: SendEmailInput, cart_url: str) -> list[dict[str, Any]]:
+def _cart_context(email: SendEmailInput, cart_url: str, hosts: _Hosts) -> list[dict[str, Any]]:
     lines = []
     for line in email.cart:
         product = line.product
         total = None if product.price_minor is None else product.price_minor * line.quantity
         lines.append(
             {
-                **_product_context(product, cart_url),
+                **_product_context(product, cart_url, hosts),
                 "quantity": line.quantity,
                 "total": _money(total, product.currency),
             }
@@ -546,7 +756,7 @@ def _cart_total(email: SendEmailInput) -> str | None:
     if not email.cart or len(currencies) != 1 or any(p is None for p in prices):
         return None
     total = sum(p * line.quantity for p, line in zip(prices, email.cart, strict=True) if p)
-    return format_minor(total, currencies.pop())
+    return _money(total, currencies.pop())
 
 
 def _coupon_context(coupon: CouponInfo) -> dict[str, Any]:
@@ -565,6 +775,30 @@ def _with_pixel(html: str, pixel_url: str) -> str:
     )
     at = html.lower().rfind("</body>")
     return html + tag if at < 0 else html[:at] + tag + html[at:]
+
+
+async def _despite_cancel(work: Awaitable[T], key: str) -> T:
+    """Await ``work`` to its end even if this task is cancelled meanwhile, then go on as if it
+    had not been: ``work`` must be bounded (here by ``smtp_timeout``)."""
+    task = asyncio.ensure_future(work)
+    swallowed = 0
+    try:
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                swallowed += 1
+    finally:
+        if swallowed:
+            activity.logger.info(
+                "email %s was cancelled after it claimed DATA: finishing the send first", key
+            )
+            current = asyncio.current_task()
+            for _ in range(swallowed):
+                if current is not None:
+                    current.uncancel()
 
 
 @contextlib.asynccontextmanager

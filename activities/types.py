@@ -73,6 +73,8 @@ class SendEmailInput:
 
 @dataclass
 class SendEmailResult:
+    """``to_address`` is masked (``a***@example.com``): histories must not hold the address."""
+
     message_id: str
     to_address: str
     status: str  # "sent"; "already_sent" for a retry; "unconfirmed" if the server may have it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.email import (
     BOUNCED,
     DATA,
+    MAX_SUBJECT,
     PENDING,
     SENDING,
     SENT,
@@ -50,6 +52,7 @@ from tests.support.smtp import SMTPTestServer
 JOURNEY = "cart-abandonment-c1"
 KEY = f"{JOURNEY}/run-1/cart_email"
 ADDRESS = "alice@example.com"
+MASKED = "a***@example.com"  # what histories show of ADDRESS
 SIGNING_KEY = b"test-secret"  # make_settings' KAERU_SECRET_KEY
 CART_URL = "https://shop.example/cart?id=42&utm_source=kaeru"
 MUG = ProductInfo(
@@ -101,6 +104,12 @@ async def refused(settings: Settings, email: SendEmailInput) -> ApplicationError
     with pytest.raises(ApplicationError) as caught:
         await send(settings, email)
     return caught.value
+
+
+def assert_masked(error: ApplicationError) -> None:
+    """The message (copied into the journey's story and the UI) names the shopper masked."""
+    assert "alice@" not in error.message.lower()
+    assert MASKED in error.message
 
 
 def outbox(url: str, key: str = KEY) -> EmailMessage | None:
@@ -158,7 +167,7 @@ async def test_reminder_shows_the_cart_and_tracks_every_link(
 
     result = await send(settings, request())
 
-    assert result == SendEmailResult(message_id_for(KEY, settings.mail_from), ADDRESS, "sent")
+    assert result == SendEmailResult(message_id_for(KEY, settings.mail_from), MASKED, "sent")
     [received] = smtp_server.messages
     assert received.mail_from == "shop@kaeru.localhost"
     assert received.rcpt_tos == [ADDRESS]
@@ -249,16 +258,16 @@ async def test_second_call_returns_already_sent_without_sending(
     second = await send(settings, request())
 
     assert first.status == "sent"
-    assert second == SendEmailResult(first.message_id, ADDRESS, "already_sent")
+    assert second == SendEmailResult(first.message_id, MASKED, "already_sent")
     assert len(smtp_server.messages) == 1
     assert smtp_server.connections == 1
     assert len(touchpoints(database_url, "email_sent")) == 1
 
 
-async def test_worker_lost_inside_data_is_not_resent(
+async def test_retry_while_an_attempt_is_inside_data_is_not_resent(
     database_url: str, smtp_server: SMTPTestServer
 ) -> None:
-    """The server holds the message, the attempt dies before its answer: never a second copy."""
+    """The server holds the message, its answer not given yet: a retry never sends a copy."""
     add_customer(database_url, "c1", ADDRESS)
     settings = make_settings(database_url, smtp_port=smtp_server.port)
     env = ActivityEnvironment()
@@ -274,19 +283,15 @@ async def test_worker_lost_inside_data_is_not_resent(
     stalled_at = len(beats)
     await asyncio.sleep(0.5)
     assert len(beats) >= stalled_at + 2  # still heartbeating while the server holds its reply
-    env.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await attempt
-    smtp_server.release()
 
-    retry = await send(settings, request())
+    retry = await send(settings, request())  # Temporal gave up on the silent attempt
 
-    assert retry == SendEmailResult(message_id_for(KEY, settings.mail_from), ADDRESS, "unconfirmed")
-    assert len(smtp_server.messages) == 1  # the one the server got inside the window
+    assert retry == SendEmailResult(message_id_for(KEY, settings.mail_from), MASKED, "unconfirmed")
     assert smtp_server.connections == 1  # the retry did not even connect
-    row = outbox(database_url)
-    assert row is not None and row.status == DATA
-    assert touchpoints(database_url, "email_sent") == []
+    smtp_server.release()
+    assert (await attempt).status == "sent"
+    assert len(smtp_server.messages) == 1
+    assert len(touchpoints(database_url, "email_sent")) == 1
 
 
 async def test_attempt_overtaken_before_data_leaves_the_send_to_the_newer_one(
@@ -344,6 +349,7 @@ async def test_temporary_refusal_at_rcpt_is_retried(
 
     assert (error.type, error.non_retryable) == (SMTP_DEFERRED, False)
     assert "450" in error.message and "retried" in error.message
+    assert_masked(error)
     row = outbox(database_url)
     assert row is not None and row.status == SENDING
     assert suppressions(database_url) == [] and touchpoints(database_url) == []
@@ -416,6 +422,7 @@ async def test_hard_bounce_suppresses_the_address(
 
     assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
     assert "550" in error.message and "suppressed" in error.message
+    assert_masked(error)
     [suppression] = suppressions(database_url)
     assert (suppression.email, suppression.reason) == (ADDRESS, "bounce")
     assert suppression.detail is not None and suppression.detail.startswith("550 5.1.1")
@@ -433,6 +440,8 @@ async def test_hard_bounce_suppresses_the_address(
     again = await refused(settings, request())  # the same step, retried anyway
     later = await refused(settings, request(f"{JOURNEY}/run-1/offer_email"))  # a later step
     assert again.type == later.type == UNDELIVERABLE
+    assert_masked(again)
+    assert_masked(later)
     assert smtp_server.connections == connections
     assert len(touchpoints(database_url, "email_bounced")) == 1
 
@@ -448,6 +457,7 @@ async def test_message_refused_after_data_is_undeliverable_but_not_suppressed(
 
     assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
     assert "554" in error.message
+    assert_masked(error)
     assert suppressions(database_url) == []
     [bounce] = touchpoints(database_url, "email_bounced")
     assert bounce.detail["phase"] == "data"
@@ -468,6 +478,7 @@ async def test_relay_denied_is_a_setting_to_fix_not_a_bounce(
 
     assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
     assert "Relay access denied" in error.message and "relay" in error.message
+    assert_masked(error)  # the server's reply quoted the address
     assert suppressions(sqlite_url) == [] and touchpoints(sqlite_url) == []
 
 
@@ -483,6 +494,7 @@ async def test_suppressed_address_is_refused_without_contacting_smtp(
 
     assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
     assert "suppression list (reason: unsubscribe)" in error.message
+    assert_masked(error)
     assert smtp_server.connections == 0
     assert outbox(database_url) is None
 
@@ -550,3 +562,264 @@ async def test_missing_template_is_retried_and_bad_name_is_not(
     assert (hostile.type, hostile.non_retryable) == (TEMPLATE_FAILED, True)
     assert smtp_server.connections == 0
     assert outbox(sqlite_url) is None
+
+
+# ---- two attempts, one message: forced interleavings -------------------------------------------
+
+
+def wait_for_status(url: str, status: str, timeout: float = 10.0) -> None:
+    """Block (in the activity's thread) until the outbox row reaches ``status``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = outbox(url)
+        if row is not None and row.status == status:
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("zombie_reaches", [DATA, SENT])
+async def test_retry_that_read_the_row_before_a_zombie_claimed_data_never_sends(
+    database_url: str,
+    smtp_server: SMTPTestServer,
+    monkeypatch: pytest.MonkeyPatch,
+    zombie_reaches: str,
+) -> None:
+    """Retry B reads the row; zombie A claims ``data`` (and sends); only then B writes."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.stall("RCPT")
+    zombie = asyncio.create_task(send(settings, request()))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+
+    retry_activities = EmailActivities(settings)
+    render = retry_activities._render
+    has_read = threading.Event()
+
+    def render_late(email: SendEmailInput, link_key: bytes) -> object:
+        # _prepare renders between its read of the row and its write: the window to force.
+        has_read.set()
+        wait_for_status(database_url, zombie_reaches)
+        return render(email, link_key)
+
+    monkeypatch.setattr(retry_activities, "_render", render_late)
+    retry = asyncio.create_task(ActivityEnvironment().run(retry_activities.send_email, request()))
+    while not has_read.is_set():
+        await asyncio.sleep(0.01)
+    if zombie_reaches == DATA:
+        smtp_server.stall("DATA")  # lets the zombie past RCPT, holds the answer to its DATA
+    else:
+        smtp_server.release()
+
+    result = await asyncio.wait_for(retry, timeout=10)
+    smtp_server.release()
+
+    assert result.status == ("unconfirmed" if zombie_reaches == DATA else "already_sent")
+    assert (await zombie).status == "sent"
+    assert len(smtp_server.messages) == 1
+    row = outbox(database_url)
+    assert row is not None and (row.status, row.attempts) == (SENT, 1)
+    assert len(touchpoints(database_url, "email_sent")) == 1
+
+
+# ---- cancellation (the shopper bought while the email was on its way) -------------------------
+
+
+async def test_cancel_before_data_sends_nothing_and_a_retry_sends(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.stall("RCPT")
+    env = ActivityEnvironment()
+    attempt = asyncio.create_task(send(settings, request(), env))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    smtp_server.release()
+
+    row = outbox(database_url)
+    assert row is not None and row.status in (PENDING, SENDING)  # resendable, never `data`
+    assert smtp_server.messages == []
+    assert (await send(settings, request())).status == "sent"
+    assert len(smtp_server.messages) == 1
+
+
+async def test_cancel_inside_data_waits_for_the_answer(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.stall()
+    env = ActivityEnvironment()
+    attempt = asyncio.create_task(send(settings, request(), env))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+
+    env.cancel()
+    await asyncio.sleep(0.3)
+    assert not attempt.done()  # the server may hold the message: wait for its answer
+    smtp_server.release()
+
+    assert (await asyncio.wait_for(attempt, timeout=10)).status == "sent"
+    row = outbox(database_url)
+    assert row is not None and row.status == SENT
+    assert len(smtp_server.messages) == 1
+    assert len(touchpoints(database_url, "email_sent")) == 1
+
+
+async def test_cancel_while_data_is_being_claimed_still_sends(
+    database_url: str, smtp_server: SMTPTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel landing as the claim commits must not leave an unsent message in ``data``."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    activities = EmailActivities(settings)
+    env = ActivityEnvironment()
+    loop = asyncio.get_running_loop()
+    claim = activities._claim_data
+
+    def claim_then_cancel(key: str, attempt: int) -> None:
+        claim(key, attempt)
+        loop.call_soon_threadsafe(env.cancel)
+        time.sleep(0.2)  # the cancel reaches the activity before the claim returns
+
+    monkeypatch.setattr(activities, "_claim_data", claim_then_cancel)
+
+    result = await asyncio.wait_for(env.run(activities.send_email, request()), timeout=10)
+
+    assert result.status == "sent"
+    assert len(smtp_server.messages) == 1
+    row = outbox(database_url)
+    assert row is not None and row.status == SENT
+
+
+# ---- what the shop sends cannot break a message or leave the shop ----------------------------
+
+
+async def test_a_very_long_product_name_is_cut_in_the_subject(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    name = "Frog " * 120  # 600 characters; the outbox's subject column holds 500
+    email = replace(request(), cart=[CartLine(replace(MUG, name=name))])
+
+    assert (await send(settings, email)).status == "sent"
+
+    subject = smtp_server.messages[0].message["Subject"]
+    assert subject.startswith("Still thinking about Frog Frog")
+    assert len(subject) <= MAX_SUBJECT and subject.endswith("…")
+    row = outbox(database_url)
+    assert row is not None and row.subject == subject
+
+
+async def test_control_characters_and_odd_unicode_cannot_break_the_message(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    customer = "c1\r\nBcc: victim@evil.test"
+    add_customer(database_url, customer, ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    odd = ProductInfo(
+        "odd",
+        "Odd\x00\r\nname\u2028\ud800 \u202eevil\u202c 👨‍👩‍👧 cafe\u0301",
+        100,
+        "usd\r\n",
+    )
+    email = replace(
+        request(customer_id=customer),
+        journey_id=f"cart-abandonment-{customer}",
+        cart=[CartLine(odd)],
+        recommendations=[replace(LILY, name="\x1b[31m" + "L" * 5000)],
+    )
+
+    assert (await send(settings, email)).status == "sent"
+
+    [received] = smtp_server.messages
+    message = received.message
+    assert received.rcpt_tos == [ADDRESS]
+    assert message["Bcc"] is None
+    assert message["X-Kaeru-Journey"] == "cart-abandonment-c1 Bcc: victim@evil.test"
+    assert "\n" not in message["Subject"] and "Odd name" in message["Subject"]
+    text, html = parts(message)
+    assert "👨‍👩‍👧 cafe\u0301" in text and "1.00 USD" in text
+    assert "\x00" not in text and "\x1b" not in text
+
+
+async def test_links_and_images_stay_on_the_shop(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
+    phish = ProductInfo(
+        "phish", "Phish", 100, "USD", "https://evil.test/p.jpg", "https://evil.test/phish"
+    )
+    tricks = [
+        ProductInfo(
+            "t1",
+            "T1",
+            None,
+            "USD",
+            "https://shop.example.evil.test/i.jpg",
+            "https://shop.example@evil.test/",
+        ),
+        ProductInfo(
+            "t2",
+            "T2",
+            None,
+            "USD",
+            "http://localhost:8025/t2.svg",
+            "https://evil.test\\@shop.example/",
+        ),
+        ProductInfo(
+            "t3",
+            "T3",
+            None,
+            "USD",
+            "https://cdn.shop.example/t3.jpg",
+            "https://www.shop.example/t3",
+        ),
+        ProductInfo(
+            "t4", "T4", None, "USD", "ftp://shop.example/t4.jpg", "http://evilshop.example/"
+        ),
+    ]
+    email = replace(
+        request(),
+        cart_url="https://evil.test/cart",
+        cart=[CartLine(phish), CartLine(MUG)],
+        recommendations=tricks,
+    )
+
+    await send(settings, email)
+
+    text, html = parts(smtp_server.messages[0].message)
+    row = outbox(sqlite_url)
+    assert row is not None
+    found = links_of(html)
+    targets = {click_target(href, row) for href in found.hrefs}
+    # A foreign cart line goes to the cart, a foreign recommendation to the shop.
+    assert targets == {settings.cart_url, MUG.url, settings.shop_url, "https://www.shop.example/t3"}
+    assert set(row.links) == targets
+    *images, _pixel = found.images
+    assert images == [MUG.image_url, "https://cdn.shop.example/t3.jpg"]
+    assert "evil" not in html and "evil" not in text
+    assert "Phish" in html and "T2" in html  # shown by name, without a picture
+
+
+async def test_loopback_images_only_when_kaeru_runs_on_loopback(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """`kaeru dev --demo` serves its product pictures from the mail catcher on localhost."""
+    add_customer(sqlite_url, "c1", ADDRESS)
+    picture = "http://localhost:8025/demo/products/frog-mug.svg"
+    demo = ProductInfo("frog-mug", "Kaeru Frog Mug", 1800, "USD", picture, "https://shop.example/x")
+    for n, (public_url, shown) in enumerate(
+        [("http://localhost:8000", True), ("http://kaeru.test", False)]
+    ):
+        settings = make_settings(sqlite_url, smtp_port=smtp_server.port, public_url=public_url)
+        email = replace(
+            request(f"{JOURNEY}/run-{n}/cart_email"), cart=[CartLine(demo)], recommendations=[]
+        )
+        await send(settings, email)
+        *images, _pixel = links_of(parts(smtp_server.messages[n].message)[1]).images
+        assert images == ([picture] if shown else [])
