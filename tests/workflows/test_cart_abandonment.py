@@ -513,3 +513,19 @@ async def test_a_huge_cart_stays_small(shopper: Shopper) -> None:
     assert all(len(line) < 250 for line in status.story)
     await shopper.skip(DAY + 60)
     await shopper.wait_for_step("cart_email")
+
+
+async def test_purchase_while_the_email_is_being_sent_stops_it(shopper: Shopper) -> None:
+    shopper.smtp.stall("RCPT")  # the SMTP server is slow to accept the recipient
+    await shopper.cart("Product Added", **SHOE)
+    # The test server cannot skip time past a running activity: skip in the background.
+    skipping = asyncio.create_task(shopper.skip(DAY + 60))
+    await asyncio.wait_for(shopper.smtp.stalled.wait(), timeout=30)
+    await shopper.purchase("o-mid-send")
+    assert await asyncio.wait_for(shopper.outcome(), timeout=60) == "purchased"
+    shopper.smtp.release()
+    await asyncio.sleep(0.5)
+    assert shopper.emails() == []
+    assert shopper.touchpoints("email_sent") == []
+    assert shopper.touchpoints("conversion")[0].order_id == "o-mid-send"
+    skipping.cancel()
