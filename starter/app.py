@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -53,7 +52,7 @@ from starter.events import (
     read_event,
     value_problem,
 )
-from starter.ingest import store_events
+from starter.ingest import EventStore
 from starter.router import Router
 
 log = logging.getLogger("kaeru.api")
@@ -103,6 +102,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.router = Router(settings, client)
+    app.state.event_store = EventStore(settings)
     _install_error_handlers(app)
     _install_openapi(app)
     app.include_router(_ingestion_routes())
@@ -255,7 +255,8 @@ async def _authorized_json(request: Request, settings: Settings, limit: int) -> 
 async def _store(request: Request, settings: Settings, events: list[IncomingEvent]) -> None:
     if not events:
         return
-    result = await run_in_threadpool(store_events, settings, events)
+    store: EventStore = request.app.state.event_store
+    result = await store.store(events)
     if result.to_route:
         router_of(request).wake()
 

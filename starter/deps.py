@@ -36,7 +36,9 @@ def error_response(
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    # hop per request to read one attribute.
     settings: Settings = request.app.state.settings
     return settings
 
@@ -92,8 +94,8 @@ def key_matches(given: Any, expected: str) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def require_write_key(request: Request, settings: SettingsDep) -> None:
-    """Dependency of the admin endpoints: Basic auth with the write key."""
+async def require_write_key(request: Request, settings: SettingsDep) -> None:
+    """Dependency of the admin endpoints: Basic auth with the write key (async: no thread)."""
     expected = configured_write_key(settings)
     user = basic_auth_user(request)
     if user is None:

@@ -32,6 +32,7 @@ from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from kaeru.db import session as db_session
+from kaeru.db import write_session
 from kaeru.models import Event, Lease, utcnow
 from kaeru.settings import Settings
 from kaeru.temporal import connect
@@ -91,7 +92,7 @@ def fetch_unrouted(url: str, limit: int, exclude: Sequence[str] = ()) -> list[St
 
 def mark_routed(url: str, seqs: Sequence[int]) -> None:
     now = utcnow()
-    with db_session(url) as s:
+    with write_session(url) as s:
         for start in range(0, len(seqs), 500):
             s.execute(
                 update(_EVENTS)
@@ -102,7 +103,7 @@ def mark_routed(url: str, seqs: Sequence[int]) -> None:
 
 
 def record_failure(url: str, seq: int, error: str) -> None:
-    with db_session(url) as s:
+    with write_session(url) as s:
         s.execute(
             update(_EVENTS)
             .where(_EVENTS.c.seq == seq)
@@ -166,7 +167,7 @@ def acquire_lease(url: str, holder: str, ttl: float, name: str = LEASE_NAME) -> 
     """Take or renew the lease ``name`` for ``ttl`` seconds. False if someone else holds it."""
     now = utcnow()
     expires = now + timedelta(seconds=ttl)
-    with db_session(url) as s:
+    with write_session(url) as s:
         taken = s.execute(
             update(_LEASES)
             .where(_LEASES.c.name == name)
@@ -178,7 +179,7 @@ def acquire_lease(url: str, holder: str, ttl: float, name: str = LEASE_NAME) -> 
         if s.execute(select(_LEASES.c.name).where(_LEASES.c.name == name)).first() is not None:
             return False
     try:  # first use: nobody has ever held it
-        with db_session(url) as s:
+        with write_session(url) as s:
             s.add(Lease(name=name, holder=holder, expires_at=expires))
     except IntegrityError:
         return False
@@ -187,7 +188,7 @@ def acquire_lease(url: str, holder: str, ttl: float, name: str = LEASE_NAME) -> 
 
 def release_lease(url: str, holder: str, name: str = LEASE_NAME) -> None:
     """Give the lease up at once (on shutdown), so another process need not wait for expiry."""
-    with db_session(url) as s:
+    with write_session(url) as s:
         s.execute(
             update(_LEASES)
             .where(_LEASES.c.name == name, _LEASES.c.holder == holder)
