@@ -101,9 +101,15 @@ def write_session(url: str) -> Iterator[Session]:
             raise
 
 
+#: Alembic's migration context is process-wide: two upgrades at once in one process (the API's
+#: start-up and the worker's in ``kaeru dev``) would trample each other.
+_MIGRATING = threading.Lock()
+
+
 def migrate(url: str) -> None:
-    """Bring the database schema to the newest migration (idempotent)."""
+    """Bring the database schema to the newest migration (idempotent, thread-safe)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = get_engine(url)
-    command.upgrade(config, "head")
+    with _MIGRATING:
+        command.upgrade(config, "head")
