@@ -29,7 +29,7 @@ log = logging.getLogger("kaeru.worker")
 WORKFLOWS: Sequence[type] = (CartAbandonment,)
 
 #: Pure modules the sandbox may share instead of re-importing per workflow run.
-PASSTHROUGH = ("activities.types", "kaeru.money", "workflows.kit")
+PASSTHROUGH = ("activities.types", "kaeru.commerce", "kaeru.money", "workflows.kit")
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:

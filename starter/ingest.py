@@ -24,9 +24,9 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from activities.coupons import redeem_coupon
+from kaeru.commerce import currency_of, minor_of, order_total_of
 from kaeru.db import write_session
 from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
-from kaeru.money import to_minor
 from kaeru.settings import Settings
 from starter.events import (
     MAX_ID_LENGTH,
@@ -326,21 +326,6 @@ def _store_customers(session: Session, events: Iterable[IncomingEvent]) -> None:
 # ---- products --------------------------------------------------------------------------------
 
 
-def _currency(value: Any) -> str:
-    if isinstance(value, str) and len(value) == 3 and value.isalpha():
-        return value.upper()
-    return "USD"
-
-
-def _minor(amount: Any, currency: str) -> int | None:
-    if amount is None or isinstance(amount, bool) or not isinstance(amount, int | float | str):
-        return None
-    try:
-        return to_minor(amount, currency)
-    except ValueError:  # not a number, or beyond the 64-bit money columns
-        return None
-
-
 def _product_id(props: dict[str, Any]) -> str | None:
     value = props.get("product_id") or props.get("sku") or props.get("id")
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -357,8 +342,8 @@ def _product_values(props: dict[str, Any], currency: Any) -> dict[str, Any] | No
     values: dict[str, Any] = {"product_id": product_id}
     if isinstance(props.get("name"), str) and props["name"].strip():
         values["name"] = props["name"][:500]
-    code = _currency(props.get("currency") or currency)
-    if (price := _minor(props.get("price"), code)) is not None:
+    code = currency_of(props.get("currency") or currency)
+    if (price := minor_of(props.get("price"), code)) is not None:
         values["price_minor"], values["currency"] = price, code
     for field in ("image_url", "url"):
         if isinstance(props.get(field), str):
@@ -429,25 +414,15 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
     if event.type != "track" or event.name != ORDER_COMPLETED:
         return None
     props = event.properties
-    raw_id = props.get("order_id")
-    order_id = (
-        str(raw_id)
-        if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and raw_id != ""
-        else event.message_id
-    )
+    order = order_total_of(props, event.message_id)
+    order_id, currency, coupon_code = order.order_id, order.currency, order.coupon
     if len(order_id) > MAX_ID_LENGTH:
         log.warning("order id of event %s is too long to store; order skipped", event.message_id)
         return None
-    currency = _currency(props.get("currency"))
-    amount = props.get("total", props.get("revenue", 0))
-    total = _minor(amount if amount is not None else 0, currency)
+    total = order.total_minor
     if total is None:
-        log.warning("order %s has an unreadable total %r; stored as 0", order_id, amount)
+        log.warning("order %s has an unreadable total; stored as 0", order_id)
         total = 0
-    coupon = props.get("coupon")
-    coupon_code = str(coupon) if isinstance(coupon, str | int) and coupon != "" else None
-    if coupon_code is not None and len(coupon_code) > MAX_ID_LENGTH:
-        coupon_code = None
     lines: dict[str, int] = {}
     items = props.get("products")
     for item in items if isinstance(items, list) else []:

@@ -37,3 +37,17 @@ def test_the_largest_amount_fits_the_columns() -> None:
 def test_format_minor() -> None:
     assert format_minor(1999, "usd") == "19.99 USD"
     assert format_minor(1500, "JPY") == "1500 JPY"
+
+
+def test_orders_are_read_one_way_for_ingestion_and_journeys() -> None:
+    from kaeru.commerce import order_total_of
+
+    order = order_total_of({"order_id": "x" * 201, "total": "12.5", "coupon": True}, "msg-1")
+    assert (order.order_id, order.total_minor, order.currency, order.coupon) == (
+        "msg-1",
+        1250,
+        "USD",
+        None,
+    )
+    order = order_total_of({"order_id": 42, "revenue": 1e300, "currency": "jpy"}, "msg-2")
+    assert (order.order_id, order.total_minor, order.currency) == ("42", None, "JPY")

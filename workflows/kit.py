@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
         SendEmailInput,
         SendEmailResult,
     )
-    from kaeru.money import to_minor
+    from kaeru.commerce import order_total_of
 
 T = TypeVar("T")
 
@@ -110,20 +110,13 @@ class JourneyExit(Exception):
 
 
 def purchase_from(event: JourneyEvent) -> Purchase:
-    """Read a Segment ``Order Completed`` event. Bad amounts count as zero, not as a crash."""
-    props = event.properties
-    currency = str(props.get("currency") or "USD").upper()[:3]
-    amount = props.get("total", props.get("revenue", 0))
-    try:
-        value_minor = to_minor(amount if amount is not None else 0, currency)
-    except ValueError:
-        value_minor = 0
-    coupon = props.get("coupon")
+    """Read a Segment ``Order Completed`` event as ingestion does. Bad amounts count as zero."""
+    order = order_total_of(event.properties, event.message_id)
     return Purchase(
-        order_id=str(props.get("order_id") or event.message_id),
-        value_minor=value_minor,
-        currency=currency,
-        coupon=str(coupon) if coupon else None,
+        order_id=order.order_id,
+        value_minor=order.total_minor or 0,
+        currency=order.currency,
+        coupon=order.coupon,
         occurred_at=event.occurred_at,
     )
 
