@@ -133,7 +133,7 @@ class AudienceActivities:
         body = {
             "payload": {"schema": "EMAIL_SHA256", "data": [hashed]},
             # In the body, not the query: httpx and proxies log URLs, and this is a secret.
-            "access_token": s.meta_access_token,
+            "access_token": s.meta_access_token.get_secret_value() if s.meta_access_token else "",
         }
         try:
             response = await self.http.request("POST" if joining else "DELETE", url, json=body)

@@ -427,7 +427,10 @@ class EmailActivities:
                     await smtp.ehlo()
                 if s.smtp_username:
                     phase = "login"
-                    await smtp.login(s.smtp_username, s.smtp_password or "")
+                    await smtp.login(
+                        s.smtp_username,
+                        s.smtp_password.get_secret_value() if s.smtp_password else "",
+                    )
                 await asyncio.to_thread(
                     self._advance_or_stop, email.key, out.attempt, (PENDING, SENDING), SENDING
                 )

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     # API
     write_key: str | None = Field(None, description="Segment write key that ingestion requires")
-    secret_key: str | None = Field(
+    secret_key: SecretStr | None = Field(
         None, description="signs tracking links; unset: generated once and kept in the database"
     )
     public_url: str = Field("http://localhost:8000", description="base of tracking links")
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     )
     smtp_port: int = Field(1025, description="SMTP port (the mail catcher's with `kaeru dev`)")
     smtp_username: str | None = Field(None, description="SMTP user name; unset: no AUTH")
-    smtp_password: str | None = Field(None, description="SMTP password")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password")
     smtp_starttls: bool = Field(False, description="upgrade the SMTP connection with STARTTLS")
     smtp_tls: bool = Field(False, description="connect to SMTP over TLS from the start (port 465)")
     smtp_timeout: float = Field(30.0, description="seconds an SMTP step may take")
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     meta_graph_url: str = Field(
         "https://graph.facebook.com/v21.0", description="Meta Graph API base URL"
     )
-    meta_access_token: str | None = Field(
+    meta_access_token: SecretStr | None = Field(
         None, description="Meta access token; with KAERU_META_AUDIENCE_ID, audiences go to Meta"
     )
     meta_audience_id: str | None = Field(

@@ -14,6 +14,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from sqlmodel import Session
 
 from kaeru.models import AppSecret
@@ -37,10 +38,10 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def signing_key(session: Session, configured: str | None) -> bytes:
+def signing_key(session: Session, configured: SecretStr | None) -> bytes:
     """The link-signing key: ``KAERU_SECRET_KEY`` if set, else one generated once and stored."""
-    if configured:
-        return configured.encode()
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value().encode()
     row = session.get(AppSecret, SECRET_NAME)
     if row is None:
         session.add(AppSecret(name=SECRET_NAME, value=secrets.token_urlsafe(32)))

@@ -13,6 +13,7 @@ from email.message import EmailMessage as MimeMessage
 from html.parser import HTMLParser
 
 import pytest
+from pydantic import SecretStr
 from sqlmodel import select
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -522,7 +523,7 @@ async def test_login_with_configured_credentials(sqlite_url: str) -> None:
         good = make_settings(
             sqlite_url, smtp_port=server.port, smtp_username="shop", smtp_password="s3cret"
         )
-        bad = good.model_copy(update={"smtp_password": "wrong"})
+        bad = good.model_copy(update={"smtp_password": SecretStr("wrong")})
 
         error = await refused(bad, request())
         assert (error.type, error.non_retryable) == (SMTP_MISCONFIGURED, False)
