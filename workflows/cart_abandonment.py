@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         RecommendResult,
         SendEmailInput,
     )
-    from kaeru.money import to_minor
+    from kaeru.commerce import currency_of, id_of, minor_of
     from workflows.kit import Journey, JourneyEvent, JourneyExit, JourneyResult
 
 CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
@@ -78,20 +78,15 @@ class CartJourneyInput:
 
 def _product(props: dict[str, Any]) -> ProductInfo | None:
     """A product from Segment e-commerce properties; None without an id."""
-    product_id = props.get("product_id") or props.get("sku") or props.get("id")
-    if not isinstance(product_id, str | int) or isinstance(product_id, bool):
+    product_id = id_of(props.get("product_id") or props.get("sku") or props.get("id"))
+    if product_id is None:
         return None
-    currency = str(props.get("currency") or "USD").upper()[:3]
-    price = props.get("price")
-    try:
-        price_minor = to_minor(price, currency) if price is not None else None
-    except ValueError:
-        price_minor = None
+    currency = currency_of(props.get("currency"))
     name = props.get("name")
     return ProductInfo(
-        product_id=str(product_id)[:MAX_TEXT],
-        name=(str(name) if isinstance(name, str) and name else str(product_id))[:MAX_TEXT],
-        price_minor=price_minor,
+        product_id=product_id,
+        name=(name if isinstance(name, str) and name else product_id)[:MAX_TEXT],
+        price_minor=minor_of(props.get("price"), currency),
         currency=currency,
         image_url=_url(props.get("image_url")),
         url=_url(props.get("url")),
