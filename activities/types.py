@@ -15,6 +15,9 @@ from typing import Any
 UNDELIVERABLE = "Undeliverable"  # hard bounce or suppressed address: never retried
 NO_EMAIL_ADDRESS = "NoEmailAddress"  # the customer has no known email address
 AUDIENCE_REJECTED = "AudienceRejected"  # the ad platform refused the request for good
+#: The customer has a stored order placed at or after ``SendEmailInput.ordered_since``: the
+#: message was not sent (an order that overtook the journey's events, or one not yet routed).
+ALREADY_PURCHASED = "AlreadyPurchased"
 
 
 @dataclass
@@ -69,6 +72,10 @@ class SendEmailInput:
     cart_url: str = ""
     recommendations: list[ProductInfo] = field(default_factory=list)
     coupon: CouponInfo | None = None
+    #: When set (seconds since the epoch): refuse to send, with ``ALREADY_PURCHASED``, if the
+    #: customer has a stored order that happened at or after this moment. Journeys set it to
+    #: when the events that started them happened.
+    ordered_since: float | None = None
 
 
 @dataclass
