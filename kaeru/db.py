@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
@@ -104,12 +106,46 @@ def write_session(url: str) -> Iterator[Session]:
 #: Alembic's migration context is process-wide: two upgrades at once in one process (the API's
 #: start-up and the worker's in ``kaeru dev``) would trample each other.
 _MIGRATING = threading.Lock()
+#: The PostgreSQL advisory lock that serialises migrations across processes and hosts.
+_MIGRATION_LOCK = zlib.crc32(b"kaeru:migrate")
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold a lock that other processes migrating the same database wait for.
+
+    Without it, two processes upgrading a fresh database at once (an API and a worker started
+    together) both see an empty schema, both create the tables, and one of them crashes.
+    PostgreSQL: a session advisory lock on a connection of its own, held for the upgrade.
+    SQLite: ``flock`` on a file beside the database (``<name>.migrate-lock``), which the
+    kernel releases if the process dies; an in-memory database has no other process.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+                connection.commit()
+        return
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def migrate(url: str) -> None:
-    """Bring the database schema to the newest migration (idempotent, thread-safe)."""
+    """Bring the database schema to the newest migration (idempotent, safe from threads and
+    from processes at once)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["engine"] = get_engine(url)
-    with _MIGRATING:
+    engine = get_engine(url)
+    config.attributes["engine"] = engine
+    with _MIGRATING, _migration_lock(engine):
         command.upgrade(config, "head")
