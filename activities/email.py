@@ -4,23 +4,35 @@ The outbox row (:class:`kaeru.models.EmailMessage`, keyed by the step's idempote
 what makes a retried send safe. Its ``status`` moves:
 
 - ``pending``: rendered and stored, the SMTP server not reached yet;
-- ``sending``: connected and logged in, the envelope (MAIL, RCPT) under way;
-- ``data``: committed right before the DATA command, so the server may hold the message;
-- ``sent``: the server answered 250 to the message; ``bounced``: it refused it for good.
+- ``sending``: connected and logged in, the envelope (MAIL, RCPT) and the DATA command under
+  way;
+- ``data``: committed after the server's ``354`` and before the first byte of the message,
+  so from here the server may hold it;
+- ``sent``: the server answered 250 to the message; ``bounced``: it refused it for good;
+- ``unconfirmed``: the message went out after the ``354`` and no answer came (a broken line,
+  a timeout, a worker that died), so its fate is unknown and it is never resent;
+- ``skipped``: the customer bought at or after ``SendEmailInput.ordered_since``, so it was
+  never sent and never will be (``AlreadyPurchased``).
 
-A retry resends from ``pending`` or ``sending`` (the server holds nothing), returns
-``already_sent`` from ``sent``, and never resends from ``data``: a worker that died, or a
-connection that broke, between DATA and the server's final answer leaves the message's fate
-unknown, and SMTP offers no way to ask. That window is the only ambiguous one in the protocol,
-so inside it kaeru is at most once and reports the send as ``unconfirmed``.
+A retry resends from ``pending`` or ``sending`` (the server provably holds nothing: a hang-up
+before the ``354`` is one of these), returns ``already_sent`` from ``sent``, and never resends
+from ``data`` or ``unconfirmed``: between the ``354`` and the server's final answer the
+message's fate is unknown, and SMTP offers no way to ask. That window is the only ambiguous one
+in the protocol, so inside it kaeru is at most once and reports the send as ``unconfirmed``.
+A retry that finds ``data`` settles it as ``unconfirmed`` before it answers so.
 
-Every status change is a compare-and-set: one ``UPDATE … WHERE status IN (…) AND attempts =
-…``, never a read then a write, so of two attempts (a zombie and its retry) at most one ever
-commits ``data``, whatever their interleaving, on SQLite and PostgreSQL alike. A retry bumps
-``attempts`` the same way, which fences older attempts off from any later transition.
+Every status change is a compare-and-set on the attempt that owns the row: one ``UPDATE …
+WHERE status IN (…) AND attempts = …``, never a read then a write, so of two attempts (a
+zombie and its retry) at most one ever commits ``data``, whatever their interleaving, on SQLite
+and PostgreSQL alike. A retry bumps ``attempts`` the same way before DATA, which fences older
+attempts off from any later transition; from ``data`` on ``attempts`` names the attempt that
+claimed it. That attempt's late 250 or 5xx still records what happened (``sent``,
+``bounced``) after a retry settled the row, but its late 4xx can only reset ``data`` it still
+owns, never ``unconfirmed``: the journey was told the send may have happened, and no one
+resends it behind the journey's back.
 
 A cancelled send (the shopper bought meanwhile) stops wherever it is before ``data`` is
-claimed; from the claim on it is not interruptible (the DATA step is bounded by
+claimed; from the claim on it is not interruptible (the message is bounded by
 ``smtp_timeout``), so a cancel never leaves an unsent message marked ``data``.
 
 Nothing this module puts into a workflow history (results, error messages) holds a full
@@ -36,6 +48,7 @@ import re
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
@@ -46,6 +59,8 @@ from urllib.parse import urlsplit
 import aiosmtplib
 import jinja2
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from aiosmtplib.typing import SMTPStatus
 from markupsafe import escape
 from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
@@ -54,6 +69,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.types import (
+    ALREADY_PURCHASED,
     NO_EMAIL_ADDRESS,
     UNDELIVERABLE,
     CouponInfo,
@@ -63,7 +79,7 @@ from activities.types import (
 )
 from kaeru.db import session
 from kaeru.journal import email_of, record_touchpoint
-from kaeru.models import EmailMessage, Suppression, utcnow
+from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.money import format_minor
 from kaeru.settings import Settings
 from kaeru.tracking import click_url, open_url, signing_key
@@ -77,6 +93,8 @@ SENDING = "sending"
 DATA = "data"
 SENT = "sent"
 BOUNCED = "bounced"
+UNCONFIRMED = "unconfirmed"
+SKIPPED = "skipped"
 
 #: ApplicationError types of retryable failures, so operators can tell them apart in the UI.
 SMTP_DEFERRED = "SmtpDeferred"  # a 4xx answer: the server asks us to come back later
@@ -192,14 +210,16 @@ class EmailActivities:
         """Send one journey message to the customer, at most once per ``email.key``.
 
         Returns:
-            ``sent``; ``already_sent`` when an earlier attempt sent it; ``unconfirmed`` when an
-            earlier attempt died inside the DATA window (see the module docstring). Its
-            ``to_address`` is masked (``a***@example.com``): the result lands in the history.
+            ``sent``; ``already_sent`` when an earlier attempt sent it; ``unconfirmed`` when
+            this or an earlier attempt got no answer inside the DATA window (see the module
+            docstring). Its ``to_address`` is masked (``a***@example.com``): the result lands
+            in the history.
 
         Raises:
-            ApplicationError: ``NoEmailAddress`` or ``Undeliverable`` (suppressed address, hard
-                bounce), both non-retryable; retryable ones for 4xx answers, connection
-                trouble and settings to fix.
+            ApplicationError: ``NoEmailAddress``, ``Undeliverable`` (suppressed address, hard
+                bounce) or ``AlreadyPurchased`` (an order at or after ``ordered_since``,
+                checked before SMTP and again as DATA is claimed), all non-retryable;
+                retryable ones for 4xx answers, connection trouble and settings to fix.
             asyncio.CancelledError: cancelled before this attempt claimed DATA (nothing sent;
                 a cancel after the claim waits for the send to finish and is then ignored).
         """
@@ -237,17 +257,27 @@ class EmailActivities:
             row = s.get(EmailMessage, email.key)
             if row is not None and row.status == SENT:
                 return _Outgoing(row.message_id, row.to_address, status="already_sent")
-            if row is not None and row.status == DATA:
+            if row is not None and row.status in (DATA, UNCONFIRMED):
+                if row.status == DATA and not self._settle_unconfirmed(s, row):
+                    return None  # the attempt inside DATA answered meanwhile: read it again
                 activity.logger.warning(
-                    "email %s may have been delivered already: an earlier attempt died after "
-                    "DATA, before the SMTP server answered. Not resending it (at most once); "
-                    "the server's log for Message-ID %s says whether it went out.",
+                    "email %s may have been delivered already: an earlier attempt sent it "
+                    "after the server's 354 and got no answer. Not resending it (at most "
+                    "once); the server's log for Message-ID %s says whether it went out.",
                     email.key,
                     row.message_id,
                 )
-                return _Outgoing(row.message_id, row.to_address, status="unconfirmed")
+                return _Outgoing(row.message_id, row.to_address, status=UNCONFIRMED)
             if row is not None and row.status == BOUNCED:
                 raise _undeliverable(f"{mask_address(row.to_address)} bounced earlier: {row.error}")
+            if row is not None and row.status == SKIPPED:
+                raise _already_purchased(email, row.error or "the customer bought meanwhile")
+            purchase = _purchase_since(s, email)
+            if purchase is not None:
+                if not self._skip(s, email, row, _purchase_reason(purchase)):
+                    return None
+                s.commit()  # the skip must outlive the error raised next
+                raise _already_purchased(email, _purchase_reason(purchase))
 
             address = (email_of(s, email.customer_id) or "").strip()
             if not address:
@@ -445,45 +475,76 @@ class EmailActivities:
             smtp.close()
 
     async def _transmit(self, email: SendEmailInput, out: _Outgoing, smtp: aiosmtplib.SMTP) -> str:
-        """Claim ``data``, send the message and record the outcome: never interrupted midway.
+        """Start DATA, claim ``data``, send the message and record the outcome.
 
-        A cancel that cut in between the claim's commit and DATA would leave an unsent message
-        marked ``data``, never to be resent; so this runs to its end, DATA bounded by
-        ``smtp_timeout`` (a timeout there is an ``unconfirmed`` send, as a broken line is).
+        Until the server's ``354`` nothing of the message has left, so a hang-up there is
+        retried like any broken line. The claim (and the last check for a purchase) comes
+        after the ``354`` and before the first byte of the message; an attempt that loses the
+        claim hangs up without the final ``.``, so the server discards what it has. From the
+        claim on this runs to its end despite a cancel: a cancel cutting in between the
+        claim's commit and the message would leave an unsent message marked ``data``. The
+        message and its answer are bounded by ``smtp_timeout`` (no answer: ``unconfirmed``).
         """
         assert out.payload is not None
-        await asyncio.to_thread(self._claim_data, email.key, out.attempt)
         try:
-            await asyncio.wait_for(smtp.data(out.payload), self.settings.smtp_timeout)
+            start = await smtp.execute_command(b"DATA")
+            if start.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             return await self._failed(email, out, "data", exc)
+        return await _despite_cancel(self._send_message(email, out, smtp), email.key)
+
+    async def _send_message(
+        self, email: SendEmailInput, out: _Outgoing, smtp: aiosmtplib.SMTP
+    ) -> str:
+        assert out.payload is not None
+        try:
+            await asyncio.to_thread(self._claim_data, email, out.attempt)
+        except BaseException:
+            smtp.close()  # inside DATA without the final ".": the server discards the message
+            raise
+        try:
+            await asyncio.wait_for(
+                _send_content(smtp, out.payload, self.settings.smtp_timeout),
+                self.settings.smtp_timeout,
+            )
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return await self._failed(email, out, "data", exc, claimed=True)
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await smtp.quit()  # the message is accepted; a failed goodbye changes nothing
         await asyncio.to_thread(self._mark_sent, email, out)
         return SENT
 
     async def _failed(
-        self, email: SendEmailInput, out: _Outgoing, phase: str, exc: Exception
+        self,
+        email: SendEmailInput,
+        out: _Outgoing,
+        phase: str,
+        exc: Exception,
+        *,
+        claimed: bool = False,
     ) -> str:
-        """Map a failed SMTP step to an error, or (a broken line inside DATA) ``unconfirmed``."""
+        """Map a failed SMTP step to an error, or (a broken line once the message started
+        after the claim of ``data``) ``unconfirmed``."""
         s = self.settings
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             await self._refused(email, out, phase, exc.code, exc.message)
         if isinstance(
             exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError | OSError
         ):
-            if phase == "data":
+            if claimed:
+                await asyncio.to_thread(self._advance, email.key, out.attempt, (DATA,), UNCONFIRMED)
                 activity.logger.warning(
-                    "the connection to %s:%s broke after DATA for email %s (%s): the server "
-                    "may have the message, so it is not resent; its log for Message-ID %s "
-                    "says whether it went out",
+                    "the connection to %s:%s broke after the message of email %s had started "
+                    "(%s): the server may have it, so it is not resent; its log for "
+                    "Message-ID %s says whether it went out",
                     s.smtp_host,
                     s.smtp_port,
                     email.key,
                     exc or type(exc).__name__,
                     out.message_id,
                 )
-                return "unconfirmed"
+                return UNCONFIRMED
             raise ApplicationError(
                 f"cannot talk to the SMTP server at {s.smtp_host}:{s.smtp_port} during "
                 f"{phase.upper()}: {scrub(str(exc)) or type(exc).__name__}. Check that it runs "
@@ -512,10 +573,9 @@ class EmailActivities:
         where = f"the SMTP server at {s.smtp_host}:{s.smtp_port}"
         if kind == _Refusal.TEMPORARY:
             if phase == "data":
-                # The server refused the message outright, so it holds nothing: resend.
-                await asyncio.to_thread(
-                    self._advance, email.key, out.attempt, (DATA,), SENDING, error=answer
-                )
+                # The server refused the message, so it holds nothing: resend, unless a retry
+                # has already settled the send as unconfirmed (it told the journey so).
+                await asyncio.to_thread(self._deferred_in_data, email.key, out.attempt, answer)
             raise ApplicationError(
                 f"{where} deferred the {email.step} email to {to} at "
                 f"{phase.upper()} with {shown}; the send is retried with backoff",
@@ -585,19 +645,93 @@ class EmailActivities:
                 type=SMTP_SUPERSEDED,
             )
 
-    def _claim_data(self, key: str, attempt: int) -> None:
-        """Commit ``data`` for this attempt, unless another attempt has moved the row meanwhile.
+    def _claim_data(self, email: SendEmailInput, attempt: int) -> None:
+        """Commit ``data`` for this attempt, unless another attempt has moved the row meanwhile
+        or the customer has bought since the journey started (then the row is ``skipped``).
 
         A worker cut off from Temporal (not from SMTP) keeps sending while Temporal starts a
         new attempt elsewhere; the attempt counter lets only the newest one enter DATA, and the
         status lets only one attempt ever enter it.
         """
-        self._advance_or_stop(key, attempt, (PENDING, SENDING), DATA, error=None)
+        with session(self.settings.resolved_database_url) as s:
+            purchase = _purchase_since(s, email)
+            if purchase is None:
+                claimed = self._advance(email.key, attempt, (PENDING, SENDING), DATA, s, error=None)
+            else:
+                reason = _purchase_reason(purchase)
+                claimed = self._advance(
+                    email.key, attempt, (PENDING, SENDING), SKIPPED, s, error=reason
+                )
+                if claimed:
+                    s.commit()  # the skip must outlive the error raised next
+                    raise _already_purchased(email, reason)
+        if not claimed:
+            raise ApplicationError(
+                f"attempt {attempt} of email {email.key} was overtaken by another attempt "
+                "before DATA, so it stops here and leaves the sending to that one",
+                type=SMTP_SUPERSEDED,
+            )
+
+    def _settle_unconfirmed(self, s: Session, row: EmailMessage) -> bool:
+        """Settle a send found inside ``data`` as ``unconfirmed``: this retry answers so.
+
+        The attempt that claimed ``data`` may still be alive (a zombie); from now on its late
+        250 or 5xx still records what truly happened, but its 4xx can no longer reset the row
+        for a resend behind the journey's back. False if that attempt answered first.
+        """
+        return self._advance(row.key, row.attempts, (DATA,), UNCONFIRMED, s)
+
+    def _deferred_in_data(self, key: str, attempt: int, answer: str) -> None:
+        with session(self.settings.resolved_database_url) as s:
+            if self._advance(key, attempt, (DATA,), SENDING, s, error=answer):
+                return
+            # Settled as unconfirmed by a retry: keep the verdict, note that it was not sent.
+            self._advance(
+                key,
+                attempt,
+                (UNCONFIRMED,),
+                UNCONFIRMED,
+                s,
+                error=f"DATA: {answer} (after the send was settled as unconfirmed: this "
+                "attempt's message was refused, so the server holds no copy from it)",
+            )
+
+    def _skip(
+        self, s: Session, email: SendEmailInput, row: EmailMessage | None, reason: str
+    ) -> bool:
+        """Record the send as ``skipped`` (never to be sent) before any SMTP; False if another
+        attempt changed the row meanwhile."""
+        if row is None:
+            s.add(
+                EmailMessage(
+                    key=email.key,
+                    message_id=message_id_for(email.key, self.settings.mail_from),
+                    customer_id=email.customer_id,
+                    journey_id=email.journey_id,
+                    step=email.step,
+                    to_address="",
+                    subject="",
+                    status=SKIPPED,
+                    error=reason,
+                    attempts=1,
+                )
+            )
+            s.flush()
+            return True
+        return self._advance(
+            email.key,
+            row.attempts,
+            (row.status,),
+            SKIPPED,
+            s,
+            attempts=row.attempts + 1,
+            error=reason,
+        )
 
     def _mark_sent(self, email: SendEmailInput, out: _Outgoing) -> None:
         with session(self.settings.resolved_database_url) as s:
             if not self._advance(
-                email.key, out.attempt, (DATA,), SENT, s, sent_at=utcnow(), error=None
+                email.key, out.attempt, (DATA, UNCONFIRMED), SENT, s, sent_at=utcnow(), error=None
             ):
                 activity.logger.warning(
                     "email %s was sent but its outbox row left `data` meanwhile", email.key
@@ -620,7 +754,7 @@ class EmailActivities:
             bounced = self._advance(
                 email.key,
                 out.attempt,
-                (SENDING, DATA),
+                (SENDING, DATA, UNCONFIRMED),
                 BOUNCED,
                 s,
                 error=f"{phase.upper()}: {answer}",
@@ -651,6 +785,50 @@ class EmailActivities:
 
 def _undeliverable(message: str) -> ApplicationError:
     return ApplicationError(scrub(message), type=UNDELIVERABLE, non_retryable=True)
+
+
+def _purchase_since(s: Session, email: SendEmailInput) -> Order | None:
+    """The customer's first stored order at or after ``email.ordered_since``, if any."""
+    if email.ordered_since is None:
+        return None
+    since = datetime.fromtimestamp(email.ordered_since, UTC)
+    return s.exec(
+        select(Order)
+        .where(col(Order.customer_id) == email.customer_id, col(Order.completed_at) >= since)
+        .order_by(col(Order.completed_at))
+        .limit(1)
+    ).first()
+
+
+def _purchase_reason(order: Order) -> str:
+    when = f"{order.completed_at:%Y-%m-%d %H:%M:%S} UTC"
+    return f"already purchased: order {order.order_id!r} completed {when}"
+
+
+def _already_purchased(email: SendEmailInput, reason: str) -> ApplicationError:
+    return ApplicationError(
+        f"the {email.step} email is not sent: {reason}, at or after the events that started "
+        "the journey",
+        type=ALREADY_PURCHASED,
+        non_retryable=True,
+    )
+
+
+async def _send_content(smtp: aiosmtplib.SMTP, payload: bytes, timeout: float) -> None:
+    """Send the message after the server's ``354`` and read its answer (aiosmtplib's
+    ``data()`` sends the DATA command too, so the claim could not sit between the two).
+
+    Lines are dot-stuffed and end in CRLF, as ``data()`` sends them.
+    """
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    content = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(payload)) + b".\r\n"
+    # No await between the write and the read: the answer cannot arrive unasked for.
+    protocol.write(content)
+    reply = await protocol.read_response(timeout=timeout)
+    if reply.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
 
 
 def _web_url(url: str | None) -> str | None:

@@ -149,8 +149,9 @@ class AudienceMember(SQLModel, table=True):
 class EmailMessage(SQLModel, table=True):
     """The email outbox: one row per journey step, so a retried send never sends twice.
 
-    ``status`` goes pending → sending → data → sent; ``data`` means the SMTP server may
-    already hold the message (the worker died while it answered), so it is never resent.
+    ``status`` goes pending → sending → data → sent (or bounced, unconfirmed, skipped);
+    ``data`` and ``unconfirmed`` mean the SMTP server may hold the message, so it is never
+    resent. The states are explained in ``activities/email.py``.
     """
 
     __tablename__ = "email_messages"

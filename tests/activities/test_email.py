@@ -25,15 +25,18 @@ from activities.email import (
     PENDING,
     SENDING,
     SENT,
+    SKIPPED,
     SMTP_DEFERRED,
     SMTP_MISCONFIGURED,
     SMTP_SUPERSEDED,
     SMTP_UNREACHABLE,
     TEMPLATE_FAILED,
+    UNCONFIRMED,
     EmailActivities,
     message_id_for,
 )
 from activities.types import (
+    ALREADY_PURCHASED,
     NO_EMAIL_ADDRESS,
     UNDELIVERABLE,
     CartLine,
@@ -43,7 +46,7 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage, Suppression
+from kaeru.models import EmailMessage, Order, Suppression
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, read_token
 from tests.activities.factories import add_customer, touchpoints
@@ -293,6 +296,8 @@ async def test_retry_while_an_attempt_is_inside_data_is_not_resent(
     assert (await attempt).status == "sent"
     assert len(smtp_server.messages) == 1
     assert len(touchpoints(database_url, "email_sent")) == 1
+    row = outbox(database_url)
+    assert row is not None and row.status == SENT  # the zombie's 250 is the truth: recorded
 
 
 async def test_attempt_overtaken_before_data_leaves_the_send_to_the_newer_one(
@@ -331,9 +336,56 @@ async def test_timeout_inside_data_reports_unconfirmed(
 
     assert result.status == "unconfirmed"
     row = outbox(sqlite_url)
-    assert row is not None and row.status == DATA
+    assert row is not None and row.status == UNCONFIRMED
     assert (await send(settings, request())).status == "unconfirmed"
     assert len(smtp_server.messages) == 1
+
+
+async def test_hang_up_before_the_354_is_retried_and_sent_once(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """No byte of the message left before the server's 354: provably not sent, so resent."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.hang_up_on_data()
+
+    error = await refused(settings, request())
+
+    assert smtp_server.hung_up == 1
+    assert (error.type, error.non_retryable) == (SMTP_UNREACHABLE, False)
+    row = outbox(database_url)
+    assert row is not None and row.status == SENDING  # not `data`: nothing was transmitted
+
+    assert (await send(settings, request())).status == "sent"
+    assert len(smtp_server.messages) == 1
+    row = outbox(database_url)
+    assert row is not None and (row.status, row.attempts) == (SENT, 2)
+
+
+async def test_zombie_deferred_after_data_cannot_unsettle_the_retrys_verdict(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """The retry settled the send as unconfirmed; the zombie's late 451 changes nothing."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.reject_data(451)
+    smtp_server.stall()
+    zombie = asyncio.create_task(send(settings, request()))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+
+    retry = await send(settings, request())  # Temporal gave up on the silent attempt
+    assert retry.status == "unconfirmed"
+    smtp_server.release()
+    with pytest.raises(ApplicationError) as deferred:
+        await zombie
+    assert deferred.value.type == SMTP_DEFERRED
+
+    row = outbox(database_url)
+    assert row is not None and row.status == UNCONFIRMED  # still the verdict the journey got
+    assert row.error is not None and "451" in row.error  # the operator learns it was refused
+    later = await send(settings, request())
+    assert later.status == "unconfirmed"
+    assert smtp_server.connections == 1 and smtp_server.messages == []
 
 
 # ---- temporary failures: retried, resent, same Message-ID ------------------------------------
@@ -514,6 +566,88 @@ async def test_customer_without_email_is_refused(
     assert smtp_server.connections == 0
 
 
+# ---- a purchase since the journey started: nothing is sent ------------------------------------
+
+STARTED = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)  # when the journey's first event happened
+
+
+def add_order(url: str, order_id: str, completed_at: datetime, customer_id: str = "c1") -> None:
+    with session(url) as s:
+        s.add(
+            Order(
+                order_id=order_id,
+                customer_id=customer_id,
+                total_minor=3998,
+                currency="USD",
+                completed_at=completed_at,
+            )
+        )
+
+
+def since_start(email: SendEmailInput | None = None) -> SendEmailInput:
+    return replace(email or request(), ordered_since=STARTED.timestamp())
+
+
+async def test_an_order_since_the_journey_started_stops_the_send_for_good(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """The order overtook the cart event (or is not routed yet): the buyer gets no reminder."""
+    add_customer(database_url, "c1", ADDRESS)
+    add_order(database_url, "o-1", STARTED)  # "at or after": the same moment counts
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    first = await refused(settings, since_start())
+    again = await refused(settings, since_start())
+
+    for error in (first, again):
+        assert (error.type, error.non_retryable) == (ALREADY_PURCHASED, True)
+        assert "o-1" in error.message and "cart_email" in error.message
+    assert smtp_server.connections == 0
+    row = outbox(database_url)
+    assert row is not None and row.status == SKIPPED
+    assert row.error is not None and "o-1" in row.error and row.sent_at is None
+    assert touchpoints(database_url, "email_sent") == []
+
+
+async def test_only_an_order_at_or_after_ordered_since_stops_the_send(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(database_url, "c1", ADDRESS)
+    add_order(database_url, "older", STARTED - timedelta(seconds=1))
+    add_order(database_url, "someone-else", STARTED + timedelta(hours=1), customer_id="c2")
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    assert (await send(settings, since_start())).status == "sent"
+    add_order(database_url, "newer", STARTED + timedelta(hours=2))
+    unchecked = request(f"{JOURNEY}/run-1/offer_email", "cart_offer", COUPON)
+    assert (await send(settings, unchecked)).status == "sent"  # ordered_since None: no check
+    assert len(smtp_server.messages) == 2
+
+
+async def test_an_order_stored_during_the_smtp_conversation_stops_it_before_data(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """Checked again as the send claims DATA: the last moment before the message leaves."""
+    add_customer(database_url, "c1", ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    smtp_server.stall("RCPT")
+    attempt = asyncio.create_task(send(settings, since_start()))
+    await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
+
+    add_order(database_url, "o-2", STARTED + timedelta(minutes=5))
+    smtp_server.release()
+
+    with pytest.raises(ApplicationError) as caught:
+        await attempt
+    assert (caught.value.type, caught.value.non_retryable) == (ALREADY_PURCHASED, True)
+    assert smtp_server.messages == [] and smtp_server.refused_messages == []
+    row = outbox(database_url)
+    assert row is not None and row.status == SKIPPED
+    again = await refused(settings, since_start())
+    assert again.type == ALREADY_PURCHASED
+    assert smtp_server.connections == 1
+
+
 # ---- SMTP settings and templates ------------------------------------------------------------
 
 
@@ -680,8 +814,8 @@ async def test_cancel_while_data_is_being_claimed_still_sends(
     loop = asyncio.get_running_loop()
     claim = activities._claim_data
 
-    def claim_then_cancel(key: str, attempt: int) -> None:
-        claim(key, attempt)
+    def claim_then_cancel(email: SendEmailInput, attempt: int) -> None:
+        claim(email, attempt)
         loop.call_soon_threadsafe(env.cancel)
         time.sleep(0.2)  # the cancel reaches the activity before the claim returns
 

@@ -170,4 +170,4 @@ async def test_killed_while_sending(
     assert [m.message["To"] for m in smtp.messages] == [f"{customer_id}@shoppers.test"]
     with session(database_url) as s:
         row = s.exec(select(EmailMessage).where(EmailMessage.customer_id == customer_id)).one()
-    assert row.status == ("data" if stall_at == "DATA" else "sent")
+    assert row.status == ("unconfirmed" if stall_at == "DATA" else "sent")

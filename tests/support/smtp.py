@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -76,10 +77,28 @@ class _Handler:
         if self.server.data_refusals:
             self.server.refused_messages.append(received)
             code = self.server.data_refusals.pop(0)
+            await self.server.hold("DATA")  # a stall holds a refusal as it holds an acceptance
             return _REPLIES.get(code, f"{code} Refused")
         self.server.keep(received)
         await self.server.hold("DATA")
         return "250 Message accepted for delivery"
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP session, able to hang up on the DATA command before its ``354``."""
+
+    def __init__(self, owner: SMTPTestServer, **kwargs: Any) -> None:
+        super().__init__(_Handler(owner), **kwargs)
+        self.owner = owner
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.owner.data_hangups:
+            self.owner.data_hangups -= 1
+            self.owner.hung_up += 1
+            assert self.transport is not None
+            self.transport.close()  # nothing of the message has been sent: it cannot arrive
+            return
+        await super().smtp_DATA(arg)
 
 
 _REPLIES = {
@@ -116,6 +135,10 @@ class SMTPTestServer:
         self.refused_messages: list[ReceivedMessage] = []
         self.refused_recipients: dict[str, str] = {}
         self.data_refusals: list[int] = []
+        #: How many more DATA commands to answer by hanging up, before the 354 (see
+        #: :meth:`hang_up_on_data`), and how many were.
+        self.data_hangups = 0
+        self.hung_up = 0
         self.connections = 0
         #: Set while a reply is being held (so a test can act inside the window).
         self.stalled = asyncio.Event()
@@ -142,10 +165,17 @@ class SMTPTestServer:
         """Answer the next ``times`` messages, after their data, with ``code`` (451 or 554)."""
         self.data_refusals.extend([code] * times)
 
+    def hang_up_on_data(self, times: int = 1) -> None:
+        """Close the connection on the next ``times`` DATA commands, before answering ``354``.
+
+        The client has sent nothing of the message yet, so the server provably holds nothing.
+        """
+        self.data_hangups += times
+
     def stall(self, at: str = "DATA") -> None:
         """Hold every reply to ``at`` until :meth:`release`.
 
-        ``DATA``: after the whole message is received (and kept), before the 250.
+        ``DATA``: after the whole message is received (and kept, or refused), before the reply.
         ``RCPT``: before the recipient is answered, when the server holds nothing yet.
         """
         self._stall_at = at
@@ -194,8 +224,8 @@ class SMTPTestServer:
 
     def _protocol(self) -> SMTP:
         self.connections += 1
-        return SMTP(
-            _Handler(self),
+        return _Session(
+            self,
             hostname="smtp.kaeru.test",
             ident="kaeru test SMTP",
             loop=asyncio.get_running_loop(),
