@@ -846,43 +846,67 @@ def _host_of(url: str) -> str | None:
     return host.rstrip(".").lower() if host else None
 
 
+#: An origin: scheme, host (lower case), port (the scheme's default made explicit).
+_Origin = tuple[str, str, int]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# A host name as kaeru compares it: ASCII letters, digits, hyphens and inner dots only, so
+# nothing a browser would decode or map (percent-escapes, IDN look-alikes, a trailing dot).
+_HOST_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$|^\[[0-9a-f:.]+\]$")
+
+
+def _origin_of(url: str | None) -> _Origin | None:
+    """The origin of an absolute http(s) URL without userinfo, or None for anything else."""
+    url = _web_url(url)
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a bad port or bracket
+        return None
+    scheme = parts.scheme.lower()
+    netloc = parts.netloc.lower()
+    host = netloc.rsplit(":", 1)[0] if port is not None else netloc
+    if "@" in netloc or not _HOST_NAME.match(host):
+        return None
+    return scheme, host.strip("[]"), port if port is not None else _DEFAULT_PORTS[scheme]
+
+
 @dataclass(frozen=True)
 class _Hosts:
     """Where a message's links and images may point.
 
-    Links: http(s) URLs on the host of ``KAERU_SHOP_URL`` or ``KAERU_CART_URL``, or on a
-    subdomain of one (``cdn.shop.example`` for ``shop.example``); kaeru's own click redirect
-    must never take a shopper elsewhere (phishing), so other product links fall back to the
-    cart's (or the shop's) page. Images: the same hosts; an image from elsewhere is dropped,
-    the product shown by name. One exception, for ``kaeru dev`` and its demo: when
-    ``KAERU_PUBLIC_URL`` is itself on loopback, kaeru runs on a developer's machine and
-    images on loopback (``localhost``, ``127.0.0.1``, ``::1``, any port: the mail catcher
-    serves the demo's pictures) are kept too. A real deployment has a public
-    ``KAERU_PUBLIC_URL``, so there a loopback image is dropped like any other foreign one.
+    Links and images: only the exact origins (scheme, host and port) of ``KAERU_SHOP_URL`` and
+    ``KAERU_CART_URL``, so with the default ``https://`` URLs only https on the standard port;
+    no subdomain (``www.shop.example`` may be someone else's), no other port, no userinfo, no
+    host a browser would read differently. Kaeru's own click redirect must never take a
+    shopper elsewhere (phishing), so other product links fall back to the cart's (or the
+    shop's) page, and an image from elsewhere is dropped, the product shown by name. One
+    exception, for ``kaeru dev`` and its demo: when ``KAERU_PUBLIC_URL`` is itself on loopback,
+    kaeru runs on a developer's machine and images on loopback (``localhost``, ``127.0.0.1``,
+    ``::1``, any port: the mail catcher serves the demo's pictures) are kept too. A real
+    deployment has a public ``KAERU_PUBLIC_URL``, so there a loopback image is dropped like any
+    other foreign one.
     """
 
-    links: frozenset[str]
-    images: frozenset[str]
+    origins: frozenset[_Origin]
+    loopback_images: bool
 
     @classmethod
     def of(cls, settings: Settings) -> _Hosts:
-        shop = frozenset(h for h in map(_host_of, (settings.shop_url, settings.cart_url)) if h)
-        local = _host_of(settings.public_url) in _LOOPBACK
-        return cls(shop, shop | _LOOPBACK if local else shop)
-
-    @staticmethod
-    def _on(url: str | None, hosts: frozenset[str]) -> str | None:
-        url = _web_url(url)
-        host = _host_of(url) if url else None
-        if url and host and any(host == h or host.endswith(f".{h}") for h in hosts):
-            return url
-        return None
+        origins = frozenset(o for o in map(_origin_of, (settings.shop_url, settings.cart_url)) if o)
+        return cls(origins, _host_of(settings.public_url) in _LOOPBACK)
 
     def link(self, url: str | None) -> str | None:
-        return self._on(url, self.links)
+        return url if _origin_of(url) in self.origins else None
 
     def image(self, url: str | None) -> str | None:
-        return self._on(url, self.images)
+        origin = _origin_of(url)
+        if origin in self.origins or (
+            self.loopback_images and origin is not None and origin[1] in _LOOPBACK
+        ):
+            return url
+        return None
 
 
 def _encodable(text: str) -> str:

@@ -60,7 +60,7 @@ MASKED = "a***@example.com"  # what histories show of ADDRESS
 SIGNING_KEY = b"test-secret"  # make_settings' KAERU_SECRET_KEY
 CART_URL = "https://shop.example/cart?id=42&utm_source=kaeru"
 MUG = ProductInfo(
-    "mug", "Frog mug", 1999, "USD", "https://cdn.shop.example/mug.jpg", "https://shop.example/p/mug"
+    "mug", "Frog mug", 1999, "USD", "https://shop.example/img/mug.jpg", "https://shop.example/p/mug"
 )
 # Product data comes from shop events: markup in a name, a script URL as its link.
 TEE = ProductInfo("tee", 'Tee <b>"bold"</b> & co', 2500, "USD", None, "javascript:alert(1)")
@@ -69,7 +69,7 @@ POSTER = ProductInfo(
     "Pond poster",
     1200,
     "USD",
-    "https://cdn.shop.example/poster.jpg",
+    "https://shop.example/img/poster.jpg",
     "https://shop.example/p/poster",
 )
 LILY = ProductInfo("lily", "Lily pad", None, "USD", None, None)
@@ -932,13 +932,92 @@ async def test_links_and_images_stay_on_the_shop(
     assert row is not None
     found = links_of(html)
     targets = {click_target(href, row) for href in found.hrefs}
-    # A foreign cart line goes to the cart, a foreign recommendation to the shop.
-    assert targets == {settings.cart_url, MUG.url, settings.shop_url, "https://www.shop.example/t3"}
+    # A foreign cart line goes to the cart, a foreign recommendation (a subdomain too) to the
+    # shop.
+    assert targets == {settings.cart_url, MUG.url, settings.shop_url}
     assert set(row.links) == targets
     *images, _pixel = found.images
-    assert images == [MUG.image_url, "https://cdn.shop.example/t3.jpg"]
+    assert images == [MUG.image_url]
     assert "evil" not in html and "evil" not in text
     assert "Phish" in html and "T2" in html  # shown by name, without a picture
+
+
+# Each passed the old check (any subdomain, any port, plain http, userinfo, a trailing dot);
+# the ones after them were refused already and must stay refused.
+BYPASSES = [
+    "https://www.shop.example/p/x",  # a subdomain: another site (and another owner, maybe)
+    "https://shop.example:8443/p/x",  # another port: another server on the host
+    "http://shop.example/p/x",  # plain http: anyone on the path rewrites it
+    "https://anything@shop.example/p/x",  # userinfo: a look-alike prefix
+    "https://paypal.com-login:x@shop.example/",
+    "https://shop.example./p/x",  # a trailing dot: not the configured name
+    "HTTPS://WWW.SHOP.EXAMPLE/p/x",
+    "https://shop.example@evil.test/",  # below: refused by the old check too
+    "https://evil.test\\@shop.example/",
+    "https://shop.example\\.evil.test/",
+    "https://shоp.example/p/x",  # a Cyrillic "о"
+    "https://xn--shp-gdd.example/p/x",
+    "https://shop.example%2eevil.test/",
+    "https:/shop.example/p/x",
+    "//shop.example/p/x",
+]
+
+
+@pytest.mark.parametrize("url", BYPASSES)
+async def test_links_and_images_only_to_the_exact_shop_origins_over_https(
+    sqlite_url: str, smtp_server: SMTPTestServer, url: str
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(
+        sqlite_url,
+        smtp_port=smtp_server.port,
+        shop_url="https://shop.example",
+        cart_url="https://checkout.shop.example:8443/cart",
+    )
+    tricky = ProductInfo("t", "Tricky", 100, "USD", url.replace("/p/x", "/t.jpg"), url)
+    email = replace(
+        request(), cart_url=url, cart=[CartLine(tricky)], recommendations=[replace(tricky)]
+    )
+
+    await send(settings, email)
+
+    text, html = parts(smtp_server.messages[0].message)
+    row = outbox(sqlite_url)
+    assert row is not None
+    assert set(row.links) == {settings.cart_url, settings.shop_url}  # the fallbacks only
+    *images, _pixel = links_of(html).images
+    assert images == []
+    assert "Tricky" in html
+
+
+async def test_links_and_images_on_the_configured_origins_are_kept(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    add_customer(sqlite_url, "c1", ADDRESS)
+    settings = make_settings(
+        sqlite_url,
+        smtp_port=smtp_server.port,
+        shop_url="https://shop.example",
+        cart_url="https://checkout.shop.example:8443/cart",
+    )
+    kept = [
+        "https://shop.example/p/a?b=c#d",
+        "https://Shop.Example/p/b",
+        "https://shop.example:443/p/c",
+        "https://checkout.shop.example:8443/p/d",
+    ]
+    products = [
+        ProductInfo(f"k{n}", f"K{n}", 100, "USD", u + ".jpg", u) for n, u in enumerate(kept)
+    ]
+    email = replace(request(), cart=[CartLine(p) for p in products], recommendations=[])
+
+    await send(settings, email)
+
+    html = parts(smtp_server.messages[0].message)[1]
+    row = outbox(sqlite_url)
+    assert row is not None and set(kept) <= set(row.links)
+    *images, _pixel = links_of(html).images
+    assert images == [u + ".jpg" for u in kept]
 
 
 async def test_loopback_images_only_when_kaeru_runs_on_loopback(
