@@ -82,7 +82,7 @@ from kaeru.journal import email_of, record_touchpoint
 from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.money import format_minor
 from kaeru.settings import Settings
-from kaeru.tracking import click_url, open_url, signing_key
+from kaeru.tracking import click_url, open_url, register_tokens, signing_key
 
 T = TypeVar("T")
 
@@ -349,6 +349,7 @@ class EmailActivities:
                 )
                 if counted.rowcount != 1:
                     return None  # another attempt moved the row meanwhile: read it again
+            register_tokens(s, link_key, email.key, len(rendered.links))
             payload = self._compose(email, address, message_id, rendered)
         return _Outgoing(message_id, address, payload, attempt=attempt)
 

@@ -306,7 +306,7 @@ async def main() -> None:
         "KAERU_TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
         "KAERU_DATABASE_URL": database_url,
         "KAERU_WRITE_KEY": "bench",
-        "KAERU_SECRET_KEY": "bench",
+        "KAERU_SECRET_KEY": "bench-0123456789abcdef-0123456789abcdef",
         "KAERU_TASK_QUEUE": "bench",
         "KAERU_SMTP_HOST": "127.0.0.1",
         "KAERU_PUBLIC_URL": f"http://127.0.0.1:{port}",

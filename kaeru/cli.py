@@ -81,9 +81,10 @@ def settings_problem(error: ValidationError) -> str:
     for e in error.errors():
         field = str(e["loc"][0]) if e["loc"] else "?"
         value = e.get("input")
-        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
-        problems.append(f"{env_name(field)}{shown} is not valid ({e['msg']})")
         info = Settings.model_fields.get(field)
+        secret = info is not None and "SecretStr" in str(info.annotation)  # never echo a secret
+        shown = f"={value!r}" if isinstance(value, str | int | float) and not secret else ""
+        problems.append(f"{env_name(field)}{shown} is not valid ({e['msg']})")
         durations = durations or (info is not None and info.annotation is timedelta)
     fix = "Fix it in the environment or in .env"
     if durations:

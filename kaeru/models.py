@@ -225,3 +225,26 @@ class Lease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=100)
     holder: str = Field(max_length=200)
     expires_at: datetime = _ts()
+
+
+# ---- Stream D (issue 13): the email outbox and tracking links ----------------------------------
+
+
+class TrackingLink(SQLModel, table=True):
+    """One tracking token of a sent email (its open pixel or one of its links), with its hits.
+
+    Keyed by the token's SHA-256 (:func:`kaeru.tracking.digest_of`), never the token: a copy
+    of the database cannot be replayed as opens or clicks. Repeated hits are counted here; only
+    the first one of each token becomes a touchpoint.
+    """
+
+    __tablename__ = "tracking_links"
+
+    digest: str = Field(primary_key=True, max_length=64)
+    message_key: str = Field(index=True, max_length=400)
+    kind: str = Field(max_length=1)  # "o" (open) or "c" (click)
+    link: int | None = None  # the index into EmailMessage.links of a click
+    hits: int = 0
+    created_at: datetime = _ts()
+    first_hit_at: datetime | None = _ts(nullable=True)
+    last_hit_at: datetime | None = _ts(nullable=True)

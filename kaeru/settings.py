@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,8 +46,53 @@ class Settings(BaseSettings):
     # API
     write_key: str | None = Field(None, description="Segment write key that ingestion requires")
     secret_key: SecretStr | None = Field(
-        None, description="signs tracking links; unset: generated once and kept in the database"
+        None,
+        description="signs tracking links, at least 32 bytes; unset: generated once and kept "
+        "in the database",
     )
+    legacy_secret_key: SecretStr | None = Field(
+        None,
+        description="a former KAERU_SECRET_KEY (any length): only verifies the links of emails "
+        "sent before tracking tokens became opaque, until they expire; never signs",
+    )
+    tracking_ttl: timedelta = Field(
+        timedelta(days=90),
+        description="how long after its email was sent a tracking link records opens and "
+        "clicks (seconds or ISO 8601); later, the pixel still answers and a click goes to "
+        "KAERU_SHOP_URL, recording nothing",
+    )
+
+    #: An HMAC-SHA256 key shorter than this is weaker than the hash it keys.
+    min_secret_key_bytes: ClassVar[int] = 32
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        length = len(value.get_secret_value().encode()) if value is not None else 0
+        if 0 < length < cls.min_secret_key_bytes:
+            raise ValueError(
+                f"must be at least {cls.min_secret_key_bytes} bytes: generate one with `python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'`, or unset it and kaeru "
+                "generates one and keeps it in the database. Set the old value as "
+                "KAERU_LEGACY_SECRET_KEY so links in emails already sent keep working"
+            )
+        return value
+
+    @field_validator("tracking_ttl", mode="before")
+    @classmethod
+    def _seconds_or_iso(cls, value: object) -> object:
+        # pydantic reads a string only as ISO 8601 or HH:MM:SS; "7776000" means seconds.
+        if isinstance(value, str) and value.strip().isdigit():
+            return timedelta(seconds=int(value))
+        return value
+
+    @field_validator("tracking_ttl")
+    @classmethod
+    def _positive_ttl(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be a positive duration, e.g. 7776000 or P90D")
+        return value
+
     public_url: str = Field("http://localhost:8000", description="base of tracking links")
     api_host: str = Field("127.0.0.1", description="address the API listens on")
     api_port: int = Field(8000, description="port the API listens on")

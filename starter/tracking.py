@@ -1,10 +1,15 @@
 """Open pixel and click redirect: ``GET /t/o/<token>`` and ``GET /t/c/<token>``.
 
-A token is signed (:mod:`kaeru.tracking`): a forged, altered or malformed one gets a 404 and
-records nothing. A click redirects only to a link the email really contained, looked up from
-the email outbox by index; nothing in the request chooses the target.
+A token is opaque (:mod:`kaeru.tracking`): one that no email carries (forged, altered,
+malformed) gets a 404 and records nothing. A click redirects only to a link the email really
+contained, looked up from the email outbox by index; nothing in the request chooses the target.
 
-Every hit is a touchpoint; the first open and the first click of each message also become an
+A token expires ``KAERU_TRACKING_TTL`` after its email was sent: then the pixel still answers
+with its GIF (never break a mail client) and a click still redirects, to the shop's home page
+(never a 404 for a real shopper), but neither records anything.
+
+The first hit of each token is a touchpoint; later ones only count on its row
+(``tracking_links.hits``). The first open and the first click of each message also become an
 event in the outbox (``Email Opened`` / ``Email Link Clicked``), which the router delivers to
 the journey that sent the message.
 """
@@ -25,7 +30,7 @@ from kaeru.db import session as db_session
 from kaeru.journal import record_touchpoint
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, read_token, signing_key
+from kaeru.tracking import CLICK, OPEN, count_hit, expired, find, signing_key
 from starter.deps import ApiError, SettingsDep, router_of
 from starter.ingest import insert_events, outbox_row
 from workflows.kit import EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -48,12 +53,21 @@ def load_signing_key(settings: Settings) -> bytes:
         return signing_key(s, settings.secret_key)
 
 
+def verifying_keys(signing: bytes, settings: Settings) -> list[bytes]:
+    """The keys that verify old-format tokens: the signing key, then
+    ``KAERU_LEGACY_SECRET_KEY`` if set (opaque tokens need no key to be read)."""
+    legacy = settings.legacy_secret_key.get_secret_value() if settings.legacy_secret_key else ""
+    return [signing] + ([legacy.encode()] if legacy else [])  # never an empty key: forgeable
+
+
 @dataclass(frozen=True)
 class Hit:
-    """What a valid tracking hit found. ``url`` is set for a click."""
+    """What a valid tracking hit found. ``url`` is set for a click; ``expired`` hits record
+    nothing."""
 
     new_event: bool
     url: str | None = None
+    expired: bool = False
 
 
 def _event_row(message: EmailMessage, name: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -86,21 +100,29 @@ def _event_row(message: EmailMessage, name: str, extra: dict[str, Any]) -> dict[
     )
 
 
-def record_hit(settings: Settings, token: TrackingToken) -> Hit | None:
-    """Record an open or a click in one transaction. None: no such message or link. Blocking."""
+def record_hit(settings: Settings, keys: list[bytes], kind: str, text: str) -> Hit | None:
+    """Record an open or a click in one transaction. None: no such token, message or link.
+    Blocking."""
     with db_session(settings.resolved_database_url) as s:
-        message = s.get(EmailMessage, token.message_key)
+        link_row = find(s, keys, kind, text)
+        if link_row is None:
+            return None
+        message = s.get(EmailMessage, link_row.message_key)
         if message is None:
             return None
         url: str | None = None
-        if token.kind == "c":
-            assert token.link is not None
-            if not 0 <= token.link < len(message.links):
+        if kind == CLICK:
+            if link_row.link is None or not 0 <= link_row.link < len(message.links):
                 return None
-            url = message.links[token.link]
+            url = message.links[link_row.link]
             if not url.startswith(("https://", "http://")):
                 return None
-        opened = token.kind == "o"
+        if expired(message, settings.tracking_ttl):
+            s.rollback()  # an old-format token's first hit made its row: keep nothing
+            return Hit(new_event=False, url=settings.shop_url if url else None, expired=True)
+        if not count_hit(s, link_row):
+            return Hit(new_event=False, url=url)
+        opened = kind == OPEN
         record_touchpoint(
             s,
             customer_id=message.customer_id,
@@ -108,7 +130,7 @@ def record_hit(settings: Settings, token: TrackingToken) -> Hit | None:
             journey_id=message.journey_id,
             step=message.step,
             detail={"message_key": message.key}
-            | ({} if opened else {"url": url, "link": token.link}),
+            | ({} if opened else {"url": url, "link": link_row.link}),
         )
         flag = EmailMessage.first_open_routed if opened else EmailMessage.first_click_routed
         first = s.execute(
@@ -119,18 +141,16 @@ def record_hit(settings: Settings, token: TrackingToken) -> Hit | None:
         new_event = first.rowcount == 1  # type: ignore[attr-defined]
         if new_event:
             name = EMAIL_OPENED if opened else EMAIL_LINK_CLICKED
-            insert_events(
-                s, [_event_row(message, name, {} if opened else {"url": url, "link": token.link})]
-            )
+            extra = {} if opened else {"url": url, "link": link_row.link}
+            insert_events(s, [_event_row(message, name, extra)])
         return Hit(new_event=new_event, url=url)
 
 
 async def _hit(request: Request, settings: Settings, token_text: str, kind: str) -> Hit:
-    key: bytes = request.app.state.signing_key
-    token = read_token(key, token_text) if len(token_text) <= _MAX_TOKEN else None
-    if token is None or token.kind != kind:
-        raise ApiError(404, "not_found", "no such tracking link")
-    hit = await run_in_threadpool(record_hit, settings, token)
+    keys = verifying_keys(request.app.state.signing_key, settings)
+    hit = None
+    if len(token_text) <= _MAX_TOKEN:
+        hit = await run_in_threadpool(record_hit, settings, keys, kind, token_text)
     if hit is None:
         raise ApiError(404, "not_found", "no such tracking link")
     if hit.new_event:
@@ -145,7 +165,7 @@ async def _hit(request: Request, settings: Settings, token_text: str, kind: str)
     summary="Email open pixel",
 )
 async def open_pixel(token: str, request: Request, settings: SettingsDep) -> Response:
-    await _hit(request, settings, token, "o")
+    await _hit(request, settings, token, OPEN)
     return Response(PIXEL, media_type="image/gif", headers=NO_CACHE)
 
 
@@ -156,6 +176,6 @@ async def open_pixel(token: str, request: Request, settings: SettingsDep) -> Res
     summary="Email link click: redirects to the link the email contained",
 )
 async def click(token: str, request: Request, settings: SettingsDep) -> RedirectResponse:
-    hit = await _hit(request, settings, token, "c")
+    hit = await _hit(request, settings, token, CLICK)
     assert hit.url is not None
     return RedirectResponse(hit.url, status_code=302, headers=NO_CACHE)

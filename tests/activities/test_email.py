@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import threading
@@ -46,9 +47,9 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage, Order, Suppression
+from kaeru.models import EmailMessage, Order, Suppression, TrackingLink
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, read_token
+from kaeru.tracking import digest_of, token_for
 from tests.activities.factories import add_customer, touchpoints
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
@@ -57,7 +58,7 @@ JOURNEY = "cart-abandonment-c1"
 KEY = f"{JOURNEY}/run-1/cart_email"
 ADDRESS = "alice@example.com"
 MASKED = "a***@example.com"  # what histories show of ADDRESS
-SIGNING_KEY = b"test-secret"  # make_settings' KAERU_SECRET_KEY
+SIGNING_KEY = b"test-secret-0123456789abcdef-kaeru"  # make_settings' KAERU_SECRET_KEY
 CART_URL = "https://shop.example/cart?id=42&utm_source=kaeru"
 MUG = ProductInfo(
     "mug", "Frog mug", 1999, "USD", "https://shop.example/img/mug.jpg", "https://shop.example/p/mug"
@@ -152,12 +153,19 @@ def parts(message: MimeMessage) -> tuple[str, str]:
     return str(text.get_content()), str(html.get_content())
 
 
-def click_target(url: str, row: EmailMessage) -> str:
-    """Where a tracked link redirects: the token names a link index of the outbox row."""
-    token = read_token(SIGNING_KEY, url.rsplit("/", 1)[1])
-    assert token is not None and token.kind == "c" and token.message_key == row.key
-    assert token.link is not None
-    return row.links[token.link]
+def tracking_row(url: str, database_url: str) -> TrackingLink:
+    """The row the send registered for a tracking URL's token."""
+    with session(database_url) as s:
+        found = s.get(TrackingLink, digest_of(url.rsplit("/", 1)[1]))
+    assert found is not None
+    return found
+
+
+def click_target(url: str, row: EmailMessage, database_url: str) -> str:
+    """Where a tracked link redirects: the token's row names a link index of the outbox row."""
+    found = tracking_row(url, database_url)
+    assert found.kind == "c" and found.message_key == row.key and found.link is not None
+    return row.links[found.link]
 
 
 # ---- content ---------------------------------------------------------------------------------
@@ -203,18 +211,19 @@ async def test_reminder_shows_the_cart_and_tracks_every_link(
     assert row.sent_at is not None and row.to_address == ADDRESS
     found = links_of(html)
     assert found.hrefs and all(h.startswith("http://kaeru.test/t/c/") for h in found.hrefs)
-    targets = {click_target(href, row) for href in found.hrefs}
+    targets = {click_target(href, row, database_url) for href in found.hrefs}
     # The script URL and the missing one fall back to the cart and the shop.
     assert targets == {CART_URL, MUG.url, POSTER.url, settings.shop_url}
     assert sorted(row.links) == sorted(targets)  # each target once in the outbox
     text_links = re.findall(r"http://kaeru\.test/t/c/\S+", text)
-    assert {click_target(link, row) for link in text_links} == targets
+    assert {click_target(link, row, database_url) for link in text_links} == targets
     assert CART_URL not in html and CART_URL not in text  # only ever behind a tracked link
 
     *images, pixel = found.images
     assert images == [MUG.image_url, POSTER.image_url]
     assert pixel.startswith("http://kaeru.test/t/o/")
-    assert read_token(SIGNING_KEY, pixel.rsplit("/", 1)[1]) == TrackingToken(KEY, "o")
+    assert pixel.rsplit("/", 1)[1] == token_for(SIGNING_KEY, KEY, "o")
+    assert tracking_row(pixel, database_url).kind == "o"
     assert re.search(r'<img src="[^"]+/t/o/[^"]+" width="1" height="1" alt=""', html)
 
     [sent] = touchpoints(database_url, "email_sent")
@@ -225,6 +234,39 @@ async def test_reminder_shows_the_cart_and_tracks_every_link(
         "cart_email",
     )
     assert sent.detail["message_id"] == result.message_id
+
+
+def tracked_tokens(message: MimeMessage) -> list[str]:
+    """The tokens of every tracking URL (pixel and links) in both parts of ``message``."""
+    text, html = parts(message)
+    return re.findall(r"http://kaeru\.test/t/[oc]/([^\s\"<>]+)", text + html)
+
+
+async def test_tracking_tokens_carry_nothing_readable_and_survive_a_resend(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """The customer id is often the shopper's email address: no token may carry it."""
+    customer = "alice@example.com"
+    add_customer(database_url, customer, ADDRESS)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    key = f"cart-abandonment-{customer}/run-1/cart_email"
+    email = replace(request(key, customer_id=customer), journey_id=f"cart-abandonment-{customer}")
+    smtp_server.reject_data(451)
+
+    await refused(settings, email)
+    assert (await send(settings, email)).status == "sent"
+
+    [first], [second] = smtp_server.refused_messages, smtp_server.messages
+    tokens = tracked_tokens(second.message)
+    assert len(tokens) >= 5 and tracked_tokens(first.message) == tokens  # same message bytes
+    for token in tokens:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", token)
+        decoded = base64.urlsafe_b64decode(token + "==")
+        assert b"alice" not in decoded and b"cart" not in decoded
+        assert tracking_row(f"/t/x/{token}", database_url).message_key == key
+    with session(database_url) as s:
+        rows = list(s.exec(select(TrackingLink)))
+    assert len(rows) == len(set(tokens))  # registered once, though rendered twice
 
 
 async def test_offer_shows_the_coupon(sqlite_url: str, smtp_server: SMTPTestServer) -> None:
@@ -931,7 +973,7 @@ async def test_links_and_images_stay_on_the_shop(
     row = outbox(sqlite_url)
     assert row is not None
     found = links_of(html)
-    targets = {click_target(href, row) for href in found.hrefs}
+    targets = {click_target(href, row, sqlite_url) for href in found.hrefs}
     # A foreign cart line goes to the cart, a foreign recommendation (a subdomain too) to the
     # shop.
     assert targets == {settings.cart_url, MUG.url, settings.shop_url}

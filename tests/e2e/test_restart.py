@@ -89,7 +89,7 @@ def stack(
         "KAERU_TASK_QUEUE": task_queue,
         "KAERU_SMTP_HOST": "127.0.0.1",
         "KAERU_SMTP_PORT": str(smtp.port),
-        "KAERU_SECRET_KEY": "restart-test",
+        "KAERU_SECRET_KEY": "restart-test-0123456789abcdef-kaeru",
         "KAERU_PUBLIC_URL": "http://kaeru.test",
         "KAERU_LOG_LEVEL": "INFO",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),

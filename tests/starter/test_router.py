@@ -232,7 +232,9 @@ async def test_email_open_and_ad_click_reach_the_journey(stack: Stack) -> None:
                 links=["https://shop.example/cart"],
             )
         )
-    pixel = f"/t/o/{make_token(b'test-secret', TrackingToken(message_key, 'o'))}"
+    pixel = (
+        f"/t/o/{make_token(b'test-secret-0123456789abcdef-kaeru', TrackingToken(message_key, 'o'))}"
+    )
     for _ in range(3):
         assert (await stack.api.get(pixel)).status_code == 200
     await stack.router.drain()

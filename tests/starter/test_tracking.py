@@ -1,27 +1,34 @@
-"""Open pixel and click redirect: signed tokens, stored links only, one event per first touch."""
+"""Open pixel and click redirect: opaque expiring tokens, stored links only, one event per first
+touch, repeated hits counted."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from datetime import timedelta
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlmodel import col, select
 
 from kaeru.db import session
-from kaeru.models import EmailMessage, Touchpoint
+from kaeru.models import EmailMessage, Touchpoint, TrackingLink, utcnow
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, make_token
-from tests.starter.conftest import events
+from kaeru.tracking import TrackingToken, digest_of, make_token, register_tokens, token_for
+from starter.app import create_app
+from tests.conftest import make_settings
+from tests.starter.conftest import asgi_client, events
 
-KEY = b"test-secret"  # make_settings' secret_key
+KEY = b"test-secret-0123456789abcdef-kaeru"  # make_settings' secret_key
 MESSAGE_KEY = "cart-abandonment-u1/run-1/cart_email"
 LINKS = ["https://shop.example/cart", "https://shop.example/p/mug?utm_source=kaeru"]
 
 
 @pytest.fixture(autouse=True)
 def message(settings: Settings) -> EmailMessage:
+    """A cart email sent just now, its tokens registered as the send registers them."""
     row = EmailMessage(
         key=MESSAGE_KEY,
         message_id="<cart-email@kaeru>",
@@ -32,23 +39,41 @@ def message(settings: Settings) -> EmailMessage:
         subject="Your cart",
         status="sent",
         links=LINKS,
+        sent_at=utcnow(),
     )
     with session(settings.resolved_database_url) as s:
         s.add(row)
+        register_tokens(s, KEY, MESSAGE_KEY, len(LINKS))
     return row
 
 
 def opened(message_key: str = MESSAGE_KEY, key: bytes = KEY) -> str:
-    return f"/t/o/{make_token(key, TrackingToken(message_key, 'o'))}"
+    return f"/t/o/{token_for(key, message_key, 'o')}"
 
 
 def clicked(link: int, message_key: str = MESSAGE_KEY, key: bytes = KEY) -> str:
+    return f"/t/c/{token_for(key, message_key, 'c', link)}"
+
+
+def legacy_opened(message_key: str = MESSAGE_KEY, key: bytes = KEY) -> str:
+    """The pixel of an email sent before tokens became opaque (base64 JSON, signed)."""
+    return f"/t/o/{make_token(key, TrackingToken(message_key, 'o'))}"
+
+
+def legacy_clicked(link: int, message_key: str = MESSAGE_KEY, key: bytes = KEY) -> str:
     return f"/t/c/{make_token(key, TrackingToken(message_key, 'c', link))}"
 
 
 def touchpoints(settings: Settings) -> list[Touchpoint]:
     with session(settings.resolved_database_url) as s:
         return list(s.exec(select(Touchpoint).order_by(col(Touchpoint.id))).all())
+
+
+def hits(settings: Settings, path: str) -> int:
+    """How many hits the token of ``path`` has counted (0: it has no row)."""
+    with session(settings.resolved_database_url) as s:
+        row = s.get(TrackingLink, digest_of(path.rsplit("/", 1)[1]))
+    return row.hits if row is not None else 0
 
 
 def flag(settings: Settings) -> tuple[bool, bool]:
@@ -58,8 +83,16 @@ def flag(settings: Settings) -> tuple[bool, bool]:
     return row.first_open_routed, row.first_click_routed
 
 
+def sent_ago(settings: Settings, age: timedelta) -> None:
+    with session(settings.resolved_database_url) as s:
+        row = s.get(EmailMessage, MESSAGE_KEY)
+        assert row is not None
+        row.sent_at = utcnow() - age
+        s.add(row)
+
+
 def altered(path: str) -> str:
-    """The same token with the message key in its payload changed, signature kept."""
+    """The same old-format token with the message key in its payload changed, signature kept."""
     prefix, token = path.rsplit("/", 1)
     payload, signature = token.split(".")
     body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -81,7 +114,9 @@ async def test_pixel_is_a_transparent_gif_and_one_open_event(
         assert gif.endswith(b";")
         assert "no-store" in answer.headers["cache-control"]
         assert "no-cache" in answer.headers["cache-control"]
-    assert [t.kind for t in touchpoints(settings)] == ["email_opened"] * 3
+    # Counted on the token's row, not stored three times.
+    assert hits(settings, opened()) == 3
+    assert [t.kind for t in touchpoints(settings)] == ["email_opened"]
     assert {(t.customer_id, t.journey_id, t.step) for t in touchpoints(settings)} == {
         ("u1", "cart-abandonment-u1", "cart_email")
     }
@@ -100,13 +135,17 @@ async def test_pixel_is_a_transparent_gif_and_one_open_event(
 @pytest.mark.parametrize(
     "path",
     [
-        opened(key=b"someone-elses-key"),
-        altered(opened()),
+        opened(key=b"someone-elses-key-someone-elses-key"),
         opened()[:-3] + "AAA",
+        opened("cart-abandonment-u1/run-1/never_sent"),
+        legacy_opened(key=b"someone-elses-key"),
+        altered(legacy_opened()),
+        legacy_opened()[:-3] + "AAA",
         "/t/o/not-a-token",
         "/t/o/a.b.c",
         "/t/o/" + "A" * 5000,
         clicked(0),  # a click token is not an open token
+        legacy_clicked(0),
     ],
 )
 async def test_forged_altered_or_malformed_pixel_is_404_and_records_nothing(
@@ -124,7 +163,7 @@ async def test_forged_altered_or_malformed_pixel_is_404_and_records_nothing(
 async def test_pixel_for_an_unknown_message_is_404(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
-    answer = await api.get(opened("cart-abandonment-u1/run-1/never_sent"))
+    answer = await api.get(legacy_opened("cart-abandonment-u1/run-1/never_sent"))
     assert answer.status_code == 404
     assert touchpoints(settings) == [] and events(settings) == []
 
@@ -140,9 +179,9 @@ async def test_click_redirects_to_the_stored_link_and_emits_one_event(
     assert answer.headers["location"] == LINKS[0]
     assert [(t.kind, t.detail["url"]) for t in touchpoints(settings)] == [
         ("email_clicked", LINKS[1]),
-        ("email_clicked", LINKS[1]),
         ("email_clicked", LINKS[0]),
     ]
+    assert (hits(settings, clicked(1)), hits(settings, clicked(0))) == (2, 1)
     (event,) = events(settings)
     assert (event.name, event.customer_id) == ("Email Link Clicked", "u1")
     assert event.payload["properties"]["journey_id"] == "cart-abandonment-u1"
@@ -157,7 +196,7 @@ async def test_click_redirects_to_the_stored_link_and_emits_one_event(
 async def test_link_index_out_of_range_is_404(
     api: httpx.AsyncClient, settings: Settings, link: int
 ) -> None:
-    answer = await api.get(clicked(link))
+    answer = await api.get(legacy_clicked(link))  # signed, so only the index can refuse it
     assert answer.status_code == 404
     assert "location" not in answer.headers
     assert touchpoints(settings) == [] and events(settings) == []
@@ -182,9 +221,11 @@ async def test_the_request_never_chooses_the_target(api: httpx.AsyncClient, path
 @pytest.mark.parametrize(
     "path",
     [
-        altered(clicked(0)),
-        clicked(0, key=b"attacker"),
+        altered(legacy_clicked(0)),
+        legacy_clicked(0, key=b"attacker"),
+        clicked(0, key=b"attacker-attacker-attacker-attacker"),
         opened().replace("/t/o/", "/t/c/"),
+        legacy_opened().replace("/t/o/", "/t/c/"),
         "/t/c/" + base64.urlsafe_b64encode(b'["x","c",0,"https://evil.example"]').decode() + ".AA",
     ],
 )
@@ -196,3 +237,87 @@ async def test_forged_click_is_404_without_redirect_or_event(
     assert "location" not in answer.headers
     assert touchpoints(settings) == [] and events(settings) == []
     assert flag(settings) == (False, False)
+
+
+# ---- expiry, counting, links of emails sent before opaque tokens --------------------------------
+
+
+@pytest.mark.parametrize("age", [timedelta(days=90), timedelta(days=400)])
+async def test_an_expired_token_still_answers_but_records_nothing(
+    api: httpx.AsyncClient, settings: Settings, age: timedelta
+) -> None:
+    sent_ago(settings, age)  # KAERU_TRACKING_TTL is 90 days by default
+
+    for path in (opened(), legacy_opened()):
+        pixel = await api.get(path)
+        assert pixel.status_code == 200 and pixel.content[:6] == b"GIF89a"  # no broken image
+    for path in (clicked(1), legacy_clicked(1)):
+        click = await api.get(path)
+        assert click.status_code == 302
+        assert click.headers["location"] == settings.shop_url  # the shop, never a 404
+
+    assert touchpoints(settings) == [] and events(settings) == []
+    assert flag(settings) == (False, False)
+    assert hits(settings, opened()) == hits(settings, clicked(1)) == 0
+    with session(settings.resolved_database_url) as s:
+        assert len(list(s.exec(select(TrackingLink)))) == 1 + len(LINKS)  # no legacy rows
+
+
+async def test_a_token_records_until_its_ttl_after_the_send(database_url: str) -> None:
+    settings = make_settings(database_url, tracking_ttl="3600")  # seconds, from the environment
+    sent_ago(settings, timedelta(minutes=59))
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        assert (await api.get(opened())).status_code == 200
+        assert hits(settings, opened()) == 1
+        sent_ago(settings, timedelta(minutes=61))
+        assert (await api.get(clicked(0))).headers["location"] == settings.shop_url
+    assert [t.kind for t in touchpoints(settings)] == ["email_opened"]
+
+
+async def test_links_in_emails_sent_before_keep_working_and_are_counted(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Old-format tokens: the same answers and events as before, hits counted on one row."""
+    padded = legacy_opened() + "=="  # another spelling of the same token
+    for path in (legacy_opened(), legacy_opened(), padded):
+        assert (await api.get(path)).status_code == 200
+    click = await api.get(legacy_clicked(1))
+    assert (click.status_code, click.headers["location"]) == (302, LINKS[1])
+
+    assert [t.kind for t in touchpoints(settings)] == ["email_opened", "email_clicked"]
+    assert [e.name for e in events(settings)] == ["Email Opened", "Email Link Clicked"]
+    assert hits(settings, legacy_opened()) == 3
+    # The opaque token of the same pixel is another token with its own first hit, but the
+    # message's first open has been routed: no second event.
+    assert (await api.get(opened())).status_code == 200
+    assert [e.name for e in events(settings)] == ["Email Opened", "Email Link Clicked"]
+
+
+async def test_links_signed_with_a_former_short_key_work_with_the_legacy_key(
+    database_url: str,
+) -> None:
+    old_key = "restart-test"  # what KAERU_SECRET_KEY was before 32 bytes were required
+    path = legacy_opened(key=old_key.encode())
+    for legacy, status in ((None, 404), (old_key, 200)):
+        settings = make_settings(database_url, legacy_secret_key=legacy)
+        async with asgi_client(create_app(settings, run_router=False)) as api:
+            assert (await api.get(path)).status_code == status
+    assert [e.name for e in events(settings)] == ["Email Opened"]
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 31, "é" * 15])
+def test_a_signing_key_under_32_bytes_is_refused_with_the_fix(key: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make_settings("sqlite://", secret_key=key)
+    message = str(caught.value)
+    assert "at least 32 bytes" in message and "KAERU_LEGACY_SECRET_KEY" in message
+    assert make_settings("sqlite://", secret_key="é" * 16).secret_key is not None  # 32 bytes
+
+
+async def test_concurrent_first_hits_make_one_touchpoint_and_one_event(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    answers = await asyncio.gather(*(api.get(opened()) for _ in range(8)))
+    assert {a.status_code for a in answers} == {200}
+    assert len(touchpoints(settings)) == 1 and len(events(settings)) == 1
+    assert hits(settings, opened()) == 8
