@@ -22,7 +22,14 @@ from kaeru.models import Order
 def test_migrate_is_idempotent_and_creates_every_table(database_url: str) -> None:
     migrate(database_url)  # a second time: nothing to do
     tables = set(inspect(get_engine(database_url)).get_table_names())
-    assert {"events", "customers", "orders", "email_messages", "touchpoints"} <= tables
+    assert {
+        "events",
+        "customers",
+        "orders",
+        "email_messages",
+        "touchpoints",
+        "tracking_links",
+    } <= tables
 
 
 def test_concurrent_migrations_in_one_process(tmp_path: object) -> None:
