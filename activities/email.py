@@ -301,9 +301,10 @@ class EmailActivities:
                     raise ValueError("non-ASCII addresses need SMTPUTF8, which kaeru lacks")
                 if len(address) > MAX_ADDRESS:
                     raise ValueError(f"longer than {MAX_ADDRESS} characters")
-                quote_address(address)
+                if quote_address(address) != f"<{address}>":
+                    # "root,victim@example.com" would go to <root>, the To header to both.
+                    raise ValueError("SMTP would read it as another address")
             except ValueError as exc:
-                activity.logger.debug("unusable address of %s: %r", email.customer_id, address)
                 raise _undeliverable(
                     f"customer {email.customer_id!r} has an unusable email address "
                     f"{mask_address(address)!r} ({scrub(str(exc))}); send an identify call "

@@ -594,6 +594,35 @@ async def test_suppressed_address_is_refused_without_contacting_smtp(
     assert outbox(database_url) is None
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "root,victim@example.com",  # aiosmtplib would send it to <root>, the header to both
+        "Alice <alice@example.com>",
+        "alice@example.com (work)",
+        "<alice@example.com>",
+        "al ice@example.com",
+        "ålice@example.com",
+        "a" * 250 + "@example.com",
+    ],
+)
+async def test_an_address_smtp_would_read_differently_is_refused_unsent(
+    database_url: str, smtp_server: SMTPTestServer, stored: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The envelope goes to exactly the stored address, or nowhere."""
+    add_customer(database_url, "c1", stored)
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+    caplog.set_level("DEBUG")
+
+    error = await refused(settings, request())
+
+    assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
+    assert "unusable email address" in error.message and "identify" in error.message
+    assert "victim" not in error.message and "lice@" not in error.message  # masked
+    assert smtp_server.connections == 0 and outbox(database_url) is None
+    assert stored not in caplog.text  # nor in the worker's log
+
+
 @pytest.mark.parametrize("email", [None, "   "])
 async def test_customer_without_email_is_refused(
     database_url: str, smtp_server: SMTPTestServer, email: str | None
