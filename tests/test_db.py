@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import inspect
 
-from kaeru.db import get_engine, migrate, session
+from kaeru.db import MIGRATIONS, get_engine, migrate, session
 from kaeru.models import Order
 
 
@@ -30,6 +32,17 @@ def test_migrate_is_idempotent_and_creates_every_table(database_url: str) -> Non
         "touchpoints",
         "tracking_links",
     } <= tables
+
+
+def test_the_tracking_migration_downgrades_and_upgrades_again(database_url: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = get_engine(database_url)
+
+    command.downgrade(config, "0004")
+    assert "tracking_links" not in inspect(get_engine(database_url)).get_table_names()
+    migrate(database_url)
+    assert "tracking_links" in inspect(get_engine(database_url)).get_table_names()
 
 
 def test_concurrent_migrations_in_one_process(tmp_path: object) -> None:
