@@ -364,6 +364,10 @@ class AppServer:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            # The client address is the connection's, or X-Forwarded-For's when
+            # KAERU_TRUSTED_PROXIES names the proxy (starter.limits); uvicorn's own rule
+            # would trust any process on 127.0.0.1.
+            proxy_headers=False,
         )
         self._server = _UvicornWithoutSignals(config)
         self._task: asyncio.Task[None] | None = None
