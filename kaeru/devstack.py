@@ -44,6 +44,7 @@ from kaeru.db import migrate
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
 from starter.app import create_app
+from starter.limits import dev_hosts, split_list
 from worker import run_worker
 from workflows.kit import SEARCH_ATTRIBUTES
 
@@ -465,8 +466,12 @@ def plan_dev(settings: Settings) -> DevPlan:
     if "public_url" not in settings.model_fields_set:
         # Tracking links must reach this API even when KAERU_API_PORT moved it.
         update["public_url"] = local_url(settings.api_host, settings.api_port)
+    planned = settings.model_copy(update=update)
+    # A page on any site can resolve its name to 127.0.0.1 (DNS rebinding): the dev stack's
+    # servers answer only for loopback names and the public URL's host.
+    planned = planned.model_copy(update={"allowed_hosts": dev_hosts(planned)})
     return DevPlan(
-        settings=settings.model_copy(update=update),
+        settings=planned,
         temporal=temporal,
         mail_catcher=mail_catcher,
         dev_write_key=dev_write_key,
@@ -587,7 +592,9 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
         catcher: MailCatcher | None = None
         if plan.mail_catcher:
             # The inbox's server also shows the demo shop's product pictures (no internet).
-            catcher = MailCatcher(s.state_dir / "mail", extra=[assets_router()])
+            catcher = MailCatcher(
+                s.state_dir / "mail", extra=[assets_router()], hosts=split_list(s.allowed_hosts)
+            )
             smtp_sock = listening_socket(
                 LOOPBACK,
                 s.smtp_port,
