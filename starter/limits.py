@@ -117,10 +117,11 @@ class RateLimit:
         ]
         for who in full:
             del self._buckets[who]
-        if len(self._buckets) >= MAX_BUCKETS:
-            # Every caller is in debt (a flood from very many addresses): forget the oldest
-            # tenth rather than grow without bound.
-            for who in list(self._buckets)[: MAX_BUCKETS // 10]:
+        excess = len(self._buckets) - MAX_BUCKETS * 9 // 10
+        if excess > 0:
+            # Callers in debt from very many addresses: forget the earliest seen, down to 90%,
+            # so the table stays bounded and this scan runs once per tenth of it at most.
+            for who in list(self._buckets)[:excess]:
                 del self._buckets[who]
 
     def wait(self, who: Hashable, cost: int) -> float:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -20,20 +20,18 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from segment.analytics import Client as SegmentClient
 
+from kaeru.db import session
 from kaeru.devstack import AppServer, listening_socket
 from kaeru.models import EmailMessage, Touchpoint
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, make_token
 from starter.app import create_app
+from starter.limits import Limits, Rate, RateLimit
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, WRITE_KEY, count, events
 
-if TYPE_CHECKING:
-    from starter.limits import Limits
-
 #: A refill so slow that no test lives long enough to see one token come back.
 NEVER = 0.001
-GENEROUS = {"rate_limit_key_burst": 100_000, "rate_limit_client_burst": 100_000}
 
 
 @contextlib.asynccontextmanager
@@ -179,8 +177,6 @@ async def test_a_client_over_its_limit_is_refused_before_its_body_is_read(
 
 @pytest.fixture
 def message(sqlite_url: str) -> str:
-    from kaeru.db import session
-
     with session(sqlite_url) as s:
         s.add(
             EmailMessage(
@@ -339,3 +335,19 @@ async def test_over_the_concurrency_limit_is_503_and_healthz_still_answers(
 def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start(sqlite_url: str) -> None:
     with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or network"):
         make_settings(sqlite_url, trusted_proxies="10.0.0.0/8, proxy.internal")
+
+
+def test_a_bucket_refills_at_its_rate_and_a_batch_over_the_burst_leaves_debt() -> None:
+    now = [0.0]
+    limit = RateLimit(Rate(10, 2.0, "this write key", "events", "-"), clock=lambda: now[0])
+    assert limit.wait("k", 15) == 0  # a full bucket lets a batch bigger than itself through
+    limit.take("k", 15)
+    assert limit.wait("k", 1) == pytest.approx(3.0)  # 5 in debt, 1 more needed, at 2/s
+    now[0] = 2.0
+    assert limit.wait("k", 1) == pytest.approx(1.0)
+    now[0] = 100.0
+    assert limit.wait("k", 10) == 0  # refilled to the burst, never past it
+    assert limit.wait("k", 11) == 0
+    limit.take("k", 10)
+    assert limit.wait("k", 1) == pytest.approx(0.5)
+    assert limit.wait("other", 10) == 0  # one bucket per caller
