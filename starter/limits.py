@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import time
 from collections import Counter
@@ -50,8 +51,12 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 #: Buckets kept per limit; past it, full (idle) buckets are forgotten first, as they hold
 #: nothing a new bucket would not.
 MAX_BUCKETS = 100_000
+#: Seconds between two log lines about refusals of one kind (a flood must not flood the log).
+LOG_EVERY = 60.0
 
 Network = IPv4Network | IPv6Network
+
+log = logging.getLogger("kaeru.api.limits")
 
 
 def split_list(value: str) -> list[str]:
@@ -254,6 +259,7 @@ class Limits:
     in_flight: int = 0
     #: Requests refused, by code (``rate_limited``, ``too_busy``, ``body_timeout``).
     refused: Counter[str] = field(default_factory=Counter)
+    _logged: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -281,6 +287,20 @@ class Limits:
         self.proxies: list[Network] = [
             ip_network(entry, strict=False) for entry in split_list(s.trusted_proxies)
         ]
+
+    def note(self, code: str, why: str) -> None:
+        """Count a refusal; log it at most once a minute per code, never naming the caller."""
+        self.refused[code] += 1
+        now = time.monotonic()
+        since, count_then = self._logged.get(code, (-LOG_EVERY, 0))
+        if now - since >= LOG_EVERY:
+            log.warning(
+                "refused %d request(s) with %s since the last report: %s",
+                self.refused[code] - count_then,
+                code,
+                why,
+            )
+            self._logged[code] = (now, self.refused[code])
 
     def client(self, scope: Scope) -> str:
         """The client's address: the connection's, or X-Forwarded-For's past trusted proxies."""
@@ -319,7 +339,7 @@ class Limits:
         waits = [(limit.wait(who, cost), limit) for limit, who in limits if limit is not None]
         wait, limit = max(waits, default=(0.0, None), key=lambda pair: pair[0])
         if limit is not None and wait > 0:
-            self.refused["rate_limited"] += 1
+            self.note("rate_limited", limit.rate.describe())
             seconds = max(1, math.ceil(wait))
             raise ApiError(
                 429,
@@ -391,7 +411,7 @@ class FrontDoor:
             return
         limits = self.limits
         if limits.in_flight >= limits.settings.max_concurrent_requests:
-            limits.refused["too_busy"] += 1
+            limits.note("too_busy", "KAERU_MAX_CONCURRENT_REQUESTS")
             await _refuse(
                 scope,
                 receive,
@@ -449,7 +469,7 @@ class FrontDoor:
             if started:
                 raise
         if timed_out and not started:
-            self.limits.refused["body_timeout"] += 1
+            self.limits.note("body_timeout", "KAERU_BODY_TIMEOUT")
             await _refuse(
                 scope,
                 receive,

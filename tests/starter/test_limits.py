@@ -351,3 +351,24 @@ def test_a_bucket_refills_at_its_rate_and_a_batch_over_the_burst_leaves_debt() -
     limit.take("k", 10)
     assert limit.wait("k", 1) == pytest.approx(0.5)
     assert limit.wait("other", 10) == 0  # one bucket per caller
+
+
+async def test_refusals_are_logged_once_a_minute_without_the_caller(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(
+        sqlite_url,
+        trusted_proxies="127.0.0.1",
+        rate_limit_client_burst=1,
+        rate_limit_client_per_second=NEVER,
+        rate_limit_key_burst=100_000,
+    )
+    caplog.set_level("WARNING", logger="kaeru.api.limits")
+    async with serving(settings) as (url, app), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+        client = from_address("203.0.113.7")
+        answers = [await http.post("/v1/batch", json=batch(1), headers=client) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 429, 429, 429]
+    assert limits(app).refused["rate_limited"] == 3
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kaeru.api.limits"]
+    assert "rate_limited" in line and "KAERU_RATE_LIMIT_CLIENT_BURST" in line
+    assert "203.0.113" not in line and WRITE_KEY not in line
