@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kaeru.db import migrate
 from kaeru.settings import Settings
@@ -56,6 +57,8 @@ DEV_WRITE_KEY = "dev-write-key"
 DEV_TEMPORAL_PORT = 7233
 #: Every embedded service listens on loopback only.
 LOOPBACK = "127.0.0.1"
+#: Seconds a connection's request line and headers may take to arrive (see AppServer).
+HEADER_TIMEOUT = 10.0
 #: prctl(2) option: the signal a process gets when its parent thread ends.
 _PR_SET_PDEATHSIG = 1
 
@@ -350,16 +353,70 @@ class _UvicornWithoutSignals(uvicorn.Server):
         yield
 
 
+class _HeadersByDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1, closing a connection whose request does not start in time.
+
+    uvicorn waits for a request line and headers forever: a client that opens connections and
+    dribbles header bytes (slowloris) holds each one until the process runs out of file
+    descriptors. Here the request line and headers must arrive within ``header_timeout``
+    seconds of the connection (or of the previous answer on it); request bodies have their
+    own deadline (``KAERU_BODY_TIMEOUT``, :mod:`starter.limits`).
+    """
+
+    header_timeout: float = HEADER_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self._deadline = None
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and not self.transport.is_closing():
+            self.transport.close()
+
+
 class AppServer:
-    """One ASGI app served by uvicorn on an already-listening socket, as a task of this loop."""
+    """One ASGI app served by uvicorn on an already-listening socket, as a task of this loop.
+
+    A connection's request line and headers must arrive within ``header_timeout`` seconds.
+    """
 
     def __init__(
-        self, app: Any, sock: socket.socket, *, what: str, lifespan: Literal["on", "off"] = "on"
+        self,
+        app: Any,
+        sock: socket.socket,
+        *,
+        what: str,
+        lifespan: Literal["on", "off"] = "on",
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.what = what
         self.sock = sock
+
+        class Protocol(_HeadersByDeadline):
+            pass
+
+        Protocol.header_timeout = header_timeout
         config = uvicorn.Config(
             app,
+            http=Protocol,
             lifespan=lifespan,
             log_config=None,
             log_level="warning",

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from segment.analytics import Client as SegmentClient
 
 from kaeru.db import session
-from kaeru.devstack import AppServer, listening_socket
+from kaeru.devstack import HEADER_TIMEOUT, AppServer, listening_socket
 from kaeru.models import EmailMessage, Touchpoint
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, make_token
@@ -35,11 +35,13 @@ NEVER = 0.001
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[str, FastAPI]]:
+async def serving(
+    settings: Settings, header_timeout: float = HEADER_TIMEOUT
+) -> AsyncIterator[tuple[str, FastAPI]]:
     """The API (without a router) served by the same server `kaeru api` uses."""
     app = create_app(settings, run_router=False)
     sock = listening_socket("127.0.0.1", 0, what="test API", fix="-")
-    server = AppServer(app, sock, what="test API")
+    server = AppServer(app, sock, what="test API", header_timeout=header_timeout)
     await server.start()
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
@@ -306,6 +308,37 @@ async def test_a_body_that_dribbles_in_is_cut_off_with_408_and_frees_its_slot(
     assert b"KAERU_BODY_TIMEOUT" in body
     assert sent < 10_000
     assert events(settings) == []
+
+
+async def test_headers_that_dribble_in_lose_the_connection_and_keep_alive_still_works(
+    sqlite_url: str,
+) -> None:
+    async with serving(make_settings(sqlite_url), header_timeout=0.5) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        sent = 0
+
+        async def dribble() -> None:
+            nonlocal sent
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
+            with contextlib.suppress(ConnectionError):
+                for _ in range(1000):
+                    writer.write(b"X-Slow: y\r\n")
+                    await writer.drain()
+                    sent += 1
+                    await asyncio.sleep(0.05)
+
+        dribbling = asyncio.create_task(dribble())
+        async with asyncio.timeout(30):
+            closed = await reader.read()
+        dribbling.cancel()
+        writer.close()
+        # A well-behaved client keeps its connection across requests and idle moments.
+        async with httpx.AsyncClient(base_url=url) as http:
+            for _ in range(3):
+                assert (await http.get("/healthz")).status_code == 200
+    assert closed == b""  # no request ever started: nothing to answer, the socket is closed
+    assert sent < 1000
 
 
 async def test_over_the_concurrency_limit_is_503_and_healthz_still_answers(
