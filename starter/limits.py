@@ -233,8 +233,8 @@ class AllowedHosts:
             send,
             421,
             "host_not_allowed",
-            f"this server answers only for {', '.join(sorted(self.hosts))}, not for Host "
-            f"{shown!r} (a guard against DNS rebinding): {self.fix}",
+            f"this server does not answer for Host {shown!r} (a guard against DNS rebinding): "
+            f"{self.fix}",
         )
 
 
@@ -490,6 +490,5 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             AllowedHosts,
             hosts=hosts,
-            fix="add the name to KAERU_ALLOWED_HOSTS (comma-separated), or leave it empty to "
-            "answer any Host",
+            fix="add the name to KAERU_ALLOWED_HOSTS (comma-separated)",
         )
