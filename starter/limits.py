@@ -6,6 +6,7 @@ the API is bounded here, before the work reaches the database or Temporal:
 - ingestion is counted in events (a batch of 3,000 costs 3,000) per write key and per client
   address, tracking hits in requests per client address, each in a token bucket; over one,
   429 with ``Retry-After`` (which the official Segment client waits out) and nothing stored;
+  a batch with more events than a bucket holds is a 413 (only smaller batches can pass);
 - at most ``KAERU_MAX_CONCURRENT_REQUESTS`` ingestion and tracking requests run at once; over
   it, 503 with ``Retry-After``;
 - a request body must arrive within ``KAERU_BODY_TIMEOUT`` seconds (408), so a client that
@@ -93,8 +94,8 @@ class Rate:
 class RateLimit:
     """A token bucket per caller: ``burst`` tokens, refilled at ``per_second``.
 
-    A cost above the burst (one batch bigger than the bucket) is let through when the bucket is
-    full and leaves it in debt, so it waits as long as the events it sent would have.
+    A cost is at most the burst (:meth:`Limits.admit` refuses bigger ones): a batch bigger
+    than the bucket could never be let through without letting the burst be exceeded.
     """
 
     def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
@@ -130,13 +131,11 @@ class RateLimit:
                 del self._buckets[who]
 
     def wait(self, who: Hashable, cost: int) -> float:
-        """Seconds until ``who`` may spend ``cost`` (0: now). Spends nothing."""
-        now = self._clock()
-        bucket = self._bucket(who, now)
-        need = min(float(cost), float(self.rate.burst))
-        if bucket.tokens >= need:
+        """Seconds until ``who`` may spend ``cost`` (0: now; ``cost`` <= burst). Spends nothing."""
+        bucket = self._bucket(who, self._clock())
+        if bucket.tokens >= cost:
             return 0.0
-        return (need - bucket.tokens) / self.rate.per_second
+        return (cost - bucket.tokens) / self.rate.per_second
 
     def take(self, who: Hashable, cost: int) -> None:
         """Spend ``cost`` (after :meth:`wait` said 0, with no await in between)."""
@@ -257,7 +256,8 @@ class Limits:
 
     settings: Settings
     in_flight: int = 0
-    #: Requests refused, by code (``rate_limited``, ``too_busy``, ``body_timeout``).
+    #: Requests refused, by code (``rate_limited``, ``too_many_events``, ``too_busy``,
+    #: ``body_timeout``).
     refused: Counter[str] = field(default_factory=Counter)
     _logged: dict[str, tuple[float, int]] = field(default_factory=dict)
 
@@ -331,11 +331,22 @@ class Limits:
     def admit(
         self, limits: Sequence[tuple[RateLimit | None, Hashable]], cost: int, spend: bool = True
     ) -> None:
-        """Spend ``cost`` in every limit (``spend`` False: only check), or none and raise a 429.
+        """Spend ``cost`` in every limit (``spend`` False: only check), or none and raise.
 
         Raises:
-            ApiError: 429 with ``Retry-After`` naming the tightest limit and its settings.
+            ApiError: 413 for a cost over a limit's burst (one batch with more events than
+                may ever be sent at once: retrying cannot help, smaller batches do); 429 with
+                ``Retry-After`` naming the tightest limit and its settings.
         """
+        for limit, _ in limits:
+            if limit is not None and cost > limit.rate.burst:
+                self.note("too_many_events", limit.rate.describe())
+                raise ApiError(
+                    413,
+                    "too_many_events",
+                    f"this request carries {cost} {limit.rate.unit}, more than "
+                    f"{limit.rate.describe()}: send smaller batches",
+                )
         waits = [(limit.wait(who, cost), limit) for limit, who in limits if limit is not None]
         wait, limit = max(waits, default=(0.0, None), key=lambda pair: pair[0])
         if limit is not None and wait > 0:

@@ -90,20 +90,24 @@ async def test_a_batch_costs_its_events_and_over_the_key_limit_nothing_is_stored
     assert [e.customer_id for e in events(settings)] == ["u1"] * 8 + ["u3"]
 
 
-async def test_a_batch_bigger_than_the_burst_passes_once_and_leaves_the_key_in_debt(
+async def test_a_batch_with_more_events_than_the_burst_is_413_and_the_bucket_kept(
     sqlite_url: str,
 ) -> None:
     settings = make_settings(
         sqlite_url,
-        rate_limit_key_burst=10,
-        rate_limit_key_per_second=NEVER,
-        rate_limit_client_burst=100_000,
+        rate_limit_client_burst=10,
+        rate_limit_client_per_second=NEVER,
+        rate_limit_key_burst=100_000,
     )
     async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
-        assert (await http.post("/v1/batch", json=batch(15))).json()["accepted"] == 15
-        after = await http.post("/v1/track", json={"userId": "u2", "event": "Product Viewed"})
-    assert after.status_code == 429
-    assert len(events(settings)) == 15
+        flood = await http.post("/v1/batch", json=batch(3000))
+        honest = await http.post("/v1/batch", json=batch(10, "u2"))
+    assert flood.status_code == 413  # no retry could ever let it through: Segment drops it
+    assert flood.json()["code"] == "too_many_events"
+    assert "3000 events" in flood.json()["message"]
+    assert "KAERU_RATE_LIMIT_CLIENT_BURST" in flood.json()["message"]
+    assert honest.status_code == 200  # the refused batch spent nothing
+    assert {e.customer_id for e in events(settings)} == {"u2"}
 
 
 async def test_each_client_address_behind_a_trusted_proxy_has_its_own_limit(
@@ -370,17 +374,19 @@ def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start(sqlite_url: 
         make_settings(sqlite_url, trusted_proxies="10.0.0.0/8, proxy.internal")
 
 
-def test_a_bucket_refills_at_its_rate_and_a_batch_over_the_burst_leaves_debt() -> None:
+def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     now = [0.0]
     limit = RateLimit(Rate(10, 2.0, "this write key", "events", "-"), clock=lambda: now[0])
-    assert limit.wait("k", 15) == 0  # a full bucket lets a batch bigger than itself through
-    limit.take("k", 15)
-    assert limit.wait("k", 1) == pytest.approx(3.0)  # 5 in debt, 1 more needed, at 2/s
+    assert limit.wait("k", 10) == 0
+    limit.take("k", 8)
+    assert limit.wait("k", 2) == 0
+    assert limit.wait("k", 5) == pytest.approx(1.5)  # 2 left, 3 more needed, at 2/s
+    limit.take("k", 2)
     now[0] = 2.0
-    assert limit.wait("k", 1) == pytest.approx(1.0)
+    assert limit.wait("k", 4) == 0  # refilled by 2 s × 2/s
+    assert limit.wait("k", 5) == pytest.approx(0.5)
     now[0] = 100.0
     assert limit.wait("k", 10) == 0  # refilled to the burst, never past it
-    assert limit.wait("k", 11) == 0
     limit.take("k", 10)
     assert limit.wait("k", 1) == pytest.approx(0.5)
     assert limit.wait("other", 10) == 0  # one bucket per caller
