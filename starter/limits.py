@@ -456,7 +456,7 @@ class FrontDoor:
 
         async def receive_by_deadline() -> Message:
             nonlocal body_done, timed_out
-            if body_done:  # later reads wait for a disconnect, which may take any time
+            if body_done or started:  # reads for a disconnect may wait any time
                 return await receive()
             try:
                 async with asyncio.timeout_at(deadline):
