@@ -292,7 +292,8 @@ class Limits:
         """Count a refusal; log it at most once a minute per code, never naming the caller."""
         self.refused[code] += 1
         now = time.monotonic()
-        since, count_then = self._logged.get(code, (-LOG_EVERY, 0))
+        last = self._logged.get(code)
+        since, count_then = last if last is not None else (now - LOG_EVERY, 0)
         if now - since >= LOG_EVERY:
             log.warning(
                 "refused %d request(s) with %s since the last report: %s",
