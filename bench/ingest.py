@@ -312,6 +312,9 @@ async def main() -> None:
         "KAERU_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "KAERU_API_HOST": "127.0.0.1",
         "KAERU_API_PORT": str(port),
+        # The bench measures the stack's ceiling, not the front door's rate limits.
+        "KAERU_RATE_LIMIT_KEY_PER_SECOND": "0",
+        "KAERU_RATE_LIMIT_CLIENT_PER_SECOND": "0",
     }
     settings = Settings(_env_file=None, database_url=database_url)
     migrate(database_url)  # before two processes race to do it

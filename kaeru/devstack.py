@@ -39,11 +39,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kaeru.db import migrate
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
 from starter.app import create_app
+from starter.limits import dev_hosts, split_list
 from worker import run_worker
 from workflows.kit import SEARCH_ATTRIBUTES
 
@@ -55,6 +57,8 @@ DEV_WRITE_KEY = "dev-write-key"
 DEV_TEMPORAL_PORT = 7233
 #: Every embedded service listens on loopback only.
 LOOPBACK = "127.0.0.1"
+#: Seconds a connection's request line and headers may take to arrive (see AppServer).
+HEADER_TIMEOUT = 10.0
 #: prctl(2) option: the signal a process gets when its parent thread ends.
 _PR_SET_PDEATHSIG = 1
 
@@ -349,21 +353,79 @@ class _UvicornWithoutSignals(uvicorn.Server):
         yield
 
 
+class _HeadersByDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1, closing a connection whose request does not start in time.
+
+    uvicorn waits for a request line and headers forever: a client that opens connections and
+    dribbles header bytes (slowloris) holds each one until the process runs out of file
+    descriptors. Here the request line and headers must arrive within ``header_timeout``
+    seconds of the connection (or of the previous answer on it); request bodies have their
+    own deadline (``KAERU_BODY_TIMEOUT``, :mod:`starter.limits`).
+    """
+
+    header_timeout: float = HEADER_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self._deadline = None
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and not self.transport.is_closing():
+            self.transport.close()
+
+
 class AppServer:
-    """One ASGI app served by uvicorn on an already-listening socket, as a task of this loop."""
+    """One ASGI app served by uvicorn on an already-listening socket, as a task of this loop.
+
+    A connection's request line and headers must arrive within ``header_timeout`` seconds.
+    """
 
     def __init__(
-        self, app: Any, sock: socket.socket, *, what: str, lifespan: Literal["on", "off"] = "on"
+        self,
+        app: Any,
+        sock: socket.socket,
+        *,
+        what: str,
+        lifespan: Literal["on", "off"] = "on",
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.what = what
         self.sock = sock
+
+        class Protocol(_HeadersByDeadline):
+            pass
+
+        Protocol.header_timeout = header_timeout
         config = uvicorn.Config(
             app,
+            http=Protocol,
             lifespan=lifespan,
             log_config=None,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            # The client address is the connection's, or X-Forwarded-For's when
+            # KAERU_TRUSTED_PROXIES names the proxy (starter.limits); uvicorn's own rule
+            # would trust any process on 127.0.0.1.
+            proxy_headers=False,
         )
         self._server = _UvicornWithoutSignals(config)
         self._task: asyncio.Task[None] | None = None
@@ -461,8 +523,12 @@ def plan_dev(settings: Settings) -> DevPlan:
     if "public_url" not in settings.model_fields_set:
         # Tracking links must reach this API even when KAERU_API_PORT moved it.
         update["public_url"] = local_url(settings.api_host, settings.api_port)
+    planned = settings.model_copy(update=update)
+    # A page on any site can resolve its name to 127.0.0.1 (DNS rebinding): the dev stack's
+    # servers answer only for loopback names and the public URL's host.
+    planned = planned.model_copy(update={"allowed_hosts": dev_hosts(planned)})
     return DevPlan(
-        settings=settings.model_copy(update=update),
+        settings=planned,
         temporal=temporal,
         mail_catcher=mail_catcher,
         dev_write_key=dev_write_key,
@@ -583,7 +649,9 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
         catcher: MailCatcher | None = None
         if plan.mail_catcher:
             # The inbox's server also shows the demo shop's product pictures (no internet).
-            catcher = MailCatcher(s.state_dir / "mail", extra=[assets_router()])
+            catcher = MailCatcher(
+                s.state_dir / "mail", extra=[assets_router()], hosts=split_list(s.allowed_hosts)
+            )
             smtp_sock = listening_socket(
                 LOOPBACK,
                 s.smtp_port,

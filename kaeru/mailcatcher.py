@@ -33,6 +33,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from kaeru.devstack import AppServer
+from starter.limits import LOOPBACK_HOSTS, AllowedHosts
 
 log = logging.getLogger("kaeru.mailcatcher")
 
@@ -215,10 +216,22 @@ class _Catch:
 
 
 def create_inbox_app(
-    store: MailStore, smtp_address: str, extra: Sequence[APIRouter] = ()
+    store: MailStore,
+    smtp_address: str,
+    extra: Sequence[APIRouter] = (),
+    hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
-    """The inbox web app (HTML pages and the JSON API) over ``store``, plus ``extra`` routes."""
+    """The inbox web app (HTML pages and the JSON API) over ``store``, plus ``extra`` routes.
+
+    It answers only for ``hosts`` (421 otherwise): a web page whose name resolves to 127.0.0.1
+    (DNS rebinding) must not read the inbox.
+    """
     app = FastAPI(title="kaeru mail catcher", summary="Every email kaeru sent in development.")
+    app.add_middleware(
+        AllowedHosts,
+        hosts=hosts,
+        fix="open the inbox at http://localhost:<port>, or add the name to KAERU_ALLOWED_HOSTS",
+    )
     for router in extra:
         app.include_router(router)
 
@@ -301,9 +314,15 @@ def create_inbox_app(
 class MailCatcher:
     """SMTP server plus web inbox in the running event loop, on sockets already listening."""
 
-    def __init__(self, directory: Path, extra: Sequence[APIRouter] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        extra: Sequence[APIRouter] = (),
+        hosts: Sequence[str] = LOOPBACK_HOSTS,
+    ) -> None:
         self.store = MailStore(directory)
         self.extra = extra
+        self.hosts = hosts
         self._smtp: asyncio.Server | None = None
         self._web: AppServer | None = None
 
@@ -323,7 +342,7 @@ class MailCatcher:
             sock=smtp_sock,
         )
         self._web = AppServer(
-            create_inbox_app(self.store, f"{host}:{port}", self.extra),
+            create_inbox_app(self.store, f"{host}:{port}", self.extra, self.hosts),
             http_sock,
             what="the mail inbox",
             lifespan="off",

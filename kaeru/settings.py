@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
 from typing import ClassVar
 
@@ -100,6 +101,54 @@ class Settings(BaseSettings):
     max_batch_bytes: int = Field(
         500 * 1024, description="largest `/v1/batch` body accepted (413 above it)"
     )
+
+    # Limits (kept in each API process's memory: N processes allow N times these)
+    rate_limit_key_burst: int = Field(
+        5000, ge=1, description="events one write key may send at once (429 above it)"
+    )
+    rate_limit_key_per_second: float = Field(
+        1000.0, ge=0, description="events per second one write key may keep sending; 0: off"
+    )
+    rate_limit_client_burst: int = Field(
+        1000, ge=1, description="events one client address may send at once (429 above it)"
+    )
+    rate_limit_client_per_second: float = Field(
+        100.0, ge=0, description="events per second one client address may keep sending; 0: off"
+    )
+    tracking_limit_burst: int = Field(
+        1000, ge=1, description="open/click hits one client address may make at once (429 above)"
+    )
+    tracking_limit_per_second: float = Field(
+        100.0, ge=0, description="open/click hits per second one client address may keep; 0: off"
+    )
+    max_concurrent_requests: int = Field(
+        128, ge=1, description="ingestion and tracking requests in flight per process (503 above)"
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, description="seconds a request body may take to arrive (408 after it)"
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="comma-separated proxy addresses or networks whose X-Forwarded-For names "
+        "the client; empty: the connection's address is the client",
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="comma-separated Host names the API answers (421 for others); empty: any; "
+        "`kaeru dev` always allows loopback names and KAERU_PUBLIC_URL's host",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network, e.g. 10.0.0.0/8,127.0.0.1"
+                ) from None
+        return value
 
     # Email
     smtp_host: str | None = Field(

@@ -25,7 +25,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, tracking
+from starter import admin, limits, tracking
 from starter.deps import (
     ApiError,
     SettingsDep,
@@ -103,6 +103,7 @@ def create_app(
     app.state.settings = settings
     app.state.router = Router(settings, client)
     app.state.event_store = EventStore(settings)
+    limits.install(app, settings)
     _install_error_handlers(app)
     _install_openapi(app)
     app.include_router(_ingestion_routes())
@@ -197,9 +198,17 @@ def _body_doc(model: str) -> dict[str, Any]:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes (after gzip), never buffering more.
 
+    Its events are spent from the rate limits of the write key (the Basic auth user) and of the
+    client address (:mod:`starter.limits`); a caller already over a limit is refused before its
+    body is read.
+
     Raises:
-        ApiError: 413 over the limit, 415 for an unknown encoding, 400 for broken gzip.
+        ApiError: 413 over the limit, 415 for an unknown encoding, 400 for broken gzip, 429
+            over a rate limit (nothing is stored; ``Retry-After`` says when to retry).
     """
+    front_door = limits.limits_of(request)
+    key = basic_auth_user(request)
+    front_door.admit_events(request, key, 1, spend=False)
     too_large = ApiError(
         413,
         "payload_too_large",
@@ -217,16 +226,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_large
     if encoding == "identity":
-        return bytes(body)
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        data = inflater.decompress(bytes(body), limit + 1)
-    except zlib.error as exc:
-        raise ApiError(400, "invalid_body", f"the gzip body is corrupt: {exc}") from exc
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise too_large
-    if not inflater.eof:
-        raise ApiError(400, "invalid_body", "the gzip body is truncated")
+        data = bytes(body)
+    else:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            data = inflater.decompress(bytes(body), limit + 1)
+        except zlib.error as exc:
+            raise ApiError(400, "invalid_body", f"the gzip body is corrupt: {exc}") from exc
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise too_large
+        if not inflater.eof:
+            raise ApiError(400, "invalid_body", "the gzip body is truncated")
+    front_door.admit_events(request, key, limits.event_count(data))
     return data
 
 
