@@ -197,7 +197,10 @@ def message(sqlite_url: str) -> str:
                 links=["https://shop.example/cart"],
             )
         )
-    token = make_token(b"test-secret", TrackingToken("cart-abandonment-u1/run-1/cart_email", "o"))
+    token = make_token(
+        b"test-secret-0123456789abcdef-kaeru",
+        TrackingToken("cart-abandonment-u1/run-1/cart_email", "o"),
+    )
     return f"/t/o/{token}"
 
 
