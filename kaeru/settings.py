@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     cart_recommendations: int = Field(
         3, ge=0, le=12, description="related products in the cart email (0 to 12)"
     )
+    cart_empty_grace: timedelta = Field(
+        timedelta(minutes=10),
+        description="after the cart empties, wait this long for the order (checkout empties "
+        "the cart first) or a refill before the journey ends",
+    )
 
     @field_validator(
         "cart_email_delay",
@@ -130,6 +135,7 @@ class Settings(BaseSettings):
         "cart_offer_delay",
         "cart_offer_wait",
         "cart_coupon_ttl",
+        "cart_empty_grace",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:

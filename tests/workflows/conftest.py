@@ -127,6 +127,14 @@ class Shopper:
             await asyncio.sleep(0.05)
         raise AssertionError(f"journey stuck at {current!r}, expected {step!r}")
 
+    async def wait_for_emails(self, count: int) -> list[Any]:
+        """Wait (in real time) until the shopper has received ``count`` emails."""
+        for _ in range(200):
+            if len(self.emails()) >= count:
+                return self.emails()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the shopper got {len(self.emails())} email(s), expected {count}")
+
     async def skip(self, seconds: float) -> None:
         await self.env.sleep(timedelta(seconds=seconds))
 
@@ -235,12 +243,18 @@ async def smtp() -> AsyncIterator[SMTPTestServer]:
 
 @contextlib.asynccontextmanager
 async def worker_with(
-    shopper: Shopper, **replacements: Callable[..., Any]
+    shopper: Shopper, task_queue: str | None = None, **replacements: Callable[..., Any]
 ) -> AsyncIterator[Settings]:
     """Run the journey on a worker of its own whose activities named in ``replacements`` are
-    test ones (``send_email=...``): the way Temporal tests swap an activity by name."""
+    test ones (``send_email=...``): the way Temporal tests swap an activity by name.
+
+    ``task_queue``: the queue the shopper's journey already waits on (events sent before the
+    worker runs reach the journey in one workflow task).
+    """
     settings = make_settings(
-        shopper.db, smtp_port=shopper.smtp.port, task_queue=f"swap-{uuid.uuid4().hex[:8]}"
+        shopper.db,
+        smtp_port=shopper.smtp.port,
+        task_queue=task_queue or f"swap-{uuid.uuid4().hex[:8]}",
     )
     shopper.task_queue = settings.task_queue
     async with httpx.AsyncClient() as http:
