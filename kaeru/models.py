@@ -187,7 +187,10 @@ class Touchpoint(SQLModel, table=True):
     """Append-only record of every touch: sent, opened, clicked, audience, coupon, conversion."""
 
     __tablename__ = "touchpoints"
-    __table_args__ = (UniqueConstraint("key", name="uq_touchpoints_key"),)
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_touchpoints_key"),
+        UniqueConstraint("order_key", name="uq_touchpoints_order_key"),
+    )
 
     id: int | None = Field(
         default=None,
@@ -204,6 +207,9 @@ class Touchpoint(SQLModel, table=True):
     currency: str | None = Field(default=None, max_length=3)
     coupon_code: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] = _json()
+    #: A conversion's ``<journey kind>/<order id>``: one conversion per order and journey kind,
+    #: however often the order is delivered (NULL for every other touch).
+    order_key: str | None = Field(default=None, max_length=400)
 
 
 class AppSecret(SQLModel, table=True):
