@@ -55,7 +55,7 @@ class ConversionActivities:
                     activity.logger.info(
                         "order %s is already a conversion of a %s journey: not counted again",
                         conversion.order_id,
-                        order_key.rpartition("/")[0],
+                        journey_kind_of(conversion),
                     )
                 return
             row = record_touchpoint(

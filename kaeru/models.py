@@ -230,3 +230,29 @@ class Lease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=100)
     holder: str = Field(max_length=200)
     expires_at: datetime = _ts()
+
+
+# ---- stream B (issue 13): journey exactness ----------------------------------------------------
+
+
+class AudienceJoin(SQLModel, table=True):
+    """What one journey step added to an ad audience, so that leaving removes exactly that.
+
+    A removal that failed for good stays here with ``left_at`` unset, its ``removal_error``
+    and ``retry_at``: the audience sweeper (a Temporal Schedule) tries it again then.
+    """
+
+    __tablename__ = "audience_joins"
+
+    key: str = Field(primary_key=True, max_length=400)  # the add step's idempotency key
+    journey_id: str = Field(max_length=400, index=True)
+    customer_id: str = Field(max_length=200, index=True)
+    audience: str = Field(max_length=200)
+    provider: str = Field(max_length=20)
+    audience_id: str = Field(max_length=200)
+    email_sha256: str = Field(max_length=64)
+    joined_at: datetime = _ts()
+    left_at: datetime | None = _ts(nullable=True)
+    removal_error: str | None = None
+    removal_attempts: int = 0
+    retry_at: datetime | None = _ts(nullable=True, index=True)

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         description="after the cart empties, wait this long for the order (checkout empties "
         "the cart first) or a refill before the journey ends",
     )
+    audience_sweep_interval: timedelta = Field(
+        timedelta(minutes=15),
+        description="how often the audience sweeper retries removals from ad audiences that "
+        "failed for good (each failing one waits longer, up to a day)",
+    )
 
     @field_validator(
         "cart_email_delay",
@@ -136,6 +141,7 @@ class Settings(BaseSettings):
         "cart_offer_wait",
         "cart_coupon_ttl",
         "cart_empty_grace",
+        "audience_sweep_interval",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         AudienceChange,
         AudienceResult,
         ConversionInput,
+        ParkRemoval,
         SendEmailInput,
         SendEmailResult,
     )
@@ -53,6 +54,8 @@ OPENS_NEED_MESSAGE_KEY = "opens-need-message-key"
 PURCHASE_WINS = "purchase-always-wins"
 #: Events that arrive while a journey ends start the customer's next journey.
 HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
+#: A removal from an audience that fails for good is parked for the audience sweeper.
+PARK_FAILED_REMOVALS = "park-failed-audience-removals"
 ORDER_COMPLETED = "Order Completed"
 AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
@@ -400,23 +403,41 @@ class Journey:
         """Take the shopper out of every audience this journey put them in."""
         for audience in list(self.audiences):
             step = f"leave-{audience}"
+            change = self._audience_change(step, audience)
+            # Remove exactly what the add sent (the shopper's address may have changed since).
+            change.joined_key = self.key(self.audiences[audience])
             try:
                 await workflow.execute_activity(
                     "remove_from_audience",
-                    self._audience_change(step, audience),
+                    change,
                     result_type=AudienceResult,
                     start_to_close_timeout=timedelta(minutes=1),
                     schedule_to_close_timeout=SEND_DEADLINE,
                     retry_policy=RETRY,
                 )
             except ActivityError as err:
-                workflow.logger.error(
-                    "could not remove %s from %s: %s", self.customer_id, audience, err
-                )
+                # Not the customer id in the log: it is often an email address.
+                workflow.logger.error("could not remove the shopper from %s: %s", audience, err)
                 self.tell(f"could NOT remove the shopper from the {audience} audience: {err.cause}")
+                if workflow.patched(PARK_FAILED_REMOVALS):
+                    await self._park_removal(change, str(err.cause or err))
                 continue
             del self.audiences[audience]
             self.tell(f"removed the shopper from the {audience} audience")
+
+    async def _park_removal(self, change: AudienceChange, reason: str) -> None:
+        try:
+            await workflow.execute_activity(
+                "park_audience_removal",
+                ParkRemoval(change=change, reason=reason),
+                start_to_close_timeout=timedelta(minutes=1),
+                schedule_to_close_timeout=SEND_DEADLINE,
+                retry_policy=RETRY,
+            )
+        except ActivityError as err:
+            self.tell(f"could NOT park the removal for the audience sweeper: {err.cause}")
+            return
+        self.tell("the audience sweeper will try the removal again later")
 
     def _audience_change(self, step: str, audience: str) -> AudienceChange:
         return AudienceChange(
