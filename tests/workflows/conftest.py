@@ -186,11 +186,21 @@ async def shopper(
                 await shopper.handle.terminate("test over")
             record_to = os.environ.get("KAERU_RECORD_HISTORIES")
             if record_to:
-                # Stores this test's history for tests/replay (see docs/writing-a-journey.md).
-                history = await shopper.handle.fetch_history()
+                # Stores this test's history for tests/replay (see docs/writing-a-journey.md),
+                # and its first run's when the journey continued as new.
                 name = request.node.name.removeprefix("test_")
-                path = Path(record_to) / f"{name}@{shopper.journey_id}.json"
-                path.write_text(history.to_json())
+                description = await shopper.handle.describe()
+                first_run = description.raw_description.workflow_execution_info.first_run_id
+                runs = {name: description.run_id}
+                if first_run and first_run != description.run_id:
+                    runs[f"{name}-first-run"] = first_run
+                for label, run_id in runs.items():
+                    handle = shopper.env.client.get_workflow_handle(
+                        shopper.journey_id, run_id=run_id
+                    )
+                    history = await handle.fetch_history()
+                    path = Path(record_to) / f"{label}@{shopper.journey_id}.json"
+                    path.write_text(history.to_json())
 
 
 async def reach_ad_audience(shopper: Shopper) -> None:
