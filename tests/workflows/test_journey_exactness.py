@@ -33,6 +33,7 @@ from tests.workflows.conftest import (
     reach_ad_audience,
     worker_with,
 )
+from workflows.cart_abandonment import CartJourneySettings
 
 MINUTE = 60.0
 
@@ -191,3 +192,32 @@ async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Sh
     with session(shopper.db) as s:
         keys = [m.key for m in s.exec(select(EmailMessage))]
     assert len(set(keys)) == 2  # the next journey's steps have keys of their own
+
+
+async def test_ordered_since_survives_a_busy_cart_continuing_as_new(shopper: Shopper) -> None:
+    """``send_email`` is swapped for one that records what it was asked and says "sent"."""
+    asked: list[SendEmailInput] = []
+
+    @activity.defn(name="send_email")
+    async def recorded(email: SendEmailInput) -> SendEmailResult:
+        asked.append(email)
+        return SendEmailResult(
+            message_id="<m@test>", to_address="c***@shoppers.test", status="sent"
+        )
+
+    shopper.settings = CartJourneySettings(**{**shopper.settings.__dict__, "history_limit": 40})
+    async with worker_with(shopper, send_email=recorded):
+        started = await shopper.cart("Product Added", **SHOE)
+        first_run = (await shopper.handle.describe()).run_id
+        for _ in range(30):
+            await shopper.cart("Product Added", **SOCK)
+            await shopper.skip(MINUTE)
+        assert (await shopper.handle.describe()).run_id != first_run
+        await shopper.skip(DAY + MINUTE)
+        await shopper.wait_for_step("cart_email")
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.05)
+    [email] = asked
+    assert email.ordered_since == started.occurred_at.timestamp()
