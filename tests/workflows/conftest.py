@@ -84,6 +84,11 @@ class Shopper:
     async def cart(self, name: str, /, **props: Any) -> JourneyEvent:
         """A cart event: signal-with-start, as the router sends it."""
         event = self.event(name, **props)
+        await self.deliver(event)
+        return event
+
+    async def deliver(self, event: JourneyEvent) -> None:
+        """Signal-with-start ``event`` as it is (a router delivering it again)."""
         await self.env.client.start_workflow(
             CartAbandonment.run,
             CartJourneyInput(self.customer_id, self.settings),
@@ -95,7 +100,6 @@ class Shopper:
                 Journey.start_search_attributes(self.customer_id)
             ),
         )
-        return event
 
     async def signal(self, name: str, /, **props: Any) -> None:
         await self.handle.signal(EVENT_SIGNAL, self.event(name, **props))

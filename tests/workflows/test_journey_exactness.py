@@ -34,6 +34,7 @@ from tests.workflows.conftest import (
     worker_with,
 )
 from workflows.cart_abandonment import CartJourneySettings
+from workflows.kit import EVENT_SIGNAL
 
 MINUTE = 60.0
 
@@ -221,3 +222,23 @@ async def test_ordered_since_survives_a_busy_cart_continuing_as_new(shopper: Sho
             await asyncio.sleep(0.05)
     [email] = asked
     assert email.ordered_since == started.occurred_at.timestamp()
+
+
+# ---- item 5 (the conversion half): a redelivered order ---------------------------------------
+
+
+async def test_events_redelivered_after_the_end_convert_the_order_once(shopper: Shopper) -> None:
+    """A router stopped before it marked a round routed: a second router delivers the same
+    events again, after the journey ended, so they start a new run."""
+    cart = await shopper.cart("Product Added", **SHOE)
+    order = shopper.event("Order Completed", order_id="o-1", total=101.5, currency="USD")
+    await shopper.handle.signal(EVENT_SIGNAL, order)
+    assert await shopper.outcome() == "purchased"
+    first_run = (await shopper.handle.describe()).run_id
+
+    await shopper.deliver(cart)  # the same events, seq and all
+    await shopper.handle.signal(EVENT_SIGNAL, order)
+    assert await shopper.outcome() == "purchased"
+    assert (await shopper.handle.describe()).run_id != first_run
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
