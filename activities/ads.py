@@ -213,6 +213,8 @@ class AudienceActivities:
                     audience_id=target.audience_id,
                     email_sha256=email_sha256(address),
                 )
+            if join.left_at is not None:
+                return  # a later try did remove it
             join.removal_error, join.retry_at = parked.reason[:2000], utcnow()
             s.add(join)
 

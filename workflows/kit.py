@@ -454,7 +454,10 @@ class Journey:
             self.tell(f"the {step} email bounced: {cause.message}")
             return JourneyExit("undeliverable")
         if isinstance(cause, ApplicationError) and cause.type == ALREADY_PURCHASED:
-            self.tell(f"found an order placed since the journey began before sending the {step}")
+            self.tell(
+                f"did not send the {step} email: an order placed since the journey began "
+                "was found before sending"
+            )
             return JourneyExit("purchased")
         if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
             self.tell("the shopper has no known email address")

@@ -111,6 +111,20 @@ async def test_a_refill_during_the_grace_keeps_the_journey(shopper: Shopper) -> 
     assert (await shopper.handle.describe()).run_id == run_id  # the same journey went on
 
 
+async def test_a_grace_longer_than_the_quiet_period_is_still_waited_out(
+    shopper: Shopper,
+) -> None:
+    shopper.settings = CartJourneySettings(
+        **{**shopper.settings.__dict__, "email_delay": 5 * MINUTE, "empty_grace": 10 * MINUTE}
+    )
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.skip(7 * MINUTE)  # the cart went quiet, empty, two minutes ago
+    await shopper.purchase("o-late")
+    assert await shopper.outcome() == "purchased"
+    assert shopper.touchpoints("conversion")[0].order_id == "o-late"
+
+
 # ---- item 6: a received purchase always wins ---------------------------------------------------
 
 
