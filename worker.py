@@ -10,7 +10,17 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -19,14 +29,17 @@ from activities.conversions import ConversionActivities
 from activities.coupons import CouponActivities
 from activities.email import EmailActivities
 from activities.recommendations import RecommendationActivities
+from activities.types import SweepInput
 from kaeru.db import migrate
 from kaeru.settings import Settings
+from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.cart_abandonment import CartAbandonment
 
 log = logging.getLogger("kaeru.worker")
 
-#: Every journey kind. A new journey is added here and in the router's table.
-WORKFLOWS: Sequence[type] = (CartAbandonment,)
+#: Every journey kind (a new journey is added here and in the router's table), and the
+#: audience sweeper.
+WORKFLOWS: Sequence[type] = (CartAbandonment, AudienceSweeper)
 
 #: Pure modules the sandbox may share instead of re-importing per workflow run.
 PASSTHROUGH = ("activities.types", "kaeru.commerce", "kaeru.money", "workflows.kit")
@@ -40,6 +53,8 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         email.send_email,
         ads.add_to_audience,
         ads.remove_from_audience,
+        ads.park_audience_removal,
+        ads.retry_audience_removals,
         CouponActivities(settings).issue_coupon,
         RecommendationActivities(settings).recommend_products,
         ConversionActivities(settings).record_conversion,
@@ -70,9 +85,30 @@ def build_worker(
     )
 
 
+async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
+    """Create the audience sweeper's schedule, or bring it in line with today's settings.
+
+    Idempotent: every worker calls it at start; the schedule id is fixed, so there is one.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            AudienceSweeper.run, SweepInput(), id=SWEEPER_ID, task_queue=settings.task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.audience_sweep_interval)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(SWEEPER_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(SWEEPER_ID).update(
+            lambda _: ScheduleUpdate(schedule=schedule)
+        )
+
+
 async def run_worker(client: Client, settings: Settings) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
+    await ensure_audience_sweeper(client, settings)
     async with httpx.AsyncClient(timeout=30.0) as http:
         worker = build_worker(client, settings, http)
         log.info("worker polling task queue %r", settings.task_queue)

@@ -4,22 +4,37 @@ Two providers, chosen by settings: Meta Custom Audiences when ``KAERU_META_ACCES
 ``KAERU_META_AUDIENCE_ID`` are set, otherwise the local audience store (``audience_members``),
 which ``kaeru dev`` uses and a shop can export. Both only ever see the SHA-256 of the
 normalised email address. Adding and removing are set operations, so a retry is always safe.
+
+Every add is kept (``audience_joins``) with the hash it sent, and leaving removes that hash,
+not the one of the customer's address today (they may have changed it meanwhile). A removal
+that fails for good is parked there with its reason; ``retry_audience_removals``, run by the
+audience sweeper's Temporal Schedule, tries parked removals again with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import timedelta
 from typing import Any
 
 import httpx
+from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.types import AUDIENCE_REJECTED, NO_EMAIL_ADDRESS, AudienceChange, AudienceResult
+from activities.types import (
+    AUDIENCE_REJECTED,
+    NO_EMAIL_ADDRESS,
+    AudienceChange,
+    AudienceResult,
+    ParkRemoval,
+    SweepInput,
+    SweepResult,
+)
 from kaeru.db import session
 from kaeru.journal import email_of, record_touchpoint
-from kaeru.models import AudienceMember
+from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.settings import Settings
 
 LOCAL = "local"
@@ -31,6 +46,9 @@ TRANSIENT_GRAPH_CODES = frozenset({1, 2, 4, 17, 32, 341, 613, 80003})
 
 #: ApplicationError type of retryable Graph API failures, to tell them apart in the UI.
 AUDIENCE_UNAVAILABLE = "AudienceUnavailable"
+
+#: The longest wait between two sweeps of one parked removal.
+MAX_SWEEP_BACKOFF = timedelta(days=1)
 
 
 def email_sha256(address: str) -> str:
@@ -52,30 +70,71 @@ class AudienceActivities:
 
     @activity.defn(name="add_to_audience")
     async def add_to_audience(self, change: AudienceChange) -> AudienceResult:
-        """Add the customer to ``change.audience`` (idempotent).
+        """Add the customer to ``change.audience`` (idempotent), and keep what was added.
 
         Raises:
             ApplicationError: ``NoEmailAddress`` or ``AudienceRejected`` (non-retryable), or a
                 retryable one when the ad platform is busy or unreachable.
         """
-        return await self._change(change, joining=True)
+        hashed = email_sha256(await asyncio.to_thread(self._email, change))
+        target = self._target(change.audience)
+        await self._send(target, hashed, joining=True)
+        await asyncio.to_thread(self._record, change, hashed, target, True)
+        return target
 
     @activity.defn(name="remove_from_audience")
     async def remove_from_audience(self, change: AudienceChange) -> AudienceResult:
-        """Remove the customer from ``change.audience`` (idempotent); errors as for adding."""
-        return await self._change(change, joining=False)
+        """Remove what the journey's add put into ``change.audience`` (idempotent).
 
-    async def _change(self, change: AudienceChange, *, joining: bool) -> AudienceResult:
-        hashed = email_sha256(await asyncio.to_thread(self._email, change))
-        if self.provider == META:
-            audience_id = self.settings.meta_audience_id
-            assert audience_id is not None
-            await self._meta(change, hashed, audience_id, joining=joining)
-            result = AudienceResult(provider=META, audience_id=audience_id)
+        Adds made before kaeru kept them are removed by the current address's hash.
+
+        Raises:
+            ApplicationError: as for adding.
+        """
+        join = await asyncio.to_thread(self._join_of, change)
+        if join is not None:
+            hashed, target = join.email_sha256, AudienceResult(join.provider, join.audience_id)
         else:
-            result = AudienceResult(provider=LOCAL, audience_id=change.audience)
-        await asyncio.to_thread(self._record, change, hashed, result, joining)
+            hashed = email_sha256(await asyncio.to_thread(self._email, change))
+            target = self._target(change.audience)
+        await self._send(target, hashed, joining=False)
+        await asyncio.to_thread(self._record, change, hashed, target, False)
+        return target
+
+    @activity.defn(name="park_audience_removal")
+    async def park_audience_removal(self, parked: ParkRemoval) -> None:
+        """Keep a removal that failed for good, with its reason, for the audience sweeper."""
+        await asyncio.to_thread(self._park, parked)
+
+    @activity.defn(name="retry_audience_removals")
+    async def retry_audience_removals(self, sweep: SweepInput) -> SweepResult:
+        """Try the parked removals that are due; one that fails again waits longer."""
+        due = await asyncio.to_thread(self._due, sweep.limit)
+        result = SweepResult()
+        for join in due:
+            activity.heartbeat(result.tried)
+            result.tried += 1
+            target = AudienceResult(join.provider, join.audience_id)
+            try:
+                await self._send(target, join.email_sha256, joining=False)
+            except ApplicationError as err:
+                await asyncio.to_thread(self._still_parked, join.key, err.message)
+                continue
+            await asyncio.to_thread(self._swept, join)
+            result.removed += 1
         return result
+
+    def _target(self, audience: str) -> AudienceResult:
+        """Where ``audience`` lives with today's settings."""
+        if self.provider == META:
+            assert self.settings.meta_audience_id is not None
+            return AudienceResult(provider=META, audience_id=self.settings.meta_audience_id)
+        return AudienceResult(provider=LOCAL, audience_id=audience)
+
+    async def _send(self, target: AudienceResult, hashed: str, *, joining: bool) -> None:
+        """Tell the ad platform (the local store is written with the touchpoint)."""
+        if target.provider == META:
+            await self._meta(hashed, target.audience_id, joining=joining)
 
     def _email(self, change: AudienceChange) -> str:
         with session(self.settings.resolved_database_url) as s:
@@ -90,24 +149,34 @@ class AudienceActivities:
             )
         return address
 
+    def _join_of(self, change: AudienceChange) -> AudienceJoin | None:
+        """The add a leave undoes: the one it names, else the journey's newest open one."""
+        with session(self.settings.resolved_database_url) as s:
+            return _join_of(s, change)
+
     def _record(
         self, change: AudienceChange, hashed: str, result: AudienceResult, joining: bool
     ) -> None:
-        """Update the local store (for the local provider) and the touchpoint, in one go."""
+        """Update the local store, the kept add and the touchpoint, in one go."""
         with session(self.settings.resolved_database_url) as s:
             if result.provider == LOCAL:
-                member = s.get(AudienceMember, (change.audience, change.customer_id))
-                if joining and member is None:
-                    s.add(
-                        AudienceMember(
-                            audience=change.audience,
-                            customer_id=change.customer_id,
-                            email_sha256=hashed,
-                            journey_id=change.journey_id,
-                        )
+                _local(s, change.audience, change.customer_id, hashed, change.journey_id, joining)
+            join = s.get(AudienceJoin, change.key) if joining else _join_of(s, change)
+            if joining and join is None:
+                s.add(
+                    AudienceJoin(
+                        key=change.key,
+                        journey_id=change.journey_id,
+                        customer_id=change.customer_id,
+                        audience=change.audience,
+                        provider=result.provider,
+                        audience_id=result.audience_id,
+                        email_sha256=hashed,
                     )
-                elif not joining and member is not None:
-                    s.delete(member)
+                )
+            elif not joining and join is not None:
+                join.left_at, join.removal_error, join.retry_at = utcnow(), None, None
+                s.add(join)
             record_touchpoint(
                 s,
                 customer_id=change.customer_id,
@@ -122,18 +191,93 @@ class AudienceActivities:
                 },
             )
 
+    def _park(self, parked: ParkRemoval) -> None:
+        change = parked.change
+        with session(self.settings.resolved_database_url) as s:
+            join = _join_of(s, change)
+            if join is None:  # added before kaeru kept adds: the current address is all we have
+                address = (email_of(s, change.customer_id) or "").strip()
+                if not address:
+                    activity.logger.warning(
+                        "cannot park a removal from %s: the customer has no address any more",
+                        change.audience,
+                    )
+                    return
+                target = self._target(change.audience)
+                join = AudienceJoin(
+                    key=change.joined_key or change.key,
+                    journey_id=change.journey_id,
+                    customer_id=change.customer_id,
+                    audience=change.audience,
+                    provider=target.provider,
+                    audience_id=target.audience_id,
+                    email_sha256=email_sha256(address),
+                )
+            if join.left_at is not None:
+                return  # a later try did remove it
+            join.removal_error, join.retry_at = parked.reason[:2000], utcnow()
+            s.add(join)
+
+    def _due(self, limit: int) -> list[AudienceJoin]:
+        with session(self.settings.resolved_database_url) as s:
+            query = (
+                select(AudienceJoin)
+                .where(col(AudienceJoin.left_at).is_(None))
+                .where(col(AudienceJoin.retry_at) <= utcnow())
+                .order_by(col(AudienceJoin.retry_at))
+                .limit(limit)
+            )
+            return list(s.exec(query))
+
+    def _still_parked(self, key: str, reason: str) -> None:
+        with session(self.settings.resolved_database_url) as s:
+            join = s.get(AudienceJoin, key)
+            if join is None:
+                return
+            join.removal_attempts += 1
+            wait = self.settings.audience_sweep_interval * 2 ** min(join.removal_attempts, 16)
+            join.retry_at = utcnow() + min(wait, MAX_SWEEP_BACKOFF)
+            join.removal_error = reason[:2000]
+            s.add(join)
+
+    def _swept(self, join: AudienceJoin) -> None:
+        with session(self.settings.resolved_database_url) as s:
+            if join.provider == LOCAL:
+                _local(s, join.audience, join.customer_id, "", join.journey_id, False)
+            join.left_at, join.removal_error, join.retry_at = utcnow(), None, None
+            s.add(join)
+            record_touchpoint(
+                s,
+                customer_id=join.customer_id,
+                kind="audience_left",
+                key=f"{join.key}/swept",
+                journey_id=join.journey_id,
+                step=f"leave-{join.audience}",
+                detail={
+                    "audience": join.audience,
+                    "provider": join.provider,
+                    "audience_id": join.audience_id,
+                    "swept": True,
+                },
+            )
+
     # ---- Meta ------------------------------------------------------------------------------
 
-    async def _meta(
-        self, change: AudienceChange, hashed: str, audience_id: str, *, joining: bool
-    ) -> None:
+    async def _meta(self, hashed: str, audience_id: str, *, joining: bool) -> None:
         s = self.settings
+        if not s.meta_access_token:
+            raise ApplicationError(
+                f"audience {audience_id} is on Meta, but KAERU_META_ACCESS_TOKEN is not set: "
+                "set it (and KAERU_META_AUDIENCE_ID) so kaeru can change the audience",
+                type=AUDIENCE_REJECTED,
+                non_retryable=True,
+            )
         url = f"{s.meta_graph_url.rstrip('/')}/{audience_id}/users"
         verb = "add the shopper to" if joining else "remove the shopper from"
         body = {
             "payload": {"schema": "EMAIL_SHA256", "data": [hashed]},
             # In the body, not the query: httpx and proxies log URLs, and this is a secret.
-            "access_token": s.meta_access_token.get_secret_value() if s.meta_access_token else "",
+            "access_token": s.meta_access_token.get_secret_value(),
         }
         try:
             response = await self.http.request("POST" if joining else "DELETE", url, json=body)
@@ -177,6 +321,37 @@ class AudienceActivities:
             type=AUDIENCE_REJECTED,
             non_retryable=True,
         )
+
+
+def _join_of(s: Session, change: AudienceChange) -> AudienceJoin | None:
+    if change.joined_key is not None:
+        return s.get(AudienceJoin, change.joined_key)
+    query = (
+        select(AudienceJoin)
+        .where(AudienceJoin.journey_id == change.journey_id)
+        .where(AudienceJoin.audience == change.audience)
+        .where(col(AudienceJoin.left_at).is_(None))
+        .order_by(col(AudienceJoin.joined_at).desc())
+    )
+    return s.exec(query).first()
+
+
+def _local(
+    s: Session, audience: str, customer_id: str, hashed: str, journey_id: str, joining: bool
+) -> None:
+    """Add to or remove from the local audience store."""
+    member = s.get(AudienceMember, (audience, customer_id))
+    if joining and member is None:
+        s.add(
+            AudienceMember(
+                audience=audience,
+                customer_id=customer_id,
+                email_sha256=hashed,
+                journey_id=journey_id,
+            )
+        )
+    elif not joining and member is not None:
+        s.delete(member)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

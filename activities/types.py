@@ -94,12 +94,36 @@ class AudienceChange:
     step: str
     customer_id: str
     audience: str  # kaeru's name for the audience; the provider maps it to its own id
+    #: On a leave: the ``key`` of the add it undoes, so exactly what was added is removed
+    #: (the address may have changed since). None: the journey's newest add to ``audience``.
+    joined_key: str | None = None
 
 
 @dataclass
 class AudienceResult:
     provider: str
     audience_id: str
+
+
+@dataclass
+class ParkRemoval:
+    """A removal from an audience that failed for good, parked for the audience sweeper."""
+
+    change: AudienceChange
+    reason: str
+
+
+@dataclass
+class SweepInput:
+    """One sweep of parked audience removals: at most ``limit`` of those due."""
+
+    limit: int = 200
+
+
+@dataclass
+class SweepResult:
+    tried: int = 0
+    removed: int = 0
 
 
 @dataclass

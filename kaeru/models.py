@@ -188,7 +188,10 @@ class Touchpoint(SQLModel, table=True):
     """Append-only record of every touch: sent, opened, clicked, audience, coupon, conversion."""
 
     __tablename__ = "touchpoints"
-    __table_args__ = (UniqueConstraint("key", name="uq_touchpoints_key"),)
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_touchpoints_key"),
+        UniqueConstraint("order_key", name="uq_touchpoints_order_key"),
+    )
 
     id: int | None = Field(
         default=None,
@@ -205,6 +208,9 @@ class Touchpoint(SQLModel, table=True):
     currency: str | None = Field(default=None, max_length=3)
     coupon_code: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] = _json()
+    #: A conversion's ``<journey kind>/<order id>``: one conversion per order and journey kind,
+    #: however often the order is delivered (NULL for every other touch).
+    order_key: str | None = Field(default=None, max_length=400)
 
 
 class AppSecret(SQLModel, table=True):
@@ -248,3 +254,29 @@ class TrackingLink(SQLModel, table=True):
     created_at: datetime = _ts()
     first_hit_at: datetime | None = _ts(nullable=True)
     last_hit_at: datetime | None = _ts(nullable=True)
+
+
+# ---- stream B (issue 13): journey exactness ----------------------------------------------------
+
+
+class AudienceJoin(SQLModel, table=True):
+    """What one journey step added to an ad audience, so that leaving removes exactly that.
+
+    A removal that failed for good stays here with ``left_at`` unset, its ``removal_error``
+    and ``retry_at``: the audience sweeper (a Temporal Schedule) tries it again then.
+    """
+
+    __tablename__ = "audience_joins"
+
+    key: str = Field(primary_key=True, max_length=400)  # the add step's idempotency key
+    journey_id: str = Field(max_length=400, index=True)
+    customer_id: str = Field(max_length=200, index=True)
+    audience: str = Field(max_length=200)
+    provider: str = Field(max_length=20)
+    audience_id: str = Field(max_length=200)
+    email_sha256: str = Field(max_length=64)
+    joined_at: datetime = _ts()
+    left_at: datetime | None = _ts(nullable=True)
+    removal_error: str | None = None
+    removal_attempts: int = 0
+    retry_at: datetime | None = _ts(nullable=True, index=True)

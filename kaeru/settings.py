@@ -216,6 +216,16 @@ class Settings(BaseSettings):
     cart_recommendations: int = Field(
         3, ge=0, le=12, description="related products in the cart email (0 to 12)"
     )
+    cart_empty_grace: timedelta = Field(
+        timedelta(minutes=10),
+        description="after the cart empties, wait this long for the order (checkout empties "
+        "the cart first) or a refill before the journey ends",
+    )
+    audience_sweep_interval: timedelta = Field(
+        timedelta(minutes=15),
+        description="how often the audience sweeper retries removals from ad audiences that "
+        "failed for good (each failing one waits longer, up to a day)",
+    )
 
     @field_validator(
         "cart_email_delay",
@@ -225,6 +235,8 @@ class Settings(BaseSettings):
         "cart_offer_delay",
         "cart_offer_wait",
         "cart_coupon_ttl",
+        "cart_empty_grace",
+        "audience_sweep_interval",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:

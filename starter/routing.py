@@ -14,7 +14,6 @@ from typing import Any
 
 from kaeru.settings import Settings
 from workflows.cart_abandonment import (
-    CART_EVENTS,
     CartAbandonment,
     CartJourneyInput,
     CartJourneySettings,
@@ -66,6 +65,7 @@ def cart_journey_input(customer_id: str, settings: Settings) -> CartJourneyInput
             coupon_currency=settings.cart_coupon_currency,
             cart_url=settings.cart_url,
             recommendations=settings.cart_recommendations,
+            empty_grace=settings.cart_empty_grace.total_seconds(),
         ),
     )
 
@@ -76,7 +76,7 @@ ROUTES: tuple[JourneyRoute, ...] = (
         journey=CartAbandonment,
         workflow_name="CartAbandonment",
         label="Cart abandonment",
-        starts_on=CART_EVENTS,
+        starts_on=CartAbandonment.starts_on,
         listens_to=frozenset({ORDER_COMPLETED, AD_CLICKED}),
         make_input=cart_journey_input,
     ),

@@ -8,7 +8,6 @@ and the shopper leaves every audience the journey put them in.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,6 +26,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from kaeru.commerce import currency_of, id_of, minor_of
     from workflows.kit import Journey, JourneyEvent, JourneyExit, JourneyResult
+
+#: ``workflow.patched`` id: an emptied cart waits ``empty_grace`` for a purchase (or a refill)
+#: before the journey ends, and is judged as it is then.
+CART_EMPTY_GRACE = "cart-empty-grace"
 
 CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
 #: Caps that keep a journey's state (and so every workflow task) small whatever the shop
@@ -55,6 +58,9 @@ class CartJourneySettings:
     recommendations: int = 3
     #: Continue-as-new once the history holds this many events while the cart keeps changing.
     history_limit: int = 2000
+    #: After the cart empties, wait this long for the order (checkout empties the cart just
+    #: before the order arrives) or a refill before ending ``cart_emptied``.
+    empty_grace: float = 600.0
 
 
 @dataclass
@@ -67,6 +73,8 @@ class CartCarryOver:
     #: dataclass defined in a sandboxed module fails to decode: the sandbox proxies datetime.)
     last_change: float
     story: list[str] = field(default_factory=list)
+    #: When the journey's first event happened (epoch seconds); see ``Journey.started_at``.
+    started_at: float | None = None
 
 
 @dataclass
@@ -74,14 +82,21 @@ class CartJourneyInput:
     customer_id: str
     settings: CartJourneySettings = field(default_factory=CartJourneySettings)
     carried: CartCarryOver | None = None
+    #: 0 for a journey the router started; n + 1 for the journey that generation n handed
+    #: the events that came as it ended (``pending``) to.
+    generation: int = 0
+    pending: list[JourneyEvent] = field(default_factory=list)
 
 
-def _product(props: dict[str, Any]) -> ProductInfo | None:
-    """A product from Segment e-commerce properties; None without an id."""
+def _product(props: dict[str, Any], currency: str = "USD") -> ProductInfo | None:
+    """A product from Segment e-commerce properties; None without an id.
+
+    Its own ``currency`` wins, else ``currency`` (the event's, for a product list).
+    """
     product_id = id_of(props.get("product_id") or props.get("sku") or props.get("id"))
     if product_id is None:
         return None
-    currency = currency_of(props.get("currency"))
+    currency = currency_of(props.get("currency"), currency)
     name = props.get("name")
     return ProductInfo(
         product_id=product_id,
@@ -107,6 +122,7 @@ def _quantity(props: dict[str, Any], default: int = 1) -> int:
 @workflow.defn(name="CartAbandonment")
 class CartAbandonment(Journey):
     kind = "cart-abandonment"
+    starts_on = CART_EVENTS
 
     @workflow.init
     def __init__(self, start: CartJourneyInput) -> None:
@@ -115,37 +131,47 @@ class CartAbandonment(Journey):
             start.customer_id,
             carried.last_seq if carried else 0,
             carried.story if carried else None,
+            generation=start.generation,
+            started_at=carried.started_at if carried else None,
+            pending=start.pending,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []
         self.cart_version = 0
         self.last_change = carried.last_change if carried else workflow.now().timestamp()
         self.coupon: CouponInfo | None = None
+        #: While an emptied cart waits for a purchase: when the grace ends (epoch seconds).
+        self.empty_until: float | None = None
 
     @workflow.run
     async def run(self, start: CartJourneyInput) -> JourneyResult:
+        return await self.run_journey(self.steps)
+
+    async def steps(self) -> JourneyResult:
         s = self.settings
-        try:
-            await self.wait_until_cart_is_quiet()
-            related = await self.related_products()
-            await self.send_email("cart_email", self.email("cart_email", "cart_reminder", related))
-            if not await self.within(s.open_wait, lambda: "cart_email" in self.engaged, "an open"):
-                return await self.finish("not_opened")
-            await self.pause(s.ad_delay, "the ad delay")
-            await self.join_audience("ad_audience", s.audience)
-            if not await self.within(s.ad_click_wait, lambda: self.ad_clicks > 0, "an ad click"):
-                return await self.finish("ad_not_clicked")
-            await self.pause(s.offer_delay, "the offer delay")
-            self.coupon = await self.issue_coupon("offer_coupon")
-            await self.send_email("offer_email", self.email("offer_email", "cart_offer", []))
-            await self.pause(s.offer_wait, "a purchase with the coupon")
-            return await self.finish("offer_ignored")
-        except JourneyExit as exit_:
-            return await self.finish(exit_.outcome)
-        except asyncio.CancelledError:
-            # An operator cancelled the journey: still take the shopper out of every audience.
-            await self.finish("cancelled")
-            raise
+        await self.wait_until_cart_is_quiet()
+        related = await self.related_products()
+        await self.send_email("cart_email", self.email("cart_email", "cart_reminder", related))
+        if not await self.within(s.open_wait, lambda: "cart_email" in self.engaged, "an open"):
+            return await self.finish("not_opened")
+        await self.pause(s.ad_delay, "the ad delay")
+        await self.join_audience("ad_audience", s.audience)
+        if not await self.within(s.ad_click_wait, lambda: self.ad_clicks > 0, "an ad click"):
+            return await self.finish("ad_not_clicked")
+        await self.pause(s.offer_delay, "the offer delay")
+        self.coupon = await self.issue_coupon("offer_coupon")
+        await self.send_email("offer_email", self.email("offer_email", "cart_offer", []))
+        await self.pause(s.offer_wait, "a purchase with the coupon")
+        return await self.finish("offer_ignored")
+
+    def next_journey(self, events: list[JourneyEvent]) -> CartJourneyInput:
+        return CartJourneyInput(
+            customer_id=self.customer_id,
+            settings=self.settings,
+            carried=CartCarryOver([], self.last_seq, workflow.now().timestamp(), self.story),
+            generation=self.generation + 1,
+            pending=events,
+        )
 
     # ---- the cart ---------------------------------------------------------------------------
 
@@ -153,7 +179,13 @@ class CartAbandonment(Journey):
         if event.name not in CART_EVENTS:
             return
         if self.apply_cart_change(event) and not self.cart:
-            self.exit_with("cart_emptied")
+            if workflow.patched(CART_EMPTY_GRACE):
+                grace = self.settings.empty_grace
+                self.empty_until = workflow.now().timestamp() + grace
+                self.tell(f"the cart is empty: waiting {grace:.0f}s for an order or a refill")
+                self.exit_unless_undone("cart_emptied", grace, lambda: not self.cart)
+            else:
+                self.exit_with("cart_emptied")
         if self.step in ("started", "cart_quiet"):
             # Every cart event restarts the quiet period: the shopper is still shopping.
             self.cart_version += 1
@@ -182,17 +214,33 @@ class CartAbandonment(Journey):
             return True
         if not isinstance(props.get("products"), list):
             return False
+        currency = currency_of(props.get("currency"))
         self.cart = [
             CartLine(product=product, quantity=_quantity(item))
             for item in props["products"][:MAX_CART_LINES]
-            if isinstance(item, dict) and (product := _product(item)) is not None
+            if isinstance(item, dict) and (product := _product(item, currency)) is not None
         ]
         self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
         return True
 
     async def wait_until_cart_is_quiet(self) -> None:
-        """Wait until the cart has not changed for ``email_delay``; each change restarts it."""
+        """Wait until the cart has not changed for ``email_delay``; each change restarts it.
+
+        A cart still empty then waits out its grace (an order or a refill may yet come).
+        """
         self.enter("cart_quiet")
+        await self._wait_for_quiet()
+        while not self.cart:
+            left = (self.empty_until or 0.0) - workflow.now().timestamp()
+            if left <= 0:
+                raise JourneyExit("cart_emptied")
+            await self.within(left, lambda: bool(self.cart), "an order after the emptied cart")
+            if not self.cart:
+                raise JourneyExit("cart_emptied")
+            await self._wait_for_quiet()  # refilled: the shopper is shopping again
+        self.done("cart_quiet", f"the cart went quiet with {len(self.cart)} item(s)")
+
+    async def _wait_for_quiet(self) -> None:
         while True:
             version = self.cart_version
             quiet_until = self.last_change + self.settings.email_delay
@@ -218,13 +266,15 @@ class CartAbandonment(Journey):
                         customer_id=self.customer_id,
                         settings=self.settings,
                         carried=CartCarryOver(
-                            self.cart, self.last_seq, self.last_change, self.story
+                            self.cart,
+                            self.last_seq,
+                            self.last_change,
+                            self.story,
+                            self.started_at,
                         ),
+                        generation=self.generation,
                     )
                 )
-        if not self.cart:
-            raise JourneyExit("cart_emptied")
-        self.done("cart_quiet", f"the cart went quiet with {len(self.cart)} item(s)")
 
     # ---- the steps ------------------------------------------------------------------------
 

@@ -10,23 +10,31 @@ This module runs inside the workflow sandbox: it imports nothing that does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar, cast
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+)
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import (
+        ALREADY_PURCHASED,
         NO_EMAIL_ADDRESS,
         UNDELIVERABLE,
         AudienceChange,
         AudienceResult,
         ConversionInput,
+        ParkRemoval,
         SendEmailInput,
         SendEmailResult,
     )
@@ -42,6 +50,12 @@ SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME)
 EVENT_SIGNAL = "event"
 #: ``workflow.patched`` ids, each naming a change to running journeys (docs/writing-a-journey.md).
 OPENS_NEED_MESSAGE_KEY = "opens-need-message-key"
+#: An activity's final failure no longer overrides a purchase the journey already received.
+PURCHASE_WINS = "purchase-always-wins"
+#: Events that arrive while a journey ends start the customer's next journey.
+HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
+#: A removal from an audience that fails for good is parked for the audience sweeper.
+PARK_FAILED_REMOVALS = "park-failed-audience-removals"
 ORDER_COMPLETED = "Order Completed"
 AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
@@ -57,6 +71,8 @@ RETRY = RetryPolicy(
 SEND_DEADLINE = timedelta(hours=12)
 #: A worker that dies mid-activity is noticed within this, and the activity runs again.
 HEARTBEAT = timedelta(seconds=10)
+#: Events kept for the next journey while one ends; more are dropped (and said in the story).
+MAX_HELD_EVENTS = 20
 
 
 @dataclass
@@ -126,11 +142,40 @@ class Journey:
 
     #: Prefix of the workflow id: ``<kind>-<customer id>``.
     kind: ClassVar[str]
+    #: Events that start this journey when none is live (the router's table reads it).
+    starts_on: ClassVar[frozenset[str]] = frozenset()
 
-    def _begin(self, customer_id: str, last_seq: int = 0, story: list[str] | None = None) -> None:
+    def _begin(
+        self,
+        customer_id: str,
+        last_seq: int = 0,
+        story: list[str] | None = None,
+        *,
+        generation: int = 0,
+        started_at: float | None = None,
+        pending: list[JourneyEvent] | None = None,
+    ) -> None:
+        """Set up the kit's state. Call it from the journey's ``@workflow.init``.
+
+        Args:
+            customer_id: whose journey this is.
+            last_seq: the newest ``seq`` already taken (a continued run carries it).
+            story: the story so far (a continued run carries it).
+            generation: how many journeys of this workflow id ended and handed events on to
+                a next one (0 for a journey the router started); part of every key.
+            started_at: when the events that started the journey happened (epoch seconds).
+            pending: events handed over by the journey that ended before this one, taken
+                before any other.
+        """
         self.customer_id = customer_id
         self.last_seq = last_seq
         self.story: list[str] = list(story or [])
+        self.generation = generation
+        self.started_at = started_at
+        self.held: list[JourneyEvent] = []
+        self._pending: list[JourneyEvent] = list(pending or [])
+        self._exit_timers = 0
+        self._timers: set[asyncio.Task[None]] = set()
         self.step = "started"
         self.completed_step = "started"
         self.outcome: str | None = None
@@ -146,17 +191,42 @@ class Journey:
 
     @workflow.signal(name=EVENT_SIGNAL)
     def receive(self, event: JourneyEvent) -> None:
-        """Take one routed event. A re-delivered event (same or older ``seq``) is ignored."""
+        """Take one routed event. A re-delivered event (same or older ``seq``) is ignored.
+
+        Once the journey is ending (it has its outcome, or a purchase decided it), events are
+        held for the customer's next journey instead (see :meth:`run_journey`).
+        """
+        self._take_pending()
         if event.seq <= self.last_seq:
             return
         self.last_seq = event.seq
-        if self.outcome is not None:
+        if self.outcome is not None or self.exit_reason == "purchased":
+            # Ending: a new cart after the purchase belongs to the next journey, and the first
+            # order stays the one this journey converted on.
+            self._hold(event)
             return
+        self._accept(event)
+
+    def _accept(self, event: JourneyEvent) -> None:
+        if self.started_at is None and event.name in self.starts_on:
+            self.started_at = event.occurred_at.timestamp()
         try:
             self._take(event)
         except Exception:  # a malformed event must never wedge the journey
             workflow.logger.exception("ignored malformed %s event seq %s", event.name, event.seq)
             self.tell(f"ignored a malformed {event.name} event")
+
+    def _take_pending(self) -> None:
+        """Take the events the previous journey handed over, before any newer one."""
+        pending, self._pending = self._pending, []
+        for event in pending:
+            self._accept(event)
+
+    def _hold(self, event: JourneyEvent) -> None:
+        if len(self.held) < MAX_HELD_EVENTS:
+            self.held.append(event)
+        else:
+            self.tell(f"dropped a {event.name} event: {MAX_HELD_EVENTS} already wait")
 
     def _take(self, event: JourneyEvent) -> None:
         if event.name == ORDER_COMPLETED:
@@ -191,6 +261,22 @@ class Journey:
         beats any other: a shop that empties the cart at checkout still gets a conversion)."""
         if self.exit_reason is None or outcome == "purchased":
             self.exit_reason = outcome
+
+    def exit_unless_undone(self, outcome: str, seconds: float, still: Callable[[], bool]) -> None:
+        """Ask the journey to end with ``outcome`` in ``seconds`` if ``still()`` holds then
+        (a refilled cart undoes an emptied one); a purchase meanwhile wins as always. A later
+        call replaces an earlier one."""
+        self._exit_timers += 1
+        mine = self._exit_timers
+
+        async def decide() -> None:
+            await workflow.sleep(seconds, summary=f"grace before ending {outcome}")
+            if mine == self._exit_timers and still():
+                self.exit_with(outcome)
+
+        task = asyncio.create_task(decide())
+        self._timers.add(task)  # a reference, so the task is not collected while it sleeps
+        task.add_done_callback(self._timers.discard)
 
     def check_exit(self) -> None:
         if self.exit_reason is not None:
@@ -230,9 +316,14 @@ class Journey:
     # ---- steps that touch the world -------------------------------------------------------
 
     def key(self, step: str) -> str:
-        """The idempotency key of ``step``: the same for every retry and every replay."""
+        """The idempotency key of ``step``: the same for every retry and every replay.
+
+        Continue-as-new keeps ``first_execution_run_id``, so a next journey (generation 1, 2...)
+        puts its generation in its keys; generation 0 keeps the keys journeys always had.
+        """
         info = workflow.info()
-        return f"{info.workflow_id}/{info.first_execution_run_id}/{step}"
+        prefix = f"{info.workflow_id}/{info.first_execution_run_id}/"
+        return prefix + (f"g{self.generation}/" if self.generation else "") + step
 
     async def call(
         self,
@@ -276,6 +367,10 @@ class Journey:
             if self.purchase is not None and isinstance(err.cause, CancelledError):
                 self.tell(f"stopped the {step} step: the shopper bought meanwhile")
                 raise JourneyExit("purchased") from err
+            if self.purchase is not None and workflow.patched(PURCHASE_WINS):
+                # The purchase is a fact; the failed step (a refusal after DATA...) is not.
+                self.tell(f"the {step} step failed ({err.cause or err}), but the shopper bought")
+                raise JourneyExit("purchased") from err
             raise self._exit_for(err, step) from err
         return cast(T, result)
 
@@ -283,6 +378,10 @@ class Journey:
         """Send one message step; a bounce or a missing address ends the journey."""
         self.check_exit()
         self.enter(step)
+        if email.ordered_since is None and self.started_at is not None:
+            # The email activity refuses to send if the customer ordered since the journey's
+            # first event happened (an order that overtook it, or one not yet routed).
+            email.ordered_since = self.started_at
         result = await self.call(
             "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
         )
@@ -304,23 +403,41 @@ class Journey:
         """Take the shopper out of every audience this journey put them in."""
         for audience in list(self.audiences):
             step = f"leave-{audience}"
+            change = self._audience_change(step, audience)
+            # Remove exactly what the add sent (the shopper's address may have changed since).
+            change.joined_key = self.key(self.audiences[audience])
             try:
                 await workflow.execute_activity(
                     "remove_from_audience",
-                    self._audience_change(step, audience),
+                    change,
                     result_type=AudienceResult,
                     start_to_close_timeout=timedelta(minutes=1),
                     schedule_to_close_timeout=SEND_DEADLINE,
                     retry_policy=RETRY,
                 )
             except ActivityError as err:
-                workflow.logger.error(
-                    "could not remove %s from %s: %s", self.customer_id, audience, err
-                )
+                # Not the customer id in the log: it is often an email address.
+                workflow.logger.error("could not remove the shopper from %s: %s", audience, err)
                 self.tell(f"could NOT remove the shopper from the {audience} audience: {err.cause}")
+                if workflow.patched(PARK_FAILED_REMOVALS):
+                    await self._park_removal(change, str(err.cause or err))
                 continue
             del self.audiences[audience]
             self.tell(f"removed the shopper from the {audience} audience")
+
+    async def _park_removal(self, change: AudienceChange, reason: str) -> None:
+        try:
+            await workflow.execute_activity(
+                "park_audience_removal",
+                ParkRemoval(change=change, reason=reason),
+                start_to_close_timeout=timedelta(minutes=1),
+                schedule_to_close_timeout=SEND_DEADLINE,
+                retry_policy=RETRY,
+            )
+        except ActivityError as err:
+            self.tell(f"could NOT park the removal for the audience sweeper: {err.cause}")
+            return
+        self.tell("the audience sweeper will try the removal again later")
 
     def _audience_change(self, step: str, audience: str) -> AudienceChange:
         return AudienceChange(
@@ -336,12 +453,57 @@ class Journey:
         if isinstance(cause, ApplicationError) and cause.type == UNDELIVERABLE:
             self.tell(f"the {step} email bounced: {cause.message}")
             return JourneyExit("undeliverable")
+        if isinstance(cause, ApplicationError) and cause.type == ALREADY_PURCHASED:
+            self.tell(
+                f"did not send the {step} email: an order placed since the journey began "
+                "was found before sending"
+            )
+            return JourneyExit("purchased")
         if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
             self.tell("the shopper has no known email address")
             return JourneyExit("no_email_address")
         workflow.logger.error("step %s failed for good: %s", step, err)
         self.tell(f"step {step} failed for good: {cause or err}")
         return JourneyExit("failed")
+
+    async def run_journey(self, steps: Callable[[], Awaitable[JourneyResult]]) -> JourneyResult:
+        """Run the journey's ``steps`` and end it: every exit goes through :meth:`finish`.
+
+        Events that arrived while it ended (a new cart after the purchase) are handed to the
+        customer's next journey: if any would start one, the workflow continues as new into a
+        fresh journey of the next generation that takes them first.
+        """
+        self._take_pending()
+        try:
+            result = await steps()
+        except JourneyExit as exit_:
+            result = await self.finish(exit_.outcome)
+        except asyncio.CancelledError:
+            # An operator cancelled the journey: still take the shopper out of every audience.
+            await self.finish("cancelled")
+            raise
+        first_start = next((i for i, e in enumerate(self.held) if e.name in self.starts_on), None)
+        if first_start is not None and workflow.patched(HAND_OVER_LATE_EVENTS):
+            events = self.held[first_start:]
+            self.tell(f"a new journey began with {len(events)} event(s) that came as this ended")
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(
+                self.next_journey(events),
+                search_attributes=TypedSearchAttributes(
+                    self.start_search_attributes(self.customer_id)
+                ),
+            )
+        if self.held:
+            self.tell(f"ignored {len(self.held)} event(s) that came as the journey ended")
+        return result
+
+    def next_journey(self, events: list[JourneyEvent]) -> Any:
+        """The input of this journey's next generation, which takes ``events`` first.
+
+        Journeys with ``starts_on`` implement it: the same customer and settings, generation
+        ``self.generation + 1``, ``last_seq``, the story, and ``events`` as its pending events.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement next_journey")
 
     async def finish(self, outcome: str) -> JourneyResult:
         """End the journey: leave every audience, store a conversion, publish the outcome."""

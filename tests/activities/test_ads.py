@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -13,9 +14,17 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.ads import AUDIENCE_UNAVAILABLE, AudienceActivities, email_sha256
-from activities.types import AUDIENCE_REJECTED, NO_EMAIL_ADDRESS, AudienceChange, AudienceResult
+from activities.types import (
+    AUDIENCE_REJECTED,
+    NO_EMAIL_ADDRESS,
+    AudienceChange,
+    AudienceResult,
+    ParkRemoval,
+    SweepInput,
+    SweepResult,
+)
 from kaeru.db import session
-from kaeru.models import AudienceMember
+from kaeru.models import AudienceJoin, AudienceMember, Customer
 from kaeru.settings import Settings
 from tests.activities.factories import add_customer, touchpoints
 from tests.conftest import make_settings
@@ -261,3 +270,106 @@ async def test_meta_unreachable_is_retried(sqlite_url: str, http: httpx.AsyncCli
 
     assert (error.type, error.non_retryable) == (AUDIENCE_UNAVAILABLE, False)
     assert "KAERU_META_GRAPH_URL" in error.message
+
+
+# ---- leaving removes what was added; a removal that fails for good is parked ------------------
+
+
+def leave(joined: AudienceChange) -> AudienceChange:
+    """The leave step of the journey that made ``joined``, naming the add it undoes."""
+    left = change("leave-cart-retargeting", customer_id=joined.customer_id)
+    left.joined_key = joined.key
+    return left
+
+
+def change_email(url: str, customer_id: str, email: str) -> None:
+    with session(url) as s:
+        customer = s.get(Customer, customer_id)
+        assert customer is not None
+        customer.email = email
+        s.add(customer)
+
+
+async def test_leaving_removes_the_hash_that_was_added(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    add_customer(database_url, "c1", "alice@example.com")
+    settings = meta_settings(database_url, graph_api)
+    joined = change()
+    await add(settings, http, joined)
+    change_email(database_url, "c1", "bob@example.com")  # identify with a new address
+
+    await remove(settings, http, leave(joined))
+
+    assert graph_api.member_hashes() == set()
+    assert graph_api.requests[-1].body["payload"]["data"] == [ALICE_HASH]
+    [row] = joins(database_url)
+    assert row.email_sha256 == ALICE_HASH and row.left_at is not None
+
+
+async def test_leaving_works_after_the_address_is_gone(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    add_customer(database_url, "c1", "alice@example.com")
+    settings = meta_settings(database_url, graph_api)
+    joined = change()
+    await add(settings, http, joined)
+    with session(database_url) as s:
+        customer = s.get(Customer, "c1")
+        assert customer is not None
+        customer.email = None
+        s.add(customer)
+
+    await remove(settings, http, leave(joined))
+    assert graph_api.member_hashes() == set()
+
+
+async def test_a_removal_that_failed_for_good_is_parked_then_swept(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    add_customer(database_url, "c1", "alice@example.com")
+    settings = meta_settings(database_url, graph_api)
+    ads = AudienceActivities(settings, http)
+    joined = change()
+    await add(settings, http, joined)
+
+    # The journey's removal ran out of retries; it parks the removal with the reason.
+    left = leave(joined)
+    await ActivityEnvironment().run(
+        ads.park_audience_removal, ParkRemoval(change=left, reason="Meta is busy (HTTP 429)")
+    )
+    [row] = joins(database_url)
+    assert row.left_at is None and row.removal_error == "Meta is busy (HTTP 429)"
+    assert row.retry_at is not None
+
+    # The sweeper's first try fails too: the row stays parked, to be tried later.
+    graph_api.answer_next(RATE_LIMITED)
+    first = await sweep(ads)
+    assert (first.tried, first.removed) == (1, 0)
+    [row] = joins(database_url)
+    assert row.removal_attempts == 1 and row.retry_at is not None and row.left_at is None
+    assert "busy" in (row.removal_error or "")
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    assert (await sweep(ads)).tried == 0  # not due yet
+
+    with session(database_url) as s:  # time passes
+        due = s.get(AudienceJoin, joined.key)
+        assert due is not None and due.retry_at is not None
+        due.retry_at = due.retry_at - timedelta(days=2)
+        s.add(due)
+    second = await sweep(ads)
+    assert (second.tried, second.removed) == (1, 1)
+    assert graph_api.member_hashes() == set()
+    [row] = joins(database_url)
+    assert row.left_at is not None and row.retry_at is None and row.removal_error is None
+    assert [t.kind for t in touchpoints(database_url)] == ["audience_joined", "audience_left"]
+
+
+async def sweep(ads: AudienceActivities) -> SweepResult:
+    result: SweepResult = await ActivityEnvironment().run(ads.retry_audience_removals, SweepInput())
+    return result
+
+
+def joins(url: str) -> list[AudienceJoin]:
+    with session(url) as s:
+        return list(s.exec(select(AudienceJoin)))

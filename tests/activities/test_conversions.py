@@ -68,3 +68,28 @@ async def test_naive_time_and_foreign_long_coupon_do_not_fail_forever(database_u
     [tp] = touchpoints(database_url)
     assert tp.occurred_at == datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
     assert tp.coupon_code is None and tp.detail == {"coupon": long_code}
+
+
+async def test_a_redelivered_order_writes_no_second_conversion(database_url: str) -> None:
+    """A router that delivers an ``Order Completed`` again (to this run, a later run or the
+    next generation of the customer's journey) must not count the order twice."""
+    await record(database_url, conversion())
+    await record(database_url, conversion(key=f"{JOURNEY}/run-2/conversion"))
+    await record(database_url, conversion(key=f"{JOURNEY}/run-1/g1/conversion"))
+
+    [tp] = touchpoints(database_url, "conversion")
+    assert tp.key == f"{JOURNEY}/run-1/conversion"
+
+
+async def test_an_order_converts_once_per_journey_kind(database_url: str) -> None:
+    await record(database_url, conversion())
+    browse = "browse-abandonment-c1"
+    await record(database_url, conversion(key=f"{browse}/run-9/conversion", journey_id=browse))
+    await record(database_url, conversion(key=f"{JOURNEY}/run-2/conversion", order_id="o-1002"))
+
+    rows = touchpoints(database_url, "conversion")
+    assert [(t.journey_id, t.order_id) for t in rows] == [
+        (JOURNEY, "o-1001"),
+        (browse, "o-1001"),
+        (JOURNEY, "o-1002"),
+    ]

@@ -1,214 +1,36 @@
 """Every branch of the cart-abandonment journey, on Temporal's time-skipping test server.
 
 The activities are the real ones (real SMTP server on loopback, real SQLite, local audience
-store and coupon provider): only time is fast-forwarded.
+store and coupon provider): only time is fast-forwarded. The ``Shopper`` helper and fixtures
+are in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from sqlmodel import select
-from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.common import TypedSearchAttributes
-from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.client import WorkflowFailureError
 
 from kaeru.db import session
-from kaeru.models import AudienceMember, Coupon, Customer, EmailMessage, Suppression, Touchpoint
+from kaeru.models import Coupon, Customer, EmailMessage, Suppression
 from tests.conftest import make_settings
-from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import (
+    DAY,
+    HOUR,
+    SETTINGS,
+    SHOE,
+    SOCK,
+    Shopper,
+    reach_ad_audience,
+    reach_offer,
+)
 from worker import build_worker
-from workflows.cart_abandonment import CartAbandonment, CartJourneyInput, CartJourneySettings
-from workflows.kit import (
-    CUSTOMER_ID,
-    EVENT_SIGNAL,
-    OUTCOME,
-    STEP,
-    Journey,
-    JourneyEvent,
-    JourneyResult,
-)
-
-HOUR = 3600.0
-DAY = 24 * HOUR
-SETTINGS = CartJourneySettings(
-    email_delay=DAY,
-    open_wait=DAY,
-    ad_delay=DAY,
-    ad_click_wait=3 * DAY,
-    offer_delay=DAY,
-    offer_wait=3 * DAY,
-    coupon_ttl=7 * DAY,
-    cart_url="https://shop.test/cart",
-)
-SHOE = {"product_id": "shoe", "name": "Trail Shoe", "price": 89.5, "quantity": 1}
-SOCK = {"product_id": "sock", "name": "Wool Socks", "price": 12, "quantity": 2}
-
-
-@dataclass
-class Shopper:
-    """One customer's journey under test, driven the way the router drives it."""
-
-    env: WorkflowEnvironment
-    db: str
-    smtp: SMTPTestServer
-    task_queue: str
-    customer_id: str = field(default_factory=lambda: f"c-{uuid.uuid4().hex[:8]}")
-    seq: int = 0
-    settings: CartJourneySettings = field(default_factory=lambda: SETTINGS)
-
-    @property
-    def journey_id(self) -> str:
-        return f"{CartAbandonment.kind}-{self.customer_id}"
-
-    @property
-    def handle(self) -> WorkflowHandle[Any, Any]:
-        return self.env.client.get_workflow_handle(self.journey_id, result_type=JourneyResult)
-
-    def event(self, name: str, /, seq: int | None = None, **props: Any) -> JourneyEvent:
-        if seq is None:
-            self.seq += 1
-            seq = self.seq
-        return JourneyEvent(seq, name, f"m-{uuid.uuid4()}", datetime.now(UTC), props)
-
-    async def cart(self, name: str, /, **props: Any) -> JourneyEvent:
-        """A cart event: signal-with-start, as the router sends it."""
-        event = self.event(name, **props)
-        await self.env.client.start_workflow(
-            CartAbandonment.run,
-            CartJourneyInput(self.customer_id, self.settings),
-            id=self.journey_id,
-            task_queue=self.task_queue,
-            start_signal=EVENT_SIGNAL,
-            start_signal_args=[event],
-            search_attributes=TypedSearchAttributes(
-                Journey.start_search_attributes(self.customer_id)
-            ),
-        )
-        return event
-
-    async def signal(self, name: str, /, **props: Any) -> None:
-        await self.handle.signal(EVENT_SIGNAL, self.event(name, **props))
-
-    async def purchase(self, order_id: str = "o-1", coupon: str | None = None) -> None:
-        props: dict[str, Any] = {"order_id": order_id, "total": 101.5, "currency": "USD"}
-        if coupon:
-            props["coupon"] = coupon
-        await self.signal("Order Completed", **props)
-
-    async def message_key(self, step: str) -> str:
-        """The outbox key of this journey's ``step`` email, as tracking links carry it."""
-        first_run = (await self.handle.describe()).raw_description.workflow_execution_info
-        return f"{self.journey_id}/{first_run.first_run_id}/{step}"
-
-    async def opened(self, step: str = "cart_email", event: str = "Email Opened") -> None:
-        key = await self.message_key(step)
-        await self.signal(event, step=step, journey_id=self.journey_id, message_key=key)
-
-    async def status(self) -> Any:
-        return await self.handle.query(CartAbandonment.status)
-
-    async def wait_for_step(self, step: str) -> None:
-        """Wait (in real time, without skipping) until the journey reaches ``step``."""
-        for _ in range(200):
-            current = (await self.status()).step
-            if current == step:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"journey stuck at {current!r}, expected {step!r}")
-
-    async def skip(self, seconds: float) -> None:
-        await self.env.sleep(timedelta(seconds=seconds))
-
-    async def outcome(self) -> str:
-        result = await self.handle.result()
-        return str(result.outcome)
-
-    def emails(self) -> list[Any]:
-        return [m.message for m in self.smtp.messages if self.email in m.rcpt_tos]
-
-    @property
-    def email(self) -> str:
-        return f"{self.customer_id}@shoppers.test"
-
-    def audience(self) -> list[str]:
-        with session(self.db) as s:
-            rows = s.exec(select(AudienceMember)).all()
-            return [r.customer_id for r in rows if r.customer_id == self.customer_id]
-
-    def touchpoints(self, kind: str) -> list[Touchpoint]:
-        with session(self.db) as s:
-            return list(
-                s.exec(
-                    select(Touchpoint).where(
-                        Touchpoint.customer_id == self.customer_id, Touchpoint.kind == kind
-                    )
-                ).all()
-            )
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SMTPTestServer]:
-    async with SMTPTestServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def shopper(
-    time_skipping_env: WorkflowEnvironment,
-    sqlite_url: str,
-    smtp: SMTPTestServer,
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[Shopper]:
-    settings = make_settings(sqlite_url, smtp_port=smtp.port)
-    async with httpx.AsyncClient() as http:
-        worker = build_worker(time_skipping_env.client, settings, http)
-        async with worker:
-            shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
-            with session(sqlite_url) as s:
-                s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
-            yield shopper
-            # A journey left running without its worker would stop the shared test server
-            # from skipping time for every later test.
-            with contextlib.suppress(RPCError):
-                await shopper.handle.terminate("test over")
-            record_to = os.environ.get("KAERU_RECORD_HISTORIES")
-            if record_to:
-                # Stores this test's history for tests/replay (see docs/writing-a-journey.md).
-                history = await shopper.handle.fetch_history()
-                name = request.node.name.removeprefix("test_")
-                path = Path(record_to) / f"{name}@{shopper.journey_id}.json"
-                path.write_text(history.to_json())
-
-
-async def reach_ad_audience(shopper: Shopper) -> None:
-    await shopper.cart("Product Added", **SHOE)
-    await shopper.skip(DAY + 60)
-    await shopper.wait_for_step("cart_email")
-    await shopper.opened()
-    await shopper.skip(DAY + 60)
-    await shopper.wait_for_step("ad_audience")
-
-
-async def reach_offer(shopper: Shopper) -> str:
-    await reach_ad_audience(shopper)
-    await shopper.signal("Ad Clicked")
-    await shopper.skip(DAY + 60)
-    await shopper.wait_for_step("offer_email")
-    status = await shopper.status()
-    return str(status.details["coupon"])
-
+from workflows.cart_abandonment import CartJourneySettings
+from workflows.kit import CUSTOMER_ID, EVENT_SIGNAL, OUTCOME, STEP
 
 # ---- the happy path and its exits ---------------------------------------------------------
 
@@ -362,6 +184,7 @@ async def test_emptied_cart_ends_the_journey(shopper: Shopper) -> None:
     await shopper.cart("Product Added", **SHOE)
     await shopper.skip(HOUR)
     await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.skip(SETTINGS.empty_grace + 60)  # no order came after the emptied cart
     assert await shopper.outcome() == "cart_emptied"
     assert shopper.emails() == []
 
@@ -372,6 +195,7 @@ async def test_cart_viewed_replaces_the_cart(shopper: Shopper) -> None:
     status = await shopper.status()
     assert status.details["cart"] == "2× Wool Socks"
     await shopper.cart("Checkout Started", products=[])
+    await shopper.skip(SETTINGS.empty_grace + 60)
     assert await shopper.outcome() == "cart_emptied"
 
 

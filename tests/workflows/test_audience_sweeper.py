@@ -1,0 +1,73 @@
+"""Audience removals that fail for good are parked, and the sweeper's schedule retries them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlmodel import select
+from temporalio import activity
+from temporalio.client import ScheduleIntervalSpec
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+
+from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceResult, SweepInput
+from kaeru.db import session
+from kaeru.models import AudienceJoin
+from tests.conftest import make_settings
+from tests.workflows.conftest import DAY, Shopper, reach_ad_audience, worker_with
+from worker import ensure_audience_sweeper
+from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
+
+
+async def test_a_failed_removal_is_parked_and_the_sweeper_removes_it(shopper: Shopper) -> None:
+    """``remove_from_audience`` is swapped for one the ad platform refuses for good."""
+
+    @activity.defn(name="remove_from_audience")
+    async def refused(change: AudienceChange) -> AudienceResult:
+        raise ApplicationError(
+            "Meta refused (HTTP 400)", type=AUDIENCE_REJECTED, non_retryable=True
+        )
+
+    async with worker_with(shopper, remove_from_audience=refused):
+        await reach_ad_audience(shopper)
+        await shopper.skip(3 * DAY + 60)
+        assert await shopper.outcome() == "ad_not_clicked"
+        story = (await shopper.status()).story
+    assert any("sweeper will try the removal again" in line for line in story)
+    assert shopper.audience() == [shopper.customer_id]  # still in: the removal failed
+    with session(shopper.db) as s:
+        [parked] = s.exec(select(AudienceJoin)).all()
+    assert parked.left_at is None and "Meta refused" in (parked.removal_error or "")
+
+    # The schedule's run, with the real activities: the platform accepts the removal now.
+    async with worker_with(shopper) as settings:
+        result = await shopper.env.client.execute_workflow(
+            AudienceSweeper.run,
+            SweepInput(),
+            id=f"sweep-{uuid.uuid4().hex[:6]}",
+            task_queue=settings.task_queue,
+        )
+    assert (result.tried, result.removed) == (1, 1)
+    assert shopper.audience() == []
+    with session(shopper.db) as s:
+        [swept] = s.exec(select(AudienceJoin)).all()
+    assert swept.left_at is not None and swept.removal_error is None
+
+
+async def test_the_sweeper_schedule_is_created_once_and_follows_the_setting(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str
+) -> None:
+    client = dev_server_env.client
+    settings = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=15))
+    await ensure_audience_sweeper(client, settings)
+    await ensure_audience_sweeper(client, settings)  # a second worker starts
+    later = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=5))
+    await ensure_audience_sweeper(client, later)
+
+    schedules = [s.id async for s in await client.list_schedules()]
+    described = await client.get_schedule_handle(SWEEPER_ID).describe()
+    await client.get_schedule_handle(SWEEPER_ID).delete()
+    assert SWEEPER_ID in schedules
+    assert described.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(minutes=5))]
+    assert described.schedule.action.workflow == "AudienceSweeper"  # type: ignore[attr-defined]

@@ -1,0 +1,258 @@
+"""Issue 13: what a journey decides when events race its steps, its end and its activities.
+
+Each test reproduces one case on the time-skipping server with the real activities, except
+where a test swaps one activity by name to hold it or to script its answer (said in the test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sqlmodel import select
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.ads import AudienceActivities
+from activities.types import (
+    ALREADY_PURCHASED,
+    AudienceChange,
+    AudienceResult,
+    SendEmailInput,
+    SendEmailResult,
+)
+from kaeru.db import session
+from kaeru.models import EmailMessage
+from tests.conftest import make_settings
+from tests.workflows.conftest import (
+    DAY,
+    HOUR,
+    SHOE,
+    SOCK,
+    Shopper,
+    reach_ad_audience,
+    worker_with,
+)
+from workflows.cart_abandonment import CartJourneySettings
+from workflows.kit import EVENT_SIGNAL
+
+MINUTE = 60.0
+
+
+def text_of(email: object) -> str:
+    return str(email.get_body(("plain",)).get_content())  # type: ignore[attr-defined]
+
+
+# ---- item 9: a cart event's currency ---------------------------------------------------------
+
+
+async def test_product_lists_take_the_events_currency(shopper: Shopper) -> None:
+    matcha = {"product_id": "matcha", "name": "Matcha", "price": 1200, "quantity": 1}
+    cup = {"product_id": "cup", "name": "Cup", "price": 9.5, "currency": "EUR"}
+    await shopper.cart("Checkout Started", currency="JPY", products=[matcha, cup])
+    await shopper.skip(DAY + MINUTE)
+    [email] = await shopper.wait_for_emails(1)
+    text = text_of(email)
+    assert "1200 JPY" in text  # the event's currency
+    assert "9.50 EUR" in text  # an item's own currency wins
+    assert "USD" not in text
+
+
+# ---- items 3 and 4: an emptied cart ----------------------------------------------------------
+
+
+async def test_cart_emptied_and_refilled_in_one_task_goes_on(shopper: Shopper) -> None:
+    idle = f"idle-{uuid.uuid4().hex[:6]}"
+    shopper.task_queue = idle
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.cart("Product Added", **SOCK)
+    async with worker_with(shopper, task_queue=idle):
+        await shopper.skip(DAY + MINUTE)
+        [email] = await shopper.wait_for_emails(1)
+        assert "Wool Socks" in text_of(email)
+        status = await shopper.status()
+        assert status.outcome is None and status.details["cart"] == "2× Wool Socks"
+
+
+async def test_purchase_just_after_an_emptied_cart_is_a_conversion(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(HOUR)
+    await shopper.cart("Product Removed", product_id="shoe")  # checkout empties the cart
+    await shopper.skip(30)  # the order arrives a moment later
+    await shopper.purchase("o-checkout")
+    assert await shopper.outcome() == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-checkout"
+    assert shopper.emails() == []
+
+
+async def test_an_emptied_cart_ends_the_journey_after_the_grace(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(HOUR)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.skip(9 * MINUTE)
+    assert (await shopper.status()).outcome is None  # still waiting for a purchase
+    await shopper.skip(2 * MINUTE)
+    assert await shopper.outcome() == "cart_emptied"
+    assert shopper.emails() == [] and shopper.touchpoints("conversion") == []
+
+
+async def test_a_refill_during_the_grace_keeps_the_journey(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    run_id = (await shopper.handle.describe()).run_id
+    await shopper.skip(HOUR)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.skip(5 * MINUTE)
+    await shopper.cart("Product Added", **SOCK)
+    await shopper.skip(DAY + MINUTE)
+    [email] = await shopper.wait_for_emails(1)
+    assert "Wool Socks" in text_of(email)
+    assert (await shopper.handle.describe()).run_id == run_id  # the same journey went on
+
+
+async def test_a_grace_longer_than_the_quiet_period_is_still_waited_out(
+    shopper: Shopper,
+) -> None:
+    shopper.settings = CartJourneySettings(
+        **{**shopper.settings.__dict__, "email_delay": 5 * MINUTE, "empty_grace": 10 * MINUTE}
+    )
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.cart("Product Removed", product_id="shoe")
+    await shopper.skip(7 * MINUTE)  # the cart went quiet, empty, two minutes ago
+    await shopper.purchase("o-late")
+    assert await shopper.outcome() == "purchased"
+    assert shopper.touchpoints("conversion")[0].order_id == "o-late"
+
+
+# ---- item 6: a received purchase always wins ---------------------------------------------------
+
+
+async def test_purchase_during_data_wins_over_a_refusal(shopper: Shopper) -> None:
+    shopper.smtp.stall("DATA")  # the server holds its answer to the whole message...
+    shopper.smtp.reject_data(554)  # ...and then refuses it
+    await shopper.cart("Product Added", **SHOE)
+    # The test server cannot skip time past a running activity: skip in the background.
+    skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
+    await asyncio.wait_for(shopper.smtp.stalled.wait(), timeout=30)
+    await shopper.purchase("o-during-data")
+    await asyncio.sleep(1)  # the journey asks the send to stop; it has handed the message over
+    shopper.smtp.release()
+    assert await asyncio.wait_for(shopper.outcome(), timeout=60) == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-during-data"
+    assert len(shopper.smtp.refused_messages) == 1
+    skipping.cancel()
+
+
+# ---- item 7 (the journey's half): an order found before sending --------------------------------
+
+
+async def test_an_order_found_before_sending_ends_purchased(shopper: Shopper) -> None:
+    """``send_email`` is swapped for one that answers as the real one does when the customer
+    has a stored order since ``ordered_since`` (the email activity's tests test that check)."""
+    asked: list[SendEmailInput] = []
+
+    @activity.defn(name="send_email")
+    async def already_purchased(email: SendEmailInput) -> SendEmailResult:
+        asked.append(email)
+        raise ApplicationError(
+            "the customer ordered after the cart", type=ALREADY_PURCHASED, non_retryable=True
+        )
+
+    async with worker_with(shopper, send_email=already_purchased):
+        started = await shopper.cart("Product Added", **SHOE)
+        await shopper.skip(HOUR)
+        await shopper.cart("Product Added", **SOCK)
+        await shopper.skip(DAY + MINUTE)
+        assert await shopper.outcome() == "purchased"
+        story = (await shopper.status()).story
+    [email] = asked
+    assert email.ordered_since == started.occurred_at.timestamp()
+    assert any("order" in line and "before sending" in line for line in story)
+    assert shopper.touchpoints("conversion") == []
+
+
+# ---- item 2: events that arrive while a journey ends start the next one ------------------------
+
+
+async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Shopper) -> None:
+    """``remove_from_audience`` is held (then runs for real) to keep ``finish`` busy."""
+    held, release = asyncio.Event(), asyncio.Event()
+    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await real.remove_from_audience(change)
+
+    async with worker_with(shopper, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        await shopper.purchase("o-1")
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.cart("Product Added", **SOCK)  # a new cart, while the first journey ends
+        release.set()
+        await asyncio.sleep(0.5)
+        await shopper.skip(DAY + MINUTE)
+        emails = await shopper.wait_for_emails(2)
+        assert "Wool Socks" in text_of(emails[1]) and "Trail Shoe" not in text_of(emails[1])
+        status = await shopper.status()
+        assert status.outcome is None and status.details["cart"] == "2× Wool Socks"
+        assert any("journey ended: purchased" in line for line in status.story)
+        assert any("new journey" in line for line in status.story)
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
+    assert shopper.audience() == []
+    with session(shopper.db) as s:
+        keys = [m.key for m in s.exec(select(EmailMessage))]
+    assert len(set(keys)) == 2  # the next journey's steps have keys of their own
+
+
+async def test_ordered_since_survives_a_busy_cart_continuing_as_new(shopper: Shopper) -> None:
+    """``send_email`` is swapped for one that records what it was asked and says "sent"."""
+    asked: list[SendEmailInput] = []
+
+    @activity.defn(name="send_email")
+    async def recorded(email: SendEmailInput) -> SendEmailResult:
+        asked.append(email)
+        return SendEmailResult(
+            message_id="<m@test>", to_address="c***@shoppers.test", status="sent"
+        )
+
+    shopper.settings = CartJourneySettings(**{**shopper.settings.__dict__, "history_limit": 40})
+    async with worker_with(shopper, send_email=recorded):
+        started = await shopper.cart("Product Added", **SHOE)
+        first_run = (await shopper.handle.describe()).run_id
+        for _ in range(30):
+            await shopper.cart("Product Added", **SOCK)
+            await shopper.skip(MINUTE)
+        assert (await shopper.handle.describe()).run_id != first_run
+        await shopper.skip(DAY + MINUTE)
+        await shopper.wait_for_step("cart_email")
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.05)
+    [email] = asked
+    assert email.ordered_since == started.occurred_at.timestamp()
+
+
+# ---- item 5 (the conversion half): a redelivered order ---------------------------------------
+
+
+async def test_events_redelivered_after_the_end_convert_the_order_once(shopper: Shopper) -> None:
+    """A router stopped before it marked a round routed: a second router delivers the same
+    events again, after the journey ended, so they start a new run."""
+    cart = await shopper.cart("Product Added", **SHOE)
+    order = shopper.event("Order Completed", order_id="o-1", total=101.5, currency="USD")
+    await shopper.handle.signal(EVENT_SIGNAL, order)
+    assert await shopper.outcome() == "purchased"
+    first_run = (await shopper.handle.describe()).run_id
+
+    await shopper.deliver(cart)  # the same events, seq and all
+    await shopper.handle.signal(EVENT_SIGNAL, order)
+    assert await shopper.outcome() == "purchased"
+    assert (await shopper.handle.describe()).run_id != first_run
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
