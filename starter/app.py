@@ -174,10 +174,19 @@ def _install_openapi(app: FastAPI) -> None:
             "writeKey": {
                 "type": "http",
                 "scheme": "basic",
-                "description": "the write key as user name, empty password",
-            }
+                "description": "a write key (server or browser) as user name, empty password",
+            },
+            "operatorToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "KAERU_OPERATOR_TOKEN: the admin API (write keys do not open it)",
+            },
         }
         schema["security"] = [{"writeKey": []}]
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if "admin" in operation.get("tags", ()):
+                    operation["security"] = [{"operatorToken": []}]
         app.openapi_schema = schema
         return schema
 

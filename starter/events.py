@@ -11,8 +11,10 @@ can be read (and tested) in one place. Two kinds of failure:
 What an event may do depends on the key it came with (README, "Trust model"): an event of the
 browser key (public: it ships in web pages) loses the traits that would change a customer's
 email or consent, may not be an email open or click, and, as an ``Order Completed``, reaches
-journeys without its money and coupon (so it ends marketing at once but counts nothing).
-Whatever kaeru removes or changes is noted under the payload's ``kaeru`` key.
+journeys without its money and coupon (so it ends marketing at once but counts nothing); links
+are stripped from the product names it carries (they reach the customer's cart email, and a
+browser key can name any customer). Whatever kaeru removes or changes is noted under the
+payload's ``kaeru`` key (one the sender set is dropped).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field
 
+from kaeru.commerce import clean_product_name
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
 from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -363,6 +366,8 @@ def read_event(
     if source == BROWSER:
         if dropped := _drop_protected_traits(payload, event_type):
             notes["dropped"] = dropped
+        if event_type == "track" and _clean_names(payload, product_event=name in PRODUCT_EVENTS):
+            notes["names_cleaned"] = True
         if name == ORDER_COMPLETED and not trust_browser_orders:
             counts_as_order = False
             if withheld := _withhold_money(payload):
@@ -410,6 +415,30 @@ def _drop_protected_traits(payload: dict[str, Any], event_type: str) -> list[str
             del traits[key]
             dropped.append(f"{where}.{key}")
     return dropped
+
+
+def _clean_names(payload: dict[str, Any], *, product_event: bool) -> bool:
+    """Strip links from the product names of an untrusted event; True if one changed."""
+    properties = dict(_object(payload.get("properties")))
+    changed = False
+
+    def cleaned(item: dict[str, Any]) -> dict[str, Any]:
+        nonlocal changed
+        name = item.get("name")
+        if not isinstance(name, str) or (clean := clean_product_name(name)) == name:
+            return item
+        changed = True
+        rest = {key: value for key, value in item.items() if key != "name"}
+        return rest if clean is None else {**rest, "name": clean}
+
+    if product_event:
+        properties = cleaned(properties)
+    items = properties.get("products")
+    if isinstance(items, list):
+        properties["products"] = [cleaned(i) if isinstance(i, dict) else i for i in items]
+    if changed:
+        payload["properties"] = properties
+    return changed
 
 
 def _withhold_money(payload: dict[str, Any]) -> dict[str, Any]:

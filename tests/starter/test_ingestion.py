@@ -629,6 +629,9 @@ async def test_openapi_documents_the_bodies(api: httpx.AsyncClient) -> None:
     assert batch["schema"]["$ref"] == "#/components/schemas/BatchBody"
     assert "event" in components["TrackEvent"]["required"]
     assert "401" in track["responses"] and "413" in track["responses"]
+    outbox = schema["paths"]["/v1/admin/outbox"]["get"]
+    assert outbox["security"] == [{"operatorToken": []}]
+    assert schema["components"]["securitySchemes"]["operatorToken"]["scheme"] == "bearer"
 
 
 async def test_unknown_paths_answer_in_the_error_shape(api: httpx.AsyncClient) -> None:
@@ -903,6 +906,33 @@ async def test_urls_are_stripped_from_product_names(
     with session(settings.resolved_database_url) as s:
         product = s.get(Product, "p1")
     assert product is not None and product.name == stored
+
+
+async def test_links_are_stripped_from_names_in_browser_events(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    phish = "Mug: card declined, pay at evil.example/pay"
+    batch = [
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Product Added",
+            "properties": {"product_id": "p1", "name": phish},
+        },
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Cart Viewed",
+            "properties": {"products": [{"product_id": "p1", "name": phish}, "odd", {"x": 1}]},
+        },
+    ]
+    await api.post("/v1/batch", json={"batch": batch}, auth=BROWSER)
+    await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    seen = [e.journey_event().properties for e in fetch_unrouted(settings.resolved_database_url, 9)]
+    clean = "Mug: card declined, pay at"
+    assert seen[0]["name"] == clean
+    assert seen[1]["products"] == [{"product_id": "p1", "name": clean}, "odd", {"x": 1}]
+    assert seen[2]["name"] == phish  # the server's own words, as sent (the catalogue is cleaned)
 
 
 async def test_import_needs_the_server_key(api: httpx.AsyncClient, settings: Settings) -> None:
