@@ -13,10 +13,8 @@ from kaeru.models import AudienceMember
 from kaeru.settings import Settings
 from starter.app import create_app
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, asgi_client, basic
+from tests.starter.conftest import AUTH, OPERATOR, asgi_client, basic
 
-#: The operator token of ``make_settings``, as the admin API wants it.
-OPERATOR = {"Authorization": "Bearer test-operator-token"}
 PATHS = ["/v1/audiences/cart-retargeting", "/v1/customers/u1", "/v1/admin/outbox"]
 
 

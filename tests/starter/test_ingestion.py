@@ -25,7 +25,7 @@ from starter.app import create_app
 from starter.events import MAX_ID_BYTES, EventError, read_event
 from starter.router import fetch_unrouted
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, asgi_client, basic, count, events
+from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client, basic, count, events
 from workflows.kit import Journey, purchase_from
 
 TRACK = {"userId": "u1", "event": "Product Added", "properties": {"product_id": "p1"}}
@@ -683,7 +683,7 @@ async def test_concurrent_requests_with_the_same_events_store_them_once(
 
 # ---- trust boundaries: the server key and the browser key ----------------------------------------
 
-BROWSER = ("test-browser-key", "")
+BROWSER = BROWSER_AUTH
 
 
 def customer(settings: Settings, customer_id: str) -> Customer:
