@@ -44,9 +44,10 @@ MAX_DEPTH = 32
 MAX_ID_LENGTH = 200
 #: Most UTF-8 bytes of an id. A customer id becomes the workflow id ``<kind>-<id>`` (Temporal:
 #: at most 1,000 bytes) and the ``KaeruCustomerId`` search attribute (at most 2,048 bytes as
-#: Temporal's JSON encodes it: an emoji takes 12, ``\ud83d\udc38``). 512 UTF-8 bytes and 200
-#: characters keep both within limits whatever the characters (at most 1,538 encoded bytes);
-#: 171 emoji, within 200 characters, would be refused by Temporal for good.
+#: Temporal's JSON encodes it: an emoji takes 12, ``\ud83d\udc38``, a control character 6).
+#: 512 UTF-8 bytes and 200 characters keep both within limits whatever the characters (the
+#: worst, 104 emoji and 96 control characters, encodes to 1,826 bytes); 171 emoji, within
+#: 200 characters, would be refused by Temporal for good.
 MAX_ID_BYTES = 512
 #: Events whose properties describe one product (Segment e-commerce spec).
 PRODUCT_EVENTS = frozenset(
