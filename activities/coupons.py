@@ -40,28 +40,35 @@ def normalise_code(code: str) -> str:
     return code.strip().upper()
 
 
-def redeem_coupon(s: Session, code: str, order_id: str, at: datetime) -> Coupon | None:
-    """Mark coupon ``code`` redeemed by ``order_id``, in ``s``'s transaction.
+def redeem_coupon(
+    s: Session, code: str, order_id: str, at: datetime, *, customer_id: str
+) -> Coupon | None:
+    """Mark coupon ``code`` redeemed by ``order_id`` of ``customer_id``, in ``s``'s transaction.
 
     Idempotent for the same order: a re-delivered ``Order Completed`` finds it already
     redeemed by that order and gets it back. Safe against two orders racing for one code: the
-    update is conditional, so exactly one of them wins.
+    update is conditional, so exactly one of them wins. Only an order of the customer the
+    coupon was issued to redeems it: another customer's order leaves it unredeemed and is
+    recorded as a ``coupon_refused`` touchpoint of the ordering customer (once per order), so
+    operators see who tried whose code.
 
     Args:
         s: the caller's session; the caller commits.
         code: the code as the order carried it (case and surrounding spaces do not matter).
         order_id: the order that used it.
         at: when the order was completed (timezone-aware).
+        customer_id: the customer whose order it is.
 
     Returns:
-        The redeemed coupon, or None if no such code exists, it had expired at ``at``, or
-        another order redeemed it first.
+        The redeemed coupon, or None if no such code exists, it had expired at ``at``, it
+        belongs to another customer, or another order redeemed it first.
     """
     wanted = normalise_code(code)
     claimed = s.exec(
         update(Coupon)
         .where(
             col(Coupon.code) == wanted,
+            col(Coupon.customer_id) == customer_id,
             col(Coupon.redeemed_order_id).is_(None),
             col(Coupon.expires_at) > at,
         )
@@ -71,6 +78,18 @@ def redeem_coupon(s: Session, code: str, order_id: str, at: datetime) -> Coupon 
         select(Coupon).where(Coupon.code == wanted).execution_options(populate_existing=True)
     ).first()
     if coupon is None:
+        return None
+    if coupon.customer_id != customer_id:
+        record_touchpoint(
+            s,
+            customer_id=customer_id,
+            kind="coupon_refused",
+            key=f"coupon_refused/{order_id}/{coupon.code}",
+            occurred_at=at,
+            order_id=order_id,
+            coupon_code=coupon.code,
+            detail={"reason": "issued to another customer", "owner": coupon.customer_id},
+        )
         return None
     if claimed.rowcount == 1 or coupon.redeemed_order_id == order_id:
         return coupon

@@ -6,6 +6,10 @@ so the answer is stable. Only products in ``products`` (which has their name, pr
 image) are shown, never the cart's own. Fewer matches than asked for are topped up with the
 most popular products; a shop with no matching history at all gets only those (``popular``).
 Plain SQL aggregates, the same on SQLite and PostgreSQL.
+
+What is shown goes into other customers' emails, so it comes from trusted sources only:
+``products`` is written by server-key events alone (never the browser key), with links
+stripped from names, and ``order_lines`` by orders that count (``starter/ingest.py``).
 """
 
 from __future__ import annotations

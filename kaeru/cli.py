@@ -30,6 +30,7 @@ from temporalio.client import Client
 from kaeru.db import session as db_session
 from kaeru.demo import DemoTarget, run_demo, with_demo_waits
 from kaeru.devstack import (
+    DEV_WRITE_KEY,
     AppServer,
     StackError,
     listening_socket,
@@ -176,7 +177,7 @@ def demo() -> None:
             "unset it for `kaeru dev` and `kaeru demo`"
         )
     setup_logging(False)
-    target = DemoTarget.for_plan(plan)
+    target = DemoTarget.for_plan(plan, same_process=False)
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=3) as http:
@@ -224,14 +225,43 @@ def worker(
     run(main())
 
 
+#: Shortest server write key and operator token ``kaeru api`` accepts.
+MIN_SECRET_LENGTH = 16
+
+
+def api_key_problem(settings: Settings) -> str | None:
+    """Why ``kaeru api`` must not serve with these keys, with the fix; None if they will do."""
+    fix = (
+        "set it to a long random secret, e.g. "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    )
+    key = settings.write_key.get_secret_value() if settings.write_key else ""
+    if not key:
+        return f"KAERU_WRITE_KEY is unset: {fix}; your shop's server sends it"
+    if key == DEV_WRITE_KEY:
+        return f"KAERU_WRITE_KEY is the dev key {DEV_WRITE_KEY!r}, which anyone knows: {fix}"
+    if len(key) < MIN_SECRET_LENGTH:
+        return f"KAERU_WRITE_KEY must be at least {MIN_SECRET_LENGTH} characters: {fix}"
+    browser = settings.browser_write_key
+    if browser is not None and browser.get_secret_value() == key:
+        return (
+            "KAERU_BROWSER_WRITE_KEY equals KAERU_WRITE_KEY: the browser key is public (it "
+            "ships in web pages), so the two must differ; give the browser its own key"
+        )
+    token = settings.operator_token.get_secret_value() if settings.operator_token else None
+    if token is not None and len(token) < MIN_SECRET_LENGTH:
+        return f"KAERU_OPERATOR_TOKEN must be at least {MIN_SECRET_LENGTH} characters: {fix}"
+    return None
+
+
 @app.command()
 def api(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
     """Serve the HTTP API on KAERU_API_HOST:KAERU_API_PORT (it also routes events)."""
     settings = load_settings()
-    if not settings.write_key:
-        fail("KAERU_WRITE_KEY is unset: set it to a long random secret; shops send it")
+    if problem := api_key_problem(settings):
+        fail(problem)
     setup_logging(verbose)
 
     async def main() -> None:

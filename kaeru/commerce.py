@@ -5,6 +5,7 @@ Pure functions with no I/O, so workflow code may import them inside the sandbox.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,31 @@ from kaeru.money import to_minor
 
 #: The longest id (order, product, coupon) kaeru stores.
 MAX_ID_LENGTH = 200
+#: The longest product name kaeru stores (the column's size).
+MAX_NAME_LENGTH = 500
+
+#: What looks like a link in a product name: a scheme (``https://…``, ``javascript:…``), an
+#: address or user-info (``a@b.c``), ``www.…``, or a dotted host name whose last label is
+#: letters (``evil.example/login``). A false positive (``Node.js``) only shortens a name; a
+#: miss would put a phishing link into other customers' emails.
+_LINKISH = re.compile(
+    r"""(?ix)
+    \b[a-z][a-z0-9+.-]*://\S*               # a URL with a scheme
+    | \b(?:javascript|data|vbscript|mailto|tel|sms):\S*  # schemes without //
+    | \S*@\S+                              # an address, or user-info before a host
+    | \bwww\.\S*                           # www.anything
+    | \b(?:[a-z0-9-]+\.)+[a-z]{2,}\b(?:[/:?#]\S*)?  # a host name, with any path
+    """
+)
+
+
+def clean_product_name(value: Any) -> str | None:
+    """A product name fit for the catalogue: links removed, spaces collapsed, capped; None if
+    nothing is left. Product names reach other customers' emails (recommendations)."""
+    if not isinstance(value, str):
+        return None
+    text = " ".join(_LINKISH.sub(" ", value).split())
+    return text[:MAX_NAME_LENGTH] or None
 
 
 def currency_of(value: Any, default: str = "USD") -> str:

@@ -145,16 +145,22 @@ class DemoTarget:
     api_url: str
     write_key: str
     inbox_url: str
+    #: The admin API's token; None: read the audience from the database instead.
+    operator_token: str | None
     temporal_ui_url: str | None
     namespace: str
 
     @classmethod
-    def for_plan(cls, plan: DevPlan) -> DemoTarget:
+    def for_plan(cls, plan: DevPlan, *, same_process: bool = True) -> DemoTarget:
+        """Where ``plan``'s stack is. ``same_process``: the demo runs in the ``kaeru dev``
+        process, so a token it made for this run is the API's (another process has its own)."""
         s = plan.settings
         assert plan.inbox_url is not None
+        token = s.operator_token.get_secret_value() if s.operator_token else None
         return cls(
             api_url=plan.api_url,
-            write_key=s.write_key or DEV_WRITE_KEY,
+            write_key=s.write_key.get_secret_value() if s.write_key else DEV_WRITE_KEY,
+            operator_token=token if same_process or not plan.dev_operator_token else None,
             inbox_url=plan.inbox_url,
             temporal_ui_url=plan.temporal_ui_url,
             namespace=s.temporal_namespace,
@@ -426,9 +432,11 @@ class DemoShopper:
 
     async def in_audience(self) -> bool | None:
         """True once the shopper is in the local ad audience (the API, else the database)."""
+        if self.target.operator_token is None:
+            return await asyncio.to_thread(self._in_audience_table) or None
         answer = await self.http.get(
             f"{self.target.api_url}/v1/audiences/{self.audience}",
-            auth=(self.target.write_key, ""),
+            headers={"Authorization": f"Bearer {self.target.operator_token}"},
         )
         if answer.status_code == 200:
             members = answer.json().get("members", [])

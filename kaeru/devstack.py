@@ -20,6 +20,7 @@ import errno
 import functools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import uvicorn
+from pydantic import SecretStr
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy.engine import make_url
@@ -481,6 +483,8 @@ class DevPlan:
     temporal: bool
     mail_catcher: bool
     dev_write_key: bool
+    #: KAERU_OPERATOR_TOKEN was unset: the admin API's token is made for this run.
+    dev_operator_token: bool = False
 
     @property
     def api_url(self) -> str:
@@ -519,7 +523,11 @@ def plan_dev(settings: Settings) -> DevPlan:
         }
     dev_write_key = settings.write_key is None
     if dev_write_key:
-        update["write_key"] = DEV_WRITE_KEY
+        update["write_key"] = SecretStr(DEV_WRITE_KEY)
+    dev_operator_token = settings.operator_token is None
+    if dev_operator_token:
+        # A fresh one each start: only this process and the person who reads it know it.
+        update["operator_token"] = SecretStr(secrets.token_urlsafe(24))
     if "public_url" not in settings.model_fields_set:
         # Tracking links must reach this API even when KAERU_API_PORT moved it.
         update["public_url"] = local_url(settings.api_host, settings.api_port)
@@ -532,6 +540,7 @@ def plan_dev(settings: Settings) -> DevPlan:
         temporal=temporal,
         mail_catcher=mail_catcher,
         dev_write_key=dev_write_key,
+        dev_operator_token=dev_operator_token,
     )
 
 
@@ -569,8 +578,16 @@ def print_urls(console: Console, plan: DevPlan) -> None:
         rows.append(("Mail inbox", plan.inbox_url))
     else:
         rows.append(("Mail", f"sent through {s.smtp_host}:{s.smtp_port} (KAERU_SMTP_HOST)"))
+    write_key = s.write_key.get_secret_value() if s.write_key else DEV_WRITE_KEY
     key_note = "   (KAERU_WRITE_KEY is unset: a dev key)" if plan.dev_write_key else ""
-    rows.append(("Write key", f"{s.write_key}{key_note}"))
+    rows.append(("Write key", f"{write_key}{key_note}"))
+    if s.browser_write_key:
+        rows.append(("Browser key", s.browser_write_key.get_secret_value()))
+    if s.operator_token and plan.dev_operator_token:
+        token = s.operator_token.get_secret_value()
+        rows.append(
+            ("Admin token", f"{token}   (KAERU_OPERATOR_TOKEN is unset: made for this run)")
+        )
     rows.append(("Database", safe_url(s.resolved_database_url)))
     # Soft wrap: the terminal folds long lines, so a URL stays one piece to click or copy.
     say = functools.partial(console.print, soft_wrap=True)
@@ -580,7 +597,7 @@ def print_urls(console: Console, plan: DevPlan) -> None:
         say(Text.assemble((f"  {label:<13}", "bold"), value))
     say()
     say(Text("Send an event:", style="bold"))
-    say(Text(curl_example(plan.api_url, s.write_key or DEV_WRITE_KEY)))
+    say(Text(curl_example(plan.api_url, write_key)))
     say()
 
 

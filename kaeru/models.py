@@ -68,6 +68,11 @@ class Event(SQLModel, table=True):
     routed_at: datetime | None = _ts(nullable=True)
     route_attempts: int = 0
     route_error: str | None = None
+    #: Which key the event came with: ``server`` (trusted) or ``browser`` (untrusted).
+    source: str = Field(
+        default="server",
+        sa_column=Column(String(10), nullable=False, server_default="server"),
+    )
 
 
 class Customer(SQLModel, table=True):

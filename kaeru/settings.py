@@ -39,13 +39,48 @@ class Settings(BaseSettings):
     )
 
     # Storage
-    database_url: str | None = Field(None, description="SQLAlchemy URL; unset: SQLite in .kaeru/")
+    database_url: str | None = Field(
+        None, repr=False, description="SQLAlchemy URL; unset: SQLite in .kaeru/"
+    )
     state_dir: Path = Field(
         STATE_DIR, description="where `kaeru dev` keeps SQLite, Temporal history and caught mail"
     )
 
     # API
-    write_key: str | None = Field(None, description="Segment write key that ingestion requires")
+    write_key: SecretStr | None = Field(
+        None,
+        description="server write key (trusted: shop backend, server-side Segment); "
+        "ingestion requires it",
+    )
+    browser_write_key: SecretStr | None = Field(
+        None,
+        description="browser write key (analytics.js; public, untrusted): views, carts, pages "
+        "and ending a journey only; unset: no browser key",
+    )
+    trust_browser_orders: bool = Field(
+        False,
+        description="count browser `Order Completed` as orders (revenue, coupons): only for "
+        "shops with no server-side tracking",
+    )
+    operator_token: SecretStr | None = Field(
+        None,
+        description="bearer token of the admin API (`Authorization: Bearer ...`); unset: the "
+        "admin API answers 503 (`kaeru dev` makes one)",
+    )
+    max_clock_skew: float = Field(
+        86400.0,
+        gt=0,
+        description="seconds an event's timestamp may be ahead of the server's clock; further "
+        "ahead, it is clamped to the time of receipt",
+    )
+    max_traits: int = Field(
+        100, ge=1, description="most traits a customer's profile holds (merged); over it: refused"
+    )
+    max_traits_bytes: int = Field(
+        16 * 1024,
+        ge=1,
+        description="most bytes a customer's traits take as JSON (merged); over it: refused",
+    )
     secret_key: SecretStr | None = Field(
         None,
         description="signs tracking links, at least 32 bytes; unset: generated once and kept "

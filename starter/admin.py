@@ -1,4 +1,4 @@
-"""A small read API for operators and tests (write-key auth): audiences, customers, the outbox."""
+"""A small read API for operators (operator-token auth): audiences, customers, the outbox."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from sqlmodel import col, select
 from kaeru.db import session as db_session
 from kaeru.models import AudienceMember, Customer, Order, Touchpoint
 from kaeru.settings import Settings
-from starter.deps import ApiError, SettingsDep, WriteKey, router_of
+from starter.deps import ApiError, Operator, SettingsDep, router_of
 from starter.router import outbox_stats
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[WriteKey])
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
 
 
 class AudienceMemberPublic(BaseModel):

@@ -27,13 +27,14 @@ from kaeru.models import utcnow
 from kaeru.settings import Settings
 from starter import admin, limits, tracking
 from starter.deps import (
+    SERVER,
     ApiError,
     SettingsDep,
+    Source,
     basic_auth_user,
-    configured_write_key,
     error_response,
-    key_matches,
     router_of,
+    source_of_key,
     unauthorized,
 )
 from starter.events import (
@@ -61,6 +62,7 @@ _SCHEMAS = (TrackEvent, IdentifyEvent, PageEvent, BatchBody)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "the body is not JSON, or not a valid event"},
     401: {"model": ErrorBody, "description": "missing or wrong write key"},
+    403: {"model": ErrorBody, "description": "the browser write key may not do this"},
     413: {"model": ErrorBody, "description": "over 32 KB per event or 500 KB per batch"},
     503: {"model": ErrorBody, "description": "KAERU_WRITE_KEY is unset, or storage is down"},
 }
@@ -173,10 +175,19 @@ def _install_openapi(app: FastAPI) -> None:
             "writeKey": {
                 "type": "http",
                 "scheme": "basic",
-                "description": "the write key as user name, empty password",
-            }
+                "description": "a write key (server or browser) as user name, empty password",
+            },
+            "operatorToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "KAERU_OPERATOR_TOKEN: the admin API (write keys do not open it)",
+            },
         }
         schema["security"] = [{"writeKey": []}]
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if "admin" in operation.get("tags", ()):
+                    operation["security"] = [{"operatorToken": []}]
         app.openapi_schema = schema
         return schema
 
@@ -241,57 +252,103 @@ async def read_body(request: Request, limit: int) -> bytes:
     return data
 
 
-async def _authorized_json(request: Request, settings: Settings, limit: int) -> Any:
-    """Check the write key (Basic auth, else ``writeKey`` in the body) and parse the body."""
-    expected = configured_write_key(settings)
+async def _authorized_json(request: Request, settings: Settings, limit: int) -> tuple[Any, Source]:
+    """Check the write key (Basic auth, else ``writeKey`` in the body) and parse the body.
+
+    Returns:
+        The parsed body and which key it came with.
+
+    Raises:
+        ApiError: 401 for a missing or wrong key. A body that carries its key inside may be
+            at most one event's size (KAERU_MAX_EVENT_BYTES): anything larger needs Basic
+            auth, so nobody can make the API parse a large body without a key.
+    """
     user = basic_auth_user(request)
-    if user is not None and not key_matches(user, expected):
-        raise unauthorized("wrong write key")
-    body = await read_body(request, limit)
+    if user is not None:
+        source = source_of_key(user, settings)
+        if source is None:
+            raise unauthorized("wrong write key")
+        return _parsed(await read_body(request, limit)), source
+    small = min(limit, settings.max_event_bytes)
+    try:
+        body = await read_body(request, small)
+    except ApiError as exc:
+        if exc.status != 413:
+            raise
+        raise unauthorized(
+            f"a body over {small} bytes needs the write key as the Basic auth user name "
+            "(writeKey inside the body is for small bodies only)"
+        ) from exc
     try:
         data = parse_json(body)
     except BodyError as exc:
-        if user is None:
-            raise unauthorized("send the write key as the Basic auth user name") from exc
+        raise unauthorized("send the write key as the Basic auth user name") from exc
+    given = data.get("writeKey") if isinstance(data, dict) else None
+    if given is None:
+        raise unauthorized("send the write key as the Basic auth user name (or writeKey)")
+    source = source_of_key(given, settings)
+    if source is None:
+        raise unauthorized("wrong write key")
+    return data, source
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return parse_json(body)
+    except BodyError as exc:
         raise ApiError(400, exc.code, exc.message) from exc
-    if user is None:
-        given = data.get("writeKey") if isinstance(data, dict) else None
-        if given is None:
-            raise unauthorized("send the write key as the Basic auth user name (or writeKey)")
-        if not key_matches(given, expected):
-            raise unauthorized("wrong write key")
-    return data
 
 
-async def _store(request: Request, settings: Settings, events: list[IncomingEvent]) -> None:
+async def _store(request: Request, events: list[IncomingEvent]) -> list[tuple[int, EventError]]:
+    """Store ``events``; the ones refused at store time, by position."""
     if not events:
-        return
+        return []
     store: EventStore = request.app.state.event_store
     result = await store.store(events)
     if result.to_route:
         router_of(request).wake()
+    return list(result.rejected)
+
+
+def _read(raw: Any, settings: Settings, source: Source, **options: Any) -> IncomingEvent:
+    return read_event(
+        raw,
+        ad_campaign=settings.ad_campaign,
+        source=source,
+        trust_browser_orders=settings.trust_browser_orders,
+        max_clock_skew=settings.max_clock_skew,
+        **options,
+    )
 
 
 def _single(
     event_type: str,
 ) -> Callable[[Request, Settings], Coroutine[Any, Any, dict[str, bool]]]:
     async def ingest(request: Request, settings: SettingsDep) -> dict[str, bool]:
-        data = await _authorized_json(request, settings, settings.max_event_bytes)
+        data, source = await _authorized_json(request, settings, settings.max_event_bytes)
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_event", "the body must be a JSON object (one event)")
         try:
-            event = read_event(data, ad_campaign=settings.ad_campaign, event_type=event_type)
+            event = _read(data, settings, source, event_type=event_type)
         except EventError as exc:
             raise ApiError(400, exc.code, exc.message) from exc
-        await _store(request, settings, [event])
+        for _, refused in await _store(request, [event]):
+            raise ApiError(400, refused.code, refused.message)
         return {"success": True}
 
     ingest.__name__ = f"ingest_{event_type}"
     return ingest
 
 
-async def ingest_batch(request: Request, settings: SettingsDep) -> BatchAccepted:
-    data = await _authorized_json(request, settings, settings.max_batch_bytes)
+async def _ingest_many(request: Request, settings: Settings, *, imported: bool) -> BatchAccepted:
+    data, source = await _authorized_json(request, settings, settings.max_batch_bytes)
+    if imported and source != SERVER:
+        raise ApiError(
+            403,
+            "forbidden",
+            "/v1/import stores history and needs the server write key (KAERU_WRITE_KEY), not "
+            "the browser key",
+        )
     if not isinstance(data, dict) or not isinstance(data.get("batch"), list):
         raise ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
     envelope = {key: value for key, value in data.items() if key != "batch"}
@@ -300,24 +357,42 @@ async def ingest_batch(request: Request, settings: SettingsDep) -> BatchAccepted
     shared = data.get("context") if isinstance(data.get("context"), dict) else None
     now = utcnow()
     accepted: list[IncomingEvent] = []
+    positions: list[int] = []
     rejected: list[Rejection] = []
     for index, raw in enumerate(data["batch"]):
         try:
-            event = read_event(
+            event = _read(
                 raw,
-                ad_campaign=settings.ad_campaign,
+                settings,
+                source,
                 shared_context=shared,
                 now=now,
                 max_bytes=settings.max_event_bytes,
+                imported=imported,
             )
         except EventError as exc:
             rejected.append(Rejection(index=index, code=exc.code, message=exc.message))
         else:
             accepted.append(event)
-    await _store(request, settings, accepted)
+            positions.append(index)
+    refused = await _store(request, accepted)
+    for position, refusal in refused:
+        rejected.append(
+            Rejection(index=positions[position], code=refusal.code, message=refusal.message)
+        )
+    rejected.sort(key=lambda rejection: rejection.index)
     if rejected:
-        log.info("batch: %d accepted, %d rejected", len(accepted), len(rejected))
-    return BatchAccepted(accepted=len(accepted), rejected=rejected)
+        log.info("batch: %d accepted, %d rejected", len(accepted) - len(refused), len(rejected))
+    return BatchAccepted(accepted=len(accepted) - len(refused), rejected=rejected)
+
+
+async def ingest_batch(request: Request, settings: SettingsDep) -> BatchAccepted:
+    return await _ingest_many(request, settings, imported=False)
+
+
+async def ingest_import(request: Request, settings: SettingsDep) -> BatchAccepted:
+    """Segment's import path: historical events, stored (profiles, orders) but never routed."""
+    return await _ingest_many(request, settings, imported=True)
 
 
 def _ingestion_routes() -> APIRouter:
@@ -338,14 +413,20 @@ def _ingestion_routes() -> APIRouter:
         )
         for alias in aliases:
             routes.add_api_route(f"/{alias}", endpoint, methods=["POST"], include_in_schema=False)
-    for path in ("/batch", "/import"):
-        routes.add_api_route(
-            path,
-            ingest_batch,
-            methods=["POST"],
-            response_model=BatchAccepted,
-            summary="Segment batch: valid events are stored, invalid ones listed by index",
-            openapi_extra=_body_doc("BatchBody"),
-            include_in_schema=path == "/batch",
-        )
+    routes.add_api_route(
+        "/batch",
+        ingest_batch,
+        methods=["POST"],
+        response_model=BatchAccepted,
+        summary="Segment batch: valid events are stored, invalid ones listed by index",
+        openapi_extra=_body_doc("BatchBody"),
+    )
+    routes.add_api_route(
+        "/import",
+        ingest_import,
+        methods=["POST"],
+        response_model=BatchAccepted,
+        summary="Segment import: historical events, stored but never routed to journeys",
+        openapi_extra=_body_doc("BatchBody"),
+    )
     return routes

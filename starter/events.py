@@ -7,6 +7,14 @@ can be read (and tested) in one place. Two kinds of failure:
   batch). The API answers 400.
 * :class:`EventError`: one event is unusable. A single-event endpoint answers 400; ``/v1/batch``
   lists it under ``rejected`` and keeps the others.
+
+What an event may do depends on the key it came with (README, "Trust model"): an event of the
+browser key (public: it ships in web pages) loses the traits that would change a customer's
+email or consent, may not be an email open or click, and, as an ``Order Completed``, reaches
+journeys without its money and coupon (so it ends marketing at once but counts nothing); links
+are stripped from the product names it carries (they reach the customer's cart email, and a
+browser key can name any customer). Whatever kaeru removes or changes is noted under the
+payload's ``kaeru`` key (one the sender set is dropped).
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field
 
+from kaeru.commerce import clean_product_name
 from kaeru.models import utcnow
-from workflows.kit import AD_CLICKED
+from starter.deps import BROWSER, SERVER, Source
+from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
 
 #: Event types kaeru accepts. Segment's ``screen``, ``group`` and ``alias`` are refused by name.
 EVENT_TYPES = ("track", "identify", "page")
@@ -31,14 +42,49 @@ EVENT_TYPES = ("track", "identify", "page")
 MAX_DEPTH = 32
 #: Longest ``userId`` / ``anonymousId`` / ``messageId`` / event name (the database columns' size).
 MAX_ID_LENGTH = 200
+#: Most UTF-8 bytes of an id. A customer id becomes the workflow id ``<kind>-<id>`` (Temporal:
+#: at most 1,000 bytes) and the ``KaeruCustomerId`` search attribute (at most 2,048 bytes as
+#: Temporal's JSON encodes it: an emoji takes 12, ``\ud83d\udc38``, a control character 6).
+#: 512 UTF-8 bytes and 200 characters keep both within limits whatever the characters (the
+#: worst, 104 emoji and 96 control characters, encodes to 1,826 bytes); 171 emoji, within
+#: 200 characters, would be refused by Temporal for good.
+MAX_ID_BYTES = 512
 #: Events whose properties describe one product (Segment e-commerce spec).
 PRODUCT_EVENTS = frozenset(
     {"Product Added", "Product Removed", "Product Viewed", "Product Clicked"}
 )
 ORDER_COMPLETED = "Order Completed"
+#: Events only kaeru's own tracking links may cause (``starter/tracking.py`` records them).
+TRACKING_EVENTS = frozenset({EMAIL_OPENED, EMAIL_LINK_CLICKED})
+#: What an untrusted ``Order Completed`` loses before journeys see it: its money and coupon.
+ORDER_MONEY_FIELDS = (
+    "total",
+    "revenue",
+    "subtotal",
+    "value",
+    "tax",
+    "shipping",
+    "discount",
+    "coupon",
+)
+#: Parts of a trait name (lower case, letters and digits only) that mark the customer's email
+#: or consent: a browser key may not set them (``E-Mail``, ``unsubscribed``, ``emailOptIn``,
+#: ``marketing_consent``, ``accepts_marketing``, ``do_not_email``...).
+PROTECTED_TRAIT_PARTS = (
+    "email",
+    "consent",
+    "optin",
+    "optout",
+    "subscri",
+    "marketing",
+    "donot",
+    "gdpr",
+    "permission",
+    "suppress",
+)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 class BodyError(Exception):
@@ -153,6 +199,18 @@ class IncomingEvent:
     name: str | None
     timestamp: datetime
     payload: dict[str, Any]
+    #: The key it came with: ``server`` (trusted) or ``browser``.
+    source: Source = SERVER
+    #: An ``Order Completed`` to store as an order (and redeem its coupon): every server one,
+    #: a browser one only with KAERU_TRUST_BROWSER_ORDERS.
+    counts_as_order: bool = True
+    #: Sent to ``/v1/import`` (history): stored, never routed to journeys.
+    imported: bool = False
+
+    @property
+    def trusted(self) -> bool:
+        """Sent with the server key: it may write the shared catalogue."""
+        return self.source == SERVER
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -183,10 +241,19 @@ def _identifier(raw: dict[str, Any], field: str) -> str | None:
         return None
     if len(text) > MAX_ID_LENGTH:
         raise EventError("invalid_field", f"{field} is longer than {MAX_ID_LENGTH} characters")
+    if (size := len(text.encode())) > MAX_ID_BYTES:
+        raise EventError(
+            "invalid_field",
+            f"{field} is {size} bytes in UTF-8, over the limit of {MAX_ID_BYTES}: it names the "
+            "journey's workflow id (Temporal: at most 1,000 bytes) and the KaeruCustomerId "
+            "search attribute (at most 2,048 bytes as Temporal encodes it; an emoji takes 12). "
+            "Use a shorter id",
+        )
     return text
 
 
 def _timestamp(raw: dict[str, Any], now: datetime) -> datetime:
+    """The event's ``timestamp`` (UTC), or ``now`` without one."""
     value = raw.get("timestamp")
     if value is None:
         return now
@@ -217,6 +284,10 @@ def read_event(
     shared_context: dict[str, Any] | None = None,
     now: datetime | None = None,
     max_bytes: int | None = None,
+    source: Source = SERVER,
+    trust_browser_orders: bool = False,
+    max_clock_skew: float | None = None,
+    imported: bool = False,
 ) -> IncomingEvent:
     """Check and normalise one Segment event.
 
@@ -229,6 +300,13 @@ def read_event(
         now: the time of receipt, used when the event has no ``timestamp``.
         max_bytes: the size limit of one event in a batch (a single event's limit is the
             body's, checked before parsing).
+        source: the key the event came with; ``browser`` limits what it may do (module doc).
+        trust_browser_orders: KAERU_TRUST_BROWSER_ORDERS: a browser ``Order Completed`` keeps
+            its money and coupon and is stored as an order.
+        max_clock_skew: seconds a ``timestamp`` may be ahead of ``now``; further ahead it is
+            clamped to ``now`` (the original stays in the payload), so a future timestamp
+            never orders an event ahead of real ones. None: no clamp.
+        imported: the event comes through ``/v1/import`` (history; never routed).
 
     Raises:
         EventError: the event breaks the contract; the message says which field and why.
@@ -268,13 +346,39 @@ def read_event(
                 "invalid_field", f"the event name is longer than {MAX_ID_LENGTH} characters"
             )
         name = event
+    if source == BROWSER and name in TRACKING_EVENTS:
+        raise EventError(
+            "not_allowed",
+            f"{name} events come from kaeru's own tracking links; the browser key cannot send "
+            "them (a server write key can)",
+        )
     received = now or utcnow()
     timestamp = _timestamp(raw, received)
-    payload = {key: value for key, value in raw.items() if key != "writeKey"}
+    notes: dict[str, Any] = {}
+    if max_clock_skew is not None and (timestamp - received).total_seconds() > max_clock_skew:
+        timestamp = received
+        notes["timestamp_clamped"] = True
+    payload = {key: value for key, value in raw.items() if key not in ("writeKey", "kaeru")}
     payload["type"] = event_type
     payload["messageId"] = message_id
     if shared_context:
         payload["context"] = {**shared_context, **_object(raw.get("context"))}
+    counts_as_order = True
+    if source == BROWSER:
+        if dropped := _drop_protected_traits(payload, event_type):
+            notes["dropped"] = dropped
+        if event_type == "track" and _clean_names(payload, product_event=name in PRODUCT_EVENTS):
+            notes["names_cleaned"] = True
+        if name == ORDER_COMPLETED and not trust_browser_orders:
+            counts_as_order = False
+            if withheld := _withhold_money(payload):
+                notes["withheld"] = withheld
+    else:
+        _check_emails(payload, event_type)
+    if imported:
+        notes["imported"] = True
+    if notes:
+        payload["kaeru"] = notes
     if is_ad_click(event_type, payload, ad_campaign):
         name = AD_CLICKED
     return IncomingEvent(
@@ -284,7 +388,92 @@ def read_event(
         name=name,
         timestamp=timestamp,
         payload=payload,
+        source=source,
+        counts_as_order=counts_as_order,
+        imported=imported,
     )
+
+
+def is_protected_trait(key: str) -> bool:
+    """A trait that names the customer's email or consent (:data:`PROTECTED_TRAIT_PARTS`)."""
+    folded = _NOT_ALNUM.sub("", key.lower())
+    return any(part in folded for part in PROTECTED_TRAIT_PARTS)
+
+
+def _drop_protected_traits(payload: dict[str, Any], event_type: str) -> list[str]:
+    """Remove email and consent traits (of an identify, and ``context.traits``); their paths."""
+    dropped: list[str] = []
+    places: list[tuple[str, dict[str, Any]]] = []
+    if event_type == "identify" and isinstance(payload.get("traits"), dict):
+        payload["traits"] = dict(payload["traits"])
+        places.append(("traits", payload["traits"]))
+    context = payload.get("context")
+    if isinstance(context, dict) and isinstance(context.get("traits"), dict):
+        payload["context"] = {**context, "traits": dict(context["traits"])}
+        places.append(("context.traits", payload["context"]["traits"]))
+    for where, traits in places:
+        for key in [k for k in traits if is_protected_trait(k)]:
+            del traits[key]
+            dropped.append(f"{where}.{key}")
+    return dropped
+
+
+def _clean_names(payload: dict[str, Any], *, product_event: bool) -> bool:
+    """Strip links from the product names of an untrusted event; True if one changed."""
+    properties = dict(_object(payload.get("properties")))
+    changed = False
+
+    def cleaned(item: dict[str, Any]) -> dict[str, Any]:
+        nonlocal changed
+        name = item.get("name")
+        if not isinstance(name, str) or (clean := clean_product_name(name)) == name:
+            return item
+        changed = True
+        rest = {key: value for key, value in item.items() if key != "name"}
+        return rest if clean is None else {**rest, "name": clean}
+
+    if product_event:
+        properties = cleaned(properties)
+    items = properties.get("products")
+    if isinstance(items, list):
+        properties["products"] = [cleaned(i) if isinstance(i, dict) else i for i in items]
+    if changed:
+        payload["properties"] = properties
+    return changed
+
+
+def _withhold_money(payload: dict[str, Any]) -> dict[str, Any]:
+    """Take an untrusted order's money and coupon out of its properties; what was taken."""
+    properties = dict(_object(payload.get("properties")))
+    withheld = {key: properties.pop(key) for key in ORDER_MONEY_FIELDS if key in properties}
+    items = properties.get("products")
+    if isinstance(items, list):
+        prices = [item.get("price") if isinstance(item, dict) else None for item in items]
+        properties["products"] = [
+            {k: v for k, v in item.items() if k != "price"} if isinstance(item, dict) else item
+            for item in items
+        ]
+        if any(price is not None for price in prices):
+            withheld["product_prices"] = prices
+    payload["properties"] = properties
+    return withheld
+
+
+def _check_emails(payload: dict[str, Any], event_type: str) -> None:
+    """Refuse an event whose ``traits.email`` / ``context.traits.email`` is not an address."""
+    places = [("context.traits.email", _object(_object(payload.get("context")).get("traits")))]
+    if event_type == "identify":
+        places.insert(0, ("traits.email", _object(payload.get("traits"))))
+    for where, traits in places:
+        value = traits.get("email")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if (problem := email_problem(value)) is not None:
+            raise EventError(
+                "invalid_email",
+                f"{where} is not an email address kaeru can send to ({problem}); send a "
+                "single address such as ann@example.com, or leave the trait out",
+            )
 
 
 def encoded_size(value: Any) -> int:
@@ -300,15 +489,29 @@ def email_of(event: IncomingEvent) -> str | None:
     return None
 
 
-def normalise_email(value: Any) -> str | None:
-    """A plausible address with its domain in lower case, or None (a light check, no DNS)."""
+def _validated(value: Any) -> Any:
     if not isinstance(value, str):
+        raise EmailNotValidError("it is not a string")
+    # A strict addr-spec: no display name, no quoted local part, no IP literal, no list.
+    return validate_email(value.strip(), check_deliverability=False)
+
+
+def email_problem(value: Any) -> str | None:
+    """Why ``value`` is not a single deliverable-looking address, or None if it is one."""
+    try:
+        _validated(value)
+    except EmailNotValidError as exc:
+        return str(exc)
+    return None
+
+
+def normalise_email(value: Any) -> str | None:
+    """The address in normal form (domain in lower case), or None if it is not one (no DNS)."""
+    try:
+        normalized: str = _validated(value).normalized
+    except EmailNotValidError:
         return None
-    value = value.strip()
-    if len(value) > 320 or not _EMAIL.match(value):
-        return None
-    local, domain = value.rsplit("@", 1)
-    return f"{local}@{domain.lower()}"
+    return normalized
 
 
 def journey_properties(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,12 @@ lost; requests that arrive together share a transaction (:class:`EventStore`). A
 ``messageId`` is stored (and later routed) once: duplicates are dropped with ``INSERT ... ON
 CONFLICT DO NOTHING``, which also settles two requests racing with the same id. Orders are
 stored here, for every customer, whether or not a journey is waiting for them.
+
+Trust (README, "Trust model"): only server-key events write the shared catalogue
+(``products``), whose names reach other customers' emails, and links are stripped from every
+name stored; a browser ``Order Completed`` is stored as an order (and redeems its coupon) only
+with KAERU_TRUST_BROWSER_ORDERS; a coupon is redeemed only by an order of its own customer.
+Events of ``/v1/import`` are history: stored (profiles, orders) and marked routed at once.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from activities.coupons import redeem_coupon
-from kaeru.commerce import currency_of, minor_of, order_total_of
+from kaeru.commerce import clean_product_name, currency_of, minor_of, order_total_of
 from kaeru.db import write_session
 from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
@@ -32,8 +38,10 @@ from starter.events import (
     MAX_ID_LENGTH,
     ORDER_COMPLETED,
     PRODUCT_EVENTS,
+    EventError,
     IncomingEvent,
     email_of,
+    encoded_size,
     journey_properties,
 )
 from starter.routing import deliveries
@@ -53,6 +61,9 @@ class StoreResult:
     duplicates: int
     #: At least one stored event waits for the router.
     to_route: bool
+    #: Events refused at store time (a customer's traits over the caps): position in the
+    #: request's events, and why. They are not stored.
+    rejected: tuple[tuple[int, EventError], ...] = ()
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -103,9 +114,12 @@ def outbox_row(
     payload: dict[str, Any],
     timestamp: datetime,
     received_at: datetime,
+    source: str = "server",
+    imported: bool = False,
 ) -> dict[str, Any]:
-    """An ``events`` row. Events no journey listens to are marked routed at once."""
-    routed = needs_routing(event_type, name, customer_id, payload)
+    """An ``events`` row. Events no journey listens to, and imported history, are marked
+    routed at once (``payload.kaeru.imported`` says why)."""
+    routed = not imported and needs_routing(event_type, name, customer_id, payload)
     return {
         "message_id": message_id,
         "customer_id": customer_id,
@@ -117,6 +131,7 @@ def outbox_row(
         "routed_at": None if routed else received_at,
         "route_attempts": 0,
         "route_error": None,
+        "source": source,
     }
 
 
@@ -144,9 +159,11 @@ def store_requests(
     with write_session(settings.resolved_database_url) as session:
         known = _stored_message_ids(session, list(unique))
         new = [event for message_id, event in unique.items() if message_id not in known]
+        refused: dict[str, EventError] = {}
         if new:
-            _store_customers(session, new)
-            _store_products(session, new)
+            refused = _store_customers(session, new, settings)
+            new = [event for event in new if event.message_id not in refused]
+            _store_products(session, [event for event in new if event.trusted])
             _store_orders(session, new)
         received = utcnow()
         rows = [
@@ -158,6 +175,8 @@ def store_requests(
                 payload=event.payload,
                 timestamp=event.timestamp,
                 received_at=received,
+                source=event.source,
+                imported=event.imported,
             )
             for event in new
         ]
@@ -169,8 +188,18 @@ def store_requests(
             index = owner[row["message_id"]]
             stored[index] += 1
             to_route[index] = to_route[index] or row["routed_at"] is None
+    rejected: list[list[tuple[int, EventError]]] = [[] for _ in requests]
+    for index, events in enumerate(requests):
+        for position, event in enumerate(events):
+            if event.message_id in refused and owner[event.message_id] == index:
+                rejected[index].append((position, refused[event.message_id]))
     return [
-        StoreResult(stored=stored[i], duplicates=len(events) - stored[i], to_route=to_route[i])
+        StoreResult(
+            stored=stored[i],
+            duplicates=len(events) - stored[i] - len(rejected[i]),
+            to_route=to_route[i],
+            rejected=tuple(rejected[i]),
+        )
         for i, events in enumerate(requests)
     ]
 
@@ -291,36 +320,63 @@ def _stored_message_ids(session: Session, message_ids: list[str]) -> set[str]:
 # ---- customers -------------------------------------------------------------------------------
 
 
-def _store_customers(session: Session, events: Iterable[IncomingEvent]) -> None:
-    """Every customer gets a profile; ``identify`` traits and emails update it."""
+def _traits_problem(traits: dict[str, Any], settings: Settings) -> EventError | None:
+    if len(traits) > settings.max_traits:
+        return EventError(
+            "too_many_traits",
+            f"the customer's traits would be {len(traits)} keys, over KAERU_MAX_TRAITS="
+            f"{settings.max_traits} (stored traits merged with this identify): send fewer traits",
+        )
+    if (size := encoded_size(traits)) > settings.max_traits_bytes:
+        return EventError(
+            "traits_too_large",
+            f"the customer's traits would be {size} bytes as JSON, over KAERU_MAX_TRAITS_BYTES="
+            f"{settings.max_traits_bytes} (stored traits merged with this identify): send less",
+        )
+    return None
+
+
+def _store_customers(
+    session: Session, events: Sequence[IncomingEvent], settings: Settings
+) -> dict[str, EventError]:
+    """Every customer gets a profile; ``identify`` traits and emails update it, in order.
+
+    Returns:
+        The events refused because the customer's merged traits would pass the caps, by
+        message id (they change nothing and are not stored).
+    """
     now = utcnow()
-    traits: dict[str, dict[str, Any]] = {}
-    emails: dict[str, str] = {}
-    customer_ids: set[str] = set()
-    for event in events:
-        customer_ids.add(event.customer_id)
-        if event.type == "identify" and event.traits:
-            traits.setdefault(event.customer_id, {}).update(event.traits)
-        if email := email_of(event):
-            emails[event.customer_id] = email
     session.execute(
         _insert(session, _table(Customer)).on_conflict_do_nothing(index_elements=["customer_id"]),
         [
             {"customer_id": c, "email": None, "traits": {}, "created_at": now, "updated_at": now}
-            for c in sorted(customer_ids)
+            for c in sorted({event.customer_id for event in events})
         ],
     )
+    updates: dict[str, list[tuple[IncomingEvent, str | None]]] = {}
+    for event in events:
+        email = email_of(event)
+        if (event.type == "identify" and event.traits) or email:
+            updates.setdefault(event.customer_id, []).append((event, email))
+    refused: dict[str, EventError] = {}
     # Sorted, so two requests updating the same customers lock them in the same order.
-    for customer_id in sorted(traits.keys() | emails.keys()):
+    for customer_id in sorted(updates):
         customer = session.get(Customer, customer_id, with_for_update=True)
         assert customer is not None  # inserted above, in this transaction
-        if customer_id in traits:
-            customer.traits = {**customer.traits, **traits[customer_id]}
-        if customer_id in emails:
-            customer.email = emails[customer_id]
-        customer.updated_at = now
-        session.add(customer)
+        traits, address = dict(customer.traits), customer.email
+        for event, email in updates[customer_id]:
+            if event.type == "identify" and event.traits:
+                merged = {**traits, **event.traits}
+                if (problem := _traits_problem(merged, settings)) is not None:
+                    refused[event.message_id] = problem
+                    continue
+                traits = merged
+            address = email or address
+        if traits != customer.traits or address != customer.email:
+            customer.traits, customer.email, customer.updated_at = traits, address, now
+            session.add(customer)
     session.flush()
+    return refused
 
 
 # ---- products --------------------------------------------------------------------------------
@@ -340,8 +396,8 @@ def _product_values(props: dict[str, Any], currency: Any) -> dict[str, Any] | No
     if product_id is None:
         return None
     values: dict[str, Any] = {"product_id": product_id}
-    if isinstance(props.get("name"), str) and props["name"].strip():
-        values["name"] = props["name"][:500]
+    if name := clean_product_name(props.get("name")):
+        values["name"] = name
     code = currency_of(props.get("currency") or currency)
     if (price := minor_of(props.get("price"), code)) is not None:
         values["price_minor"], values["currency"] = price, code
@@ -370,6 +426,7 @@ def products_of(event: IncomingEvent) -> list[dict[str, Any]]:
 
 
 def _store_products(session: Session, events: Iterable[IncomingEvent]) -> None:
+    """Write the catalogue from ``events`` (trusted ones only: the caller filters)."""
     latest: dict[str, dict[str, Any]] = {}
     for event in events:
         for values in products_of(event):
@@ -410,8 +467,9 @@ class OrderFacts:
 
 
 def order_of(event: IncomingEvent) -> OrderFacts | None:
-    """The order an ``Order Completed`` event reports (read as the journeys read it)."""
-    if event.type != "track" or event.name != ORDER_COMPLETED:
+    """The order an ``Order Completed`` event reports (read as the journeys read it); None for
+    another event, or a browser order that does not count (KAERU_TRUST_BROWSER_ORDERS)."""
+    if event.type != "track" or event.name != ORDER_COMPLETED or not event.counts_as_order:
         return None
     props = event.properties
     order = order_total_of(props, event.message_id)
@@ -477,7 +535,13 @@ def _redeem(session: Session, facts: OrderFacts) -> None:
     """Mark the order's coupon used. A failure is logged; the order is kept regardless."""
     try:
         with session.begin_nested():
-            coupon = redeem_coupon(session, facts.coupon or "", facts.order_id, facts.completed_at)
+            coupon = redeem_coupon(
+                session,
+                facts.coupon or "",
+                facts.order_id,
+                facts.completed_at,
+                customer_id=facts.customer_id,
+            )
     except Exception:
         log.exception(
             "could not redeem coupon %r for order %s; the order is stored without it",
@@ -486,4 +550,9 @@ def _redeem(session: Session, facts: OrderFacts) -> None:
         )
         return
     if coupon is None:
-        log.info("order %s used coupon %r, which kaeru did not issue", facts.order_id, facts.coupon)
+        log.info(
+            "order %s used coupon %r, which kaeru did not issue to this customer or which is "
+            "used or expired",
+            facts.order_id,
+            facts.coupon,
+        )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -287,6 +288,9 @@ class Limits:
         self.proxies: list[Network] = [
             ip_network(entry, strict=False) for entry in split_list(s.trusted_proxies)
         ]
+        #: The server key's digest: a shop's backend sends all its events from a few addresses,
+        #: so the per-client limit (meant for browsers) does not apply to it; its key limit does.
+        self.server_key = key_id(s.write_key.get_secret_value()) if s.write_key else None
 
     def note(self, code: str, why: str) -> None:
         """Count a refusal; log it at most once a minute per code, never naming the caller."""
@@ -369,11 +373,14 @@ class Limits:
         """Spend ``count`` events of ``key`` (None: no Basic auth) and of the client, or 429.
 
         Without Basic auth the key is not known before the body is read: only the client's
-        limit applies.
+        limit applies. The server key is limited per key only (see ``server_key``).
         """
         who = self.client(request.scope)
+        digest = key_id(key) if key else b""
         per_key = self.per_key if key else None
-        self.admit([(per_key, key_id(key) if key else b""), (self.per_client, who)], count, spend)
+        server = self.server_key is not None and hmac.compare_digest(digest, self.server_key)
+        per_client = None if server else self.per_client
+        self.admit([(per_key, digest), (per_client, who)], count, spend)
 
 
 def limits_of(request: Request) -> Limits:

@@ -91,6 +91,8 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "write_key": "test-write-key",
+        "browser_write_key": "test-browser-key",
+        "operator_token": "test-operator-token",
         "secret_key": "test-secret-0123456789abcdef-kaeru",
         "task_queue": f"kaeru-test-{uuid.uuid4().hex[:8]}",
         "smtp_host": "127.0.0.1",

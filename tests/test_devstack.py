@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from kaeru.demo import DEMO_WAITS, with_demo_waits
@@ -25,6 +26,7 @@ from kaeru.devstack import (
     TemporalDevServer,
     listening_socket,
     plan_dev,
+    print_urls,
 )
 from kaeru.settings import Settings
 from kaeru.temporal import missing_search_attributes
@@ -162,9 +164,39 @@ def test_dev_starts_what_is_not_configured(monkeypatch: pytest.MonkeyPatch) -> N
     assert plan.temporal and plan.mail_catcher and plan.dev_write_key
     assert plan.settings.temporal_address == "127.0.0.1:7233"
     assert plan.settings.smtp_host == "127.0.0.1"
-    assert plan.settings.write_key == DEV_WRITE_KEY
+    assert plan.settings.write_key is not None
+    assert plan.settings.write_key.get_secret_value() == DEV_WRITE_KEY
+    assert plan.dev_operator_token and plan.settings.operator_token is not None
+    assert len(plan.settings.operator_token.get_secret_value()) >= 16
     assert plan.settings.public_url == "http://localhost:8123"
     assert plan.inbox_url == "http://localhost:8025"
+
+
+def test_dev_prints_the_keys_and_the_admin_token_but_no_database_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("KAERU_"):
+            monkeypatch.delenv(name)
+    plan = plan_dev(
+        settings(
+            browser_write_key="public-browser-key",
+            database_url="postgresql+psycopg://kaeru:db-password-0@db.internal/kaeru",
+        )
+    )
+    console = Console(record=True, width=200)
+
+    print_urls(console, plan)
+
+    shown = console.export_text()
+    assert plan.settings.operator_token is not None
+    assert f"Admin token  {plan.settings.operator_token.get_secret_value()}" in shown
+    assert "KAERU_OPERATOR_TOKEN is unset" in shown
+    assert f"Write key    {DEV_WRITE_KEY}" in shown
+    assert "Browser key  public-browser-key" in shown
+    assert "db-password-0" not in shown and "db.internal" in shown
+    again = plan_dev(settings())
+    assert again.settings.operator_token != plan.settings.operator_token  # one per run
 
 
 def test_dev_uses_what_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,14 +94,16 @@ async def test_redeem_once_for_one_order_before_expiry(database_url: str) -> Non
     now = utcnow()
 
     with session(database_url) as s:
-        assert redeem_coupon(s, "KAERU-NOSUCHCODE", "o1", now) is None
-        assert redeem_coupon(s, expired, "o1", now + timedelta(minutes=2)) is None
-        won = redeem_coupon(s, f"  {code.lower()} ", "o1", now)  # as a shopper types it
+        assert redeem_coupon(s, "KAERU-NOSUCHCODE", "o1", now, customer_id="c1") is None
+        assert redeem_coupon(s, expired, "o1", now + timedelta(minutes=2), customer_id="c1") is None
+        # as a shopper types it
+        won = redeem_coupon(s, f"  {code.lower()} ", "o1", now, customer_id="c1")
         assert won is not None and won.code == code
     with session(database_url) as s:
-        again = redeem_coupon(s, code, "o1", now + timedelta(hours=1))  # a re-delivered order
+        # a re-delivered order
+        again = redeem_coupon(s, code, "o1", now + timedelta(hours=1), customer_id="c1")
         assert again is not None and again.redeemed_order_id == "o1"
-        assert redeem_coupon(s, code, "o2", now) is None  # single use
+        assert redeem_coupon(s, code, "o2", now, customer_id="c1") is None  # single use
     with session(database_url) as s:
         row = s.get(Coupon, code)
         assert row is not None
@@ -117,7 +119,7 @@ async def test_two_orders_racing_for_one_code_one_wins(database_url: str) -> Non
     def redeem(order_id: str) -> str | None:
         start.wait()
         with session(database_url) as s:
-            coupon = redeem_coupon(s, code, order_id, utcnow())
+            coupon = redeem_coupon(s, code, order_id, utcnow(), customer_id="c1")
             return coupon.redeemed_order_id if coupon else None
 
     with ThreadPoolExecutor(2) as pool:
@@ -128,3 +130,22 @@ async def test_two_orders_racing_for_one_code_one_wins(database_url: str) -> Non
     with session(database_url) as s:
         row = s.get(Coupon, code)
         assert row is not None and row.redeemed_order_id == winners[0]
+
+
+async def test_an_order_of_another_customer_cannot_redeem_it(database_url: str) -> None:
+    code = (await issue(database_url, issue_input())).code  # issued to c1
+    now = utcnow()
+
+    with session(database_url) as s:
+        assert redeem_coupon(s, code, "o-eve", now, customer_id="eve") is None
+    with session(database_url) as s:
+        assert redeem_coupon(s, code, "o-eve", now, customer_id="eve") is None  # re-delivered
+        row = s.get(Coupon, code)
+        assert row is not None and row.redeemed_order_id is None
+        won = redeem_coupon(s, code, "o-c1", now, customer_id="c1")
+        assert won is not None and won.redeemed_order_id == "o-c1"
+
+    (refused,) = touchpoints(database_url, "coupon_refused")
+    assert (refused.customer_id, refused.order_id, refused.coupon_code) == ("eve", "o-eve", code)
+    assert refused.detail["reason"] == "issued to another customer"
+    assert refused.detail["owner"] == "c1"

@@ -105,13 +105,15 @@ async def test_cart_abandonment_end_to_end(
         )
         client = dev_server_env.client
         app = create_app(settings, client)
-        auth = (settings.write_key or "", "")
+        assert settings.write_key is not None and settings.operator_token is not None
+        write_key = settings.write_key.get_secret_value()
+        operator = {"Authorization": f"Bearer {settings.operator_token.get_secret_value()}"}
         async with (
             httpx.AsyncClient(base_url=base) as http,
             build_worker(client, settings, http),
             serve(app, port),
         ):
-            shop = SegmentClient(settings.write_key, host=base, sync_mode=True, max_retries=0)
+            shop = SegmentClient(write_key, host=base, sync_mode=True, max_retries=0)
 
             async def send(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
                 await asyncio.to_thread(call, *args, **kwargs)
@@ -149,7 +151,7 @@ async def test_cart_abandonment_end_to_end(
 
             # 3. A day later (a second here) the shopper joins the retargeting audience.
             async def members() -> list[str]:
-                answer = await http.get("/v1/audiences/cart-retargeting", auth=auth)
+                answer = await http.get("/v1/audiences/cart-retargeting", headers=operator)
                 answer.raise_for_status()
                 return [m["customer_id"] for m in answer.json()["members"]]
 

@@ -23,6 +23,10 @@ from tests.conftest import make_settings
 
 WRITE_KEY = "test-write-key"
 AUTH = ("test-write-key", "")
+#: The browser write key of ``make_settings`` (public, limited).
+BROWSER_AUTH = ("test-browser-key", "")
+#: The operator token of ``make_settings``, as the admin API wants it.
+OPERATOR = {"Authorization": "Bearer test-operator-token"}
 
 
 def basic(user: str, password: str = "") -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The admin read API: audiences, customer profiles, the outbox; all behind the write key."""
+"""The admin read API: audiences, customer profiles, the outbox; all behind the operator token."""
 
 from __future__ import annotations
 
@@ -11,15 +11,39 @@ from kaeru.db import session
 from kaeru.journal import record_touchpoint
 from kaeru.models import AudienceMember
 from kaeru.settings import Settings
-from tests.starter.conftest import AUTH, basic
+from starter.app import create_app
+from tests.conftest import make_settings
+from tests.starter.conftest import AUTH, OPERATOR, asgi_client, basic
+
+PATHS = ["/v1/audiences/cart-retargeting", "/v1/customers/u1", "/v1/admin/outbox"]
 
 
-@pytest.mark.parametrize(
-    "path", ["/v1/audiences/cart-retargeting", "/v1/customers/u1", "/v1/admin/outbox"]
-)
-async def test_admin_needs_the_write_key(api: httpx.AsyncClient, path: str) -> None:
-    assert (await api.get(path)).status_code == 401
-    assert (await api.get(path, headers=basic("wrong"))).status_code == 401
+@pytest.mark.parametrize("path", PATHS)
+async def test_admin_needs_the_operator_token_not_a_write_key(
+    api: httpx.AsyncClient, path: str
+) -> None:
+    for headers in (
+        {},
+        basic("test-write-key"),
+        basic("test-browser-key"),
+        {"Authorization": "Bearer test-write-key"},
+        {"Authorization": "Bearer test-operator-token-but-longer"},
+        {"Authorization": "Basic test-operator-token"},
+    ):
+        answer = await api.get(path, headers=headers)
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.json()["code"] == "unauthorized"
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await api.get(path, headers=OPERATOR)).status_code in (200, 404)
+
+
+async def test_admin_without_an_operator_token_says_how_to_set_one(database_url: str) -> None:
+    settings = make_settings(database_url, operator_token=None)
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        answer = await api.get("/v1/admin/outbox", headers=OPERATOR)
+    assert answer.status_code == 503
+    assert answer.json()["code"] == "not_configured"
+    assert "KAERU_OPERATOR_TOKEN" in answer.json()["message"]
 
 
 async def test_audience_members_oldest_first(api: httpx.AsyncClient, settings: Settings) -> None:
@@ -38,7 +62,7 @@ async def test_audience_members_oldest_first(api: httpx.AsyncClient, settings: S
         s.add(
             AudienceMember(audience="other", customer_id="z", email_sha256="0" * 64, journey_id="j")
         )
-    answer = await api.get("/v1/audiences/cart-retargeting", auth=AUTH)
+    answer = await api.get("/v1/audiences/cart-retargeting", headers=OPERATOR)
     assert answer.status_code == 200
     body = answer.json()
     assert body["count"] == 3
@@ -48,7 +72,7 @@ async def test_audience_members_oldest_first(api: httpx.AsyncClient, settings: S
         ("c", "cart-abandonment-c"),
     ]
     assert datetime.fromisoformat(body["members"][0]["added_at"]) == start
-    empty = (await api.get("/v1/audiences/nobody", auth=AUTH)).json()
+    empty = (await api.get("/v1/audiences/nobody", headers=OPERATOR)).json()
     assert (empty["count"], empty["members"]) == (0, [])
 
 
@@ -63,7 +87,7 @@ async def test_customer_profile_with_orders_and_touchpoints(
     )
     with session(settings.resolved_database_url) as s:
         record_touchpoint(s, customer_id="u/1", kind="email_opened", step="cart_email")
-    answer = await api.get("/v1/customers/u/1", auth=AUTH)
+    answer = await api.get("/v1/customers/u/1", headers=OPERATOR)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert (body["customer_id"], body["email"], body["traits"]) == (
@@ -73,7 +97,7 @@ async def test_customer_profile_with_orders_and_touchpoints(
     )
     assert [o["order_id"] for o in body["orders"]] == ["o9"]
     assert [(t["kind"], t["step"]) for t in body["touchpoints"]] == [("email_opened", "cart_email")]
-    missing = await api.get("/v1/customers/nobody", auth=AUTH)
+    missing = await api.get("/v1/customers/nobody", headers=OPERATOR)
     assert missing.status_code == 404
     assert missing.json()["code"] == "not_found"
 
@@ -81,7 +105,7 @@ async def test_customer_profile_with_orders_and_touchpoints(
 async def test_outbox_counts_what_waits(api: httpx.AsyncClient) -> None:
     await api.post("/v1/track", json={"userId": "u1", "event": "Product Added"}, auth=AUTH)
     await api.post("/v1/track", json={"userId": "u1", "event": "Product Viewed"}, auth=AUTH)
-    body = (await api.get("/v1/admin/outbox", auth=AUTH)).json()
+    body = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
     assert body["unrouted"] == 1  # a viewed product has no journey to reach
     assert body["oldest_unrouted_age_seconds"] >= 0
     assert (body["failing"], body["oldest_failure"], body["holds_lease"]) == (0, None, False)

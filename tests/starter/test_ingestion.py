@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,13 +13,20 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import col, select
+from temporalio.common import TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
 
+from activities.recommendations import recommend
 from kaeru.db import session
-from kaeru.models import Coupon, Customer, Event, Order, OrderLine, Product
+from kaeru.models import Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from starter.app import create_app
+from starter.events import MAX_ID_BYTES, EventError, read_event
+from starter.router import fetch_unrouted
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, asgi_client, basic, count, events
+from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client, basic, count, events
+from workflows.kit import Journey, purchase_from
 
 TRACK = {"userId": "u1", "event": "Product Added", "properties": {"product_id": "p1"}}
 
@@ -103,11 +111,9 @@ async def test_ingestion_refuses_to_run_without_a_write_key(database_url: str) -
     settings = make_settings(database_url, write_key=None)
     async with asgi_client(create_app(settings, run_router=False)) as api:
         answer = await api.post("/v1/track", json=TRACK, auth=AUTH)
-        admin = await api.get("/v1/admin/outbox", auth=AUTH)
     assert answer.status_code == 503
     assert answer.json()["code"] == "not_configured"
     assert "KAERU_WRITE_KEY" in answer.json()["message"]
-    assert admin.status_code == 503
 
 
 # ---- size limits -------------------------------------------------------------------------------
@@ -394,9 +400,7 @@ async def test_identify_stores_the_profile_and_email(
         json={"anonymousId": "anon-7", "event": "x", "context": {"traits": {"email": "z@Z.io"}}},
         auth=AUTH,
     )
-    await api.post(
-        "/v1/identify", json={"userId": "u2", "traits": {"email": "not an address"}}, auth=AUTH
-    )
+    await api.post("/v1/identify", json={"userId": "u2", "traits": {"email": ""}}, auth=AUTH)
     with session(settings.resolved_database_url) as s:
         ann = s.get(Customer, "u1")
         anon = s.get(Customer, "anon-7")
@@ -406,7 +410,7 @@ async def test_identify_stores_the_profile_and_email(
     assert ann.traits == {"email": " Ann@Example.COM ", "name": "Ann", "plan": "gold"}
     assert anon.email == "z@z.io"
     assert u2.email is None
-    assert u2.traits == {"email": "not an address"}
+    assert u2.traits == {"email": ""}
 
 
 async def test_products_are_learnt_in_minor_units(
@@ -625,6 +629,9 @@ async def test_openapi_documents_the_bodies(api: httpx.AsyncClient) -> None:
     assert batch["schema"]["$ref"] == "#/components/schemas/BatchBody"
     assert "event" in components["TrackEvent"]["required"]
     assert "401" in track["responses"] and "413" in track["responses"]
+    outbox = schema["paths"]["/v1/admin/outbox"]["get"]
+    assert outbox["security"] == [{"operatorToken": []}]
+    assert schema["components"]["securitySchemes"]["operatorToken"]["scheme"] == "bearer"
 
 
 async def test_unknown_paths_answer_in_the_error_shape(api: httpx.AsyncClient) -> None:
@@ -672,3 +679,444 @@ async def test_concurrent_requests_with_the_same_events_store_them_once(
     assert count(settings, Order) == 5
     assert count(settings, OrderLine) == 5
     assert count(settings, Customer) == 5
+
+
+# ---- trust boundaries: the server key and the browser key ----------------------------------------
+
+BROWSER = BROWSER_AUTH
+
+
+def customer(settings: Settings, customer_id: str) -> Customer:
+    with session(settings.resolved_database_url) as s:
+        found = s.get(Customer, customer_id)
+    assert found is not None
+    return found
+
+
+async def test_each_event_remembers_which_key_sent_it(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    campaign = {"name": settings.ad_campaign}
+    assert (await api.post("/v1/track", json=TRACK, auth=AUTH)).status_code == 200
+    browser = [
+        {"type": "track", "userId": "u1", "event": "Product Added", "messageId": "b1"},
+        {"type": "track", "userId": "u1", "event": "Product Viewed", "messageId": "b2"},
+        {"type": "page", "userId": "u1", "context": {"campaign": campaign}, "messageId": "b3"},
+        {"type": "identify", "userId": "u1", "traits": {"name": "Ann"}, "messageId": "b4"},
+    ]
+    answer = await api.post("/v1/batch", json={"batch": browser}, auth=BROWSER)
+    assert (answer.status_code, answer.json()["rejected"]) == (200, [])
+    body_key = await api.post(
+        "/v1/track", json={**TRACK, "messageId": "b5", "writeKey": BROWSER[0]}
+    )
+    assert body_key.status_code == 200
+    stored = events(settings)
+    assert [(e.source, e.name) for e in stored] == [
+        ("server", "Product Added"),
+        ("browser", "Product Added"),
+        ("browser", "Product Viewed"),
+        ("browser", "Ad Clicked"),
+        ("browser", None),
+        ("browser", "Product Added"),
+    ]
+    assert stored[3].routed_at is None  # an ad click from the browser reaches the journey
+
+
+async def test_a_browser_key_cannot_change_email_or_consent(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    traits = {"email": "ann@example.com", "unsubscribed": False, "name": "Ann"}
+    await api.post("/v1/identify", json={"userId": "u1", "traits": traits}, auth=AUTH)
+    forged = {
+        "email": "attacker@evil.example",
+        "E-Mail": "attacker@evil.example",
+        "unsubscribed": True,
+        "marketing_consent": "granted",
+        "emailOptIn": True,
+        "name": "Ann B.",
+    }
+    answer = await api.post(
+        "/v1/identify",
+        json={
+            "userId": "u1",
+            "traits": forged,
+            "context": {"traits": {"email": "attacker@evil.example"}},
+        },
+        auth=BROWSER,
+    )
+    assert answer.status_code == 200, answer.text
+    await api.post(
+        "/v1/track",
+        json={**TRACK, "context": {"traits": {"email": "attacker@evil.example"}}},
+        auth=BROWSER,
+    )
+    ann = customer(settings, "u1")
+    assert ann.email == "ann@example.com"
+    assert ann.traits == {"email": "ann@example.com", "unsubscribed": False, "name": "Ann B."}
+    identify, track = events(settings, source="browser")
+    assert identify.payload["traits"] == {"name": "Ann B."}
+    assert identify.payload["context"]["traits"] == {}
+    assert track.payload["context"]["traits"] == {}
+    assert "traits.email" in identify.payload["kaeru"]["dropped"]
+
+
+async def test_a_browser_key_cannot_send_tracking_events(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    opened = {
+        "userId": "u1",
+        "event": "Email Opened",
+        "properties": {"journey_id": "cart-abandonment-u1", "step": "cart_email"},
+    }
+    single = await api.post("/v1/track", json=opened, auth=BROWSER)
+    assert single.status_code == 400
+    assert single.json()["code"] == "not_allowed"
+    assert "server write key" in single.json()["message"]
+    clicked = {**opened, "type": "track", "event": "Email Link Clicked"}
+    batch = await api.post(
+        "/v1/batch", json={"batch": [{**TRACK, "type": "track"}, clicked]}, auth=BROWSER
+    )
+    assert [(r["index"], r["code"]) for r in batch.json()["rejected"]] == [(1, "not_allowed")]
+    assert [e.name for e in events(settings)] == ["Product Added"]
+    assert (await api.post("/v1/track", json=opened, auth=AUTH)).status_code == 200
+
+
+def _coupon(settings: Settings, code: str, customer_id: str) -> None:
+    with session(settings.resolved_database_url) as s:
+        s.add(
+            Coupon(
+                code=code,
+                idempotency_key=f"cart-abandonment-{customer_id}/run/{code}",
+                customer_id=customer_id,
+                journey_id=f"cart-abandonment-{customer_id}",
+                amount_minor=1000,
+                currency="USD",
+                expires_at=datetime.now(UTC) + timedelta(days=7),
+            )
+        )
+
+
+def _order(order_id: str, customer_id: str = "u1", coupon: str | None = None) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "order_id": order_id,
+        "total": 90.0,
+        "revenue": 90.0,
+        "currency": "USD",
+        "products": [{"product_id": "p9", "name": "Browser name", "price": 90.0}],
+    }
+    if coupon:
+        properties["coupon"] = coupon
+    return {"userId": customer_id, "event": "Order Completed", "properties": properties}
+
+
+async def test_a_browser_order_ends_the_journey_but_counts_nothing(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    _coupon(settings, "KAERU-BROWSER1", "u1")
+    answer = await api.post("/v1/track", json=_order("o-b", coupon="KAERU-BROWSER1"), auth=BROWSER)
+    assert answer.status_code == 200
+    (stored,) = events(settings)
+    assert (stored.source, stored.routed_at) == ("browser", None)  # it reaches the journey
+    seen = fetch_unrouted(settings.resolved_database_url, 10)[0].journey_event().properties
+    assert seen["order_id"] == "o-b"
+    assert not {"total", "revenue", "coupon"} & set(seen)
+    assert all("price" not in item for item in seen["products"])
+    purchase = purchase_from(fetch_unrouted(settings.resolved_database_url, 10)[0].journey_event())
+    assert (purchase.order_id, purchase.value_minor, purchase.coupon) == ("o-b", 0, None)
+    assert stored.payload["kaeru"]["withheld"]["total"] == 90.0
+    assert count(settings, Order) == 0
+    assert count(settings, Product) == 0
+    with session(settings.resolved_database_url) as s:
+        coupon = s.get(Coupon, "KAERU-BROWSER1")
+    assert coupon is not None and coupon.redeemed_order_id is None
+
+
+async def test_trusted_browser_orders_count_but_never_write_the_catalogue(
+    database_url: str,
+) -> None:
+    settings = make_settings(database_url, trust_browser_orders=True)
+    _coupon(settings, "KAERU-BROWSER2", "u1")
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        order = _order("o-t", coupon="KAERU-BROWSER2")
+        assert (await api.post("/v1/track", json=order, auth=BROWSER)).status_code == 200
+    (stored,) = events(settings)
+    assert stored.payload["properties"]["total"] == 90.0
+    with session(settings.resolved_database_url) as s:
+        row = s.get(Order, "o-t")
+        coupon = s.get(Coupon, "KAERU-BROWSER2")
+    assert row is not None and row.total_minor == 9000
+    assert coupon is not None and coupon.redeemed_order_id == "o-t"
+    assert count(settings, OrderLine) == 1
+    assert count(settings, Product) == 0
+
+
+async def test_untrusted_text_never_reaches_another_customers_recommendations(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    def added(customer_id: str, product_id: str, name: str) -> dict[str, Any]:
+        return {
+            "userId": customer_id,
+            "event": "Product Added",
+            "properties": {"product_id": product_id, "name": name, "price": 10},
+        }
+
+    for product_id, name in (("mug", "Frog Mug"), ("pot", "Pond Teapot")):
+        await api.post("/v1/track", json=added("shop", product_id, name), auth=AUTH)
+    together = {
+        "userId": "earlier",
+        "event": "Order Completed",
+        "properties": {
+            "order_id": "o1",
+            "products": [{"product_id": "mug"}, {"product_id": "pot"}],
+        },
+    }
+    await api.post("/v1/track", json=together, auth=AUTH)
+    phish = "payment failed, re-enter card at evil.example/login"
+    for product_id in ("pot", "new"):
+        answer = await api.post(
+            "/v1/track", json=added("attacker", product_id, phish), auth=BROWSER
+        )
+        assert answer.status_code == 200  # stored for the attacker's own cart, not the catalogue
+    with session(settings.resolved_database_url) as s:
+        shown = recommend(s, ["mug"], 3).products
+    assert [(p.product_id, p.name) for p in shown] == [("pot", "Pond Teapot")]
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("Frog Mug", "Frog Mug"),
+        ("Frog Mug https://evil.example/login?x=1", "Frog Mug"),
+        ("re-enter card at evil.example/login now", "re-enter card at now"),
+        ("Visit www.evil.com today", "Visit today"),
+        ("HTTP://EVIL.EXAMPLE", "p1"),
+        ("mail me: bad@evil.example", "mail me:"),
+        ("Chanel No.5 Eau de Parfum", "Chanel No.5 Eau de Parfum"),
+    ],
+)
+async def test_urls_are_stripped_from_product_names(
+    api: httpx.AsyncClient, settings: Settings, name: str, stored: str
+) -> None:
+    event = {
+        "userId": "u1",
+        "event": "Product Added",
+        "properties": {"product_id": "p1", "name": name},
+    }
+    assert (await api.post("/v1/track", json=event, auth=AUTH)).status_code == 200
+    with session(settings.resolved_database_url) as s:
+        product = s.get(Product, "p1")
+    assert product is not None and product.name == stored
+
+
+async def test_links_are_stripped_from_names_in_browser_events(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    phish = "Mug: card declined, pay at evil.example/pay"
+    batch = [
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Product Added",
+            "properties": {"product_id": "p1", "name": phish},
+        },
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Cart Viewed",
+            "properties": {"products": [{"product_id": "p1", "name": phish}, "odd", {"x": 1}]},
+        },
+    ]
+    await api.post("/v1/batch", json={"batch": batch}, auth=BROWSER)
+    await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    seen = [e.journey_event().properties for e in fetch_unrouted(settings.resolved_database_url, 9)]
+    clean = "Mug: card declined, pay at"
+    assert seen[0]["name"] == clean
+    assert seen[1]["products"] == [{"product_id": "p1", "name": clean}, "odd", {"x": 1}]
+    assert seen[2]["name"] == phish  # the server's own words, as sent (the catalogue is cleaned)
+
+
+async def test_import_needs_the_server_key(api: httpx.AsyncClient, settings: Settings) -> None:
+    answer = await api.post(
+        "/v1/import", json={"batch": [{**TRACK, "type": "track"}]}, auth=BROWSER
+    )
+    assert answer.status_code == 403
+    assert answer.json()["code"] == "forbidden"
+    assert events(settings) == []
+
+
+async def test_the_browser_key_is_optional(database_url: str) -> None:
+    settings = make_settings(database_url, browser_write_key=None)
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        refused = await api.post("/v1/track", json=TRACK, auth=BROWSER)
+        accepted = await api.post("/v1/track", json=TRACK, auth=AUTH)
+    assert (refused.status_code, accepted.status_code) == (401, 200)
+
+
+# ---- limits at the door ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["userId", "anonymousId"])
+async def test_ids_over_the_byte_limit_are_400_with_the_reason(
+    api: httpx.AsyncClient, settings: Settings, field: str
+) -> None:
+    emoji = "\U0001f438" * 171  # 171 characters, 684 bytes in UTF-8
+    answer = await api.post("/v1/track", json={field: emoji, "event": "Product Added"}, auth=AUTH)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "invalid_field"
+    message = answer.json()["message"]
+    assert field in message and "bytes" in message and "KaeruCustomerId" in message
+    batch = [{"type": "track", field: emoji, "event": "x"}, {**TRACK, "type": "track"}]
+    answer = await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    assert [(r["index"], r["code"]) for r in answer.json()["rejected"]] == [(0, "invalid_field")]
+    assert [e.customer_id for e in events(settings)] == ["u1"]
+
+
+async def test_the_longest_accepted_ids_fit_temporals_limits(
+    dev_server_env: WorkflowEnvironment,
+) -> None:
+    """The byte limit is the one that matters: Temporal takes the ids the door lets in that
+    encode longest, and refuses one the door refuses (the router would fail on it for good)."""
+    client = dev_server_env.client
+    frog = "\U0001f438"
+    accepted = [frog * (MAX_ID_BYTES // 4), frog * 104 + "\x01" * 96]
+    refused = frog * 171
+    for customer_id in accepted:
+        assert read_event({"userId": customer_id, "event": "x", "type": "track"}, ad_campaign="x")
+    with pytest.raises(EventError):
+        read_event({"userId": refused, "event": "x", "type": "track"}, ad_campaign="x")
+    for customer_id in [*accepted, refused]:
+        start = client.start_workflow(
+            "NoSuchWorkflow",
+            id=f"cart-abandonment-{customer_id}",
+            task_queue=f"nobody-{uuid.uuid4().hex}",
+            search_attributes=TypedSearchAttributes(Journey.start_search_attributes(customer_id)),
+        )
+        if customer_id in accepted:
+            handle = await start
+            await handle.terminate()
+        else:
+            with pytest.raises(RPCError) as refusal:
+                await start
+            assert refusal.value.status == RPCStatusCode.INVALID_ARGUMENT
+
+
+async def test_traits_are_capped_per_customer_merged(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    many = {f"t{i}": i for i in range(settings.max_traits + 1)}
+    answer = await api.post("/v1/identify", json={"userId": "u1", "traits": many}, auth=AUTH)
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "too_many_traits"
+    assert "KAERU_MAX_TRAITS" in answer.json()["message"]
+    half = settings.max_traits // 2 + 1
+    first = {f"a{i}": i for i in range(half)}
+    second = {f"b{i}": i for i in range(half)}
+    assert (
+        await api.post("/v1/identify", json={"userId": "u1", "traits": first}, auth=AUTH)
+    ).status_code == 200
+    merged = await api.post(
+        "/v1/batch",
+        json={
+            "batch": [
+                {"type": "identify", "userId": "u1", "traits": second, "messageId": "over"},
+                {"type": "identify", "userId": "u2", "traits": second, "messageId": "fine"},
+                {"type": "identify", "userId": "u1", "traits": {"a0": "again"}, "messageId": "ok"},
+            ]
+        },
+        auth=AUTH,
+    )
+    assert [(r["index"], r["code"]) for r in merged.json()["rejected"]] == [(0, "too_many_traits")]
+    assert customer(settings, "u1").traits == {**first, "a0": "again"}
+    big = {"bio": "x" * settings.max_traits_bytes}
+    answer = await api.post("/v1/identify", json={"userId": "u3", "traits": big}, auth=AUTH)
+    assert answer.status_code == 400 and "KAERU_MAX_TRAITS_BYTES" in answer.json()["message"]
+    assert [e.message_id for e in events(settings)][1:] == ["fine", "ok"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["root,victim@example.com", "a@b", "a..b@example.com", '"x y"@example.com', "a@[1.2.3.4]"],
+)
+async def test_an_invalid_email_is_a_clear_rejection(
+    api: httpx.AsyncClient, settings: Settings, address: str
+) -> None:
+    answer = await api.post(
+        "/v1/identify", json={"userId": "u1", "traits": {"email": address}}, auth=AUTH
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "invalid_email"
+    assert "traits.email" in answer.json()["message"]
+    in_context = {**TRACK, "type": "track", "context": {"traits": {"email": address}}}
+    batch = await api.post("/v1/batch", json={"batch": [in_context]}, auth=AUTH)
+    assert [(r["index"], r["code"]) for r in batch.json()["rejected"]] == [(0, "invalid_email")]
+    assert events(settings) == []
+
+
+async def test_a_key_in_the_body_allows_only_a_small_body(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    item = {**TRACK, "type": "track", "properties": {"blob": "x" * 1000}}
+    batch = {"batch": [item] * 40, "writeKey": "test-write-key"}
+    assert len(json.dumps(batch)) > settings.max_event_bytes
+    answer = await api.post("/v1/batch", json=batch)
+    assert answer.status_code == 401
+    assert "Basic auth" in answer.json()["message"]
+    assert (await api.post("/v1/batch", json=batch, auth=AUTH)).status_code == 200
+
+
+async def test_far_future_timestamps_are_clamped_to_receipt(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    soon = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    batch = [
+        {**TRACK, "type": "track", "messageId": "future", "timestamp": "2099-01-01T00:00:00Z"},
+        {**TRACK, "type": "track", "messageId": "soon", "timestamp": soon.isoformat()},
+    ]
+    before = datetime.now(UTC)
+    await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    after = datetime.now(UTC)
+    future, near = fetch_unrouted(settings.resolved_database_url, 10)
+    occurred = future.journey_event().occurred_at
+    assert before - timedelta(seconds=1) <= occurred <= after
+    assert future.payload["timestamp"] == "2099-01-01T00:00:00Z"
+    assert future.payload["kaeru"]["timestamp_clamped"] is True
+    assert near.journey_event().occurred_at == soon
+
+
+async def test_import_stores_history_but_starts_no_journey(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    old = "2024-03-01T10:00:00Z"
+    batch = [
+        {**TRACK, "type": "track", "messageId": "cart", "timestamp": old},
+        {**_order("o-old"), "type": "track", "messageId": "order", "timestamp": old},
+        {"type": "identify", "userId": "u1", "traits": {"email": "u1@example.com"}},
+    ]
+    answer = await api.post("/v1/import", json={"batch": batch}, auth=AUTH)
+    assert (answer.status_code, answer.json()["accepted"]) == (200, 3)
+    stored = events(settings)
+    assert all(e.routed_at is not None for e in stored)
+    assert stored[0].payload["kaeru"]["imported"] is True
+    assert fetch_unrouted(settings.resolved_database_url, 10) == []
+    with session(settings.resolved_database_url) as s:
+        order = s.get(Order, "o-old")
+    assert order is not None and order.completed_at == datetime(2024, 3, 1, 10, tzinfo=UTC)
+    assert customer(settings, "u1").email == "u1@example.com"
+
+
+async def test_an_order_cannot_redeem_another_customers_coupon(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    _coupon(settings, "KAERU-ANNS", "ann")
+    await api.post("/v1/track", json=_order("o-eve", "eve", coupon="KAERU-ANNS"), auth=AUTH)
+    with session(settings.resolved_database_url) as s:
+        coupon = s.get(Coupon, "KAERU-ANNS")
+        refused = s.exec(select(Touchpoint).where(Touchpoint.kind == "coupon_refused")).all()
+    assert coupon is not None and coupon.redeemed_order_id is None
+    assert [(t.customer_id, t.order_id, t.coupon_code) for t in refused] == [
+        ("eve", "o-eve", "KAERU-ANNS")
+    ]
+    await api.post("/v1/track", json=_order("o-ann", "ann", coupon="KAERU-ANNS"), auth=AUTH)
+    with session(settings.resolved_database_url) as s:
+        coupon = s.get(Coupon, "KAERU-ANNS")
+    assert coupon is not None and coupon.redeemed_order_id == "o-ann"

@@ -28,7 +28,7 @@ from kaeru.tracking import TrackingToken, make_token
 from starter.app import create_app
 from starter.limits import Limits, Rate, RateLimit
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, WRITE_KEY, count, events
+from tests.starter.conftest import AUTH, BROWSER_AUTH, WRITE_KEY, count, events
 
 #: A refill so slow that no test lives long enough to see one token come back.
 NEVER = 0.001
@@ -99,7 +99,10 @@ async def test_a_batch_with_more_events_than_the_burst_is_413_and_the_bucket_kep
         rate_limit_client_per_second=NEVER,
         rate_limit_key_burst=100_000,
     )
-    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+    async with (
+        serving(settings) as (url, _),
+        httpx.AsyncClient(base_url=url, auth=BROWSER_AUTH) as http,
+    ):
         flood = await http.post("/v1/batch", json=batch(3000))
         honest = await http.post("/v1/batch", json=batch(10, "u2"))
     assert flood.status_code == 413  # no retry could ever let it through: Segment drops it
@@ -120,7 +123,10 @@ async def test_each_client_address_behind_a_trusted_proxy_has_its_own_limit(
         rate_limit_client_per_second=NEVER,
         rate_limit_key_burst=100_000,
     )
-    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+    async with (
+        serving(settings) as (url, _),
+        httpx.AsyncClient(base_url=url, auth=BROWSER_AUTH) as http,
+    ):
         # The leftmost hop is written by the client itself: only the proxy's (rightmost)
         # one counts, so a forged first hop buys no fresh bucket.
         first = from_address("198.51.100.9, 203.0.113.7")
@@ -142,7 +148,10 @@ async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(sqlite_url: 
         rate_limit_client_per_second=NEVER,
         rate_limit_key_burst=100_000,
     )
-    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+    async with (
+        serving(settings) as (url, _),
+        httpx.AsyncClient(base_url=url, auth=BROWSER_AUTH) as http,
+    ):
         a = await http.post("/v1/batch", json=batch(5), headers=from_address("203.0.113.7"))
         b = await http.post("/v1/batch", json=batch(1, "u2"), headers=from_address("203.0.113.8"))
     assert a.status_code == 200
@@ -174,11 +183,37 @@ async def test_a_client_over_its_limit_is_refused_before_its_body_is_read(
         rate_limit_client_per_second=NEVER,
         rate_limit_key_burst=100_000,
     )
-    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+    async with (
+        serving(settings) as (url, _),
+        httpx.AsyncClient(base_url=url, auth=BROWSER_AUTH) as http,
+    ):
         assert (await http.post("/v1/batch", json=batch(3))).status_code == 200
         # A body that is not even JSON: a 400 if it were read, a 429 because it is not.
         refused = await http.post("/v1/batch", content=b"{not json")
     assert refused.status_code == 429
+
+
+async def test_the_server_key_is_limited_per_key_not_per_client_address(
+    sqlite_url: str,
+) -> None:
+    # A shop's backend sends every event from one or two addresses: the browser-sized
+    # per-client limit must not throttle it, while its own key limit still does.
+    settings = make_settings(
+        sqlite_url,
+        rate_limit_client_burst=3,
+        rate_limit_client_per_second=NEVER,
+        rate_limit_key_burst=10,
+        rate_limit_key_per_second=NEVER,
+    )
+    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url) as http:
+        server = [(await http.post("/v1/batch", json=batch(5), auth=AUTH)).status_code]
+        server.append((await http.post("/v1/batch", json=batch(5, "u2"), auth=AUTH)).status_code)
+        over_key = await http.post("/v1/batch", json=batch(1, "u3"), auth=AUTH)
+        browser = await http.post("/v1/batch", json=batch(4, "u4"), auth=BROWSER_AUTH)
+    assert server == [200, 200]  # 10 events from one address, over the client burst of 3
+    assert over_key.status_code == 429
+    assert "this write key" in over_key.json()["message"]
+    assert browser.status_code == 413  # 4 events can never pass a client burst of 3
 
 
 @pytest.fixture
@@ -432,7 +467,10 @@ async def test_refusals_are_logged_once_a_minute_without_the_caller(
         rate_limit_key_burst=100_000,
     )
     caplog.set_level("WARNING", logger="kaeru.api.limits")
-    async with serving(settings) as (url, app), httpx.AsyncClient(base_url=url, auth=AUTH) as http:
+    async with (
+        serving(settings) as (url, app),
+        httpx.AsyncClient(base_url=url, auth=BROWSER_AUTH) as http,
+    ):
         client = from_address("203.0.113.7")
         answers = [await http.post("/v1/batch", json=batch(1), headers=client) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 429, 429, 429]

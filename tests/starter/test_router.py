@@ -34,7 +34,7 @@ from kaeru.tracking import TrackingToken, make_token
 from starter.app import create_app
 from starter.router import Router, lease_holder, outbox_stats, unrouted_count
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, asgi_client, events
+from tests.starter.conftest import AUTH, OPERATOR, asgi_client, events
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
 from workflows.kit import CUSTOMER_ID, STEP, JourneyResult, JourneyStatus
@@ -315,7 +315,7 @@ async def test_a_failing_route_is_retried_and_later_events_wait(
         stats = await asyncio.to_thread(outbox_stats, settings)
         assert (stats.unrouted, stats.failing) == (2, 1)
         assert stats.oldest_failure is not None and stats.oldest_failure["seq"] == stuck_cart.seq
-        outbox = await api.get("/v1/admin/outbox", auth=AUTH)
+        outbox = await api.get("/v1/admin/outbox", headers=OPERATOR)
         assert outbox.json()["unrouted"] == 2
         assert "injected" in str(outbox.json()["oldest_failure"])
         refuse.refusing = False
@@ -403,11 +403,11 @@ async def test_ingestion_keeps_storing_while_temporal_is_unreachable(sqlite_url:
         await post_batch(api, [added("offline")])
 
         async def reported() -> bool:
-            body = (await api.get("/v1/admin/outbox", auth=AUTH)).json()
+            body = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
             return "cannot reach Temporal" in (body["last_error"] or "")
 
         await wait_for(reported, timeout=10)
-        body = (await api.get("/v1/admin/outbox", auth=AUTH)).json()
+        body = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
         assert body["unrouted"] == 1 and body["holds_lease"] is True
         assert "KAERU_TEMPORAL_ADDRESS" in body["last_error"]
         with pytest.raises(TimeoutError, match="1 event"):

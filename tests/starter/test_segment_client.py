@@ -60,3 +60,26 @@ async def test_segment_client_reads_our_errors(host: str, settings: Settings) ->
     assert refused.value.code == "unauthorized"
     assert "write key" in refused.value.message
     assert events(settings) == []
+
+
+async def test_segment_client_with_the_browser_key_keeps_its_good_events(
+    host: str, settings: Settings
+) -> None:
+    """A refused tracking event in a batch is listed, not a 4xx, so the client keeps the rest."""
+    client = SegmentClient("test-browser-key", host=host, sync_mode=True, max_retries=0)
+
+    def send() -> None:
+        client.identify("u-2", {"email": "attacker@evil.example", "name": "Bo"})
+        client.track("u-2", "Email Opened", {"journey_id": "cart-abandonment-u-2"})
+        client.track("u-2", "Product Added", {"product_id": "mug"})
+
+    await asyncio.to_thread(send)
+    stored = events(settings)
+    assert [(e.source, e.type, e.name) for e in stored] == [
+        ("browser", "identify", None),
+        ("browser", "track", "Product Added"),
+    ]
+    with session(settings.resolved_database_url) as s:
+        customer = s.get(Customer, "u-2")
+    assert customer is not None and customer.email is None
+    assert customer.traits == {"name": "Bo"}
