@@ -47,7 +47,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import EmailMessage as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -79,7 +79,7 @@ from activities.types import (
 )
 from kaeru.db import session
 from kaeru.journal import email_of, record_touchpoint
-from kaeru.models import EmailMessage, Order, Suppression, utcnow
+from kaeru.models import EmailMessage, Order, Product, Suppression, utcnow
 from kaeru.money import format_minor
 from kaeru.settings import Settings
 from kaeru.tracking import click_url, open_url, register_tokens, signing_key
@@ -314,7 +314,7 @@ class EmailActivities:
             # The first attempt's id, even if KAERU_MAIL_FROM changed since: one message, one id.
             mail_from = self.settings.mail_from
             message_id = row.message_id if row else message_id_for(email.key, mail_from)
-            rendered = self._render(email, link_key)
+            rendered = self._render(_with_catalogue(s, email), link_key)
             if row is None:
                 attempt = 1
                 s.add(
@@ -893,19 +893,24 @@ class _Hosts:
 
     origins: frozenset[_Origin]
     loopback_images: bool
+    #: ``KAERU_IMAGE_ORIGINS``: where else product images may come from (a shop's CDN).
+    image_origins: frozenset[_Origin] = frozenset()
 
     @classmethod
     def of(cls, settings: Settings) -> _Hosts:
         origins = frozenset(o for o in map(_origin_of, (settings.shop_url, settings.cart_url)) if o)
-        return cls(origins, _host_of(settings.public_url) in _LOOPBACK)
+        images = frozenset(o for o in map(_origin_of, settings.image_origin_list) if o)
+        return cls(origins, _host_of(settings.public_url) in _LOOPBACK, images)
 
     def link(self, url: str | None) -> str | None:
         return url if _origin_of(url) in self.origins else None
 
     def image(self, url: str | None) -> str | None:
         origin = _origin_of(url)
-        if origin in self.origins or (
-            self.loopback_images and origin is not None and origin[1] in _LOOPBACK
+        if (
+            origin in self.origins
+            or origin in self.image_origins
+            or (self.loopback_images and origin is not None and origin[1] in _LOOPBACK)
         ):
             return url
         return None
@@ -939,6 +944,38 @@ def _product_context(product: ProductInfo, fallback_url: str, hosts: _Hosts) -> 
         "image": hosts.image(product.image_url),
         "url": hosts.link(product.url) or fallback_url,
     }
+
+
+def _with_catalogue(s: Session, email: SendEmailInput) -> SendEmailInput:
+    """``email`` with each cart product's name, link and image taken from the catalogue.
+
+    The cart comes from the shopper's events, which a browser key (public) can send for any
+    customer id; the catalogue is written by trusted sources only. So a known product shows
+    what the shop said of it, and only an unknown one the event's (link-stripped) text. The
+    cart's price stays the one the shopper saw, unless the event had none.
+    """
+    ids = {line.product.product_id for line in email.cart}
+    if not ids:
+        return email
+    known = {
+        p.product_id: p
+        for p in s.exec(select(Product).where(col(Product.product_id).in_(sorted(ids))))
+    }
+    cart = []
+    for line in email.cart:
+        product, trusted = line.product, known.get(line.product.product_id)
+        if trusted is not None:
+            priced = product.price_minor is not None
+            product = replace(
+                product,
+                name=trusted.name,
+                url=trusted.url,
+                image_url=trusted.image_url,
+                price_minor=product.price_minor if priced else trusted.price_minor,
+                currency=product.currency if priced else trusted.currency,
+            )
+        cart.append(replace(line, product=product))
+    return replace(email, cart=cart)
 
 
 def _cart_context(email: SendEmailInput, cart_url: str, hosts: _Hosts) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -206,6 +207,11 @@ class Settings(BaseSettings):
     shop_name: str = Field("Kaeru Shop", description="shop name shown in emails")
     shop_url: str = Field("https://shop.example", description="shop home page, linked from emails")
     cart_url: str = Field("https://shop.example/cart", description="link back to the cart")
+    image_origins: str = Field(
+        "",
+        description="more https origins product images may come from, comma-separated "
+        "(e.g. `https://cdn.shopify.com`); links stay on the shop's own",
+    )
 
     # Ads
     meta_graph_url: str = Field(
@@ -285,6 +291,29 @@ class Settings(BaseSettings):
         if len(value) != 3 or not value.isalpha():
             raise ValueError("must be an ISO 4217 code such as USD or EUR")
         return value.upper()
+
+    @field_validator("image_origins")
+    @classmethod
+    def _image_origins(cls, value: str) -> str:
+        for origin in (part.strip() for part in value.split(",")):
+            parts = urlsplit(origin)
+            if origin and (
+                parts.scheme != "https"
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or "@" in parts.netloc
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an https origin: give scheme and host only, "
+                    "e.g. https://cdn.shopify.com"
+                )
+        return value
+
+    @property
+    def image_origin_list(self) -> list[str]:
+        """``image_origins`` as a list (empty entries dropped)."""
+        return [part.strip() for part in self.image_origins.split(",") if part.strip()]
 
     @property
     def resolved_database_url(self) -> str:

@@ -47,7 +47,7 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage, Order, Suppression, TrackingLink
+from kaeru.models import EmailMessage, Order, Product, Suppression, TrackingLink
 from kaeru.settings import Settings
 from kaeru.tracking import digest_of, token_for
 from tests.activities.factories import add_customer, touchpoints
@@ -1108,3 +1108,71 @@ async def test_loopback_images_only_when_kaeru_runs_on_loopback(
         await send(settings, email)
         *images, _pixel = links_of(parts(smtp_server.messages[n].message)[1]).images
         assert images == ([picture] if shown else [])
+
+
+async def test_images_from_a_configured_cdn_origin_are_kept_and_others_dropped(
+    sqlite_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """A Shopify shop's images live on its CDN: KAERU_IMAGE_ORIGINS allows exactly that."""
+    add_customer(sqlite_url, "c1", ADDRESS)
+    cdn = "https://cdn.shopify.com/s/files/mug.jpg"
+    elsewhere = "https://cdn.shopify.com.evil.test/mug.jpg"
+    products = [
+        ProductInfo("a", "A", 100, "USD", cdn, "https://shop.example/p/a"),
+        ProductInfo("b", "B", 100, "USD", elsewhere, "https://shop.example/p/b"),
+        ProductInfo("c", "C", 100, "USD", "http://cdn.shopify.com/c.jpg", None),
+    ]
+    for n, origins in enumerate(["", "https://cdn.shopify.com"]):
+        settings = make_settings(sqlite_url, smtp_port=smtp_server.port, image_origins=origins)
+        email = replace(
+            request(f"{JOURNEY}/run-{n}/cart_email"),
+            cart=[CartLine(p) for p in products],
+            recommendations=[],
+        )
+        await send(settings, email)
+        html = parts(smtp_server.messages[n].message)[1]
+        *images, _pixel = links_of(html).images
+        assert images == ([cdn] if origins else [])
+        assert cdn not in (outbox(sqlite_url, email.key) or EmailMessage()).links
+
+
+@pytest.mark.parametrize("origin", ["http://cdn.example", "cdn.example", "https://a@cdn.example"])
+def test_an_image_origin_that_is_not_an_https_origin_is_refused(origin: str) -> None:
+    with pytest.raises(ValueError, match="is not an https origin"):
+        make_settings("sqlite://", image_origins=f"https://ok.example,{origin}")
+
+
+async def test_known_products_show_the_catalogue_not_the_events_text(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """A browser key can send cart events for any customer id: the catalogue (written by
+    trusted sources only) names a known product, so a forged name never reaches the email."""
+    add_customer(database_url, "c1", ADDRESS)
+    with session(database_url) as s:
+        s.add(
+            Product(
+                product_id="mug",
+                name="Frog mug",
+                price_minor=1999,
+                currency="USD",
+                image_url="https://shop.example/img/mug.jpg",
+                url="https://shop.example/p/mug",
+            )
+        )
+    forged = ProductInfo(
+        "mug", "Payment failed: call 555-0100", 1999, "USD", None, "https://shop.example/phish"
+    )
+    unknown = ProductInfo("kite", "Paper kite", None, "USD", None, None)
+    email = replace(request(), cart=[CartLine(forged, 1), CartLine(unknown, 1)])
+    settings = make_settings(database_url, smtp_port=smtp_server.port)
+
+    await send(settings, email)
+
+    text, html = parts(smtp_server.messages[0].message)
+    assert "Payment failed" not in text + html
+    assert "Frog mug" in text and "Paper kite" in text
+    assert "https://shop.example/img/mug.jpg" in links_of(html).images
+    row = outbox(database_url)
+    assert row is not None
+    assert "https://shop.example/p/mug" in row.links
+    assert "https://shop.example/phish" not in row.links
