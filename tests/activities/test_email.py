@@ -1133,7 +1133,6 @@ async def test_images_from_a_configured_cdn_origin_are_kept_and_others_dropped(
         html = parts(smtp_server.messages[n].message)[1]
         *images, _pixel = links_of(html).images
         assert images == ([cdn] if origins else [])
-        assert cdn not in (outbox(sqlite_url, email.key) or EmailMessage()).links
 
 
 @pytest.mark.parametrize("origin", ["http://cdn.example", "cdn.example", "https://a@cdn.example"])
