@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Where the embedded stack keeps its files (SQLite, Temporal history, caught mail).
@@ -113,21 +113,6 @@ class Settings(BaseSettings):
                 "generates one and keeps it in the database. Set the old value as "
                 "KAERU_LEGACY_SECRET_KEY so links in emails already sent keep working"
             )
-        return value
-
-    @field_validator("tracking_ttl", mode="before")
-    @classmethod
-    def _seconds_or_iso(cls, value: object) -> object:
-        # pydantic reads a string only as ISO 8601 or HH:MM:SS; "7776000" means seconds.
-        if isinstance(value, str) and value.strip().isdigit():
-            return timedelta(seconds=int(value))
-        return value
-
-    @field_validator("tracking_ttl")
-    @classmethod
-    def _positive_ttl(cls, value: timedelta) -> timedelta:
-        if value.total_seconds() <= 0:
-            raise ValueError("must be a positive duration, e.g. 7776000 or P90D")
         return value
 
     public_url: str = Field("http://localhost:8000", description="base of tracking links")
@@ -268,20 +253,26 @@ class Settings(BaseSettings):
         "failed for good (each failing one waits longer, up to a day)",
     )
 
-    @field_validator(
-        "cart_email_delay",
-        "cart_open_wait",
-        "cart_ad_delay",
-        "cart_ad_click_wait",
-        "cart_offer_delay",
-        "cart_offer_wait",
-        "cart_coupon_ttl",
-        "cart_empty_grace",
-        "audience_sweep_interval",
-    )
+    @field_validator("*", mode="before")
     @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value.total_seconds() <= 0:
+    def _seconds_or_iso(cls, value: object, info: ValidationInfo) -> object:
+        """Durations read as seconds too: pydantic alone takes only ISO 8601 or HH:MM:SS from a
+        string, so ``KAERU_CART_EMAIL_DELAY=86400`` would be refused."""
+        if (
+            info.field_name is not None
+            and cls.model_fields[info.field_name].annotation is timedelta
+            and isinstance(value, str)
+        ):
+            try:
+                return timedelta(seconds=float(value.strip()))
+            except (ValueError, OverflowError):
+                return value  # ISO 8601 (P1D, PT30M) or HH:MM:SS, which pydantic reads
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _positive(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, timedelta) and value.total_seconds() <= 0:
             raise ValueError("must be a positive duration, e.g. 86400 or P1D")
         return value
 
