@@ -55,6 +55,32 @@ class Settings(BaseSettings):
         500 * 1024, description="largest `/v1/batch` body accepted (413 above it)"
     )
 
+    # Routing
+    route_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="failed deliveries of one event before the router parks it for an operator",
+    )
+    max_start_event_age: timedelta = Field(
+        timedelta(days=7),
+        description="a journey-starting event older than this (its timestamp) starts no journey",
+    )
+
+    @field_validator("max_start_event_age", mode="before")
+    @classmethod
+    def _seconds_or_iso(cls, value: object) -> object:
+        # pydantic reads "604800" from the environment as HH:MM:SS and refuses it.
+        if isinstance(value, str) and value.strip().isdigit():
+            return timedelta(seconds=int(value))
+        return value
+
+    @field_validator("max_start_event_age")
+    @classmethod
+    def _positive_age(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be a positive duration, e.g. 604800 or P7D")
+        return value
+
     # Email
     smtp_host: str | None = Field(
         None, description="SMTP relay host; unset: `kaeru dev` starts a mail catcher"
