@@ -517,7 +517,6 @@ class Router:
         #: The newest routing problem (None after a clean round): shown by /v1/admin/outbox.
         self.last_error: str | None = None
         self.routed_total = 0
-        self.parked_total = 0
         self._url = settings.resolved_database_url
         self._wake = asyncio.Event()
         self._lease_until = 0.0
@@ -773,7 +772,6 @@ class Router:
             retry_at=utcnow() + timedelta(seconds=delay),
         )
         if park:
-            self.parked_total += 1
             why = "a refusal no retry can fix" if status in PERMANENT else f"attempt {attempts}"
             self.last_error = f"parked {what} after {why}: {reason}"
             log.error(
