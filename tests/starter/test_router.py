@@ -40,9 +40,11 @@ from starter.router import (
     FencedOut,
     Mark,
     Router,
+    acquire_lease,
     lease_holder,
     mark_routed,
     outbox_stats,
+    release_lease,
     unrouted_count,
 )
 from tests.conftest import _binary, make_settings
@@ -796,3 +798,18 @@ async def test_a_stale_cart_event_starts_no_journey_but_reaches_a_live_one(stack
     await post_batch(stack.api, [added(live, "tea", timestamp=old)])
     await stack.router.drain()
     assert (await status(journey(stack.client, live))).details["cart"] == "1× Mug, 1× Tea"
+
+
+def test_the_lease_token_increases_with_every_new_holder(settings: Settings) -> None:
+    url = settings.resolved_database_url
+    assert acquire_lease(url, "a", ttl=30) == 1
+    assert acquire_lease(url, "a", ttl=30) == 1  # a renewal keeps the token
+    assert acquire_lease(url, "b", ttl=30) is None
+    release_lease(url, "a")
+    assert acquire_lease(url, "b", ttl=30) == 2
+    with pytest.raises(FencedOut):  # a's writes are refused from now on
+        mark_routed(url, Fence("a", 1), [Mark(1, "c")])
+    release_lease(url, "b")
+    assert acquire_lease(url, "a", ttl=30) == 3
+    with pytest.raises(FencedOut):  # even a's old token: it held the lease before b did
+        mark_routed(url, Fence("a", 1), [Mark(1, "c")])
