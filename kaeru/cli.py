@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -44,6 +45,7 @@ from kaeru.models import AudienceMember
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
+from starter.parking import drop_parked, parked_events, retry_parked
 from worker import run_worker
 from workflows.kit import SEARCH_ATTRIBUTES
 
@@ -327,6 +329,37 @@ def setup() -> None:
     )
 
 
+def database_url_checked(settings: Settings) -> tuple[str, str]:
+    """The database URL and its printable label; exits with the fix if there is no database."""
+    url = settings.resolved_database_url
+    try:
+        label = safe_url(url)
+    except StackError as exc:
+        fail(str(exc))
+    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).exists():
+        fail(_no_tables(label))
+    return url, label
+
+
+def _no_tables(label: str) -> str:
+    return f"the database at {label} has no kaeru tables yet: run `kaeru migrate` or `kaeru dev`"
+
+
+@contextmanager
+def database_problems(label: str) -> Iterator[None]:
+    """Turn a missing schema or an unreachable database into one line with the fix."""
+    try:
+        yield
+    except ProgrammingError:  # PostgreSQL: undefined table
+        fail(_no_tables(label))
+    except OperationalError as exc:
+        if "no such table" in str(exc):  # SQLite
+            fail(_no_tables(label))
+        reason = " ".join(str(exc.orig).split())
+        fail(f"cannot open the database at {label} ({reason}): check KAERU_DATABASE_URL")
+
+
 @app.command()
 def audience(
     name: Annotated[
@@ -334,43 +367,25 @@ def audience(
     ] = None,
 ) -> None:
     """List the members of a local ad audience (the store used unless Meta is configured)."""
-    settings = load_settings()
-    url = settings.resolved_database_url
-    try:
-        label = safe_url(url)
-    except StackError as exc:
-        fail(str(exc))
-    missing = f"the database at {label} has no kaeru tables yet: run `kaeru migrate` or `kaeru dev`"
-    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
-    if sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).exists():
-        fail(missing)
+    url, label = database_url_checked(load_settings())
     rows: list[tuple[str, ...]]
-    try:
-        with db_session(url) as s:
-            if name is None:
-                sizes = s.exec(
-                    select(AudienceMember.audience, func.count())
-                    .group_by(col(AudienceMember.audience))
-                    .order_by(col(AudienceMember.audience))
-                ).all()
-                rows = [(a, str(n)) for a, n in sizes]
-            else:
-                members = s.exec(
-                    select(AudienceMember)
-                    .where(AudienceMember.audience == name)
-                    .order_by(col(AudienceMember.added_at))
-                ).all()
-                rows = [
-                    (m.customer_id, f"{m.added_at:%Y-%m-%d %H:%M:%S}", m.journey_id)
-                    for m in members
-                ]
-    except ProgrammingError:  # PostgreSQL: undefined table
-        fail(missing)
-    except OperationalError as exc:
-        if "no such table" in str(exc):  # SQLite
-            fail(missing)
-        reason = " ".join(str(exc.orig).split())
-        fail(f"cannot open the database at {label} ({reason}): check KAERU_DATABASE_URL")
+    with database_problems(label), db_session(url) as s:
+        if name is None:
+            sizes = s.exec(
+                select(AudienceMember.audience, func.count())
+                .group_by(col(AudienceMember.audience))
+                .order_by(col(AudienceMember.audience))
+            ).all()
+            rows = [(a, str(n)) for a, n in sizes]
+        else:
+            members = s.exec(
+                select(AudienceMember)
+                .where(AudienceMember.audience == name)
+                .order_by(col(AudienceMember.added_at))
+            ).all()
+            rows = [
+                (m.customer_id, f"{m.added_at:%Y-%m-%d %H:%M:%S}", m.journey_id) for m in members
+            ]
     if not rows:
         console.print(
             "No local audience has members yet." if name is None else f"No one is in {name!r}."
@@ -383,6 +398,74 @@ def audience(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+# ---- kaeru events: what the router parked ------------------------------------------------------
+
+events_app = typer.Typer(
+    help="Events the router parked (Temporal refused them, or they failed too often).",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
+
+Seqs = Annotated[list[int], typer.Argument(help="seq of each parked event (`kaeru events parked`)")]
+
+
+@events_app.command("parked")
+def events_parked(
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, oldest first.")] = 100,
+) -> None:
+    """List the parked events, oldest first, with why the router gave up on each."""
+    url, label = database_url_checked(load_settings())
+    with database_problems(label):
+        total, rows = parked_events(url, limit)
+    if not rows:
+        console.print("No event is parked: the router delivers everything it reads.")
+        return
+    for r in rows:
+        # One line per event and one for its reason, never wrapped: reasons are long, and
+        # operators copy seqs and messageIds from here.
+        console.print(
+            Text.assemble(
+                (f"seq {r.seq}", "bold"),
+                f"  customer {r.customer_id}  {r.event}  messageId {r.message_id}  "
+                f"attempts {r.attempts}  parked {r.parked_at:%Y-%m-%d %H:%M:%S} UTC",
+            ),
+            soft_wrap=True,
+        )
+        console.print(Text(f"  reason: {r.reason or 'unknown'}"), soft_wrap=True)
+    shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
+    console.print(
+        f"{shown} parked. `kaeru events retry SEQ...` sends them back into routing; "
+        "`kaeru events drop SEQ...` drops them."
+    )
+
+
+def _parked_action(seqs: list[int], action: Callable[[str, list[int]], list[int]]) -> str:
+    url, label = database_url_checked(load_settings())
+    with database_problems(label):
+        missing = action(url, seqs)
+    if missing:
+        fail(
+            f"no parked event has seq {', '.join(map(str, missing))} (unknown, already routed "
+            "or dropped); nothing was changed",
+            "List the parked events with `kaeru events parked`.",
+        )
+    return ", ".join(map(str, seqs))
+
+
+@events_app.command("retry")
+def events_retry(seqs: Seqs) -> None:
+    """Send parked events back into routing (their attempts start again at zero)."""
+    done = _parked_action(seqs, retry_parked)
+    console.print(f"Retrying {done}: the router delivers them within a moment.")
+
+
+@events_app.command("drop")
+def events_drop(seqs: Seqs) -> None:
+    """Drop parked events: they are never routed, and kept in the database for the record."""
+    done = _parked_action(seqs, drop_parked)
+    console.print(f"Dropped {done}.")
 
 
 # ---- the settings table of the README --------------------------------------------------------

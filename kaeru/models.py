@@ -73,6 +73,17 @@ class Event(SQLModel, table=True):
         default="server",
         sa_column=Column(String(10), nullable=False, server_default="server"),
     )
+    #: Set when the router gave up on the event (see ``park_reason``): it left the ordered
+    #: stream, the customer's later events flow, and an operator retries or drops it.
+    parked_at: datetime | None = _ts(nullable=True)
+    park_reason: str | None = None
+    #: An operator sent a parked event back into routing (so it may be older than the
+    #: customer's last routed ``seq``).
+    retried_at: datetime | None = _ts(nullable=True)
+    #: An operator dropped a parked event: never routed, kept for the record.
+    dropped_at: datetime | None = _ts(nullable=True)
+    #: Why the router handled the event as it did, when that was not a plain delivery.
+    route_note: str | None = Field(default=None, max_length=500)
 
 
 class Customer(SQLModel, table=True):
@@ -236,6 +247,9 @@ class Lease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=100)
     holder: str = Field(max_length=200)
     expires_at: datetime = _ts()
+    #: The fencing token: increases every time the lease changes holder. A holder's writes
+    #: carry its token and are refused once another process took the lease over.
+    token: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
 # ---- Stream D (issue 13): the email outbox and tracking links ----------------------------------
@@ -285,3 +299,22 @@ class AudienceJoin(SQLModel, table=True):
     removal_error: str | None = None
     removal_attempts: int = 0
     retry_at: datetime | None = _ts(nullable=True, index=True)
+
+
+# ---- Stream A: the event router ------------------------------------------------------------
+
+
+class CustomerRouting(SQLModel, table=True):
+    """The router's state of one customer, kept outside any journey run.
+
+    ``last_routed_seq`` is the newest event delivered to the customer's journeys; ``failures``
+    and ``retry_at`` are the backoff after a failed delivery (the fetch skips the customer's
+    events until ``retry_at``, in SQL, however many customers wait).
+    """
+
+    __tablename__ = "customer_routing"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    last_routed_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    failures: int = 0
+    retry_at: datetime | None = _ts(nullable=True)

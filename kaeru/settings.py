@@ -123,6 +123,17 @@ class Settings(BaseSettings):
         500 * 1024, description="largest `/v1/batch` body accepted (413 above it)"
     )
 
+    # Routing
+    route_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="failed deliveries of one event before the router parks it for an operator",
+    )
+    max_start_event_age: timedelta = Field(
+        timedelta(days=7),
+        description="a journey-starting event older than this (its timestamp) starts no journey",
+    )
+
     # Limits (kept in each API process's memory: N processes allow N times these)
     rate_limit_key_burst: int = Field(
         5000, ge=1, description="events one write key may send at once (429 above it)"

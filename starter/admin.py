@@ -1,4 +1,4 @@
-"""A small read API for operators (operator-token auth): audiences, customers, the outbox."""
+"""The operator API (operator-token auth): audiences, customers, the outbox, parked events."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kaeru.db import session as db_session
 from kaeru.models import AudienceMember, Customer, Order, Touchpoint
 from kaeru.settings import Settings
 from starter.deps import ApiError, Operator, SettingsDep, router_of
+from starter.parking import drop_parked, parked_events, retry_parked
 from starter.router import outbox_stats
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
@@ -70,6 +71,28 @@ class OutboxPublic(BaseModel):
     router: str
     holds_lease: bool
     routed_total: int
+    parked: int
+    oldest_parked_age_seconds: float | None
+
+
+class ParkedEventPublic(BaseModel):
+    seq: int
+    customer_id: str
+    event: str
+    message_id: str
+    attempts: int
+    reason: str | None
+    parked_at: datetime
+
+
+class ParkedPublic(BaseModel):
+    count: int
+    parked: list[ParkedEventPublic]
+
+
+class ParkedActionPublic(BaseModel):
+    seq: int
+    status: str
 
 
 def _audience(settings: Settings, audience: str, limit: int) -> AudiencePublic:
@@ -150,4 +173,42 @@ async def outbox(request: Request, settings: SettingsDep) -> OutboxPublic:
         router=event_router.holder,
         holds_lease=event_router.running and event_router.holds_lease,
         routed_total=event_router.routed_total,
+        parked=stats.parked,
+        oldest_parked_age_seconds=stats.oldest_parked_age_seconds,
     )
+
+
+@router.get("/admin/parked", response_model=ParkedPublic)
+async def parked(settings: SettingsDep, limit: int = Query(1000, ge=1, le=10000)) -> ParkedPublic:
+    """Events the router gave up on, oldest first: retry or drop each one."""
+    total, rows = await run_in_threadpool(parked_events, settings.resolved_database_url, limit)
+    return ParkedPublic(
+        count=total,
+        parked=[ParkedEventPublic.model_validate(r, from_attributes=True) for r in rows],
+    )
+
+
+def _no_parked_event(seq: int) -> ApiError:
+    return ApiError(
+        404,
+        "not_parked",
+        f"no parked event has seq {seq} (unknown, already routed or dropped): "
+        "list the parked events with GET /v1/admin/parked",
+    )
+
+
+@router.post("/admin/parked/{seq}/retry", response_model=ParkedActionPublic)
+async def retry(seq: int, request: Request, settings: SettingsDep) -> ParkedActionPublic:
+    """Send a parked event back into routing, its attempts reset."""
+    if await run_in_threadpool(retry_parked, settings.resolved_database_url, [seq]):
+        raise _no_parked_event(seq)
+    router_of(request).wake()
+    return ParkedActionPublic(seq=seq, status="retrying")
+
+
+@router.post("/admin/parked/{seq}/drop", response_model=ParkedActionPublic)
+async def drop(seq: int, settings: SettingsDep) -> ParkedActionPublic:
+    """Drop a parked event: it is never routed, and kept for the record."""
+    if await run_in_threadpool(drop_parked, settings.resolved_database_url, [seq]):
+        raise _no_parked_event(seq)
+    return ParkedActionPublic(seq=seq, status="dropped")

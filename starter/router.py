@@ -3,13 +3,27 @@
 Ingestion stores first and answers; this task delivers a moment later. The rules:
 
 * One router routes at a time per deployment: it holds the ``router`` lease, renews it every
-  few seconds, and another API process takes over when it lapses.
-* Each customer's events go out strictly in ``seq`` order. If one fails (Temporal down, a bad
-  start), that customer stops for this round and is retried with backoff; later events wait,
-  because an ``Order Completed`` that overtook its ``Product Added`` would find no journey.
-  Customers are routed concurrently.
-* An event is marked routed after its signal succeeded. A crash in between re-sends the same
-  ``seq``, which the journey ignores (it keeps the last ``seq`` it saw).
+  few seconds, and another API process takes over when it lapses. Expiry is judged by the
+  database's clock, never by comparing two hosts' clocks. Every takeover increases the lease's
+  fencing token, and every write of the router (marks, failures, parking) checks its token in
+  the same transaction: a router that lost the lease (paused, partitioned) has its next write
+  refused and stops delivering.
+* Each customer's events go out strictly in ``seq`` order. If one fails (a bad start), that
+  customer waits with backoff, kept in ``customer_routing`` so the fetch skips the customer in
+  SQL however many customers wait; its later events wait too, because an ``Order Completed``
+  that overtook its ``Product Added`` would find no journey. Customers are routed concurrently.
+* An event that fails ``KAERU_ROUTE_MAX_ATTEMPTS`` times, or that Temporal refuses in a way no
+  retry can fix (``INVALID_ARGUMENT``), is parked: it leaves the ordered stream, the customer's
+  later events flow, and an operator retries or drops it (admin API, ``kaeru events``).
+* Temporal unreachable or rate limiting the namespace pauses all routing, and counts against
+  no event.
+* Each event is marked routed right after its own signal, in one write with the customer's
+  ``last_routed_seq`` (marks of concurrent customers share a transaction). A crash or a lost
+  lease re-sends at most the one signal per customer that was in flight, which a live journey
+  ignores (it keeps the last ``seq`` it saw).
+* A journey is never started by a cart event the customer's stored orders already answer (an
+  order completed at or after it) nor by one older than ``KAERU_MAX_START_EVENT_AGE``; such an
+  event still reaches a live journey and is marked with the reason (``route_note``).
 * No database transaction is held across a Temporal call.
 """
 
@@ -22,18 +36,20 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, case, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
 from temporalio.client import Client
 from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from kaeru.db import session as db_session
 from kaeru.db import write_session
-from kaeru.models import Event, Lease, utcnow
+from kaeru.models import CustomerRouting, Event, Lease, Order, utcnow
 from kaeru.settings import Settings
 from kaeru.temporal import connect
 from starter.events import journey_properties
@@ -45,6 +61,20 @@ log = logging.getLogger("kaeru.router")
 LEASE_NAME = "router"
 _EVENTS = Event.__table__  # type: ignore[attr-defined]
 _LEASES = Lease.__table__  # type: ignore[attr-defined]
+_ROUTING = CustomerRouting.__table__  # type: ignore[attr-defined]
+_ORDERS = Order.__table__  # type: ignore[attr-defined]
+
+#: Refusals that retrying the same event can never fix: the event is parked at once.
+PERMANENT = frozenset({RPCStatusCode.INVALID_ARGUMENT})
+#: Temporal itself is down, too slow or rate limiting the namespace (not a problem of one
+#: journey): all routing pauses, and no event's attempts are counted.
+TEMPORAL_BUSY = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,14 @@ class StoredEvent:
     timestamp: datetime
     payload: dict[str, Any]
     route_attempts: int
+    #: An operator sent it back from the parking lot (it may be older than routed events).
+    retried: bool = False
+    #: The customer's failed deliveries in a row (the backoff).
+    customer_failures: int = 0
+    #: The newest ``seq`` delivered to this customer's journeys.
+    last_routed_seq: int = 0
+    #: When the customer's newest stored order completed (None: no order).
+    ordered_at: datetime | None = None
 
     def journey_event(self) -> JourneyEvent:
         return JourneyEvent(
@@ -68,56 +106,210 @@ class StoredEvent:
         )
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Who writes, and with which fencing token of the router lease."""
+
+    holder: str
+    token: int
+
+
+class FencedOut(Exception):
+    """The router lease changed hands: this router's write was refused."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One delivered event to mark routed (``note``: why it was not a plain delivery)."""
+
+    seq: int
+    customer_id: str
+    note: str | None = None
+
+
 # ---- the outbox, in the database (blocking: call from a thread) ------------------------------
 
+_ROUTABLE = (_EVENTS.c.routed_at.is_(None), _EVENTS.c.parked_at.is_(None))
+_PARKED = (_EVENTS.c.parked_at.is_not(None), _EVENTS.c.dropped_at.is_(None))
+_NEWEST_ORDERS = (
+    select(_ORDERS.c.customer_id, func.max(_ORDERS.c.completed_at))
+    .where(_ORDERS.c.customer_id.in_(bindparam("ids", expanding=True)))
+    .group_by(_ORDERS.c.customer_id)
+)
 
-def fetch_unrouted(url: str, limit: int, exclude: Sequence[str] = ()) -> list[StoredEvent]:
-    """The oldest unrouted events, in ``seq`` order, skipping customers in ``exclude``."""
-    query = select(
-        _EVENTS.c.seq,
-        _EVENTS.c.customer_id,
-        _EVENTS.c.type,
-        _EVENTS.c.name,
-        _EVENTS.c.message_id,
-        _EVENTS.c.timestamp,
-        _EVENTS.c.payload,
-        _EVENTS.c.route_attempts,
-    ).where(_EVENTS.c.routed_at.is_(None))
-    if exclude:
-        query = query.where(_EVENTS.c.customer_id.not_in(list(exclude)))
+
+def fetch_unrouted(url: str, limit: int, now: datetime | None = None) -> list[StoredEvent]:
+    """The oldest routable events, in ``seq`` order.
+
+    Parked events and the events of customers in backoff (``customer_routing.retry_at`` after
+    ``now``) are skipped in SQL, so a full batch is always one the router can work on.
+    """
+    now = now or utcnow()
+    routing = _ROUTING.c
+    query = (
+        select(
+            _EVENTS.c.seq,
+            _EVENTS.c.customer_id,
+            _EVENTS.c.type,
+            _EVENTS.c.name,
+            _EVENTS.c.message_id,
+            _EVENTS.c.timestamp,
+            _EVENTS.c.payload,
+            _EVENTS.c.route_attempts,
+            _EVENTS.c.retried_at,
+            func.coalesce(routing.failures, 0),
+            func.coalesce(routing.last_routed_seq, 0),
+        )
+        .select_from(_EVENTS.outerjoin(_ROUTING, routing.customer_id == _EVENTS.c.customer_id))
+        .where(*_ROUTABLE)
+        .where(or_(routing.retry_at.is_(None), routing.retry_at <= now))
+        .order_by(_EVENTS.c.seq)
+        .limit(limit)
+    )
     with db_session(url) as s:
-        rows = s.execute(query.order_by(_EVENTS.c.seq).limit(limit)).all()
-    return [StoredEvent(*row) for row in rows]
-
-
-def mark_routed(url: str, seqs: Sequence[int]) -> None:
-    now = utcnow()
-    with write_session(url) as s:
-        for start in range(0, len(seqs), 500):
-            s.execute(
-                update(_EVENTS)
-                .where(_EVENTS.c.seq.in_(list(seqs[start : start + 500])))
-                .where(_EVENTS.c.routed_at.is_(None))
-                .values(routed_at=now)
+        rows = s.execute(query).all()
+        customers = sorted({row[1] for row in rows})
+        ordered: dict[str, datetime] = {}
+        for start in range(0, len(customers), 500):
+            chunk = customers[start : start + 500]
+            ordered.update(
+                (c, at) for c, at in s.execute(_NEWEST_ORDERS, {"ids": chunk}) if at is not None
             )
+    return [
+        StoredEvent(
+            seq=row[0],
+            customer_id=row[1],
+            type=row[2],
+            name=row[3],
+            message_id=row[4],
+            timestamp=row[5],
+            payload=row[6],
+            route_attempts=row[7],
+            retried=row[8] is not None,
+            customer_failures=int(row[9]),
+            last_routed_seq=int(row[10]),
+            ordered_at=ordered.get(row[1]),
+        )
+        for row in rows
+    ]
 
 
-def record_failure(url: str, seq: int, error: str) -> None:
+def _check_fence(session: Session, fence: Fence) -> None:
+    """Refuse the transaction unless ``fence`` still holds the lease.
+
+    On PostgreSQL the lease row stays locked until the commit, so a takeover waits for this
+    write and every write after the takeover sees the new token. SQLite has one writer.
+    """
+    row = session.execute(
+        select(_LEASES.c.token)
+        .where(_LEASES.c.name == LEASE_NAME, _LEASES.c.holder == fence.holder)
+        .with_for_update()
+    ).first()
+    if row is None or int(row[0]) != fence.token:
+        raise FencedOut(
+            f"router {fence.holder} no longer holds the lease (token {fence.token}); "
+            "another router took over"
+        )
+
+
+def _upsert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_ROUTING)
+
+
+_MARK_EVENT = (
+    update(_EVENTS)
+    .where(_EVENTS.c.seq == bindparam("b_seq"), _EVENTS.c.routed_at.is_(None))
+    .values(routed_at=bindparam("b_now"), route_note=bindparam("b_note"))
+)
+
+
+def mark_routed(url: str, fence: Fence, marks: Sequence[Mark]) -> None:
+    """Mark ``marks`` routed and advance their customers' ``last_routed_seq``, in one write.
+
+    Raises:
+        FencedOut: ``fence`` lost the lease; nothing was written.
+    """
+    if not marks:
+        return
+    now = utcnow()
+    newest: dict[str, int] = {}
+    for mark in marks:
+        newest[mark.customer_id] = max(newest.get(mark.customer_id, 0), mark.seq)
     with write_session(url) as s:
+        _check_fence(s, fence)
         s.execute(
-            update(_EVENTS)
-            .where(_EVENTS.c.seq == seq)
-            .values(route_attempts=_EVENTS.c.route_attempts + 1, route_error=error[:2000])
+            _MARK_EVENT,
+            [{"b_seq": m.seq, "b_now": now, "b_note": m.note} for m in marks],
+        )
+        upsert = _upsert(s)
+        statement = upsert.on_conflict_do_update(
+            index_elements=["customer_id"],
+            set_={
+                "last_routed_seq": case(
+                    (
+                        upsert.excluded.last_routed_seq > _ROUTING.c.last_routed_seq,
+                        upsert.excluded.last_routed_seq,
+                    ),
+                    else_=_ROUTING.c.last_routed_seq,
+                ),
+                "failures": 0,
+                "retry_at": None,
+            },
+        )
+        s.execute(
+            statement,
+            [
+                {"customer_id": c, "last_routed_seq": seq, "failures": 0, "retry_at": None}
+                for c, seq in sorted(newest.items())
+            ],
+        )
+
+
+def record_failure(
+    url: str,
+    fence: Fence,
+    event: StoredEvent,
+    error: str,
+    *,
+    park: bool,
+    retry_at: datetime | None,
+) -> None:
+    """Count a failed delivery of ``event``; park it, or put its customer in backoff.
+
+    Raises:
+        FencedOut: ``fence`` lost the lease; nothing was written.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {
+        "route_attempts": event.route_attempts + 1,
+        "route_error": error[:2000],
+    }
+    if park:
+        values.update(parked_at=now, park_reason=error[:2000])
+    with write_session(url) as s:
+        _check_fence(s, fence)
+        s.execute(update(_EVENTS).where(_EVENTS.c.seq == event.seq, *_ROUTABLE).values(**values))
+        failures = 0 if park else event.customer_failures + 1
+        upsert = _upsert(s)
+        s.execute(
+            upsert.values(
+                customer_id=event.customer_id,
+                last_routed_seq=0,
+                failures=failures,
+                retry_at=None if park else retry_at,
+            ).on_conflict_do_update(
+                index_elements=["customer_id"],
+                set_={"failures": upsert.excluded.failures, "retry_at": upsert.excluded.retry_at},
+            )
         )
 
 
 def unrouted_count(settings: Settings) -> int:
-    """How many stored events still wait for the router."""
+    """How many stored events still wait for the router (parked ones do not)."""
     with db_session(settings.resolved_database_url) as s:
         return int(
-            s.execute(
-                select(func.count()).select_from(_EVENTS).where(_EVENTS.c.routed_at.is_(None))
-            ).scalar_one()
+            s.execute(select(func.count()).select_from(_EVENTS).where(*_ROUTABLE)).scalar_one()
         )
 
 
@@ -127,17 +319,18 @@ class OutboxStats:
     oldest_unrouted_age_seconds: float | None
     failing: int
     oldest_failure: dict[str, Any] | None
+    parked: int = 0
+    oldest_parked_age_seconds: float | None = None
 
 
 def outbox_stats(settings: Settings) -> OutboxStats:
     """What an operator needs to see whether routing keeps up, and why it does not."""
-    unrouted = _EVENTS.c.routed_at.is_(None)
     with db_session(settings.resolved_database_url) as s:
         count, oldest = s.execute(
-            select(func.count(), func.min(_EVENTS.c.received_at)).where(unrouted)
+            select(func.count(), func.min(_EVENTS.c.received_at)).where(*_ROUTABLE)
         ).one()
         failing = s.execute(
-            select(func.count()).where(unrouted, _EVENTS.c.route_error.is_not(None))
+            select(func.count()).where(*_ROUTABLE, _EVENTS.c.route_error.is_not(None))
         ).scalar_one()
         failure = s.execute(
             select(
@@ -147,43 +340,72 @@ def outbox_stats(settings: Settings) -> OutboxStats:
                 _EVENTS.c.route_attempts,
                 _EVENTS.c.route_error,
             )
-            .where(unrouted, _EVENTS.c.route_error.is_not(None))
+            .where(*_ROUTABLE, _EVENTS.c.route_error.is_not(None))
             .order_by(_EVENTS.c.seq)
             .limit(1)
         ).first()
-    age = (utcnow() - oldest).total_seconds() if oldest is not None else None
+        parked, oldest_parked = s.execute(
+            select(func.count(), func.min(_EVENTS.c.parked_at)).where(*_PARKED)
+        ).one()
+    now = utcnow()
     return OutboxStats(
         unrouted=int(count),
-        oldest_unrouted_age_seconds=age,
+        oldest_unrouted_age_seconds=(now - oldest).total_seconds() if oldest else None,
         failing=int(failing),
         oldest_failure=dict(failure._mapping) if failure is not None else None,
+        parked=int(parked),
+        oldest_parked_age_seconds=(now - oldest_parked).total_seconds() if oldest_parked else None,
     )
 
 
 # ---- the lease ---------------------------------------------------------------------------------
 
 
-def acquire_lease(url: str, holder: str, ttl: float, name: str = LEASE_NAME) -> bool:
-    """Take or renew the lease ``name`` for ``ttl`` seconds. False if someone else holds it."""
-    now = utcnow()
-    expires = now + timedelta(seconds=ttl)
+def _database_now(session: Session) -> datetime:
+    """The database's clock, so hosts whose clocks disagree still agree on expiry.
+
+    SQLite has no server: every process using the file runs on one host, with one clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        now: datetime = session.execute(text("SELECT clock_timestamp()")).scalar_one()
+        return now.astimezone(UTC)
+    return utcnow()
+
+
+def acquire_lease(url: str, holder: str, ttl: float, name: str = LEASE_NAME) -> int | None:
+    """Take or renew the lease ``name`` for ``ttl`` seconds of the database's clock.
+
+    Returns:
+        The fencing token (increased whenever the holder changes), or None if someone else
+        holds the lease.
+    """
     with write_session(url) as s:
+        now = _database_now(s)
+        expires = now + timedelta(seconds=ttl)
         taken = s.execute(
             update(_LEASES)
             .where(_LEASES.c.name == name)
             .where((_LEASES.c.holder == holder) | (_LEASES.c.expires_at < now))
-            .values(holder=holder, expires_at=expires)
-        )
-        if taken.rowcount == 1:  # type: ignore[attr-defined]
-            return True
+            .values(
+                holder=holder,
+                expires_at=expires,
+                token=case(
+                    (_LEASES.c.holder == holder, _LEASES.c.token), else_=_LEASES.c.token + 1
+                ),
+            )
+            .returning(_LEASES.c.token)
+        ).first()
+        if taken is not None:
+            return int(taken[0])
         if s.execute(select(_LEASES.c.name).where(_LEASES.c.name == name)).first() is not None:
-            return False
+            return None
     try:  # first use: nobody has ever held it
         with write_session(url) as s:
-            s.add(Lease(name=name, holder=holder, expires_at=expires))
+            expires = _database_now(s) + timedelta(seconds=ttl)
+            s.add(Lease(name=name, holder=holder, expires_at=expires, token=1))
     except IntegrityError:
-        return False
-    return True
+        return None
+    return 1
 
 
 def release_lease(url: str, holder: str, name: str = LEASE_NAME) -> None:
@@ -192,7 +414,7 @@ def release_lease(url: str, holder: str, name: str = LEASE_NAME) -> None:
         s.execute(
             update(_LEASES)
             .where(_LEASES.c.name == name, _LEASES.c.holder == holder)
-            .values(expires_at=utcnow() - timedelta(seconds=1))
+            .values(expires_at=_database_now(s) - timedelta(seconds=1))
         )
 
 
@@ -207,22 +429,50 @@ def lease_holder(url: str, name: str = LEASE_NAME) -> tuple[str, datetime] | Non
 # ---- the router --------------------------------------------------------------------------------
 
 
-class _LeaseLost(Exception):
-    pass
+class _Stopped(Exception):
+    """This router may not deliver now (lease lost, fenced out, or routing paused)."""
 
 
-def _temporal_unreachable(exc: BaseException) -> bool:
-    """Temporal itself is down or too slow (not a problem of one journey): pause all routing."""
-    return isinstance(exc, RPCError) and exc.status in (
-        RPCStatusCode.UNAVAILABLE,
-        RPCStatusCode.DEADLINE_EXCEEDED,
-    )
+def _status(exc: BaseException) -> RPCStatusCode | None:
+    return exc.status if isinstance(exc, RPCError) else None
 
 
-@dataclass
-class _Backoff:
-    retry_at: float
-    failures: int
+class _Marks:
+    """Marks delivered events routed, the marks of concurrent customers in one transaction.
+
+    Each customer waits for its mark before its next signal, so no more than the one signal in
+    flight per customer is ever unmarked.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._pending: list[tuple[Mark, Fence, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def mark(self, mark: Mark, fence: Fence) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((mark, fence, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="kaeru-router-marks")
+        await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            fence = self._pending[0][1]
+            group = [p for p in self._pending if p[1] == fence]
+            self._pending = [p for p in self._pending if p[1] != fence]
+            try:
+                await asyncio.to_thread(mark_routed, self._url, fence, [m for m, _, _ in group])
+            except BaseException as exc:
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_result(None)
 
 
 class Router:
@@ -237,7 +487,8 @@ class Router:
         batch_size: events read per round.
         concurrency: customers routed at once.
         rpc_timeout: seconds one Temporal call may take.
-        retry_base / retry_max: backoff of a failing customer, doubling from base up to max.
+        retry_base / retry_max: backoff of a failing customer (and of a pause of all routing),
+            doubling from base up to max.
     """
 
     def __init__(
@@ -269,11 +520,12 @@ class Router:
         self._url = settings.resolved_database_url
         self._wake = asyncio.Event()
         self._lease_until = 0.0
-        self._backoff: dict[str, _Backoff] = {}
+        self._fence: Fence | None = None
         self._pause_until = 0.0
         self._pauses = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._lease_call: asyncio.Future[bool] | None = None
+        self._lease_call: asyncio.Future[int | None] | None = None
+        self._marks = _Marks(self._url)
 
     # ---- control ----
 
@@ -283,8 +535,16 @@ class Router:
 
     @property
     def holds_lease(self) -> bool:
-        """True while this router's lease is safely unexpired (with a margin for clock skew)."""
-        return asyncio.get_running_loop().time() < self._lease_until - self.lease_ttl * 0.2
+        """True while this router's lease is safely unexpired (with a margin for clock drift)."""
+        return (
+            self._fence is not None
+            and asyncio.get_running_loop().time() < self._lease_until - self.lease_ttl * 0.2
+        )
+
+    @property
+    def paused(self) -> bool:
+        """True while all routing waits (Temporal down or rate limiting)."""
+        return asyncio.get_running_loop().time() < self._pause_until
 
     def wake(self) -> None:
         """Look at the outbox now (ingestion calls this after storing an event)."""
@@ -309,14 +569,14 @@ class Router:
         if self._lease_call is not None:
             # A renewal still running in its thread would take the lease back after release.
             await asyncio.gather(self._lease_call, return_exceptions=True)
-        self._lease_until = 0.0
+        self._lease_until, self._fence = 0.0, None
         try:
             await asyncio.to_thread(release_lease, self._url, self.holder)
         except Exception as exc:  # the lease will simply expire
             log.warning("could not release the router lease (it will expire): %s", exc)
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Wait until the outbox is empty (every stored event routed).
+        """Wait until the outbox is empty (every stored event routed or parked).
 
         Raises:
             RuntimeError: this router is not running.
@@ -346,15 +606,27 @@ class Router:
         self._lease_call = asyncio.ensure_future(
             asyncio.to_thread(acquire_lease, self._url, self.holder, self.lease_ttl)
         )
-        held = await asyncio.shield(self._lease_call)
+        token = await asyncio.shield(self._lease_call)
         was_held = self.holds_lease
-        self._lease_until = asked_at + self.lease_ttl if held else 0.0
-        if held and not was_held:
-            log.info("router %s holds the lease and routes events", self.holder)
+        if token is None:
+            self._lease_until, self._fence = 0.0, None
+        else:
+            # asked_at is before the database read its clock: this router's view of the lease
+            # ends before the database's does.
+            self._lease_until = asked_at + self.lease_ttl
+            self._fence = Fence(self.holder, token)
+        if self.holds_lease and not was_held:
+            log.info("router %s holds the lease (token %s) and routes events", self.holder, token)
             self.wake()
-        elif was_held and not held:
+        elif was_held and not self.holds_lease:
             log.warning("router %s lost the lease; another process routes now", self.holder)
-        return held
+        return token is not None
+
+    def _fenced_out(self, exc: FencedOut) -> None:
+        if self._fence is not None:
+            log.warning("%s: this router stops delivering", exc)
+        self._lease_until, self._fence = 0.0, None
+        self.last_error = str(exc)
 
     # ---- the loops ----
 
@@ -367,14 +639,13 @@ class Router:
             await asyncio.sleep(self.lease_ttl / 3)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         more = False
         while True:
             if not more:
                 await self._wait_for_wake()
             self._wake.clear()
             more = False
-            if not self.holds_lease or loop.time() < self._pause_until:
+            if not self.holds_lease or self.paused:
                 continue
             try:
                 more = await self.route_once()
@@ -407,12 +678,18 @@ class Router:
         return self.client
 
     def _pause(self, reason: str) -> None:
-        """Stop every route for a while: Temporal (or its connection) is down."""
+        """Stop every route for a while: Temporal (or its connection) is down or busy."""
         self._pauses += 1
         delay = min(self.retry_base * 2 ** (self._pauses - 1), self.retry_max)
         self._pause_until = asyncio.get_running_loop().time() + delay
         self.last_error = reason
         log.warning("routing paused for %.1fs: %s", delay, reason)
+
+    def _fence_now(self) -> Fence:
+        """The fence to deliver under, or :class:`_Stopped` if this router may not deliver."""
+        if not self.holds_lease or self.paused or self._fence is None:
+            raise _Stopped
+        return self._fence
 
     async def route_once(self) -> bool:
         """One round: route what the outbox holds, each customer in order.
@@ -420,88 +697,132 @@ class Router:
         Returns:
             True if the round read a full batch (more may be waiting).
         """
-        if not self.holds_lease:
+        if not self.holds_lease or self.paused:
             return False
         client = await self._connected()
         if client is None:
             return False
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        waiting = {c for c, b in self._backoff.items() if b.retry_at > now}
-        events = await asyncio.to_thread(
-            fetch_unrouted, self._url, self.batch_size, sorted(waiting)[:1000]
-        )
+        events = await asyncio.to_thread(fetch_unrouted, self._url, self.batch_size)
         by_customer: dict[str, list[StoredEvent]] = {}
         for event in events:
-            if event.customer_id not in waiting:
-                by_customer.setdefault(event.customer_id, []).append(event)
-        routed: list[int] = []
-        unreachable: list[str] = []
+            by_customer.setdefault(event.customer_id, []).append(event)
+        pauses = self._pauses
+        routed = failed = 0
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def route_customer(customer_id: str, queue: list[StoredEvent]) -> None:
+        async def route_customer(queue: list[StoredEvent]) -> None:
+            nonlocal routed, failed
             async with limit:
                 for event in queue:
                     try:
-                        await self._deliver(client, event)
-                    except _LeaseLost:
+                        fence = self._fence_now()
+                        try:
+                            note = await self._deliver(client, event)
+                        except _Stopped:
+                            raise
+                        except Exception as exc:
+                            failed += 1
+                            await self._failed(event, exc, fence)
+                            return
+                        await self._marks.mark(Mark(event.seq, event.customer_id, note), fence)
+                    except _Stopped:
                         return
-                    except Exception as exc:
-                        message = await self._failed(event, exc)
-                        if _temporal_unreachable(exc):
-                            unreachable.append(message)
+                    except FencedOut as exc:
+                        self._fenced_out(exc)
                         return
-                    routed.append(event.seq)
-                self._backoff.pop(customer_id, None)
+                    routed += 1
 
         results = await asyncio.gather(
-            *(route_customer(c, queue) for c, queue in by_customer.items()),
-            return_exceptions=True,
+            *(route_customer(queue) for queue in by_customer.values()), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
+                failed += 1
                 log.error("routing a customer failed unexpectedly: %r", result)
-        if routed:
-            await asyncio.to_thread(mark_routed, self._url, routed)
-            self.routed_total += len(routed)
-        if unreachable and not routed:
-            self._pause(unreachable[-1])
-        elif routed:
+                self.last_error = f"routing a customer failed: {result!r}"
+        self.routed_total += routed
+        if routed and self._pauses == pauses:
             self._pauses = 0
-        if routed and len(self._backoff) == 0:
-            self.last_error = None
+            if not failed and self.holds_lease:
+                self.last_error = None
         return len(events) == self.batch_size
 
-    async def _failed(self, event: StoredEvent, exc: Exception) -> str:
+    async def _failed(self, event: StoredEvent, exc: Exception, fence: Fence) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        state = self._backoff.get(event.customer_id) or _Backoff(0.0, 0)
-        state.failures += 1
-        delay = min(self.retry_base * 2 ** (state.failures - 1), self.retry_max)
-        state.retry_at = asyncio.get_running_loop().time() + delay
-        self._backoff[event.customer_id] = state
-        message = (
-            f"could not route event seq {event.seq} ({event.name or event.type}, "
-            f"messageId {event.message_id}) of customer {event.customer_id!r}: {reason}"
+        what = (
+            f"event seq {event.seq} ({event.name or event.type}, messageId "
+            f"{event.message_id}) of customer {event.customer_id!r}"
         )
-        self.last_error = message
+        status = _status(exc)
+        if status in TEMPORAL_BUSY:
+            if not self.paused:  # one pause for all the customers a busy Temporal refused
+                self._pause(f"Temporal answered {status.name} routing {what}: {reason}")
+            return
+        attempts = event.route_attempts + 1
+        park = status in PERMANENT or attempts >= self.settings.route_max_attempts
+        failures = event.customer_failures + 1
+        delay = min(self.retry_base * 2 ** (failures - 1), self.retry_max)
+        await asyncio.to_thread(
+            record_failure,
+            self._url,
+            fence,
+            event,
+            reason,
+            park=park,
+            retry_at=utcnow() + timedelta(seconds=delay),
+        )
+        if park:
+            why = "a refusal no retry can fix" if status in PERMANENT else f"attempt {attempts}"
+            self.last_error = f"parked {what} after {why}: {reason}"
+            log.error(
+                "%s; the customer's later events flow on. Retry it with `kaeru events retry "
+                "%d` (or POST /v1/admin/parked/%d/retry) once fixed, or drop it",
+                self.last_error,
+                event.seq,
+                event.seq,
+            )
+            return
+        self.last_error = f"could not route {what}: {reason}"
         log.warning(
-            "%s (attempt %d; this customer's later events wait, retrying in %.1fs)",
-            message,
-            event.route_attempts + 1,
+            "%s (attempt %d of %d; this customer's later events wait, retrying in %.1fs)",
+            self.last_error,
+            attempts,
+            self.settings.route_max_attempts,
             delay,
         )
-        await asyncio.to_thread(record_failure, self._url, event.seq, reason)
-        return message
 
-    async def _deliver(self, client: Client, event: StoredEvent) -> None:
+    def _no_start(self, event: StoredEvent) -> str | None:
+        """Why ``event`` must not start a journey, or None if it may."""
+        if event.ordered_at is not None and event.ordered_at >= event.timestamp:
+            return (
+                f"no journey started: the customer completed an order at "
+                f"{event.ordered_at:%Y-%m-%d %H:%M:%S} UTC, at or after this event "
+                f"({event.timestamp:%Y-%m-%d %H:%M:%S} UTC)"
+            )
+        limit = self.settings.max_start_event_age
+        if utcnow() - event.timestamp > limit:
+            return (
+                f"no journey started: the event happened at {event.timestamp:%Y-%m-%d %H:%M:%S} "
+                f"UTC, longer ago than KAERU_MAX_START_EVENT_AGE ({limit})"
+            )
+        return None
+
+    async def _deliver(self, client: Client, event: StoredEvent) -> str | None:
+        """Send ``event`` to its journeys; returns the note to store with its mark."""
+        if event.seq <= event.last_routed_seq and not event.retried:
+            return f"not sent again: seq {event.last_routed_seq} was already routed"
         journey_event = event.journey_event()
+        notes: list[str] = []
         for target in deliveries(event.name, event.customer_id, journey_event.properties):
-            if not self.holds_lease:
-                raise _LeaseLost
-            if target.start:
+            self._fence_now()
+            refused = self._no_start(event) if target.start else None
+            if target.start and refused is None:
                 await self._signal_with_start(client, target, event, journey_event)
             else:
                 await self._signal(client, target, journey_event)
+            if refused is not None:
+                notes.append(refused)
+        return "; ".join(notes)[:500] if notes else None
 
     async def _signal_with_start(
         self, client: Client, target: Delivery, event: StoredEvent, journey_event: JourneyEvent

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
+from sqlmodel import select
 from typer.testing import CliRunner, Result
 
 from kaeru.cli import app
 from kaeru.db import get_engine, session
-from kaeru.models import AudienceMember
+from kaeru.models import AudienceMember, Event
 from kaeru.settings import Settings
 
 runner = CliRunner()
@@ -169,3 +170,88 @@ def test_a_malformed_database_url_is_named() -> None:
     result = kaeru("migrate", KAERU_DATABASE_URL="nonsense")
 
     assert_clear_failure(result, "KAERU_DATABASE_URL=nonsense is not a database URL")
+
+
+# ---- kaeru events ------------------------------------------------------------------------------
+
+
+def park(url: str, *message_ids: str) -> list[int]:
+    """Store one parked event per message id (as the router leaves them); their seqs."""
+    with session(url) as s:
+        stored = [
+            Event(
+                message_id=message_id,
+                customer_id=f"customer-{message_id}",
+                type="track",
+                name="Product Added",
+                payload={},
+                route_attempts=10,
+                route_error="RPCError: refused",
+                parked_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+                park_reason="RPCError: search attribute value size 2054 exceeds size limit 2048",
+            )
+            for message_id in message_ids
+        ]
+        s.add_all(stored)
+        s.flush()
+        return [e.seq for e in stored if e.seq is not None]
+
+
+def test_events_parked_lists_them_and_retry_and_drop_act_on_them(tmp_path: Path) -> None:
+    url = database_url(tmp_path)
+    assert kaeru("migrate", KAERU_DATABASE_URL=url).exit_code == 0
+    assert "No event is parked" in kaeru("events", "parked", KAERU_DATABASE_URL=url).stdout
+    first, second, third = park(url, "m-1", "m-2", "m-3")
+
+    listed = kaeru("events", "parked", KAERU_DATABASE_URL=url)
+
+    assert listed.exit_code == 0, listed.output
+    assert "customer-m-1" in listed.stdout and "exceeds size limit" in listed.stdout
+    assert "3 parked" in listed.stdout
+    retried = kaeru("events", "retry", str(first), str(second), KAERU_DATABASE_URL=url)
+    assert retried.exit_code == 0, retried.output
+    dropped = kaeru("events", "drop", str(third), KAERU_DATABASE_URL=url)
+    assert dropped.exit_code == 0, dropped.output
+    with session(url) as s:
+        rows = {e.seq: e for e in s.exec(select(Event)).all()}
+    assert rows[first].parked_at is None and rows[first].route_attempts == 0
+    assert rows[first].retried_at is not None and rows[first].routed_at is None
+    assert rows[third].dropped_at is not None and rows[third].routed_at is None
+    assert "No event is parked" in kaeru("events", "parked", KAERU_DATABASE_URL=url).stdout
+
+
+def test_events_retry_of_an_unknown_seq_changes_nothing_and_says_how_to_list(
+    tmp_path: Path,
+) -> None:
+    url = database_url(tmp_path)
+    assert kaeru("migrate", KAERU_DATABASE_URL=url).exit_code == 0
+    (seq,) = park(url, "m-1")
+
+    result = kaeru("events", "retry", str(seq), "999", KAERU_DATABASE_URL=url)
+
+    assert_clear_failure(result, "no parked event has seq 999", "kaeru events parked")
+    assert_clear_failure(kaeru("events", "drop", "999", KAERU_DATABASE_URL=url), "seq 999")
+    with session(url) as s:
+        (stored,) = s.exec(select(Event)).all()
+    assert stored.parked_at is not None and stored.dropped_at is None
+
+
+def test_events_without_a_database_says_to_migrate(tmp_path: Path) -> None:
+    result = kaeru("events", "parked", KAERU_DATABASE_URL=database_url(tmp_path))
+
+    assert_clear_failure(result, "kaeru migrate")
+
+
+def test_routing_settings_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAERU_MAX_START_EVENT_AGE", "3600")
+    monkeypatch.setenv("KAERU_ROUTE_MAX_ATTEMPTS", "4")
+    settings = Settings(_env_file=None)
+    assert settings.max_start_event_age == timedelta(hours=1)
+    assert settings.route_max_attempts == 4
+    monkeypatch.setenv("KAERU_MAX_START_EVENT_AGE", "P2D")
+    assert Settings(_env_file=None).max_start_event_age == timedelta(days=2)
+    result = kaeru("migrate", KAERU_ROUTE_MAX_ATTEMPTS="0")
+    assert_clear_failure(result, "KAERU_ROUTE_MAX_ATTEMPTS='0' is not valid")
+    table = kaeru("settings-table").stdout
+    assert "`KAERU_ROUTE_MAX_ATTEMPTS` | `10`" in table
+    assert "`KAERU_MAX_START_EVENT_AGE` | `604800` (7 days)" in table

@@ -10,16 +10,18 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     Client,
     Interceptor,
     OutboundInterceptor,
+    RetryConfig,
     StartWorkflowInput,
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -27,17 +29,29 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from kaeru.db import session
-from kaeru.models import EmailMessage, Event, Order, Touchpoint
+from kaeru.db import session, write_session
+from kaeru.models import CustomerRouting, EmailMessage, Event, Lease, Order, Touchpoint
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, make_token
 from starter.app import create_app
-from starter.router import Router, lease_holder, outbox_stats, unrouted_count
-from tests.conftest import make_settings
+from starter.ingest import insert_events, outbox_row
+from starter.router import (
+    Fence,
+    FencedOut,
+    Mark,
+    Router,
+    acquire_lease,
+    lease_holder,
+    mark_routed,
+    outbox_stats,
+    release_lease,
+    unrouted_count,
+)
+from tests.conftest import _binary, make_settings
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client, events
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
-from workflows.kit import CUSTOMER_ID, STEP, JourneyResult, JourneyStatus
+from workflows.kit import CUSTOMER_ID, SEARCH_ATTRIBUTES, STEP, JourneyResult, JourneyStatus
 
 
 def customer(label: str) -> str:
@@ -52,6 +66,15 @@ def added(customer_id: str, product: str = "mug", **extra: Any) -> dict[str, Any
         "event": "Product Added",
         "properties": {"product_id": product, "name": product.title(), "price": 12.5},
         **extra,
+    }
+
+
+def removed(customer_id: str, product: str) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": customer_id,
+        "event": "Product Removed",
+        "properties": {"product_id": product},
     }
 
 
@@ -119,9 +142,15 @@ async def post_batch(api: httpx.AsyncClient, batch: list[dict[str, Any]]) -> Non
 
 
 async def test_each_customer_is_routed_in_order(stack: Stack) -> None:
-    """Product Added then Order Completed, for 20 customers at once: every journey purchases."""
+    """Cart changes then an order, for 20 customers at once: carts in order, every one bought."""
     customers = [customer("order") for _ in range(20)]
-    await asyncio.gather(*(post_batch(stack.api, [added(c), ordered(c)]) for c in customers))
+    await asyncio.gather(
+        *(post_batch(stack.api, [added(c, "a"), added(c, "b"), removed(c, "a")]) for c in customers)
+    )
+    await stack.router.drain(timeout=60)
+    carts = await asyncio.gather(*(status(journey(stack.client, c)) for c in customers))
+    assert [cart.details["cart"] for cart in carts] == ["1× B"] * 20
+    await asyncio.gather(*(post_batch(stack.api, [ordered(c)]) for c in customers))
     await stack.router.drain(timeout=60)
     results = await asyncio.wait_for(
         asyncio.gather(*(journey(stack.client, c).result() for c in customers)), timeout=60
@@ -198,7 +227,9 @@ async def test_an_order_without_a_journey_is_routed_and_kept(stack: Stack) -> No
 
 async def test_a_new_cart_after_a_purchase_starts_a_new_journey(stack: Stack) -> None:
     c = customer("again")
-    await post_batch(stack.api, [added(c), ordered(c)])
+    await post_batch(stack.api, [added(c)])
+    await stack.router.drain()
+    await post_batch(stack.api, [ordered(c)])
     await stack.router.drain()
     first = journey(stack.client, c)
     assert (await asyncio.wait_for(first.result(), timeout=30)).outcome == "purchased"
@@ -299,19 +330,18 @@ async def test_a_failing_route_is_retried_and_later_events_wait(
         namespace=dev_server_env.client.namespace,
         interceptors=[refuse],
     )
-    await post_batch(api, [added(flaky), ordered(flaky), added(steady), ordered(steady)])
+    await post_batch(api, [added(flaky), added(flaky, "tea"), added(steady)])
     router = Router(settings, client, retry_base=0.1, retry_max=0.5, poll_interval=0.1)
     await router.start()
     try:
         await wait_for(lambda: refuse.refused >= 3)
-        stuck_cart, stuck_order = events(settings, customer_id=flaky)
+        stuck_cart, stuck_later = events(settings, customer_id=flaky)
         assert stuck_cart.routed_at is None and stuck_cart.route_attempts >= 2
         assert "injected: the start was refused" in (stuck_cart.route_error or "")
-        # The order waits behind the failing cart event: it was never even tried.
-        assert stuck_order.routed_at is None and stuck_order.route_attempts == 0
+        # The later event waits behind the failing one: it was never even tried.
+        assert stuck_later.routed_at is None and stuck_later.route_attempts == 0
         # Other customers are not held up.
-        steady_result = await asyncio.wait_for(journey(client, steady).result(), timeout=30)
-        assert steady_result.outcome == "purchased"
+        await wait_for(lambda: started(client, steady))
         stats = await asyncio.to_thread(outbox_stats, settings)
         assert (stats.unrouted, stats.failing) == (2, 1)
         assert stats.oldest_failure is not None and stats.oldest_failure["seq"] == stuck_cart.seq
@@ -320,8 +350,7 @@ async def test_a_failing_route_is_retried_and_later_events_wait(
         assert "injected" in str(outbox.json()["oldest_failure"])
         refuse.refusing = False
         await router.drain()
-        result = await asyncio.wait_for(journey(client, flaky).result(), timeout=30)
-        assert result.outcome == "purchased"
+        assert (await status(journey(client, flaky))).details["cart"] == "1× Mug, 1× Tea"
         assert router.last_error is None
     finally:
         await router.stop()
@@ -427,3 +456,362 @@ async def test_stop_is_not_lost_when_it_meets_a_wake_up(sqlite_url: str) -> None
         router.wake()
         await asyncio.wait_for(router.stop(), timeout=5)
         assert not router.running
+
+
+# ---- events Temporal refuses: backoff in SQL, parking, pauses (issue 13, item 1) --------------
+
+
+def store_directly(settings: Settings, stored: list[dict[str, Any]]) -> None:
+    """Store track events as ingestion does, bypassing the checks at the door (old rows)."""
+    now = datetime.now(UTC)
+    rows = [
+        outbox_row(
+            message_id=event.get("messageId") or f"direct-{uuid.uuid4().hex}",
+            customer_id=event["userId"],
+            event_type="track",
+            name=event["event"],
+            payload=event,
+            timestamp=now,
+            received_at=now,
+        )
+        for event in stored
+    ]
+    with write_session(settings.resolved_database_url) as s:
+        insert_events(s, rows)
+
+
+async def started(client: Client, customer_id: str) -> bool:
+    try:
+        await journey(client, customer_id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+async def rounds_until(router: Router, condition: Callable[[], Awaitable[bool]], most: int) -> int:
+    """Run routing rounds by hand until ``condition``; how many it took (fails past ``most``).
+
+    Before each round the lease is renewed (as the router's lease task does), and a pause of
+    all routing (a busy Temporal) is waited out, so no round is empty for those reasons.
+    """
+    for done in range(1, most + 1):
+        assert await router.acquire_lease()
+        await wait_for(lambda: not router.paused, timeout=router.retry_max + 5)
+        await router.route_once()
+        if await condition():
+            return done
+    left = await asyncio.to_thread(unrouted_count, router.settings)
+    raise AssertionError(
+        f"not met after {most} routing rounds; {left} unrouted; last error: {router.last_error}"
+    )
+
+
+GRINNING = "\U0001f600"  # 4 bytes in UTF-8, 12 (a JSON surrogate pair) in a search attribute
+
+
+async def test_1600_customers_temporal_refuses_do_not_stall_a_healthy_one(
+    dev_server_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    """A userId of 171 emoji is 2,054 bytes as a search attribute: INVALID_ARGUMENT, for good."""
+    refused = [f"{GRINNING * 171}{i}" for i in range(1600)]
+    healthy = customer("healthy")
+    store_directly(settings, [added(c) for c in refused] + [added(healthy)])
+    router = Router(settings, dev_server_env.client, retry_base=60, retry_max=60)
+    try:
+        rounds = await rounds_until(router, lambda: started(dev_server_env.client, healthy), most=6)
+    finally:
+        await router.stop()
+    assert rounds == 4  # 1,601 events in batches of 500: no round is spent on a waiting customer
+    stats = await asyncio.to_thread(outbox_stats, settings)
+    assert (stats.unrouted, stats.parked) == (0, 1600)
+    parked = [e for e in events(settings) if e.parked_at is not None]
+    assert {e.route_attempts for e in parked} == {1}  # parked at once: retrying cannot fix it
+    assert all("exceeds size limit" in (e.park_reason or "") for e in parked)
+
+
+class RefuseCustomers(Interceptor):
+    """Makes every start for a customer id with ``prefix`` fail (a retryable, unknown error)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = f"cart-abandonment-{prefix}"
+        self.refused = 0
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        owner = self
+
+        class Refuse(OutboundInterceptor):
+            async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+                if input.id.startswith(owner.prefix):
+                    owner.refused += 1
+                    raise RuntimeError("injected: the start failed")
+                return await super().start_workflow(input)
+
+        return Refuse(next)
+
+
+def intercepted(env: WorkflowEnvironment, *interceptors: Interceptor) -> Client:
+    return Client(
+        env.client.service_client, namespace=env.client.namespace, interceptors=interceptors
+    )
+
+
+async def test_1600_customers_in_backoff_are_skipped_in_sql(
+    dev_server_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    sick = customer("sick")
+    refuse = RefuseCustomers(sick)
+    client = intercepted(dev_server_env, refuse)
+    healthy = customer("healthy")
+    store_directly(settings, [added(f"{sick}-{i}") for i in range(1600)] + [added(healthy)])
+    router = Router(settings, client, retry_base=60, retry_max=60)
+    try:
+        rounds = await rounds_until(router, lambda: started(client, healthy), most=6)
+        assert rounds == 4
+        # Nobody waits long enough to be retried yet: another round reads nothing.
+        assert not await router.route_once()
+        assert refuse.refused == 1600
+    finally:
+        await router.stop()
+    stats = await asyncio.to_thread(outbox_stats, settings)
+    assert (stats.unrouted, stats.failing, stats.parked) == (1600, 1600, 0)
+    with session(settings.resolved_database_url) as s:
+        waiting = s.exec(select(CustomerRouting).where(col(CustomerRouting.failures) == 1)).all()
+    assert len(waiting) == 1600
+
+
+class RefuseMessage(Interceptor):
+    """Makes Temporal refuse to start a journey on one event (by messageId) while ``refusing``."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        self.refusing = True
+        self.refused = 0
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        owner = self
+
+        class Refuse(OutboundInterceptor):
+            async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+                first = input.start_signal_args[0] if input.start_signal_args else None
+                if owner.refusing and getattr(first, "message_id", None) == owner.message_id:
+                    owner.refused += 1
+                    raise RuntimeError("injected: the start was refused")
+                return await super().start_workflow(input)
+
+        return Refuse(next)
+
+
+async def test_an_event_failing_max_attempts_is_parked_and_an_operator_retries_it(
+    dev_server_env: WorkflowEnvironment, settings: Settings, worker: None
+) -> None:
+    settings = settings.model_copy(update={"route_max_attempts": 3})
+    c = customer("poisoned")
+    refuse = RefuseMessage(f"poison-{c}")
+    client = intercepted(dev_server_env, refuse)
+    app = create_app(settings, client)
+    app.state.router.retry_base = app.state.router.retry_max = 0.05
+    async with asgi_client(app) as api:
+        await post_batch(api, [added(c, "mug", messageId=f"poison-{c}"), added(c, "tea")])
+        await app.state.router.drain(timeout=20)
+        assert refuse.refused == 3
+        # The customer's later event flowed past the parked one.
+        assert (await status(journey(client, c))).details["cart"] == "1× Tea"
+        listed = (await api.get("/v1/admin/parked", headers=OPERATOR)).json()
+        (parked,) = listed["parked"]
+        assert (parked["customer_id"], parked["event"], parked["message_id"]) == (
+            c,
+            "Product Added",
+            f"poison-{c}",
+        )
+        assert parked["attempts"] == 3 and "injected" in parked["reason"]
+        outbox = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
+        assert (outbox["unrouted"], outbox["parked"]) == (0, 1)
+        refuse.refusing = False
+        answer = await api.post(f"/v1/admin/parked/{parked['seq']}/retry", headers=OPERATOR)
+        assert answer.status_code == 200, answer.text
+        await app.state.router.drain(timeout=20)
+        (cart, _) = events(settings, customer_id=c)
+        assert cart.routed_at is not None and cart.parked_at is None
+        assert (await api.get("/v1/admin/parked", headers=OPERATOR)).json()["parked"] == []
+
+
+async def test_temporal_rate_limiting_pauses_routing_and_counts_against_no_event(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        search_attributes=list(SEARCH_ATTRIBUTES),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.namespaceRPS=5",
+            "--dynamic-config-value",
+            "frontend.namespaceBurstRatio=1",
+        ],
+    )
+    try:
+        # One quick SDK retry (0 means the default, 5 slow ones): the router sees
+        # RESOURCE_EXHAUSTED at once, as it does after the SDK's own retries in production.
+        retry = RetryConfig(max_retries=1, initial_interval_millis=10, max_interval_millis=20)
+        client = await Client.connect(
+            env.client.service_client.config.target_host, retry_config=retry
+        )
+        customers = [customer("busy") for _ in range(15)]
+        store_directly(settings, [added(c) for c in customers])
+        router = Router(settings, client, retry_base=0.2, retry_max=1.0, poll_interval=0.1)
+        await router.start()
+        try:
+            await router.drain(timeout=60)
+        finally:
+            await router.stop()
+    finally:
+        await env.shutdown()
+    assert "routing paused" in caplog.text and "RESOURCE_EXHAUSTED" in caplog.text
+    stored = events(settings)
+    assert [e.route_attempts for e in stored] == [0] * 15
+    assert all(e.routed_at is not None and e.parked_at is None for e in stored)
+
+
+# ---- redelivery and the fenced lease (issue 13, item 5) -----------------------------------------
+
+
+class HoldStart(Interceptor):
+    """Records every start and signal; holds the start of one workflow id until released."""
+
+    def __init__(self, held_id: str | None = None) -> None:
+        self.held_id = held_id
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sent: list[str] = []
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        owner = self
+
+        class Hold(OutboundInterceptor):
+            async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+                if input.id == owner.held_id:
+                    owner.reached.set()
+                    await owner.release.wait()
+                owner.sent.append(input.id)
+                return await super().start_workflow(input)
+
+        return Hold(next)
+
+
+async def test_a_router_stopped_mid_round_never_has_its_deliveries_repeated(
+    dev_server_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    first, second, third = (customer("deploy") for _ in range(3))
+    await asyncio.to_thread(store_directly, settings, [added(first), added(second), added(third)])
+    hold = HoldStart(f"cart-abandonment-{third}")
+    old = Router(settings, intercepted(dev_server_env, hold), concurrency=1)
+    await old.start()
+    await asyncio.wait_for(hold.reached.wait(), timeout=20)
+    await old.stop()  # a deploy stops it mid-round
+    assert hold.sent == [f"cart-abandonment-{first}", f"cart-abandonment-{second}"]
+    watch = HoldStart()
+    new = Router(settings, intercepted(dev_server_env, watch))
+    try:
+        await rounds_until(new, lambda: started(dev_server_env.client, third), most=2)
+    finally:
+        await new.stop()
+    assert watch.sent == [f"cart-abandonment-{third}"]  # only the one that never went out
+    assert all(e.routed_at is not None for e in events(settings))
+
+
+async def test_an_event_whose_mark_was_lost_is_not_sent_again(
+    stack: Stack, settings: Settings
+) -> None:
+    c = customer("lost-mark")
+    await post_batch(stack.api, [added(c)])
+    await stack.router.drain()
+    with write_session(settings.resolved_database_url) as s:
+        s.execute(update(Event).where(col(Event.customer_id) == c).values(routed_at=None))
+    await stack.router.drain()
+    assert await signals(journey(stack.client, c)) == 1
+    (stored,) = events(settings, customer_id=c)
+    assert "not sent again" in (stored.route_note or "")
+
+
+async def test_a_router_whose_lease_was_taken_over_mid_round_stops_delivering(
+    dev_server_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    url = settings.resolved_database_url
+    first, second, third = (customer("fenced") for _ in range(3))
+    await asyncio.to_thread(store_directly, settings, [added(first), added(second), added(third)])
+    hold = HoldStart(f"cart-abandonment-{second}")
+    paused = Router(settings, intercepted(dev_server_env, hold), concurrency=1, lease_ttl=60)
+    assert await paused.acquire_lease()
+    round_ = asyncio.create_task(paused.route_once())
+    await asyncio.wait_for(hold.reached.wait(), timeout=20)
+    # The router stalls past its lease (a GC pause, a partition): its lease runs out and
+    # another router takes over, while the stalled one still believes it holds the lease.
+    with write_session(url) as s:
+        s.execute(update(Lease).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    successor = Router(settings, dev_server_env.client)
+    assert await successor.acquire_lease()
+    hold.release.set()  # the stalled router wakes up with its signal in flight
+    await asyncio.wait_for(round_, timeout=20)
+    assert hold.sent == [f"cart-abandonment-{first}", f"cart-abandonment-{second}"]
+    assert not paused.holds_lease
+    assert "another router took over" in (paused.last_error or "")
+    assert not await paused.route_once()
+    with pytest.raises(FencedOut):
+        await asyncio.to_thread(mark_routed, url, Fence(paused.holder, 1), [Mark(1, first)])
+    try:
+        await rounds_until(successor, lambda: started(dev_server_env.client, third), most=2)
+    finally:
+        await successor.stop()
+        await paused.stop()
+    assert hold.sent == [f"cart-abandonment-{first}", f"cart-abandonment-{second}"]
+    assert all(e.routed_at is not None for e in events(settings))
+
+
+# ---- what happened first (issue 13, item 7, the router's half) -----------------------------
+
+
+async def test_a_cart_event_an_earlier_stored_order_overtook_starts_no_journey(
+    stack: Stack,
+) -> None:
+    c = customer("overtaken")
+    bought = datetime.now(UTC) - timedelta(minutes=1)
+    await post_batch(stack.api, [ordered(c, timestamp=bought.isoformat())])
+    await stack.router.drain()
+    late = (bought - timedelta(seconds=30)).isoformat()  # the browser's event, sent late
+    await post_batch(stack.api, [added(c, timestamp=late)])
+    await stack.router.drain()
+    assert not await started(stack.client, c)
+    _, cart = events(stack.settings, customer_id=c)
+    assert cart.routed_at is not None
+    assert "no journey started" in (cart.route_note or "")
+    assert "at or after this event" in (cart.route_note or "")
+
+
+async def test_a_stale_cart_event_starts_no_journey_but_reaches_a_live_one(stack: Stack) -> None:
+    settings = stack.settings
+    old = (datetime.now(UTC) - settings.max_start_event_age - timedelta(hours=1)).isoformat()
+    c, live = customer("stale"), customer("stale-live")
+    await post_batch(stack.api, [added(c, timestamp=old), added(live)])
+    await stack.router.drain()
+    assert not await started(stack.client, c)
+    (stale,) = events(settings, customer_id=c)
+    assert "KAERU_MAX_START_EVENT_AGE" in (stale.route_note or "")
+    await post_batch(stack.api, [added(live, "tea", timestamp=old)])
+    await stack.router.drain()
+    assert (await status(journey(stack.client, live))).details["cart"] == "1× Mug, 1× Tea"
+
+
+def test_the_lease_token_increases_with_every_new_holder(settings: Settings) -> None:
+    url = settings.resolved_database_url
+    assert acquire_lease(url, "a", ttl=30) == 1
+    assert acquire_lease(url, "a", ttl=30) == 1  # a renewal keeps the token
+    assert acquire_lease(url, "b", ttl=30) is None
+    release_lease(url, "a")
+    assert acquire_lease(url, "b", ttl=30) == 2
+    with pytest.raises(FencedOut):  # a's writes are refused from now on
+        mark_routed(url, Fence("a", 1), [Mark(1, "c")])
+    release_lease(url, "b")
+    assert acquire_lease(url, "a", ttl=30) == 3
+    with pytest.raises(FencedOut):  # even a's old token: it held the lease before b did
+        mark_routed(url, Fence("a", 1), [Mark(1, "c")])
