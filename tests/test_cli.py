@@ -166,6 +166,12 @@ def test_settings_table_lists_every_setting() -> None:
     assert "| `KAERU_CART_EMAIL_DELAY` | `86400` (1 day) |" in result.stdout
 
 
+def test_the_readme_shows_the_settings_table_of_the_code() -> None:
+    """The README's table is `kaeru settings-table` verbatim: a new setting updates both."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert kaeru("settings-table").stdout.strip() in readme
+
+
 def test_a_malformed_database_url_is_named() -> None:
     result = kaeru("migrate", KAERU_DATABASE_URL="nonsense")
 
