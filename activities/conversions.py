@@ -1,9 +1,16 @@
 """Conversions: the purchase that ended a journey, stored as a touchpoint for attribution.
 
-One conversion per order and journey kind (``touchpoints.order_key``, unique): an order that
-is delivered again, to the same journey or to a later one of the customer, is not counted
-again; an order that ends two kinds of journey counts once for each, so each kind's report
-is whole and no kind's credit depends on which journey's activity ran first.
+One conversion per journey kind, customer and order (``touchpoints.order_key``, unique,
+``<kind>/<customer id>/<order id>``): an order that is delivered again, to the same journey or
+to a later one of the customer, is not counted again; an order that ends two kinds of journey
+counts once for each, so each kind's report is whole and no kind's credit depends on which
+journey's activity ran first. The customer is part of the key because order ids are only
+unique per shop, not per sender: a browser ``Order Completed`` (public key) for a made-up
+customer must not claim the id of another customer's order.
+
+A browser order reaches journeys without its money (README, "Trust model"), so its
+conversion says 0; when the customer's trusted order with that id is stored (``orders``),
+its value and currency are the conversion's.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from temporalio import activity
 from activities.types import ConversionInput
 from kaeru.db import session
 from kaeru.journal import record_touchpoint
-from kaeru.models import Touchpoint
+from kaeru.models import Order, Touchpoint
 from kaeru.settings import Settings
 
 #: Length of ``touchpoints.coupon_code``.
@@ -46,7 +53,9 @@ class ConversionActivities:
             # Not one of ours (they are 16 characters): keep it whole in the detail instead
             # of failing every retry on the column's length.
             detail["coupon"], coupon_code = coupon_code, None
-        order_key = f"{journey_kind_of(conversion)}/{conversion.order_id}"
+        kind = journey_kind_of(conversion)
+        order_key = f"{kind}/{conversion.customer_id}/{conversion.order_id}"
+        value_minor, currency = conversion.value_minor, conversion.currency
         with session(self.settings.resolved_database_url) as s:
             counted = s.exec(select(Touchpoint).where(Touchpoint.order_key == order_key)).first()
             if counted is not None:
@@ -55,9 +64,13 @@ class ConversionActivities:
                     activity.logger.info(
                         "order %s is already a conversion of a %s journey: not counted again",
                         conversion.order_id,
-                        journey_kind_of(conversion),
+                        kind,
                     )
                 return
+            if value_minor == 0:
+                stored = s.get(Order, conversion.order_id)
+                if stored is not None and stored.customer_id == conversion.customer_id:
+                    value_minor, currency = stored.total_minor, stored.currency
             row = record_touchpoint(
                 s,
                 customer_id=conversion.customer_id,
@@ -67,8 +80,8 @@ class ConversionActivities:
                 step=conversion.after_step,
                 occurred_at=occurred_at,
                 order_id=conversion.order_id,
-                value_minor=conversion.value_minor,
-                currency=conversion.currency,
+                value_minor=value_minor,
+                currency=currency,
                 coupon_code=coupon_code,
                 detail=detail,
             )

@@ -224,9 +224,11 @@ class Touchpoint(SQLModel, table=True):
     currency: str | None = Field(default=None, max_length=3)
     coupon_code: str | None = Field(default=None, max_length=64)
     detail: dict[str, Any] = _json()
-    #: A conversion's ``<journey kind>/<order id>``: one conversion per order and journey kind,
-    #: however often the order is delivered (NULL for every other touch).
-    order_key: str | None = Field(default=None, max_length=400)
+    #: A conversion's ``<journey kind>/<customer id>/<order id>``: one conversion per journey
+    #: kind, customer and order, however often the order is delivered (NULL for every other
+    #: touch). 1,000 characters: a kind (at most the 400 of ``journey_id``) and two ids of at
+    #: most 200 each.
+    order_key: str | None = Field(default=None, max_length=1000)
 
 
 class AppSecret(SQLModel, table=True):

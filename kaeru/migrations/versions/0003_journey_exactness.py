@@ -20,9 +20,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # One conversion per order and journey kind (stream B, issue 13 item 5).
+    # One conversion per journey kind, customer and order (stream B, issue 13 item 5).
     with op.batch_alter_table("touchpoints", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("order_key", sa.String(length=400), nullable=True))
+        batch_op.add_column(sa.Column("order_key", sa.String(length=1000), nullable=True))
         batch_op.create_unique_constraint("uq_touchpoints_order_key", ["order_key"])
     # What each journey step added to an audience, and parked removals (item 8).
     op.create_table(
