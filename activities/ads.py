@@ -8,7 +8,8 @@ normalised email address. Adding and removing are set operations, so a retry is 
 Every add is kept (``audience_joins``) with the hash it sent, and leaving removes that hash,
 not the one of the customer's address today (they may have changed it meanwhile). A removal
 that fails for good is parked there with its reason; ``retry_audience_removals``, run by the
-audience sweeper's Temporal Schedule, tries parked removals again with backoff.
+audience sweeper's Temporal Schedule, tries parked removals again with backoff, and closes
+one as superseded instead when a later journey has added the same member again.
 """
 
 from __future__ import annotations
@@ -108,7 +109,13 @@ class AudienceActivities:
 
     @activity.defn(name="retry_audience_removals")
     async def retry_audience_removals(self, sweep: SweepInput) -> SweepResult:
-        """Try the parked removals that are due; one that fails again waits longer."""
+        """Try the parked removals that are due; one that fails again waits longer.
+
+        A parked removal whose member a later journey added again (another open join of the
+        same member) is closed as superseded, not removed: removing it would take out a live
+        membership. Every row is handled on its own: whatever one row raises, it waits
+        longer and the rows after it are still tried.
+        """
         due = await asyncio.to_thread(self._due, sweep.limit)
         result = SweepResult()
         for join in due:
@@ -116,11 +123,26 @@ class AudienceActivities:
             result.tried += 1
             target = AudienceResult(join.provider, join.audience_id)
             try:
+                if await asyncio.to_thread(self._superseded, join):
+                    continue
                 await self._send(target, join.email_sha256, joining=False)
+                await asyncio.to_thread(self._swept, join)
             except ApplicationError as err:
                 await asyncio.to_thread(self._still_parked, join.key, err.message)
                 continue
-            await asyncio.to_thread(self._swept, join)
+            except Exception as exc:
+                # Not the customer's id or key: they are often an email address.
+                activity.logger.warning(
+                    "a parked removal from %s failed unexpectedly (%s: %s); it waits for a "
+                    "later sweep, and the other parked removals are still tried",
+                    join.audience,
+                    type(exc).__name__,
+                    exc,
+                )
+                await asyncio.to_thread(
+                    self._still_parked, join.key, f"{type(exc).__name__}: {exc}"
+                )
+                continue
             result.removed += 1
         return result
 
@@ -228,6 +250,37 @@ class AudienceActivities:
                 .limit(limit)
             )
             return list(s.exec(query))
+
+    def _superseded(self, parked: AudienceJoin) -> bool:
+        """Close ``parked`` if another open join holds the same member; True if it did.
+
+        Open: not left and not parked itself. The same member: the same provider, audience id
+        and hash (Meta matches on the hash), or, in the local store (one row per audience and
+        customer), the same audience and customer.
+        """
+        with session(self.settings.resolved_database_url) as s:
+            query = (
+                select(AudienceJoin.key)
+                .where(AudienceJoin.key != parked.key)
+                .where(col(AudienceJoin.left_at).is_(None))
+                .where(col(AudienceJoin.retry_at).is_(None))
+                .where(AudienceJoin.provider == parked.provider)
+                .where(AudienceJoin.audience_id == parked.audience_id)
+            )
+            if parked.provider == LOCAL:
+                query = query.where(AudienceJoin.customer_id == parked.customer_id)
+            else:
+                query = query.where(AudienceJoin.email_sha256 == parked.email_sha256)
+            holder = s.exec(query.limit(1)).first()
+            if holder is None:
+                return False
+            join = s.get(AudienceJoin, parked.key)
+            if join is None or join.left_at is not None:
+                return True
+            join.left_at, join.retry_at = utcnow(), None
+            join.removal_error = f"superseded: join {holder} holds the same member, so it stays"
+            s.add(join)
+            return True
 
     def _still_parked(self, key: str, reason: str) -> None:
         with session(self.settings.resolved_database_url) as s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from activities.types import (
     SweepResult,
 )
 from kaeru.db import session
-from kaeru.models import AudienceJoin, AudienceMember, Customer
+from kaeru.models import AudienceJoin, AudienceMember, Customer, utcnow
 from kaeru.settings import Settings
 from tests.activities.factories import add_customer, touchpoints
 from tests.conftest import make_settings
@@ -373,3 +374,93 @@ async def sweep(ads: AudienceActivities) -> SweepResult:
 def joins(url: str) -> list[AudienceJoin]:
     with session(url) as s:
         return list(s.exec(select(AudienceJoin)))
+
+
+def rejoin(joined: AudienceChange) -> AudienceChange:
+    """The add step of the customer's next journey run."""
+    return dataclasses.replace(joined, key=joined.key.replace("/run-1/", "/run-2/"))
+
+
+async def park(ads: AudienceActivities, joined: AudienceChange, reason: str) -> None:
+    await ActivityEnvironment().run(
+        ads.park_audience_removal, ParkRemoval(change=leave(joined), reason=reason)
+    )
+
+
+async def test_the_sweep_keeps_a_member_a_later_journey_added_again(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    """The token expired (190, not retryable), the removal parked; the token was fixed and
+    the next journey added the shopper again: the sweep must not take them out."""
+    add_customer(database_url, "c1", "alice@example.com")
+    settings = meta_settings(database_url, graph_api)
+    ads = AudienceActivities(settings, http)
+    joined = change()
+    await add(settings, http, joined)
+    await park(ads, joined, "Meta refused (code 190)")
+    await add(settings, http, rejoin(joined))
+
+    result = await sweep(ads)
+
+    assert (result.tried, result.removed) == (1, 0)
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    assert [r.method for r in graph_api.requests] == ["POST", "POST"]
+    parked, live = sorted(joins(database_url), key=lambda r: r.key)
+    assert parked.left_at is not None and parked.retry_at is None
+    assert "superseded" in (parked.removal_error or "")
+    assert live.left_at is None and live.retry_at is None
+    assert (await sweep(ads)).tried == 0
+
+
+async def test_the_sweep_keeps_a_local_member_a_later_journey_added_again(
+    database_url: str, http: httpx.AsyncClient
+) -> None:
+    add_customer(database_url, "c1", "alice@example.com")
+    settings = make_settings(database_url)
+    ads = AudienceActivities(settings, http)
+    joined = change()
+    await add(settings, http, joined)
+    await park(ads, joined, "the database was read-only")
+    await add(settings, http, rejoin(joined))
+
+    result = await sweep(ads)
+
+    assert (result.tried, result.removed) == (1, 0)
+    assert [m.customer_id for m in members(database_url)] == ["c1"]
+    parked, live = sorted(joins(database_url), key=lambda r: r.key)
+    assert parked.left_at is not None and "superseded" in (parked.removal_error or "")
+    assert live.left_at is None
+
+
+async def test_one_rows_unexpected_error_does_not_stop_the_sweep(
+    database_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    """A row whose removal raises something other than ApplicationError (here httpx refuses
+    the URL of a stored audience id with a newline) waits longer; the rows after it are
+    still swept, and it is not first again next time."""
+    add_customer(database_url, "c1", "alice@example.com")
+    add_customer(database_url, "c2", "bob@example.com")
+    settings = meta_settings(database_url, graph_api)
+    ads = AudienceActivities(settings, http)
+    broken, fine = change(), change(customer_id="c2")
+    fine.key, fine.journey_id = "cart-abandonment-c2/run-1/ad_audience", "cart-abandonment-c2"
+    for joined in (broken, fine):
+        await add(settings, http, joined)
+        await park(ads, joined, "Meta is busy (HTTP 429)")
+    with session(database_url) as s:
+        row = s.get(AudienceJoin, broken.key)
+        assert row is not None and row.retry_at is not None
+        row.audience_id, row.retry_at = "2385\n0001", row.retry_at - timedelta(minutes=1)
+        s.add(row)
+
+    result = await sweep(ads)
+
+    assert (result.tried, result.removed) == (2, 1)
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    with session(database_url) as s:
+        failed, swept = s.get(AudienceJoin, broken.key), s.get(AudienceJoin, fine.key)
+        assert failed is not None and swept is not None
+        assert failed.left_at is None and failed.removal_attempts == 1
+        assert failed.retry_at is not None and failed.retry_at > utcnow()
+        assert "InvalidURL" in (failed.removal_error or "")
+        assert swept.left_at is not None
