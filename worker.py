@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -21,6 +22,7 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
 )
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -89,6 +91,12 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
     """Create the audience sweeper's schedule, or bring it in line with today's settings.
 
     Idempotent: every worker calls it at start; the schedule id is fixed, so there is one.
+    An update keeps the schedule's state (paused, its note): a worker that restarts or
+    scales out must not un-pause a sweeper an operator paused.
+
+    Raises:
+        RPCError: the server refused to create or update the schedule (schedules disabled,
+            a permission missing).
     """
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
@@ -101,14 +109,29 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
         await client.create_schedule(SWEEPER_ID, schedule)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(SWEEPER_ID).update(
-            lambda _: ScheduleUpdate(schedule=schedule)
+            lambda current: ScheduleUpdate(
+                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
+            )
         )
 
 
 async def run_worker(client: Client, settings: Settings) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
-    await ensure_audience_sweeper(client, settings)
+    try:
+        await ensure_audience_sweeper(client, settings)
+    except RPCError as err:
+        # The sweeper is an auxiliary job: every journey must still run without it.
+        log.error(
+            "could not create or update the audience sweeper's schedule %r (%s: %s), so "
+            "parked audience removals are not retried. Enable schedules on namespace %r "
+            "(frontend.enableSchedules) and let this worker's credentials create and update "
+            "schedules, then restart a worker. Journeys run regardless",
+            SWEEPER_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
     async with httpx.AsyncClient(timeout=30.0) as http:
         worker = build_worker(client, settings, http)
         log.info("worker polling task queue %r", settings.task_queue)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlmodel import select
 from temporalio import activity
 from temporalio.client import ScheduleIntervalSpec
@@ -14,9 +17,9 @@ from temporalio.testing import WorkflowEnvironment
 from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceResult, SweepInput
 from kaeru.db import session
 from kaeru.models import AudienceJoin
-from tests.conftest import make_settings
+from tests.conftest import _binary, make_settings
 from tests.workflows.conftest import DAY, Shopper, reach_ad_audience, worker_with
-from worker import ensure_audience_sweeper
+from worker import ensure_audience_sweeper, run_worker
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 
 
@@ -71,3 +74,55 @@ async def test_the_sweeper_schedule_is_created_once_and_follows_the_setting(
     assert SWEEPER_ID in schedules
     assert described.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(minutes=5))]
     assert described.schedule.action.workflow == "AudienceSweeper"  # type: ignore[attr-defined]
+
+
+async def test_a_paused_sweeper_stays_paused_when_a_worker_starts(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str
+) -> None:
+    """An operator paused the sweeper; a worker restart or scale-out must not un-pause it."""
+    client = dev_server_env.client
+    settings = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=15))
+    handle = client.get_schedule_handle(SWEEPER_ID)
+    await ensure_audience_sweeper(client, settings)
+    try:
+        await handle.pause(note="Meta outage: paused by ops")
+        later = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=5))
+        await ensure_audience_sweeper(client, later)  # a worker starts
+        described = await handle.describe()
+    finally:
+        await handle.delete()
+    assert described.schedule.state.paused
+    assert described.schedule.state.note == "Meta outage: paused by ops"
+    assert described.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(minutes=5))]
+
+
+async def test_a_worker_polls_even_when_it_cannot_create_the_schedule(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Schedules disabled on the namespace (or a missing permission): the sweeper is an
+    auxiliary job, so the worker says so loudly, with the fix, and runs every journey."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        dev_server_extra_args=["--dynamic-config-value", "frontend.enableSchedules=false"],
+    )
+    try:
+        settings = make_settings(sqlite_url)
+        worker = asyncio.create_task(run_worker(env.client, settings))
+        try:
+            result = await env.client.execute_workflow(
+                AudienceSweeper.run,
+                SweepInput(),
+                id=f"sweep-{uuid.uuid4().hex[:6]}",
+                task_queue=settings.task_queue,
+                execution_timeout=timedelta(seconds=30),
+            )
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+    finally:
+        await env.shutdown()
+    assert (result.tried, result.removed) == (0, 0)
+    [failed] = [r for r in caplog.records if r.name == "kaeru.worker" and r.levelname == "ERROR"]
+    assert "Schedules are disabled" in failed.getMessage()
+    assert "restart a worker" in failed.getMessage()
