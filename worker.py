@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from temporalio import activity, workflow
 from temporalio.client import (
     Client,
     Schedule,
@@ -63,6 +64,21 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
     ]
 
 
+def keep_workflow_ids_out_of_logs() -> None:
+    """Stop Temporal's workflow and activity loggers adding the run's details to log lines.
+
+    By default they append the workflow id to every message and put it in the record's
+    ``extra`` (which a structured formatter prints), and a journey's id is
+    ``<kind>-<customer id>``, often an email address: personal data stays out of logs.
+    """
+    workflow.logger.workflow_info_on_message = False
+    workflow.logger.workflow_info_on_extra = False
+    workflow.logger.full_workflow_info_on_extra = False
+    activity.logger.activity_info_on_message = False
+    activity.logger.activity_info_on_extra = False
+    activity.logger.full_activity_info_on_extra = False
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -70,6 +86,7 @@ def build_worker(
     activity_executor: concurrent.futures.Executor | None = None,
 ) -> Worker:
     """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes)."""
+    keep_workflow_ids_out_of_logs()
     return Worker(
         client,
         task_queue=settings.task_queue,
