@@ -131,13 +131,14 @@ class AudienceActivities:
                 await asyncio.to_thread(self._still_parked, join.key, err.message)
                 continue
             except Exception as exc:
-                # Not the customer's id or key: they are often an email address.
+                # Only the error's type: its text (a database error's parameters) may hold the
+                # customer's id, often an email address. The text is kept in the row.
                 activity.logger.warning(
-                    "a parked removal from %s failed unexpectedly (%s: %s); it waits for a "
-                    "later sweep, and the other parked removals are still tried",
+                    "a parked removal from %s failed unexpectedly (%s, see "
+                    "audience_joins.removal_error); it waits for a later sweep, and the other "
+                    "parked removals are still tried",
                     join.audience,
                     type(exc).__name__,
-                    exc,
                 )
                 await asyncio.to_thread(
                     self._still_parked, join.key, f"{type(exc).__name__}: {exc}"
