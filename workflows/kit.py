@@ -180,6 +180,8 @@ class Journey:
         self.completed_step = "started"
         self.outcome: str | None = None
         self.exit_reason: str | None = None
+        #: What must still hold for a waited exit (``exit_unless_undone``) when it is taken.
+        self._exit_still: Callable[[], bool] | None = None
         self.purchase: Purchase | None = None
         self.engaged: set[str] = set()
         self.audiences: dict[str, str] = {}
@@ -261,6 +263,7 @@ class Journey:
         beats any other: a shop that empties the cart at checkout still gets a conversion)."""
         if self.exit_reason is None or outcome == "purchased":
             self.exit_reason = outcome
+            self._exit_still = None
 
     def exit_unless_undone(self, outcome: str, seconds: float, still: Callable[[], bool]) -> None:
         """Ask the journey to end with ``outcome`` in ``seconds`` if ``still()`` holds then
@@ -271,14 +274,28 @@ class Journey:
 
         async def decide() -> None:
             await workflow.sleep(seconds, summary=f"grace before ending {outcome}")
-            if mine == self._exit_timers and still():
+            if mine == self._exit_timers and still() and self.exit_reason is None:
                 self.exit_with(outcome)
+                self._exit_still = still
 
         task = asyncio.create_task(decide())
         self._timers.add(task)  # a reference, so the task is not collected while it sleeps
         task.add_done_callback(self._timers.discard)
 
     def check_exit(self) -> None:
+        """End the journey if it must, judging a waited exit on the state as it is now.
+
+        A grace can end while the journey is inside an activity (a send retrying), when no
+        wait watches for the refill that undoes it; so the exit is decided here, as the journey
+        would leave, not when the timer fired.
+
+        Raises:
+            JourneyExit: the journey must end.
+        """
+        if self._exit_still is not None and not self._exit_still():
+            self.tell(f"no longer ending {self.exit_reason}: it was undone meanwhile")
+            self.exit_reason = None
+            self._exit_still = None
         if self.exit_reason is not None:
             raise JourneyExit(self.exit_reason)
 

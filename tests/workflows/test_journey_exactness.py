@@ -256,3 +256,37 @@ async def test_events_redelivered_after_the_end_convert_the_order_once(shopper: 
     assert (await shopper.handle.describe()).run_id != first_run
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-1"
+
+
+# ---- review: an emptied cart's grace that ends during an activity ------------------------------
+
+
+async def test_a_refill_after_the_grace_ended_during_a_send_keeps_the_journey(
+    shopper: Shopper,
+) -> None:
+    """``send_email`` is held (and then says "sent") so the grace ends while it runs."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def slow_send(email: SendEmailInput) -> SendEmailResult:
+        held.set()
+        await release.wait()
+        return SendEmailResult("<m@test>", "c***@shoppers.test", "sent")
+
+    shopper.settings = CartJourneySettings(**{**shopper.settings.__dict__, "empty_grace": 2.0})
+    async with worker_with(shopper, send_email=slow_send):
+        await shopper.cart("Product Added", **SHOE)
+        skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.signal("Product Removed", product_id="shoe")
+        await asyncio.sleep(4)  # the grace ends while the send runs (a slow or retrying SMTP)
+        await shopper.signal("Product Added", **SOCK)  # the shopper refills
+        await asyncio.sleep(0.5)
+        release.set()
+        await asyncio.wait_for(skipping, timeout=60)
+        await shopper.wait_for_step("cart_email")
+        status = await shopper.status()
+        assert status.outcome is None, status.story
+        assert status.details["cart"] == "2× Wool Socks"
+        await shopper.skip(DAY + MINUTE)
+        assert await shopper.outcome() == "not_opened"  # the journey went on with the refill
