@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar, cast
 
 from temporalio import workflow
@@ -135,6 +135,25 @@ def purchase_from(event: JourneyEvent) -> Purchase:
         coupon=order.coupon,
         occurred_at=event.occurred_at,
     )
+
+
+def _found_order(error: ApplicationError) -> Purchase | None:
+    """The order an ``AlreadyPurchased`` error names in its details (activities/email.py),
+    or None when it names none (an older worker) or names it in a shape not understood."""
+    details = error.details
+    found = details[0] if details else None
+    if not isinstance(found, dict):
+        return None
+    try:
+        return Purchase(
+            order_id=str(found["order_id"]),
+            value_minor=int(found["total_minor"]),
+            currency=str(found["currency"]),
+            coupon=found.get("coupon") if isinstance(found.get("coupon"), str) else None,
+            occurred_at=datetime.fromtimestamp(float(found["completed_at"]), UTC),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return None
 
 
 class Journey:
@@ -475,6 +494,9 @@ class Journey:
                 f"did not send the {step} email: an order placed since the journey began "
                 "was found before sending"
             )
+            if self.purchase is None:
+                # Its event may never reach this journey: convert on the order it was told of.
+                self.purchase = _found_order(cause)
             return JourneyExit("purchased")
         if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
             self.tell("the shopper has no known email address")
@@ -527,6 +549,8 @@ class Journey:
         self.outcome = outcome
         self.tell(f"journey ended: {outcome}")
         await self.leave_audiences()
+        if outcome == "purchased" and self.purchase is None:
+            self._purchase_from_held()
         purchase = self.purchase if outcome == "purchased" else None
         if purchase is not None:
             conversion = ConversionInput(
@@ -553,6 +577,20 @@ class Journey:
             order_id=purchase.order_id if purchase else None,
             coupon_code=purchase.coupon if purchase else None,
         )
+
+    def _purchase_from_held(self) -> None:
+        """Take the first held ``Order Completed`` as the purchase of a journey that ended
+        ``purchased`` without one (an order found before sending, routed as it ended)."""
+        order = next((e for e in self.held if e.name == ORDER_COMPLETED), None)
+        if order is None:
+            return
+        self.held.remove(order)  # converted here, so not handed to the next journey
+        try:
+            self.purchase = purchase_from(order)
+        except Exception:  # a malformed event must never wedge the journey
+            workflow.logger.exception("ignored a malformed Order Completed seq %s", order.seq)
+            return
+        self.tell("the order found before sending arrived: it is this journey's conversion")
 
     # ---- bookkeeping for operators ---------------------------------------------------------
 

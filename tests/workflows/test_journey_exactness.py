@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 
 from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.ads import AudienceActivities
+from activities.email import EmailActivities
 from activities.types import (
     ALREADY_PURCHASED,
     AudienceChange,
@@ -22,7 +24,7 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage
+from kaeru.models import EmailMessage, Order
 from tests.conftest import make_settings
 from tests.workflows.conftest import (
     DAY,
@@ -171,6 +173,68 @@ async def test_an_order_found_before_sending_ends_purchased(shopper: Shopper) ->
     assert email.ordered_since == started.occurred_at.timestamp()
     assert any("order" in line and "before sending" in line for line in story)
     assert shopper.touchpoints("conversion") == []
+
+
+async def test_an_order_found_before_sending_is_the_journeys_conversion(shopper: Shopper) -> None:
+    """The real ``send_email`` finds the stored order; its event never reaches the journey."""
+    await shopper.cart("Product Added", **SHOE)
+    with session(shopper.db) as s:
+        s.add(
+            Order(
+                order_id="o-stored",
+                customer_id=shopper.customer_id,
+                total_minor=4200,
+                currency="EUR",
+                completed_at=datetime.now(UTC),
+            )
+        )
+    await shopper.skip(DAY + MINUTE)
+    result = await shopper.handle.result()
+    assert (result.outcome, result.order_id) == ("purchased", "o-stored")
+    [conversion] = shopper.touchpoints("conversion")
+    assert (conversion.order_id, conversion.value_minor, conversion.currency) == (
+        "o-stored",
+        4200,
+        "EUR",
+    )
+    assert shopper.emails() == []
+
+
+async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
+    shopper: Shopper,
+) -> None:
+    """An older worker's ``send_email`` says ``AlreadyPurchased`` for the offer without naming
+    the order; ``remove_from_audience`` is held (then runs for real) so the order's event
+    arrives while the journey ends."""
+    emails = EmailActivities(make_settings(shopper.db, smtp_port=shopper.smtp.port))
+    audiences = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def older_worker(email: SendEmailInput) -> SendEmailResult:
+        if email.step == "offer_email":
+            raise ApplicationError("ordered", type=ALREADY_PURCHASED, non_retryable=True)
+        return await emails.send_email(email)
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await audiences.remove_from_audience(change)
+
+    async with worker_with(shopper, send_email=older_worker, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        await shopper.signal("Ad Clicked")
+        skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.purchase("o-found")  # the order the send found, routed only now
+        release.set()
+        await asyncio.wait_for(skipping, timeout=60)
+        result = await asyncio.wait_for(shopper.handle.result(), timeout=60)
+    assert (result.outcome, result.order_id) == ("purchased", "o-found")
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-found"
+    assert shopper.audience() == []
 
 
 # ---- item 2: events that arrive while a journey ends start the next one ------------------------
