@@ -71,7 +71,13 @@ RETRY = RetryPolicy(
 SEND_DEADLINE = timedelta(hours=12)
 #: A worker that dies mid-activity is noticed within this, and the activity runs again.
 HEARTBEAT = timedelta(seconds=10)
-#: Events kept for the next journey while one ends; more are dropped (and said in the story).
+#: How long the journey's end tries to take the shopper out of an audience before it parks
+#: the removal for the audience sweeper (which retries it later): short, so a platform that
+#: is down does not keep the events that came meanwhile from the customer's next journey.
+REMOVAL_DEADLINE = timedelta(minutes=10)
+#: Events other than orders kept for the next journey while one ends; past it, what the next
+#: journey does not need goes first, then the journey collapses its own (the cart's), and
+#: only then the oldest go (said in the story). An ``Order Completed`` is never dropped.
 MAX_HELD_EVENTS = 20
 
 
@@ -244,10 +250,29 @@ class Journey:
             self._accept(event)
 
     def _hold(self, event: JourneyEvent) -> None:
-        if len(self.held) < MAX_HELD_EVENTS:
-            self.held.append(event)
-        else:
-            self.tell(f"dropped a {event.name} event: {MAX_HELD_EVENTS} already wait")
+        self.held.append(event)
+        if self._held_over_cap():
+            # Neither a start event nor an order (an open of this journey's email): the next
+            # journey has no use for it.
+            needed = self.starts_on | {ORDER_COMPLETED}
+            spare = [e for e in self.held if e.name not in needed]
+            if spare:
+                self.held.remove(spare[0])
+            else:
+                self.held = self.collapse_held(self.held)
+        if self._held_over_cap():
+            oldest = next(e for e in self.held if e.name != ORDER_COMPLETED)
+            self.held.remove(oldest)
+            self.tell(f"dropped a {oldest.name} event: {MAX_HELD_EVENTS} already wait")
+
+    def _held_over_cap(self) -> bool:
+        return sum(e.name != ORDER_COMPLETED for e in self.held) > MAX_HELD_EVENTS
+
+    def collapse_held(self, held: list[JourneyEvent]) -> list[JourneyEvent]:
+        """Events held for the next journey, past the cap: give back fewer that mean the same
+        (a cart journey folds its cart events into one snapshot). Orders must stay, in place.
+        """
+        return held
 
     def _take(self, event: JourneyEvent) -> None:
         if event.name == ORDER_COMPLETED:
@@ -448,7 +473,7 @@ class Journey:
                     change,
                     result_type=AudienceResult,
                     start_to_close_timeout=timedelta(minutes=1),
-                    schedule_to_close_timeout=SEND_DEADLINE,
+                    schedule_to_close_timeout=REMOVAL_DEADLINE,
                     retry_policy=RETRY,
                 )
             except ActivityError as err:

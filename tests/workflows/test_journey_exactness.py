@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from sqlmodel import select
 from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
 from activities.ads import AudienceActivities
@@ -24,7 +25,7 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage, Order
+from kaeru.models import AudienceJoin, EmailMessage, Order
 from tests.conftest import make_settings
 from tests.workflows.conftest import (
     DAY,
@@ -36,7 +37,7 @@ from tests.workflows.conftest import (
     worker_with,
 )
 from workflows.cart_abandonment import CartJourneySettings
-from workflows.kit import EVENT_SIGNAL
+from workflows.kit import EVENT_SIGNAL, MAX_HELD_EVENTS
 
 MINUTE = 60.0
 
@@ -271,6 +272,59 @@ async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Sh
     with session(shopper.db) as s:
         keys = [m.key for m in s.exec(select(EmailMessage))]
     assert len(set(keys)) == 2  # the next journey's steps have keys of their own
+
+
+async def test_many_events_while_the_journey_ends_keep_the_order_and_the_cart(
+    shopper: Shopper,
+) -> None:
+    """``remove_from_audience`` is held (then runs for real) to keep ``finish`` busy while
+    more events than the held-event cap arrive: the cart collapses, the order is kept."""
+    held, release = asyncio.Event(), asyncio.Event()
+    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await real.remove_from_audience(change)
+
+    socks = MAX_HELD_EVENTS + 5
+    async with worker_with(shopper, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        await shopper.purchase("o-1")
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.cart("Product Added", **SHOE)  # the next cart, while the first journey ends
+        for _ in range(socks):
+            await shopper.cart("Product Added", **{**SOCK, "quantity": 1})
+        await shopper.purchase("o-2")  # ...and its order, past the cap
+        release.set()
+        result = await asyncio.wait_for(shopper.handle.result(), timeout=60)
+        status = await shopper.status()
+    assert (result.outcome, result.order_id) == ("purchased", "o-2")
+    assert status.details["cart"] == f"1× Trail Shoe, {socks}× Wool Socks"
+    assert sorted(str(c.order_id) for c in shopper.touchpoints("conversion")) == ["o-1", "o-2"]
+    assert shopper.audience() == []
+
+
+async def test_a_failing_removal_is_parked_within_minutes(shopper: Shopper) -> None:
+    """``remove_from_audience`` is swapped for one that always fails as a down platform does
+    (retryable): the journey parks it for the sweeper instead of retrying for half a day."""
+
+    @activity.defn(name="remove_from_audience")
+    async def platform_down(change: AudienceChange) -> AudienceResult:
+        raise ApplicationError("Meta answered HTTP 503")
+
+    async with worker_with(shopper, remove_from_audience=platform_down):
+        await reach_ad_audience(shopper)
+        await shopper.purchase("o-1")
+        await shopper.skip(15 * MINUTE)
+        description = await shopper.handle.describe()
+        assert description.status == WorkflowExecutionStatus.COMPLETED
+    with session(shopper.db) as s:
+        [parked] = s.exec(select(AudienceJoin)).all()
+    assert parked.left_at is None and "503" in (parked.removal_error or "")
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
 
 
 async def test_ordered_since_survives_a_busy_cart_continuing_as_new(shopper: Shopper) -> None:
