@@ -75,6 +75,9 @@ class CartCarryOver:
     story: list[str] = field(default_factory=list)
     #: When the journey's first event happened (epoch seconds); see ``Journey.started_at``.
     started_at: float | None = None
+    #: When the newest order an earlier generation converted happened (epoch seconds); see
+    #: ``Journey.orders_until``.
+    orders_until: float | None = None
 
 
 @dataclass
@@ -173,6 +176,7 @@ class CartAbandonment(Journey):
             generation=start.generation,
             started_at=carried.started_at if carried else None,
             pending=start.pending,
+            orders_until=carried.orders_until if carried else None,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []
@@ -207,7 +211,13 @@ class CartAbandonment(Journey):
         return CartJourneyInput(
             customer_id=self.customer_id,
             settings=self.settings,
-            carried=CartCarryOver([], self.last_seq, workflow.now().timestamp(), self.story),
+            carried=CartCarryOver(
+                [],
+                self.last_seq,
+                workflow.now().timestamp(),
+                self.story,
+                orders_until=self.converted_until(),
+            ),
             generation=self.generation + 1,
             pending=events,
         )
@@ -328,6 +338,7 @@ class CartAbandonment(Journey):
                             self.last_change,
                             self.story,
                             self.started_at,
+                            self.orders_until,
                         ),
                         generation=self.generation,
                     )

@@ -61,6 +61,9 @@ AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
 EMAIL_LINK_CLICKED = "Email Link Clicked"
 
+#: How far after a converted order the next generation's orders count (seconds): "after" it
+#: even where a stored time rounds to the microsecond.
+ORDER_AFTER = 0.001
 #: Temporary failures retry with backoff; what retrying cannot fix is non-retryable.
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -179,6 +182,7 @@ class Journey:
         generation: int = 0,
         started_at: float | None = None,
         pending: list[JourneyEvent] | None = None,
+        orders_until: float | None = None,
     ) -> None:
         """Set up the kit's state. Call it from the journey's ``@workflow.init``.
 
@@ -191,6 +195,8 @@ class Journey:
             started_at: when the events that started the journey happened (epoch seconds).
             pending: events handed over by the journey that ended before this one, taken
                 before any other.
+            orders_until: when the newest order an earlier generation converted happened
+                (epoch seconds): orders until then do not stop this journey's emails.
         """
         self.customer_id = customer_id
         self.last_seq = last_seq
@@ -199,6 +205,7 @@ class Journey:
         self.started_at = started_at
         self.held: list[JourneyEvent] = []
         self._pending: list[JourneyEvent] = list(pending or [])
+        self.orders_until = orders_until
         self._exit_timers = 0
         self._timers: set[asyncio.Task[None]] = set()
         self.step = "started"
@@ -443,6 +450,10 @@ class Journey:
             # The email activity refuses to send if the customer ordered since the journey's
             # first event happened (an order that overtook it, or one not yet routed).
             email.ordered_since = self.started_at
+        if email.ordered_since is not None and self.orders_until is not None:
+            # ...but not on the order an earlier generation converted: a browser clock a few
+            # minutes slow dates the next cart before it.
+            email.ordered_since = max(email.ordered_since, self.orders_until + ORDER_AFTER)
         result = await self.call(
             "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
         )
@@ -561,11 +572,20 @@ class Journey:
             self.tell(f"ignored {len(self.held)} event(s) that came as the journey ended")
         return result
 
+    def converted_until(self) -> float | None:
+        """When the newest order this journey or an earlier generation converted happened
+        (epoch seconds), for the next generation's ``orders_until``."""
+        times = [self.orders_until] if self.orders_until is not None else []
+        if self.outcome == "purchased" and self.purchase is not None:
+            times.append(self.purchase.occurred_at.timestamp())
+        return max(times, default=None)
+
     def next_journey(self, events: list[JourneyEvent]) -> Any:
         """The input of this journey's next generation, which takes ``events`` first.
 
         Journeys with ``starts_on`` implement it: the same customer and settings, generation
-        ``self.generation + 1``, ``last_seq``, the story, and ``events`` as its pending events.
+        ``self.generation + 1``, ``last_seq``, the story, ``events`` as its pending events,
+        and :meth:`converted_until` as its ``orders_until``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement next_journey")
 

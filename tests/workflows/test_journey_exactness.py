@@ -7,8 +7,9 @@ where a test swaps one activity by name to hold it or to script its answer (said
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import select
 from temporalio import activity
@@ -323,6 +324,51 @@ async def test_a_failing_removal_is_parked_within_minutes(shopper: Shopper) -> N
     with session(shopper.db) as s:
         [parked] = s.exec(select(AudienceJoin)).all()
     assert parked.left_at is None and "503" in (parked.removal_error or "")
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
+
+
+async def test_the_next_journey_does_not_stop_on_the_order_the_last_one_converted(
+    shopper: Shopper,
+) -> None:
+    """A new cart from a browser whose clock is 5 minutes slow reads as placed before the
+    order the ended journey converted. ``remove_from_audience`` is held (then runs for real)
+    so the cart comes while the first journey ends; the real ``send_email`` checks orders."""
+    held, release = asyncio.Event(), asyncio.Event()
+    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await real.remove_from_audience(change)
+
+    async with worker_with(shopper, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        order = shopper.event("Order Completed", order_id="o-1", total=101.5, currency="USD")
+        with session(shopper.db) as s:  # stored at ingestion, as every order is
+            s.add(
+                Order(
+                    order_id="o-1",
+                    customer_id=shopper.customer_id,
+                    total_minor=10150,
+                    currency="USD",
+                    completed_at=order.occurred_at,
+                )
+            )
+        await shopper.handle.signal(EVENT_SIGNAL, order)
+        await asyncio.wait_for(held.wait(), timeout=30)
+        cart = shopper.event("Product Added", product_id="sock", name="Wool Socks", quantity=2)
+        await shopper.deliver(
+            dataclasses.replace(cart, occurred_at=order.occurred_at - timedelta(minutes=5))
+        )
+        release.set()
+        await asyncio.sleep(0.5)
+        await shopper.skip(DAY + MINUTE)
+        emails = await shopper.wait_for_emails(2)
+        status = await shopper.status()
+    assert "Wool Socks" in text_of(emails[1])
+    assert status.outcome is None and status.step == "cart_email", status.story
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-1"
 
