@@ -322,6 +322,10 @@ class Journey:
         call replaces an earlier one."""
         self._exit_timers += 1
         mine = self._exit_timers
+        if self._exit_still is not None:
+            # An earlier one ended its wait but is not taken yet: this one decides instead.
+            self.exit_reason = None
+            self._exit_still = None
 
         async def decide() -> None:
             await workflow.sleep(seconds, summary=f"grace before ending {outcome}")

@@ -454,3 +454,36 @@ async def test_a_refill_after_the_grace_ended_during_a_send_keeps_the_journey(
         assert status.details["cart"] == "2× Wool Socks"
         await shopper.skip(DAY + MINUTE)
         assert await shopper.outcome() == "not_opened"  # the journey went on with the refill
+
+
+async def test_a_cart_emptied_again_after_such_a_refill_gets_a_grace_of_its_own(
+    shopper: Shopper,
+) -> None:
+    """As above, but the refilled cart is emptied again before the send ends: the order may
+    still follow, so the journey waits a new grace instead of ending as the send returns."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def slow_send(email: SendEmailInput) -> SendEmailResult:
+        held.set()
+        await release.wait()
+        return SendEmailResult("<m@test>", "c***@shoppers.test", "sent")
+
+    # In real time throughout: skipping would end the new grace at once.
+    shopper.settings = CartJourneySettings(
+        **{**shopper.settings.__dict__, "email_delay": 1.0, "empty_grace": 3.0}
+    )
+    async with worker_with(shopper, send_email=slow_send):
+        await shopper.cart("Product Added", **SHOE)
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.signal("Product Removed", product_id="shoe")
+        await asyncio.sleep(5)  # the first grace ends while the send runs
+        await shopper.signal("Product Added", **SOCK)
+        await shopper.signal("Product Removed", product_id="sock")  # checkout empties it
+        release.set()
+        await asyncio.sleep(0.5)
+        assert (await shopper.status()).outcome is None  # within the new grace
+        await shopper.purchase("o-after-checkout")
+        assert await shopper.outcome() == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-after-checkout"
