@@ -629,8 +629,18 @@ class Journey:
 
     def _purchase_from_held(self) -> None:
         """Take the first held ``Order Completed`` as the purchase of a journey that ended
-        ``purchased`` without one (an order found before sending, routed as it ended)."""
-        order = next((e for e in self.held if e.name == ORDER_COMPLETED), None)
+        ``purchased`` without one (an order found before sending, routed as it ended).
+
+        Only one held before any event that starts a journey: an order after a new cart may
+        be that cart's, and goes to the next journey with it.
+        """
+        order = None
+        for event in self.held:
+            if event.name in self.starts_on:
+                return
+            if event.name == ORDER_COMPLETED:
+                order = event
+                break
         if order is None:
             return
         self.held.remove(order)  # converted here, so not handed to the next journey

@@ -11,6 +11,7 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlmodel import select
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
@@ -202,12 +203,14 @@ async def test_an_order_found_before_sending_is_the_journeys_conversion(shopper:
     assert shopper.emails() == []
 
 
+@pytest.mark.parametrize("new_cart_first", [False, True], ids=["order", "cart-then-order"])
 async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
-    shopper: Shopper,
+    shopper: Shopper, new_cart_first: bool
 ) -> None:
     """An older worker's ``send_email`` says ``AlreadyPurchased`` for the offer without naming
     the order; ``remove_from_audience`` is held (then runs for real) so the order's event
-    arrives while the journey ends."""
+    arrives while the journey ends. After a new cart, the order may be that cart's: it goes
+    to the next journey with it (which converts it), not to the one ending."""
     emails = EmailActivities(make_settings(shopper.db, smtp_port=shopper.smtp.port))
     audiences = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
     held, release = asyncio.Event(), asyncio.Event()
@@ -229,11 +232,15 @@ async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
         await shopper.signal("Ad Clicked")
         skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
         await asyncio.wait_for(held.wait(), timeout=30)
+        if new_cart_first:
+            await shopper.cart("Product Added", **SOCK)
         await shopper.purchase("o-found")  # the order the send found, routed only now
         release.set()
         await asyncio.wait_for(skipping, timeout=60)
         result = await asyncio.wait_for(shopper.handle.result(), timeout=60)
+        status = await shopper.status()
     assert (result.outcome, result.order_id) == ("purchased", "o-found")
+    assert any("new journey" in line for line in status.story) == new_cart_first
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-found"
     assert shopper.audience() == []
