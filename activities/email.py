@@ -270,14 +270,15 @@ class EmailActivities:
                 return _Outgoing(row.message_id, row.to_address, status=UNCONFIRMED)
             if row is not None and row.status == BOUNCED:
                 raise _undeliverable(f"{mask_address(row.to_address)} bounced earlier: {row.error}")
-            if row is not None and row.status == SKIPPED:
-                raise _already_purchased(email, row.error or "the customer bought meanwhile")
             purchase = _purchase_since(s, email)
+            if row is not None and row.status == SKIPPED:
+                reason = row.error or "the customer bought meanwhile"
+                raise _already_purchased(email, reason, purchase)
             if purchase is not None:
                 if not self._skip(s, email, row, _purchase_reason(purchase)):
                     return None
                 s.commit()  # the skip must outlive the error raised next
-                raise _already_purchased(email, _purchase_reason(purchase))
+                raise _already_purchased(email, _purchase_reason(purchase), purchase)
 
             address = (email_of(s, email.customer_id) or "").strip()
             if not address:
@@ -666,7 +667,7 @@ class EmailActivities:
                 )
                 if claimed:
                     s.commit()  # the skip must outlive the error raised next
-                    raise _already_purchased(email, reason)
+                    raise _already_purchased(email, reason, purchase)
         if not claimed:
             raise ApplicationError(
                 f"attempt {attempt} of email {email.key} was overtaken by another attempt "
@@ -807,10 +808,29 @@ def _purchase_reason(order: Order) -> str:
     return f"already purchased: order {order.order_id!r} completed {when}"
 
 
-def _already_purchased(email: SendEmailInput, reason: str) -> ApplicationError:
+def _already_purchased(email: SendEmailInput, reason: str, order: Order | None) -> ApplicationError:
+    """The ``AlreadyPurchased`` error; its one detail is the order found (when it still is).
+
+    The journey converts on that order: the order's event may never reach it (it was routed
+    before the journey started, or it arrives while the journey ends). The detail is a plain
+    dict (``order_id``, ``total_minor``, ``currency``, ``coupon``, ``completed_at`` in seconds
+    since the epoch), so the workflow sandbox decodes it without this module's types.
+    """
+    details = []
+    if order is not None:
+        details.append(
+            {
+                "order_id": order.order_id,
+                "total_minor": order.total_minor,
+                "currency": order.currency,
+                "coupon": order.coupon,
+                "completed_at": order.completed_at.timestamp(),
+            }
+        )
     return ApplicationError(
         f"the {email.step} email is not sent: {reason}, at or after the events that started "
         "the journey",
+        *details,
         type=ALREADY_PURCHASED,
         non_retryable=True,
     )

@@ -75,6 +75,9 @@ class CartCarryOver:
     story: list[str] = field(default_factory=list)
     #: When the journey's first event happened (epoch seconds); see ``Journey.started_at``.
     started_at: float | None = None
+    #: When the newest order an earlier generation converted happened (epoch seconds); see
+    #: ``Journey.orders_until``.
+    orders_until: float | None = None
 
 
 @dataclass
@@ -119,6 +122,45 @@ def _quantity(props: dict[str, Any], default: int = 1) -> int:
     return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
 
 
+def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
+    """One ``Cart Viewed`` listing what ``run`` (cart events, oldest first) leaves in an empty
+    cart, each line with the product properties it was last added with (its currency
+    written out, as the snapshot names none)."""
+    lines: dict[str, tuple[dict[str, Any], int]] = {}
+    for event in run:
+        props = event.properties
+        if event.name in ("Product Added", "Product Removed"):
+            product = _product(props)
+            if product is None:
+                continue
+            had = lines.get(product.product_id)
+            if event.name == "Product Added":
+                quantity = (had[1] if had else 0) + _quantity(props)
+                lines[product.product_id] = ({**props, "currency": product.currency}, quantity)
+            elif had is not None:
+                left = had[1] - _quantity(props, default=had[1])
+                if left > 0:
+                    lines[product.product_id] = (had[0], left)
+                else:
+                    del lines[product.product_id]
+        elif isinstance(props.get("products"), list):
+            currency = currency_of(props.get("currency"))
+            lines = {}
+            for item in props["products"]:
+                if isinstance(item, dict) and (product := _product(item, currency)) is not None:
+                    item_props = {**item, "currency": product.currency}
+                    lines[product.product_id] = (item_props, _quantity(item))
+    products = [{**props, "quantity": quantity} for props, quantity in lines.values()]
+    first, last = run[0], run[-1]
+    return JourneyEvent(
+        seq=last.seq,
+        name="Cart Viewed",
+        message_id=last.message_id,
+        occurred_at=first.occurred_at,  # the journey began when the run's first event happened
+        properties={"products": products},
+    )
+
+
 @workflow.defn(name="CartAbandonment")
 class CartAbandonment(Journey):
     kind = "cart-abandonment"
@@ -134,6 +176,7 @@ class CartAbandonment(Journey):
             generation=start.generation,
             started_at=carried.started_at if carried else None,
             pending=start.pending,
+            orders_until=carried.orders_until if carried else None,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []
@@ -168,12 +211,36 @@ class CartAbandonment(Journey):
         return CartJourneyInput(
             customer_id=self.customer_id,
             settings=self.settings,
-            carried=CartCarryOver([], self.last_seq, workflow.now().timestamp(), self.story),
+            carried=CartCarryOver(
+                [],
+                self.last_seq,
+                workflow.now().timestamp(),
+                self.story,
+                orders_until=self.converted_until(),
+            ),
             generation=self.generation + 1,
             pending=events,
         )
 
     # ---- the cart ---------------------------------------------------------------------------
+
+    def collapse_held(self, held: list[JourneyEvent]) -> list[JourneyEvent]:
+        """Fold each run of held cart events (between orders) into one ``Cart Viewed`` that
+        lists what the run leaves in the cart: the next journey takes each run on an empty
+        cart (a run after an order starts yet another journey), so the cart comes out the same.
+        """
+        collapsed: list[JourneyEvent] = []
+        run: list[JourneyEvent] = []
+        for event in [*held, None]:
+            if event is not None and event.name in CART_EVENTS:
+                run.append(event)
+                continue
+            if run:
+                collapsed.append(_snapshot(run))
+                run = []
+            if event is not None:
+                collapsed.append(event)
+        return collapsed
 
     def on_event(self, event: JourneyEvent) -> None:
         if event.name not in CART_EVENTS:
@@ -271,6 +338,7 @@ class CartAbandonment(Journey):
                             self.last_change,
                             self.story,
                             self.started_at,
+                            self.orders_until,
                         ),
                         generation=self.generation,
                     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar, cast
 
 from temporalio import workflow
@@ -61,6 +61,9 @@ AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
 EMAIL_LINK_CLICKED = "Email Link Clicked"
 
+#: How far after a converted order the next generation's orders count (seconds): "after" it
+#: even where a stored time rounds to the microsecond.
+ORDER_AFTER = 0.001
 #: Temporary failures retry with backoff; what retrying cannot fix is non-retryable.
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -71,7 +74,13 @@ RETRY = RetryPolicy(
 SEND_DEADLINE = timedelta(hours=12)
 #: A worker that dies mid-activity is noticed within this, and the activity runs again.
 HEARTBEAT = timedelta(seconds=10)
-#: Events kept for the next journey while one ends; more are dropped (and said in the story).
+#: How long the journey's end tries to take the shopper out of an audience before it parks
+#: the removal for the audience sweeper (which retries it later): short, so a platform that
+#: is down does not keep the events that came meanwhile from the customer's next journey.
+REMOVAL_DEADLINE = timedelta(minutes=10)
+#: Events other than orders kept for the next journey while one ends; past it, what the next
+#: journey does not need goes first, then the journey collapses its own (the cart's), and
+#: only then the oldest go (said in the story). An ``Order Completed`` is never dropped.
 MAX_HELD_EVENTS = 20
 
 
@@ -137,6 +146,25 @@ def purchase_from(event: JourneyEvent) -> Purchase:
     )
 
 
+def _found_order(error: ApplicationError) -> Purchase | None:
+    """The order an ``AlreadyPurchased`` error names in its details (activities/email.py),
+    or None when it names none (an older worker) or names it in a shape not understood."""
+    details = error.details
+    found = details[0] if details else None
+    if not isinstance(found, dict):
+        return None
+    try:
+        return Purchase(
+            order_id=str(found["order_id"]),
+            value_minor=int(found["total_minor"]),
+            currency=str(found["currency"]),
+            coupon=found.get("coupon") if isinstance(found.get("coupon"), str) else None,
+            occurred_at=datetime.fromtimestamp(float(found["completed_at"]), UTC),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
 class Journey:
     """Base of every journey workflow. Subclasses set ``kind`` and write ``run``."""
 
@@ -154,6 +182,7 @@ class Journey:
         generation: int = 0,
         started_at: float | None = None,
         pending: list[JourneyEvent] | None = None,
+        orders_until: float | None = None,
     ) -> None:
         """Set up the kit's state. Call it from the journey's ``@workflow.init``.
 
@@ -166,6 +195,8 @@ class Journey:
             started_at: when the events that started the journey happened (epoch seconds).
             pending: events handed over by the journey that ended before this one, taken
                 before any other.
+            orders_until: when the newest order an earlier generation converted happened
+                (epoch seconds): orders until then do not stop this journey's emails.
         """
         self.customer_id = customer_id
         self.last_seq = last_seq
@@ -174,12 +205,15 @@ class Journey:
         self.started_at = started_at
         self.held: list[JourneyEvent] = []
         self._pending: list[JourneyEvent] = list(pending or [])
+        self.orders_until = orders_until
         self._exit_timers = 0
         self._timers: set[asyncio.Task[None]] = set()
         self.step = "started"
         self.completed_step = "started"
         self.outcome: str | None = None
         self.exit_reason: str | None = None
+        #: What must still hold for a waited exit (``exit_unless_undone``) when it is taken.
+        self._exit_still: Callable[[], bool] | None = None
         self.purchase: Purchase | None = None
         self.engaged: set[str] = set()
         self.audiences: dict[str, str] = {}
@@ -223,10 +257,29 @@ class Journey:
             self._accept(event)
 
     def _hold(self, event: JourneyEvent) -> None:
-        if len(self.held) < MAX_HELD_EVENTS:
-            self.held.append(event)
-        else:
-            self.tell(f"dropped a {event.name} event: {MAX_HELD_EVENTS} already wait")
+        self.held.append(event)
+        if self._held_over_cap():
+            # Neither a start event nor an order (an open of this journey's email): the next
+            # journey has no use for it.
+            needed = self.starts_on | {ORDER_COMPLETED}
+            spare = [e for e in self.held if e.name not in needed]
+            if spare:
+                self.held.remove(spare[0])
+            else:
+                self.held = self.collapse_held(self.held)
+        if self._held_over_cap():
+            oldest = next(e for e in self.held if e.name != ORDER_COMPLETED)
+            self.held.remove(oldest)
+            self.tell(f"dropped a {oldest.name} event: {MAX_HELD_EVENTS} already wait")
+
+    def _held_over_cap(self) -> bool:
+        return sum(e.name != ORDER_COMPLETED for e in self.held) > MAX_HELD_EVENTS
+
+    def collapse_held(self, held: list[JourneyEvent]) -> list[JourneyEvent]:
+        """Events held for the next journey, past the cap: give back fewer that mean the same
+        (a cart journey folds its cart events into one snapshot). Orders must stay, in place.
+        """
+        return held
 
     def _take(self, event: JourneyEvent) -> None:
         if event.name == ORDER_COMPLETED:
@@ -261,6 +314,7 @@ class Journey:
         beats any other: a shop that empties the cart at checkout still gets a conversion)."""
         if self.exit_reason is None or outcome == "purchased":
             self.exit_reason = outcome
+            self._exit_still = None
 
     def exit_unless_undone(self, outcome: str, seconds: float, still: Callable[[], bool]) -> None:
         """Ask the journey to end with ``outcome`` in ``seconds`` if ``still()`` holds then
@@ -268,17 +322,35 @@ class Journey:
         call replaces an earlier one."""
         self._exit_timers += 1
         mine = self._exit_timers
+        if self._exit_still is not None:
+            # An earlier one ended its wait but is not taken yet: this one decides instead.
+            self.exit_reason = None
+            self._exit_still = None
 
         async def decide() -> None:
             await workflow.sleep(seconds, summary=f"grace before ending {outcome}")
-            if mine == self._exit_timers and still():
+            if mine == self._exit_timers and still() and self.exit_reason is None:
                 self.exit_with(outcome)
+                self._exit_still = still
 
         task = asyncio.create_task(decide())
         self._timers.add(task)  # a reference, so the task is not collected while it sleeps
         task.add_done_callback(self._timers.discard)
 
     def check_exit(self) -> None:
+        """End the journey if it must, judging a waited exit on the state as it is now.
+
+        A grace can end while the journey is inside an activity (a send retrying), when no
+        wait watches for the refill that undoes it; so the exit is decided here, as the journey
+        would leave, not when the timer fired.
+
+        Raises:
+            JourneyExit: the journey must end.
+        """
+        if self._exit_still is not None and not self._exit_still():
+            self.tell(f"no longer ending {self.exit_reason}: it was undone meanwhile")
+            self.exit_reason = None
+            self._exit_still = None
         if self.exit_reason is not None:
             raise JourneyExit(self.exit_reason)
 
@@ -382,6 +454,10 @@ class Journey:
             # The email activity refuses to send if the customer ordered since the journey's
             # first event happened (an order that overtook it, or one not yet routed).
             email.ordered_since = self.started_at
+        if email.ordered_since is not None and self.orders_until is not None:
+            # ...but not on the order an earlier generation converted: a browser clock a few
+            # minutes slow dates the next cart before it.
+            email.ordered_since = max(email.ordered_since, self.orders_until + ORDER_AFTER)
         result = await self.call(
             "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
         )
@@ -412,7 +488,7 @@ class Journey:
                     change,
                     result_type=AudienceResult,
                     start_to_close_timeout=timedelta(minutes=1),
-                    schedule_to_close_timeout=SEND_DEADLINE,
+                    schedule_to_close_timeout=REMOVAL_DEADLINE,
                     retry_policy=RETRY,
                 )
             except ActivityError as err:
@@ -458,6 +534,9 @@ class Journey:
                 f"did not send the {step} email: an order placed since the journey began "
                 "was found before sending"
             )
+            if self.purchase is None:
+                # Its event may never reach this journey: convert on the order it was told of.
+                self.purchase = _found_order(cause)
             return JourneyExit("purchased")
         if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
             self.tell("the shopper has no known email address")
@@ -497,11 +576,20 @@ class Journey:
             self.tell(f"ignored {len(self.held)} event(s) that came as the journey ended")
         return result
 
+    def converted_until(self) -> float | None:
+        """When the newest order this journey or an earlier generation converted happened
+        (epoch seconds), for the next generation's ``orders_until``."""
+        times = [self.orders_until] if self.orders_until is not None else []
+        if self.outcome == "purchased" and self.purchase is not None:
+            times.append(self.purchase.occurred_at.timestamp())
+        return max(times, default=None)
+
     def next_journey(self, events: list[JourneyEvent]) -> Any:
         """The input of this journey's next generation, which takes ``events`` first.
 
         Journeys with ``starts_on`` implement it: the same customer and settings, generation
-        ``self.generation + 1``, ``last_seq``, the story, and ``events`` as its pending events.
+        ``self.generation + 1``, ``last_seq``, the story, ``events`` as its pending events,
+        and :meth:`converted_until` as its ``orders_until``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement next_journey")
 
@@ -510,6 +598,8 @@ class Journey:
         self.outcome = outcome
         self.tell(f"journey ended: {outcome}")
         await self.leave_audiences()
+        if outcome == "purchased" and self.purchase is None:
+            self._purchase_from_held()
         purchase = self.purchase if outcome == "purchased" else None
         if purchase is not None:
             conversion = ConversionInput(
@@ -536,6 +626,30 @@ class Journey:
             order_id=purchase.order_id if purchase else None,
             coupon_code=purchase.coupon if purchase else None,
         )
+
+    def _purchase_from_held(self) -> None:
+        """Take the first held ``Order Completed`` as the purchase of a journey that ended
+        ``purchased`` without one (an order found before sending, routed as it ended).
+
+        Only one held before any event that starts a journey: an order after a new cart may
+        be that cart's, and goes to the next journey with it.
+        """
+        order = None
+        for event in self.held:
+            if event.name in self.starts_on:
+                return
+            if event.name == ORDER_COMPLETED:
+                order = event
+                break
+        if order is None:
+            return
+        self.held.remove(order)  # converted here, so not handed to the next journey
+        try:
+            self.purchase = purchase_from(order)
+        except Exception:  # a malformed event must never wedge the journey
+            workflow.logger.exception("ignored a malformed Order Completed seq %s", order.seq)
+            return
+        self.tell("the order found before sending arrived: it is this journey's conversion")
 
     # ---- bookkeeping for operators ---------------------------------------------------------
 

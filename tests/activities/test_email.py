@@ -655,6 +655,17 @@ def add_order(url: str, order_id: str, completed_at: datetime, customer_id: str 
         )
 
 
+def found(order_id: str, completed_at: datetime) -> dict[str, object]:
+    """The order an ``AlreadyPurchased`` error carries, as ``add_order`` stored it."""
+    return {
+        "order_id": order_id,
+        "total_minor": 3998,
+        "currency": "USD",
+        "coupon": None,
+        "completed_at": completed_at.timestamp(),
+    }
+
+
 def since_start(email: SendEmailInput | None = None) -> SendEmailInput:
     return replace(email or request(), ordered_since=STARTED.timestamp())
 
@@ -673,6 +684,8 @@ async def test_an_order_since_the_journey_started_stops_the_send_for_good(
     for error in (first, again):
         assert (error.type, error.non_retryable) == (ALREADY_PURCHASED, True)
         assert "o-1" in error.message and "cart_email" in error.message
+        # The journey converts on the order it was told of (it may never be routed to it).
+        assert list(error.details) == [found("o-1", STARTED)]
     assert smtp_server.connections == 0
     row = outbox(database_url)
     assert row is not None and row.status == SKIPPED
@@ -716,6 +729,8 @@ async def test_an_order_stored_during_the_smtp_conversation_stops_it_before_data
     assert row is not None and row.status == SKIPPED
     again = await refused(settings, since_start())
     assert again.type == ALREADY_PURCHASED
+    found_then = found("o-2", STARTED + timedelta(minutes=5))
+    assert list(caught.value.details) == list(again.details) == [found_then]
     assert smtp_server.connections == 1
 
 

@@ -7,13 +7,18 @@ where a test swaps one activity by name to hold it or to script its answer (said
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlmodel import select
 from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
 from activities.ads import AudienceActivities
+from activities.email import EmailActivities
 from activities.types import (
     ALREADY_PURCHASED,
     AudienceChange,
@@ -22,7 +27,7 @@ from activities.types import (
     SendEmailResult,
 )
 from kaeru.db import session
-from kaeru.models import EmailMessage
+from kaeru.models import AudienceJoin, EmailMessage, Order
 from tests.conftest import make_settings
 from tests.workflows.conftest import (
     DAY,
@@ -34,7 +39,7 @@ from tests.workflows.conftest import (
     worker_with,
 )
 from workflows.cart_abandonment import CartJourneySettings
-from workflows.kit import EVENT_SIGNAL
+from workflows.kit import EVENT_SIGNAL, MAX_HELD_EVENTS
 
 MINUTE = 60.0
 
@@ -173,6 +178,74 @@ async def test_an_order_found_before_sending_ends_purchased(shopper: Shopper) ->
     assert shopper.touchpoints("conversion") == []
 
 
+async def test_an_order_found_before_sending_is_the_journeys_conversion(shopper: Shopper) -> None:
+    """The real ``send_email`` finds the stored order; its event never reaches the journey."""
+    await shopper.cart("Product Added", **SHOE)
+    with session(shopper.db) as s:
+        s.add(
+            Order(
+                order_id="o-stored",
+                customer_id=shopper.customer_id,
+                total_minor=4200,
+                currency="EUR",
+                completed_at=datetime.now(UTC),
+            )
+        )
+    await shopper.skip(DAY + MINUTE)
+    result = await shopper.handle.result()
+    assert (result.outcome, result.order_id) == ("purchased", "o-stored")
+    [conversion] = shopper.touchpoints("conversion")
+    assert (conversion.order_id, conversion.value_minor, conversion.currency) == (
+        "o-stored",
+        4200,
+        "EUR",
+    )
+    assert shopper.emails() == []
+
+
+@pytest.mark.parametrize("new_cart_first", [False, True], ids=["order", "cart-then-order"])
+async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
+    shopper: Shopper, new_cart_first: bool
+) -> None:
+    """An older worker's ``send_email`` says ``AlreadyPurchased`` for the offer without naming
+    the order; ``remove_from_audience`` is held (then runs for real) so the order's event
+    arrives while the journey ends. After a new cart, the order may be that cart's: it goes
+    to the next journey with it (which converts it), not to the one ending."""
+    emails = EmailActivities(make_settings(shopper.db, smtp_port=shopper.smtp.port))
+    audiences = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def older_worker(email: SendEmailInput) -> SendEmailResult:
+        if email.step == "offer_email":
+            raise ApplicationError("ordered", type=ALREADY_PURCHASED, non_retryable=True)
+        return await emails.send_email(email)
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await audiences.remove_from_audience(change)
+
+    async with worker_with(shopper, send_email=older_worker, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        await shopper.signal("Ad Clicked")
+        skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
+        await asyncio.wait_for(held.wait(), timeout=30)
+        if new_cart_first:
+            await shopper.cart("Product Added", **SOCK)
+        await shopper.purchase("o-found")  # the order the send found, routed only now
+        release.set()
+        await asyncio.wait_for(skipping, timeout=60)
+        result = await asyncio.wait_for(shopper.handle.result(), timeout=60)
+        status = await shopper.status()
+    assert (result.outcome, result.order_id) == ("purchased", "o-found")
+    assert any("new journey" in line for line in status.story) == new_cart_first
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-found"
+    assert shopper.audience() == []
+
+
 # ---- item 2: events that arrive while a journey ends start the next one ------------------------
 
 
@@ -207,6 +280,104 @@ async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Sh
     with session(shopper.db) as s:
         keys = [m.key for m in s.exec(select(EmailMessage))]
     assert len(set(keys)) == 2  # the next journey's steps have keys of their own
+
+
+async def test_many_events_while_the_journey_ends_keep_the_order_and_the_cart(
+    shopper: Shopper,
+) -> None:
+    """``remove_from_audience`` is held (then runs for real) to keep ``finish`` busy while
+    more events than the held-event cap arrive: the cart collapses, the order is kept."""
+    held, release = asyncio.Event(), asyncio.Event()
+    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await real.remove_from_audience(change)
+
+    socks = MAX_HELD_EVENTS + 5
+    async with worker_with(shopper, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        await shopper.purchase("o-1")
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.cart("Product Added", **SHOE)  # the next cart, while the first journey ends
+        for _ in range(socks):
+            await shopper.cart("Product Added", **{**SOCK, "quantity": 1})
+        await shopper.purchase("o-2")  # ...and its order, past the cap
+        release.set()
+        result = await asyncio.wait_for(shopper.handle.result(), timeout=60)
+        status = await shopper.status()
+    assert (result.outcome, result.order_id) == ("purchased", "o-2")
+    assert status.details["cart"] == f"1× Trail Shoe, {socks}× Wool Socks"
+    assert sorted(str(c.order_id) for c in shopper.touchpoints("conversion")) == ["o-1", "o-2"]
+    assert shopper.audience() == []
+
+
+async def test_a_failing_removal_is_parked_within_minutes(shopper: Shopper) -> None:
+    """``remove_from_audience`` is swapped for one that always fails as a down platform does
+    (retryable): the journey parks it for the sweeper instead of retrying for half a day."""
+
+    @activity.defn(name="remove_from_audience")
+    async def platform_down(change: AudienceChange) -> AudienceResult:
+        raise ApplicationError("Meta answered HTTP 503")
+
+    async with worker_with(shopper, remove_from_audience=platform_down):
+        await reach_ad_audience(shopper)
+        await shopper.purchase("o-1")
+        await shopper.skip(15 * MINUTE)
+        description = await shopper.handle.describe()
+        assert description.status == WorkflowExecutionStatus.COMPLETED
+    with session(shopper.db) as s:
+        [parked] = s.exec(select(AudienceJoin)).all()
+    assert parked.left_at is None and "503" in (parked.removal_error or "")
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
+
+
+async def test_the_next_journey_does_not_stop_on_the_order_the_last_one_converted(
+    shopper: Shopper,
+) -> None:
+    """A new cart from a browser whose clock is 5 minutes slow reads as placed before the
+    order the ended journey converted. ``remove_from_audience`` is held (then runs for real)
+    so the cart comes while the first journey ends; the real ``send_email`` checks orders."""
+    held, release = asyncio.Event(), asyncio.Event()
+    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+
+    @activity.defn(name="remove_from_audience")
+    async def slow_removal(change: AudienceChange) -> AudienceResult:
+        held.set()
+        await release.wait()
+        return await real.remove_from_audience(change)
+
+    async with worker_with(shopper, remove_from_audience=slow_removal):
+        await reach_ad_audience(shopper)
+        order = shopper.event("Order Completed", order_id="o-1", total=101.5, currency="USD")
+        with session(shopper.db) as s:  # stored at ingestion, as every order is
+            s.add(
+                Order(
+                    order_id="o-1",
+                    customer_id=shopper.customer_id,
+                    total_minor=10150,
+                    currency="USD",
+                    completed_at=order.occurred_at,
+                )
+            )
+        await shopper.handle.signal(EVENT_SIGNAL, order)
+        await asyncio.wait_for(held.wait(), timeout=30)
+        cart = shopper.event("Product Added", product_id="sock", name="Wool Socks", quantity=2)
+        await shopper.deliver(
+            dataclasses.replace(cart, occurred_at=order.occurred_at - timedelta(minutes=5))
+        )
+        release.set()
+        await asyncio.sleep(0.5)
+        await shopper.skip(DAY + MINUTE)
+        emails = await shopper.wait_for_emails(2)
+        status = await shopper.status()
+    assert "Wool Socks" in text_of(emails[1])
+    assert status.outcome is None and status.step == "cart_email", status.story
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-1"
 
 
 async def test_ordered_since_survives_a_busy_cart_continuing_as_new(shopper: Shopper) -> None:
@@ -256,3 +427,70 @@ async def test_events_redelivered_after_the_end_convert_the_order_once(shopper: 
     assert (await shopper.handle.describe()).run_id != first_run
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-1"
+
+
+# ---- review: an emptied cart's grace that ends during an activity ------------------------------
+
+
+async def test_a_refill_after_the_grace_ended_during_a_send_keeps_the_journey(
+    shopper: Shopper,
+) -> None:
+    """``send_email`` is held (and then says "sent") so the grace ends while it runs."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def slow_send(email: SendEmailInput) -> SendEmailResult:
+        held.set()
+        await release.wait()
+        return SendEmailResult("<m@test>", "c***@shoppers.test", "sent")
+
+    shopper.settings = CartJourneySettings(**{**shopper.settings.__dict__, "empty_grace": 2.0})
+    async with worker_with(shopper, send_email=slow_send):
+        await shopper.cart("Product Added", **SHOE)
+        skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.signal("Product Removed", product_id="shoe")
+        await asyncio.sleep(4)  # the grace ends while the send runs (a slow or retrying SMTP)
+        await shopper.signal("Product Added", **SOCK)  # the shopper refills
+        await asyncio.sleep(0.5)
+        release.set()
+        await asyncio.wait_for(skipping, timeout=60)
+        await shopper.wait_for_step("cart_email")
+        status = await shopper.status()
+        assert status.outcome is None, status.story
+        assert status.details["cart"] == "2× Wool Socks"
+        await shopper.skip(DAY + MINUTE)
+        assert await shopper.outcome() == "not_opened"  # the journey went on with the refill
+
+
+async def test_a_cart_emptied_again_after_such_a_refill_gets_a_grace_of_its_own(
+    shopper: Shopper,
+) -> None:
+    """As above, but the refilled cart is emptied again before the send ends: the order may
+    still follow, so the journey waits a new grace instead of ending as the send returns."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_email")
+    async def slow_send(email: SendEmailInput) -> SendEmailResult:
+        held.set()
+        await release.wait()
+        return SendEmailResult("<m@test>", "c***@shoppers.test", "sent")
+
+    # In real time throughout: skipping would end the new grace at once.
+    shopper.settings = CartJourneySettings(
+        **{**shopper.settings.__dict__, "email_delay": 1.0, "empty_grace": 3.0}
+    )
+    async with worker_with(shopper, send_email=slow_send):
+        await shopper.cart("Product Added", **SHOE)
+        await asyncio.wait_for(held.wait(), timeout=30)
+        await shopper.signal("Product Removed", product_id="shoe")
+        await asyncio.sleep(5)  # the first grace ends while the send runs
+        await shopper.signal("Product Added", **SOCK)
+        await shopper.signal("Product Removed", product_id="sock")  # checkout empties it
+        release.set()
+        await asyncio.sleep(0.5)
+        assert (await shopper.status()).outcome is None  # within the new grace
+        await shopper.purchase("o-after-checkout")
+        assert await shopper.outcome() == "purchased"
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-after-checkout"
