@@ -173,6 +173,18 @@ class Journey:
     #: Events that start this journey when none is live (the router's table reads it).
     starts_on: ClassVar[frozenset[str]] = frozenset()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A journey that starts on events must say how its next generation starts: checked
+        when the class is defined (the worker's import), not at a journey's end, where a
+        missing method would fail every workflow task of a journey already running."""
+        super().__init_subclass__(**kwargs)
+        if cls.starts_on and cls.next_journey is Journey.next_journey:
+            raise TypeError(
+                f"{cls.__name__} starts on {sorted(cls.starts_on)} but does not define "
+                "next_journey(events): return its input for the next generation (see "
+                "docs/writing-a-journey.md)"
+            )
+
     def _begin(
         self,
         customer_id: str,
@@ -562,12 +574,13 @@ class Journey:
             await self.finish("cancelled")
             raise
         first_start = next((i for i, e in enumerate(self.held) if e.name in self.starts_on), None)
-        if first_start is not None and workflow.patched(HAND_OVER_LATE_EVENTS):
-            events = self.held[first_start:]
+        events = [] if first_start is None else self.held[first_start:]
+        next_input = self.next_journey(events) if events else None
+        if next_input is not None and workflow.patched(HAND_OVER_LATE_EVENTS):
             self.tell(f"a new journey began with {len(events)} event(s) that came as this ended")
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(
-                self.next_journey(events),
+                next_input,
                 search_attributes=TypedSearchAttributes(
                     self.start_search_attributes(self.customer_id)
                 ),
@@ -584,14 +597,16 @@ class Journey:
             times.append(self.purchase.occurred_at.timestamp())
         return max(times, default=None)
 
-    def next_journey(self, events: list[JourneyEvent]) -> Any:
-        """The input of this journey's next generation, which takes ``events`` first.
+    def next_journey(self, events: list[JourneyEvent]) -> Any | None:
+        """The input of this journey's next generation, which takes ``events`` first; None:
+        no next generation (the base, for journeys that start on no event).
 
-        Journeys with ``starts_on`` implement it: the same customer and settings, generation
-        ``self.generation + 1``, ``last_seq``, the story, ``events`` as its pending events,
-        and :meth:`converted_until` as its ``orders_until``.
+        Journeys with ``starts_on`` must define it (checked when the class is defined): the
+        same customer and settings, generation ``self.generation + 1``, ``last_seq``, the
+        story, ``events`` as its pending events, and :meth:`converted_until` as its
+        ``orders_until``.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement next_journey")
+        return None
 
     async def finish(self, outcome: str) -> JourneyResult:
         """End the journey: leave every audience, store a conversion, publish the outcome."""

@@ -39,7 +39,7 @@ from tests.workflows.conftest import (
     worker_with,
 )
 from workflows.cart_abandonment import CartJourneySettings
-from workflows.kit import EVENT_SIGNAL, MAX_HELD_EVENTS
+from workflows.kit import EVENT_SIGNAL, MAX_HELD_EVENTS, Journey
 
 MINUTE = 60.0
 
@@ -494,3 +494,18 @@ async def test_a_cart_emptied_again_after_such_a_refill_gets_a_grace_of_its_own(
         assert await shopper.outcome() == "purchased"
     [conversion] = shopper.touchpoints("conversion")
     assert conversion.order_id == "o-after-checkout"
+
+
+def test_a_journey_that_starts_on_events_must_say_how_its_next_generation_starts() -> None:
+    """Checked when the class is defined: a missing next_journey would otherwise fail every
+    workflow task of a journey that reached its end with a new cart held."""
+    with pytest.raises(TypeError, match="does not define next_journey"):
+
+        class Forgetful(Journey):
+            kind = "forgetful"
+            starts_on = frozenset({"Product Viewed"})
+
+    class Listener(Journey):  # starts on nothing: no next generation needed
+        kind = "listener"
+
+    assert Listener.starts_on == frozenset()
