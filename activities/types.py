@@ -76,6 +76,15 @@ class SendEmailInput:
     #: customer has a stored order that happened at or after this moment. Journeys set it to
     #: when the events that started them happened.
     ordered_since: float | None = None
+    #: What the template renders: the journey's typed context (a dataclass) as a dict. Empty
+    #: for messages of journeys that predate it (the cart fields above fill the cart templates).
+    context: dict[str, Any] = field(default_factory=dict)
+    #: A marketing message (consent applies) or, when False, a transactional one (an order
+    #: confirmation: sent whatever the customer's marketing consent).
+    marketing: bool = True
+    #: What the message is about (for example ``cart:<fingerprint>``): one customer never gets
+    #: two marketing messages on the same topic, from whichever journey.
+    topic: str | None = None
 
 
 @dataclass

@@ -264,6 +264,12 @@ class Settings(BaseSettings):
         "failed for good (each failing one waits longer, up to a day)",
     )
 
+    # ---- stream B (messages) settings ----
+
+    # ---- stream C (identity, carts) settings ----
+
+    # ---- stream D (dev stack, API) settings ----
+
     @field_validator("*", mode="before")
     @classmethod
     def _seconds_or_iso(cls, value: object, info: ValidationInfo) -> object:
