@@ -52,6 +52,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
     """Every activity, with its clients injected once."""
     email = EmailActivities(settings)
     ads = AudienceActivities(settings, http)
+    recommendations = RecommendationActivities(settings)
     return [
         email.send_email,
         ads.add_to_audience,
@@ -59,7 +60,8 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         ads.park_audience_removal,
         ads.retry_audience_removals,
         CouponActivities(settings).issue_coupon,
-        RecommendationActivities(settings).recommend_products,
+        recommendations.recommend_products,
+        recommendations.look_up_products,
         ConversionActivities(settings).record_conversion,
     ]
 

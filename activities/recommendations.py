@@ -22,7 +22,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 from temporalio import activity
 
-from activities.types import ProductInfo, RecommendInput, RecommendResult
+from activities.types import LookUpProducts, ProductInfo, RecommendInput, RecommendResult
 from kaeru.db import session
 from kaeru.models import OrderLine, Product
 from kaeru.settings import Settings
@@ -89,6 +89,16 @@ def _popular(s: Session, exclude: set[str], limit: int) -> list[ProductInfo]:
     return [_info(p) for p in s.exec(query)]
 
 
+def look_up(s: Session, product_ids: list[str]) -> list[ProductInfo]:
+    """The catalogue's products among ``product_ids``, in the order asked (each once); ids
+    the catalogue does not hold are left out."""
+    wanted = list(dict.fromkeys(product_ids))
+    found = {
+        p.product_id: p for p in s.exec(select(Product).where(col(Product.product_id).in_(wanted)))
+    }
+    return [_info(found[i]) for i in wanted if i in found]
+
+
 def _info(product: Product) -> ProductInfo:
     return ProductInfo(
         product_id=product.product_id,
@@ -101,7 +111,7 @@ def _info(product: Product) -> ProductInfo:
 
 
 class RecommendationActivities:
-    """The ``recommend_products`` activity, with its settings injected."""
+    """The ``recommend_products`` and ``look_up_products`` activities, with their settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -114,3 +124,13 @@ class RecommendationActivities:
     def _recommend(self, request: RecommendInput) -> RecommendResult:
         with session(self.settings.resolved_database_url) as s:
             return recommend(s, request.product_ids, request.limit)
+
+    @activity.defn(name="look_up_products")
+    async def look_up_products(self, request: LookUpProducts) -> RecommendResult:
+        """The catalogue's name, price, image and link of each of ``request.product_ids``: what
+        a journey shows of products it knows only by id, or a price it watches."""
+        return await asyncio.to_thread(self._look_up, request)
+
+    def _look_up(self, request: LookUpProducts) -> RecommendResult:
+        with session(self.settings.resolved_database_url) as s:
+            return RecommendResult(products=look_up(s, request.product_ids), source="catalogue")

@@ -60,6 +60,13 @@ class RecommendResult:
 
 
 @dataclass
+class LookUpProducts:
+    """Products to read from the shop's catalogue (as its server-key events describe them)."""
+
+    product_ids: list[str]
+
+
+@dataclass
 class SendEmailInput:
     key: str
     journey_id: str

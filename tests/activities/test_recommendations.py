@@ -5,7 +5,7 @@ from __future__ import annotations
 from temporalio.testing import ActivityEnvironment
 
 from activities.recommendations import RecommendationActivities
-from activities.types import RecommendInput, RecommendResult
+from activities.types import LookUpProducts, RecommendInput, RecommendResult
 from tests.activities.factories import add_order, add_products
 from tests.conftest import make_settings
 
@@ -78,3 +78,14 @@ async def test_empty_shop_and_zero_limit(database_url: str) -> None:
     assert await recommend(database_url, ["a"]) == RecommendResult([], "popular")
     shop_history(database_url)
     assert ids(await recommend(database_url, ["a"], limit=0)) == []
+
+
+async def test_look_up_reads_the_catalogue_in_the_order_asked(database_url: str) -> None:
+    add_products(database_url, "a", "b", "c")
+    activities = RecommendationActivities(make_settings(database_url))
+    result: RecommendResult = await ActivityEnvironment().run(
+        activities.look_up_products, LookUpProducts(["c", "missing", "a", "c"])
+    )
+    assert ids(result) == ["c", "a"]
+    assert result.source == "catalogue"
+    assert result.products[0].name == "Product c"
