@@ -36,6 +36,10 @@ with workflow.unsafe.imports_passed_through():
 #: ``workflow.patched`` id: an emptied cart waits ``empty_grace`` for a purchase (or a refill)
 #: before the journey ends, and is judged as it is then.
 CART_EMPTY_GRACE = "cart-empty-grace"
+#: ``workflow.patched`` id: a cart event's ``cart`` property (the customer's whole cart after
+#: it, as ingestion stored it) is the cart, so a journey that starts after an earlier one
+#: ended sees the whole cart, not only the newest item.
+CART_FROM_DATABASE = "cart-from-database"
 
 CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
 #: Caps that keep a journey's state (and so every workflow task) small whatever the shop
@@ -180,6 +184,15 @@ def _quantity(props: dict[str, Any], default: int = 1) -> int:
     return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
 
 
+def _lines(items: list[Any], currency: str) -> list[CartLine]:
+    """Cart lines from a product list (a ``Cart Viewed``'s ``products``, a stored ``cart``)."""
+    return [
+        CartLine(product=product, quantity=_quantity(item))
+        for item in items[:MAX_CART_LINES]
+        if isinstance(item, dict) and (product := _product(item, currency)) is not None
+    ]
+
+
 def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
     """One ``Cart Viewed`` listing what ``run`` (cart events, oldest first) leaves in an empty
     cart, each line with the product properties it was last added with (its currency
@@ -210,6 +223,8 @@ def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
                     lines[product.product_id] = (item_props, _quantity(item))
     products = [{**props, "quantity": quantity} for props, quantity in lines.values()]
     first, last = run[0], run[-1]
+    if isinstance(last.properties.get("cart"), list):
+        products = list(last.properties["cart"])  # the stored cart after the run: the truth
     return JourneyEvent(
         seq=last.seq,
         name="Cart Viewed",
@@ -330,6 +345,11 @@ class CartAbandonment(Journey[CartJourneySettings]):
     def apply_cart_change(self, event: JourneyEvent) -> bool:
         """Update the cart from one cart event. True if the event said what the cart holds."""
         props = event.properties
+        stored = props.get("cart")
+        if isinstance(stored, list) and workflow.patched(CART_FROM_DATABASE):
+            self.cart = _lines(stored, currency_of(props.get("currency")))
+            self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
+            return True
         if event.name in ("Product Added", "Product Removed"):
             product = _product(props)
             if product is None:
@@ -350,12 +370,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             return True
         if not isinstance(props.get("products"), list):
             return False
-        currency = currency_of(props.get("currency"))
-        self.cart = [
-            CartLine(product=product, quantity=_quantity(item))
-            for item in props["products"][:MAX_CART_LINES]
-            if isinstance(item, dict) and (product := _product(item, currency)) is not None
-        ]
+        self.cart = _lines(props["products"], currency_of(props.get("currency")))
         self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
         return True
 

@@ -217,6 +217,31 @@ async def test_duplicate_events_have_one_effect(shopper: Shopper) -> None:
     assert len(shopper.touchpoints("conversion")) == 1
 
 
+async def test_a_journey_starting_after_an_earlier_one_sees_the_whole_stored_cart(
+    shopper: Shopper,
+) -> None:
+    """Ingestion stores the cart and puts it in every cart event (``cart``): a journey that
+    starts on a sock added to a cart that already held a shoe (an earlier journey ended with
+    it) has both in its cart, and its email lists both."""
+    shoe = {**SHOE, "currency": "USD", "image_url": None, "url": None}
+    sock = {**SOCK, "currency": "USD", "image_url": None, "url": None}
+    await shopper.cart("Product Added", **SOCK, cart=[shoe, sock])
+    assert (await shopper.status()).details["cart"] == "1× Trail Shoe, 2× Wool Socks"
+    await shopper.cart("Product Removed", product_id="sock", cart=[shoe])
+    assert (await shopper.status()).details["cart"] == "1× Trail Shoe"
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    [email] = await shopper.wait_for_emails(1)
+    assert "Trail Shoe" in str(email) and "Wool Socks" not in str(email)
+
+
+async def test_an_empty_stored_cart_empties_the_journeys_cart(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE, cart=[{**SHOE, "currency": "USD"}])
+    await shopper.cart("Product Removed", product_id="other", cart=[])
+    await shopper.skip(DAY)
+    assert await shopper.outcome() == "cart_emptied"
+
+
 async def test_busy_cart_continues_as_new_without_losing_state(shopper: Shopper) -> None:
     shopper.settings = CartJourneySettings(**{**SETTINGS.__dict__, "history_limit": 40})
     first = await shopper.cart("Product Added", **SHOE)
