@@ -353,6 +353,9 @@ class Journey(Generic[S]):
         self.ad_clicks = 0
         self.waiting_for: str | None = None
         self.waiting_until: datetime | None = None
+        #: The event that started this journey (this run's first start event), if any: an
+        #: order confirmation reads its order here.
+        self.start_event: JourneyEvent | None = None
         #: The newest events taken, numbered, for :meth:`wait_for`.
         self._taken = 0
         self._recent: list[tuple[int, JourneyEvent]] = []
@@ -391,6 +394,8 @@ class Journey(Generic[S]):
         )
 
     def _accept(self, event: JourneyEvent) -> None:
+        if self.start_event is None and self.starts_with(event):
+            self.start_event = event
         if self.started_at is None and self.starts_with(event):
             self.started_at = event.occurred_at.timestamp()
         try:

@@ -44,3 +44,77 @@ class Hello(Journey[HelloSettings]):
         greeting = "you looked around" if viewed else "welcome"
         await self.send_message("hello", self.settings.template, HelloContext(greeting))
         return await self.finish("greeted")
+
+
+@dataclass
+class ReceiptContext:
+    order_id: str
+
+
+@workflow.defn(name="TestReceipt")
+class Receipt(Journey[None]):
+    """Started by a purchase, so a purchase does not end it; its message is transactional."""
+
+    kind = "test-receipt"
+    starts_on = frozenset({"Order Completed"})
+    ends_on_purchase = False
+
+    @workflow.run
+    async def run(self, start: JourneyInput) -> JourneyResult:
+        return await self.run_journey(self.steps)
+
+    async def steps(self) -> JourneyResult:
+        order = self.start_event
+        order_id = str(order.properties.get("order_id")) if order else "?"
+        await self.send_message(
+            "receipt", "cart_reminder", ReceiptContext(order_id), marketing=False
+        )
+        return await self.finish("sent")
+
+
+@workflow.defn(name="TestBrowse")
+class Browse(Journey[None]):
+    """Gives way to a cart: a ``Product Added`` ends it ``carted``."""
+
+    kind = "test-browse"
+    starts_on = frozenset({"Product Viewed"})
+    exits_on = {"Product Added": "carted"}
+
+    @workflow.run
+    async def run(self, start: JourneyInput) -> JourneyResult:
+        return await self.run_journey(self.steps)
+
+    async def steps(self) -> JourneyResult:
+        await self.pause(4 * 3600, "a cart or an order")
+        return await self.finish("browsed")
+
+
+@dataclass
+class LifeContext:
+    turn: int
+
+
+@workflow.defn(name="TestLifecycle")
+class Lifecycle(Journey[None]):
+    """Lives for ever: a turn a day, continuing as new to keep its history small."""
+
+    kind = "test-lifecycle"
+    starts_on = frozenset({"Signed Up"})
+
+    @workflow.run
+    async def run(self, start: JourneyInput) -> JourneyResult:
+        return await self.run_journey(self.steps)
+
+    def carry(self) -> dict[str, int]:
+        return {"turns": self.turns}
+
+    def restore(self, carried: dict[str, int]) -> None:
+        self.turns = carried["turns"]
+
+    async def steps(self) -> JourneyResult:
+        self.turns = getattr(self, "turns", 0)
+        while self.turns < 12:
+            await self.pause(86400, "the next turn")
+            self.turns += 1
+            await self.continue_as_new_when_due(history_limit=20)
+        return await self.finish(f"turns:{self.turns}")

@@ -11,7 +11,7 @@ from kaeru.journeys import JourneyError, deliveries, discover, load_registry, re
 from kaeru.settings import Settings
 from starter.router import acquire_lease, lease_holder, release_lease
 from tests.conftest import make_settings
-from tests.journeys.hello import Hello
+from tests.journeys.hello import Browse, Hello, Lifecycle, Receipt
 from workflows.cart_abandonment import CART_EVENTS, CartAbandonment, CartJourneySettings
 
 HELLO = "tests.journeys.hello"
@@ -57,9 +57,10 @@ def test_the_workflows_package_is_searched_and_journey_modules_add_to_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert discover() == [CartAbandonment]
-    assert discover(f" {HELLO} ,") == [CartAbandonment, Hello]
+    assert discover(f" {HELLO} ,") == [CartAbandonment, Browse, Hello, Lifecycle, Receipt]
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
-    assert [route.workflow_name for route in registry().routes] == ["CartAbandonment", "TestHello"]
+    names = [route.workflow_name for route in registry().routes]
+    assert names == ["CartAbandonment", "TestBrowse", "TestHello", "TestLifecycle", "TestReceipt"]
     with pytest.raises(JourneyError, match="KAERU_JOURNEY_MODULES names 'shop.nope'"):
         discover("shop.nope")
 
@@ -79,8 +80,25 @@ def test_an_identify_that_changed_a_start_trait_starts_an_enabled_journey(
     assert (on.route.label, on.workflow_id, on.start) == ("Test hello", "test-hello-u1", True)
     (name_only,) = deliveries("identify", "u1", {"changed_traits": ["name"]})
     assert not name_only.start  # reaches a live one, starts none
-    (viewed,) = deliveries("Product Viewed", "u1", {})
-    assert not viewed.start
+    viewed = {d.workflow_id: d.start for d in deliveries("Product Viewed", "u1", {})}
+    assert viewed == {"test-hello-u1": False, "test-browse-u1": True}
+
+
+def test_a_purchase_reaches_every_journey_it_ends_and_starts_the_one_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
+    found = {d.workflow_id: d.start for d in deliveries("Order Completed", "u1", {})}
+    assert found == {
+        "cart-abandonment-u1": False,
+        "test-browse-u1": False,
+        "test-hello-u1": False,
+        "test-lifecycle-u1": False,
+        "test-receipt-u1": True,
+    }
+    # Browse abandonment gives way to a cart: a cart event reaches it, and starts the cart's.
+    added = {d.workflow_id: d.start for d in deliveries("Product Added", "u1", {})}
+    assert added == {"cart-abandonment-u1": True, "test-browse-u1": False}
 
 
 def test_a_disabled_cart_journey_is_never_started_but_a_live_one_still_hears(

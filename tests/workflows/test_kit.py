@@ -5,8 +5,11 @@ registry starts it from an identify with a changed trait, its settings come from
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -104,6 +107,16 @@ class Subscriber:
         return found
 
 
+async def waiting(handle: WorkflowHandle[Any, Any]) -> None:
+    """Wait (in real time) until the journey's first timer started."""
+    for _ in range(200):
+        history = await handle.fetch_history()
+        if any(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in history.events):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the journey never started a timer")
+
+
 @pytest.fixture
 async def subscriber(
     time_skipping_env: WorkflowEnvironment,
@@ -113,6 +126,7 @@ async def subscriber(
 ) -> AsyncIterator[Subscriber]:
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", "tests.journeys.hello")
     monkeypatch.setenv("KAERU_TEST_HELLO_ENABLED", "1")
+    monkeypatch.setenv("KAERU_CART_ENABLED", "false")  # these tests route no cart journey
     monkeypatch.setenv("KAERU_TEST_HELLO_DELAY", "PT2H")
     registry.cache_clear()
     settings = make_settings(sqlite_url, smtp_port=smtp.port)
@@ -122,8 +136,11 @@ async def subscriber(
     async with httpx.AsyncClient() as http, build_worker(time_skipping_env.client, settings, http):
         one = Subscriber(time_skipping_env, smtp, settings, customer_id)
         yield one
-        with contextlib.suppress(RPCError):
-            await one.handle.terminate("test over")
+        # A journey left running without its worker stops time skipping for later tests.
+        for kind in ("test-hello", "test-receipt", "test-browse", "test-lifecycle"):
+            with contextlib.suppress(RPCError):
+                handle = one.env.client.get_workflow_handle(f"{kind}-{customer_id}")
+                await handle.terminate("test over")
     registry.cache_clear()
 
 
@@ -178,3 +195,59 @@ def test_kaeru_settings_table_lists_a_journey_from_journey_modules(
     assert "| `KAERU_TEST_HELLO_ENABLED` | false |" in table
     assert "| `KAERU_TEST_HELLO_DELAY` | `3600` (3600 s) | wait after the sign-up" in table
     assert "| `KAERU_CART_EMAIL_DELAY` | `86400` (1 day) |" in table
+
+
+async def test_a_journey_a_purchase_starts_is_not_ended_by_it(subscriber: Subscriber) -> None:
+    started = await subscriber.route("Order Completed", order_id="o-7", total=10, currency="USD")
+    assert started == 1  # the receipt; the hello (live or not) only hears it
+    receipt = subscriber.env.client.get_workflow_handle(
+        f"test-receipt-{subscriber.customer_id}", result_type=JourneyResult
+    )
+    assert (await receipt.result()).outcome == "sent"
+    history = await receipt.fetch_history()
+    [send] = [
+        json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert send["context"] == {"order_id": "o-7"} and send["marketing"] is False
+
+
+async def test_a_purchase_ends_a_journey_and_another_kinds_start_event_can_too(
+    subscriber: Subscriber,
+) -> None:
+    browse = subscriber.env.client.get_workflow_handle(
+        f"test-browse-{subscriber.customer_id}", result_type=JourneyResult
+    )
+    await subscriber.route("Product Viewed", product_id="p1")
+    await subscriber.route("Product Added", product_id="p1")
+    assert (await browse.result()).outcome == "carted"
+    await subscriber.route("Product Viewed", product_id="p2")
+    await subscriber.route("Order Completed", order_id="o-8", total=10, currency="USD")
+    assert (await browse.result()).outcome == "purchased"
+    receipt = subscriber.env.client.get_workflow_handle(
+        f"test-receipt-{subscriber.customer_id}", result_type=JourneyResult
+    )
+    assert (await receipt.result()).outcome == "sent"  # the order also started the receipt
+
+
+async def test_a_lifecycle_journey_continues_as_new_and_keeps_its_state(
+    subscriber: Subscriber,
+) -> None:
+    life = subscriber.env.client.get_workflow_handle(
+        f"test-lifecycle-{subscriber.customer_id}", result_type=JourneyResult
+    )
+    await subscriber.route("Signed Up")
+    first_run = (await life.describe()).run_id
+    await waiting(life)  # skipping time before the first task ran stalls the test server
+    await subscriber.env.sleep(timedelta(days=13))
+    assert (await life.result()).outcome == "turns:12"  # a dozen simulated days
+    assert (await life.describe()).run_id != first_run
+    history = await life.fetch_history()
+    assert len(history.events) <= 30  # the last run's history only: kept small
+
+
+def test_the_temporal_client_module_does_not_import_the_workflow_kit() -> None:
+    code = "import sys, kaeru.temporal; print('workflows.kit' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
