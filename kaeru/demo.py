@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from xml.sax.saxutils import escape as xml_escape
 
 import httpx
+from dotenv import dotenv_values
 from fastapi import APIRouter, HTTPException, Response
 from rich.console import Console
 from rich.text import Text
@@ -71,10 +72,12 @@ OPEN_PIXEL = re.compile(r"""src=["']([^"']+/t/o/[^"']+)["']""")
 
 def with_demo_waits(settings: Settings) -> Settings:
     """Give the cart journey the demo's short waits wherever the person did not set one in
-    the environment (journey settings are read from it: kaeru/journeys.py); returns
+    the environment or ``.env`` (journey settings are read from them: kaeru/journeys.py); returns
     ``settings`` unchanged."""
+    in_file = {name.upper() for name in dotenv_values(".env")}
     for variable, value in DEMO_WAITS.items():
-        os.environ.setdefault(variable, value)
+        if variable not in in_file:
+            os.environ.setdefault(variable, value)
     registry.cache_clear()
     return settings
 

@@ -223,15 +223,20 @@ def test_dev_uses_what_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan.inbox_url is None and plan.temporal_ui_url is None
 
 
-def test_demo_waits_leave_what_the_person_set_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in DEMO_WAITS:
-        monkeypatch.delenv(variable, raising=False)  # with_demo_waits sets them: undone after
+def test_demo_waits_leave_what_the_person_set_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("KAERU_CART_AD_DELAY=PT3M\n")
+    for variable in DEMO_WAITS:  # with_demo_waits sets them: set here so they are undone
+        monkeypatch.setenv(variable, "1")
+        monkeypatch.delenv(variable)
     monkeypatch.setenv("KAERU_CART_OFFER_WAIT", "PT10M")
     with_demo_waits(settings())
     cart = registry().route("cart-abandonment").journey_settings
     registry.cache_clear()
 
-    assert cart.offer_wait == 600
+    assert cart.offer_wait == 600 and cart.ad_delay == 180  # the environment, .env
     assert cart.email_delay == float(DEMO_WAITS["KAERU_CART_EMAIL_DELAY"]) == 10
     assert cart.ad_click_wait == float(DEMO_WAITS["KAERU_CART_AD_CLICK_WAIT"])
 
