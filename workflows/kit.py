@@ -705,8 +705,6 @@ class Journey(Generic[S]):
     ) -> CouponInfo:
         """Issue a single-use coupon worth ``amount_minor`` of ``currency``, valid ``ttl``
         seconds (the ``issue_coupon`` activity; the step's key makes it one coupon)."""
-        self.check_exit()
-        self.enter(step)
         wanted = IssueCouponInput(
             key=self.key(step),
             journey_id=workflow.info().workflow_id,
@@ -716,9 +714,36 @@ class Journey(Generic[S]):
             currency=currency,
             ttl_seconds=ttl,
         )
-        coupon = await self.call("issue_coupon", wanted, CouponInfo, step)
-        self.done(step, f"issued coupon {coupon.code}")
-        return coupon
+        return await self.run_step(
+            step, "issue_coupon", wanted, CouponInfo, lambda c: f"issued coupon {c.code}"
+        )
+
+    async def run_step(
+        self,
+        step: str,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        told: Callable[[T], str] | None = None,
+    ) -> T:
+        """One step that calls an activity: end first if the journey must, mark the step,
+        call ``activity`` (kaeru's timeouts and retries, see :meth:`call`), mark it done.
+
+        Args:
+            step: the step's name (give ``arg`` the key ``self.key(step)``; never rename it).
+            activity: the activity's name.
+            arg: its one dataclass input.
+            result_type: what it returns.
+            told: the story's line for the result (default: "<step> done").
+
+        Raises:
+            JourneyExit: the journey must end, or the activity failed for good.
+        """
+        self.check_exit()
+        self.enter(step)
+        result = await self.call(activity, arg, result_type, step)
+        self.done(step, told(result) if told is not None else f"{step} done")
+        return result
 
     async def _claim_entry(self, rule: Reentry) -> bool:
         """Claim this customer's entry into the journey under ``rule``; False: refused."""
