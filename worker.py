@@ -31,21 +31,29 @@ from activities.ads import AudienceActivities
 from activities.conversions import ConversionActivities
 from activities.coupons import CouponActivities
 from activities.email import EmailActivities
+from activities.entries import EntryActivities
 from activities.recommendations import RecommendationActivities
 from activities.types import SweepInput
 from kaeru.db import migrate
+from kaeru.journeys import registry
 from kaeru.settings import Settings
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
-from workflows.cart_abandonment import CartAbandonment
 
 log = logging.getLogger("kaeru.worker")
 
-#: Every journey kind (a new journey is added here and in the router's table), and the
-#: audience sweeper.
-WORKFLOWS: Sequence[type] = (CartAbandonment, AudienceSweeper)
-
 #: Pure modules the sandbox may share instead of re-importing per workflow run.
-PASSTHROUGH = ("activities.types", "kaeru.commerce", "kaeru.money", "workflows.kit")
+PASSTHROUGH = (
+    "activities.types",
+    "kaeru.commerce",
+    "kaeru.money",
+    "kaeru.search_attributes",
+    "workflows.kit",
+)
+
+
+def workflows() -> Sequence[type]:
+    """Every journey the registry found (kaeru/journeys.py), and the audience sweeper."""
+    return [*registry().workflows, AudienceSweeper]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
@@ -63,6 +71,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         recommendations.recommend_products,
         recommendations.look_up_products,
         ConversionActivities(settings).record_conversion,
+        EntryActivities(settings).claim_journey_entry,
     ]
 
 
@@ -92,7 +101,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=list(WORKFLOWS),
+        workflows=list(workflows()),
         activities=activities_for(settings, http),
         activity_executor=activity_executor,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,

@@ -165,3 +165,32 @@ class ConversionInput:
     coupon_code: str | None
     occurred_at: datetime
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- Stream A: journey entries (re-entry rules) -------------------------------------------
+
+
+@dataclass
+class EntryClaim:
+    """Ask to enter a journey of ``kind`` for ``customer_id`` now (the kit's first step).
+
+    ``key`` (workflow id + first run id + generation) makes the claim idempotent: a retried or
+    replayed claim answers as the first did.
+    """
+
+    key: str
+    kind: str
+    customer_id: str
+    #: Refuse when the customer entered this kind less than this many seconds ago; None:
+    #: refuse any earlier entry (once ever).
+    every_seconds: float | None
+    #: When the journey starts (epoch seconds, the workflow's clock: a replay and a
+    #: time-skipping test server agree on it).
+    at: float
+
+
+@dataclass
+class EntryClaimResult:
+    granted: bool
+    #: When the earlier entry that refused this one began (epoch seconds), if refused.
+    previous_at: float | None = None

@@ -41,13 +41,14 @@ from kaeru.devstack import (
     run_dev,
     safe_url,
 )
+from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
 from kaeru.models import AudienceMember
+from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
 from starter.parking import drop_parked, parked_events, retry_parked
 from worker import run_worker
-from workflows.kit import SEARCH_ATTRIBUTES
 
 T = TypeVar("T")
 
@@ -96,10 +97,17 @@ def settings_problem(error: ValidationError) -> str:
 
 
 def load_settings() -> Settings:
+    """The settings, every journey's included (kaeru/journeys.py): a wrong one fails here,
+    with the variable and the fix, not in the first journey it would start."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         fail(settings_problem(exc))
+    try:
+        load_registry(settings)
+    except JourneyError as exc:
+        fail(str(exc))
+    return settings
 
 
 def setup_logging(verbose: bool) -> None:
@@ -487,8 +495,10 @@ def _default_text(value: Any) -> str:
 
 
 def settings_markdown() -> str:
-    """Every setting as a Markdown table: variable, default, meaning."""
+    """Every setting as a Markdown table: variable, default, meaning; then each journey's
+    (kaeru/journeys.py finds them), a variable that is also a global setting listed once."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    listed = set()
     for field, info in Settings.model_fields.items():
         meaning = info.description
         if meaning is None:
@@ -496,6 +506,13 @@ def settings_markdown() -> str:
         default = _default_text(info.get_default(call_default_factory=True))
         meaning = meaning.replace("|", "\\|")
         lines.append(f"| `{env_name(field)}` | {default} | {meaning} |")
+        listed.add(env_name(field))
+    for journey in discover(load_settings().journey_modules):
+        for item in setting_infos(journey):
+            if item.variable in listed:
+                continue
+            meaning = item.description.replace("|", "\\|")
+            lines.append(f"| `{item.variable}` | {_default_text(item.default)} | {meaning} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import os
 import re
 import secrets
 import time
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from xml.sax.saxutils import escape as xml_escape
 
 import httpx
+from dotenv import dotenv_values
 from fastapi import APIRouter, HTTPException, Response
 from rich.console import Console
 from rich.text import Text
@@ -38,6 +40,7 @@ from kaeru.devstack import (
     StackError,
     workflow_url,
 )
+from kaeru.journeys import registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
 from kaeru.settings import Settings
@@ -49,14 +52,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: The cart journey's waits during the demo, unless the person set them.
-DEMO_WAITS: dict[str, timedelta] = {
-    "cart_email_delay": timedelta(seconds=10),
-    "cart_open_wait": timedelta(seconds=60),
-    "cart_ad_delay": timedelta(seconds=5),
-    "cart_ad_click_wait": timedelta(seconds=60),
-    "cart_offer_delay": timedelta(seconds=5),
-    "cart_offer_wait": timedelta(seconds=120),
+#: The cart journey's waits during the demo (seconds), unless the person set them.
+DEMO_WAITS: dict[str, str] = {
+    "KAERU_CART_EMAIL_DELAY": "10",
+    "KAERU_CART_OPEN_WAIT": "60",
+    "KAERU_CART_AD_DELAY": "5",
+    "KAERU_CART_AD_CLICK_WAIT": "60",
+    "KAERU_CART_OFFER_DELAY": "5",
+    "KAERU_CART_OFFER_WAIT": "120",
 }
 
 SHOPPER_EMAIL = "demo-shopper@example.com"
@@ -68,9 +71,15 @@ OPEN_PIXEL = re.compile(r"""src=["']([^"']+/t/o/[^"']+)["']""")
 
 
 def with_demo_waits(settings: Settings) -> Settings:
-    """``settings`` with the demo's short waits wherever the person did not set one."""
-    update = {k: v for k, v in DEMO_WAITS.items() if k not in settings.model_fields_set}
-    return settings.model_copy(update=update)
+    """Give the cart journey the demo's short waits wherever the person did not set one in
+    the environment or ``.env`` (journey settings are read from them: kaeru/journeys.py); returns
+    ``settings`` unchanged."""
+    in_file = {name.upper() for name in dotenv_values(".env")}
+    for variable, value in DEMO_WAITS.items():
+        if variable not in in_file:
+            os.environ.setdefault(variable, value)
+    registry.cache_clear()
+    return settings
 
 
 # ---- the demo shop's catalogue -------------------------------------------------------------
@@ -188,7 +197,10 @@ class DemoShopper:
         self.http = http
         self.customer_id = f"demo-{secrets.token_hex(3)}"
         self.journey_id = f"{CartAbandonment.kind}-{self.customer_id}"
-        self.audience = CartJourneySettings().audience
+        self.cart_settings: CartJourneySettings = (
+            registry().route(CartAbandonment.kind).journey_settings
+        )
+        self.audience = self.cart_settings.audience
         self.started = time.monotonic()
         self.deadline = self.started + DEADLINE
 
@@ -209,13 +221,13 @@ class DemoShopper:
     # ---- the story ----------------------------------------------------------------------------
 
     async def run(self) -> JourneyResult:
-        s = self.settings
+        s = self.cart_settings
         waits = {
-            "KAERU_CART_EMAIL_DELAY": s.cart_email_delay,
-            "KAERU_CART_AD_DELAY": s.cart_ad_delay,
-            "KAERU_CART_OFFER_DELAY": s.cart_offer_delay,
+            "KAERU_CART_EMAIL_DELAY": s.email_delay,
+            "KAERU_CART_AD_DELAY": s.ad_delay,
+            "KAERU_CART_OFFER_DELAY": s.offer_delay,
         }
-        if sum(w.total_seconds() for w in waits.values()) > DEADLINE / 2:
+        if sum(waits.values()) > DEADLINE / 2:
             raise StackError(
                 f"the demo finishes within {DEADLINE:.0f}s, and {', '.join(waits)} add up to "
                 "more than half of that: unset them (`kaeru dev --demo` makes them seconds)"
@@ -232,7 +244,7 @@ class DemoShopper:
         names = " and ".join(CATALOGUE[p].name for p in CART)
         self.say(f"added {names} to the cart, then left")
 
-        quiet = s.cart_email_delay.total_seconds()
+        quiet = s.email_delay
         self.say(f"waiting for the cart email (sent once the cart is quiet for {quiet:.0f}s)")
         cart_email = await self.mail("cart_email", quiet + 45)
         self.say(f"cart email: {cart_email['subject']!r}", self.inbox_link(cart_email))
@@ -241,14 +253,14 @@ class DemoShopper:
         answer = await self.http.get(pixel)
         self.say(f"opened the email (its open pixel answered {answer.status_code})")
 
-        ad_delay = s.cart_ad_delay.total_seconds()
+        ad_delay = s.ad_delay
         self.say(f"waiting to join the {self.audience!r} ad audience (after {ad_delay:.0f}s)")
         await self.until(self.in_audience, ad_delay + 45, "join the ad audience")
         self.say(f"is in the {self.audience!r} audience: the retargeting ad can show")
         await self.post("/v1/page", self.ad_click())
-        self.say(f"clicked the ad (page view, utm_campaign={s.ad_campaign})")
+        self.say(f"clicked the ad (page view, utm_campaign={self.settings.ad_campaign})")
 
-        offer_delay = s.cart_offer_delay.total_seconds()
+        offer_delay = s.offer_delay
         self.say(f"waiting for the coupon email (after {offer_delay:.0f}s)")
         offer_email = await self.mail("offer_email", offer_delay + 45)
         coupon = self.coupon_code(offer_email)
@@ -329,9 +341,8 @@ class DemoShopper:
         )
 
     async def buy(self, coupon: str) -> str:
-        s = self.settings
         subtotal = sum(to_minor(CATALOGUE[p].price, "USD") for p in CART)
-        discount = min(s.cart_coupon_amount_minor, subtotal)
+        discount = min(self.cart_settings.coupon_amount_minor, subtotal)
         total = Decimal(subtotal - discount) / 100
         order_id = f"{self.customer_id}-order"
         await self.post(

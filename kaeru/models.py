@@ -320,3 +320,23 @@ class CustomerRouting(SQLModel, table=True):
     last_routed_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     failures: int = 0
     retry_at: datetime | None = _ts(nullable=True)
+
+
+# ---- Stream A: journey entries (re-entry rules) --------------------------------------------
+
+
+class JourneyEntry(SQLModel, table=True):
+    """One customer's entry into a journey kind, claimed by the kit when the journey starts.
+
+    ``key`` is the claim's idempotency key (workflow id, first run id, generation): a retried
+    claim finds its own row and is granted again. The re-entry rule reads the newest entry
+    of (``kind``, ``customer_id``).
+    """
+
+    __tablename__ = "journey_entries"
+    __table_args__ = (Index("ix_journey_entries_kind_customer", "kind", "customer_id"),)
+
+    key: str = Field(primary_key=True, max_length=500)
+    kind: str = Field(max_length=100)
+    customer_id: str = Field(max_length=200)
+    started_at: datetime = _ts()

@@ -16,6 +16,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 STATE_DIR = Path(".kaeru")
 
 
+def seconds_or_iso(value: object) -> object:
+    """A duration's raw value as pydantic should read it: a string of seconds (``86400``,
+    ``86400.0``) becomes a ``timedelta``; ISO 8601 (``P1D``) or ``HH:MM:SS`` pass through.
+    The one reader of durations, for these settings and every journey's."""
+    if isinstance(value, str):
+        try:
+            return timedelta(seconds=float(value.strip()))
+        except (ValueError, OverflowError):
+            return value  # ISO 8601 (P1D, PT30M) or HH:MM:SS, which pydantic reads
+    return value
+
+
+def positive_duration(value: object) -> object:
+    """Refuse a zero or negative duration; anything else passes."""
+    if isinstance(value, timedelta) and value.total_seconds() <= 0:
+        raise ValueError("must be a positive duration, e.g. 86400 or P1D")
+    return value
+
+
 class Settings(BaseSettings):
     """kaeru's configuration. Durations accept seconds (``86400``) or ISO 8601 (``P1D``)."""
 
@@ -224,39 +243,11 @@ class Settings(BaseSettings):
         description="utm_campaign (context.campaign.name) that marks a retargeting-ad click",
     )
 
-    # The cart-abandonment journey
-    cart_email_delay: timedelta = Field(
-        timedelta(days=1), description="how long the cart stays untouched before the cart email"
-    )
-    cart_open_wait: timedelta = Field(
-        timedelta(days=1),
-        description="how long the cart email may stay unopened before the journey ends",
-    )
-    cart_ad_delay: timedelta = Field(
-        timedelta(days=1),
-        description="after the open, wait before joining the retargeting audience",
-    )
-    cart_ad_click_wait: timedelta = Field(
-        timedelta(days=3), description="how long to wait for an ad click before the journey ends"
-    )
-    cart_offer_delay: timedelta = Field(
-        timedelta(days=1), description="after the ad click, wait before the coupon email"
-    )
-    cart_offer_wait: timedelta = Field(
-        timedelta(days=3), description="how long to wait for a purchase after the coupon email"
-    )
-    cart_coupon_ttl: timedelta = Field(
-        timedelta(days=7), description="how long a coupon stays valid"
-    )
-    cart_coupon_amount_minor: int = Field(1000, gt=0, description="coupon value in minor units")
-    cart_coupon_currency: str = Field("USD", description="coupon currency (ISO 4217)")
-    cart_recommendations: int = Field(
-        3, ge=0, le=12, description="related products in the cart email (0 to 12)"
-    )
-    cart_empty_grace: timedelta = Field(
-        timedelta(minutes=10),
-        description="after the cart empties, wait this long for the order (checkout empties "
-        "the cart first) or a refill before the journey ends",
+    # Journeys (each journey's own settings are KAERU_<KIND>_*: see kaeru/journeys.py)
+    journey_modules: str = Field(
+        "",
+        description="comma-separated modules with more journeys (a shop's own, outside this "
+        "repo), e.g. `shop.journeys`; the workflows package is always searched",
     )
     audience_sweep_interval: timedelta = Field(
         timedelta(minutes=15),
@@ -274,31 +265,18 @@ class Settings(BaseSettings):
     @classmethod
     def _seconds_or_iso(cls, value: object, info: ValidationInfo) -> object:
         """Durations read as seconds too: pydantic alone takes only ISO 8601 or HH:MM:SS from a
-        string, so ``KAERU_CART_EMAIL_DELAY=86400`` would be refused."""
+        string, so ``KAERU_TRACKING_TTL=86400`` would be refused."""
         if (
             info.field_name is not None
             and cls.model_fields[info.field_name].annotation is timedelta
-            and isinstance(value, str)
         ):
-            try:
-                return timedelta(seconds=float(value.strip()))
-            except (ValueError, OverflowError):
-                return value  # ISO 8601 (P1D, PT30M) or HH:MM:SS, which pydantic reads
+            return seconds_or_iso(value)
         return value
 
     @field_validator("*")
     @classmethod
     def _positive(cls, value: object, info: ValidationInfo) -> object:
-        if isinstance(value, timedelta) and value.total_seconds() <= 0:
-            raise ValueError("must be a positive duration, e.g. 86400 or P1D")
-        return value
-
-    @field_validator("cart_coupon_currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        if len(value) != 3 or not value.isalpha():
-            raise ValueError("must be an ISO 4217 code such as USD or EUR")
-        return value.upper()
+        return positive_duration(value)
 
     @field_validator("image_origins")
     @classmethod

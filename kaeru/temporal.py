@@ -16,8 +16,8 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
-from workflows.kit import SEARCH_ATTRIBUTES
 
 
 async def connect(settings: Settings, address: str | None = None) -> Client:

@@ -32,6 +32,7 @@ from sqlmodel import Session
 from activities.coupons import redeem_coupon
 from kaeru.commerce import clean_product_name, currency_of, minor_of, order_total_of
 from kaeru.db import write_session
+from kaeru.journeys import deliveries
 from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
 from starter.events import (
@@ -44,7 +45,6 @@ from starter.events import (
     encoded_size,
     journey_properties,
 )
-from starter.routing import deliveries
 
 log = logging.getLogger("kaeru.ingest")
 

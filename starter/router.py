@@ -49,11 +49,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from kaeru.db import session as db_session
 from kaeru.db import write_session
+from kaeru.journeys import Delivery, deliveries
 from kaeru.models import CustomerRouting, Event, Lease, Order, utcnow
 from kaeru.settings import Settings
 from kaeru.temporal import connect
 from starter.events import journey_properties
-from starter.routing import Delivery, deliveries
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent
 
 log = logging.getLogger("kaeru.router")

@@ -18,9 +18,10 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from kaeru.db import migrate
+from kaeru.journeys import registry
+from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
-from workflows.kit import SEARCH_ATTRIBUTES
 
 BIN = Path(sys.executable).parent
 
@@ -30,6 +31,14 @@ def _binary(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is missing: run `make test` (it installs the dev extras)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_journey_registry() -> Iterator[None]:
+    """The journey registry is read from the environment once per process: a test that
+    sets ``KAERU_<KIND>_*`` or ``KAERU_JOURNEY_MODULES`` must not leak it into the next."""
+    yield
+    registry.cache_clear()
 
 
 @pytest.fixture(scope="session")

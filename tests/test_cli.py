@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from kaeru.cli import app
 from kaeru.db import get_engine, session
+from kaeru.journeys import discover, setting_infos
 from kaeru.models import AudienceMember, Event
 from kaeru.settings import Settings
 
@@ -162,7 +163,13 @@ def test_settings_table_lists_every_setting() -> None:
     assert lines[0] == "| Variable | Default | Meaning |"
     for field in Settings.model_fields:
         assert f"| `KAERU_{field.upper()}` |" in result.stdout
-    assert len(lines) == 2 + len(Settings.model_fields)
+    journeys = [item for j in discover() for item in setting_infos(j)]
+    shared = {f"KAERU_{field.upper()}" for field in Settings.model_fields}
+    for item in journeys:
+        assert f"| `{item.variable}` |" in result.stdout
+    extra = [item for item in journeys if item.variable not in shared]
+    assert len(lines) == 2 + len(Settings.model_fields) + len(extra)
+    assert "| `KAERU_CART_ENABLED` | true |" in result.stdout
     assert "| `KAERU_CART_EMAIL_DELAY` | `86400` (1 day) |" in result.stdout
 
 

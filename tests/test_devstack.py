@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,7 @@ from kaeru.devstack import (
     plan_dev,
     print_urls,
 )
+from kaeru.journeys import registry
 from kaeru.settings import Settings
 from kaeru.temporal import missing_search_attributes
 
@@ -223,12 +223,22 @@ def test_dev_uses_what_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan.inbox_url is None and plan.temporal_ui_url is None
 
 
-def test_demo_waits_leave_what_the_person_set_alone() -> None:
-    demo = with_demo_waits(settings(cart_offer_wait="PT10M"))
+def test_demo_waits_leave_what_the_person_set_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("KAERU_CART_AD_DELAY=PT3M\n")
+    for variable in DEMO_WAITS:  # with_demo_waits sets them: set here so they are undone
+        monkeypatch.setenv(variable, "1")
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("KAERU_CART_OFFER_WAIT", "PT10M")
+    with_demo_waits(settings())
+    cart = registry().route("cart-abandonment").journey_settings
+    registry.cache_clear()
 
-    assert demo.cart_offer_wait == timedelta(minutes=10)
-    assert demo.cart_email_delay == DEMO_WAITS["cart_email_delay"]
-    assert demo.cart_ad_click_wait == DEMO_WAITS["cart_ad_click_wait"]
+    assert cart.offer_wait == 600 and cart.ad_delay == 180  # the environment, .env
+    assert cart.email_delay == float(DEMO_WAITS["KAERU_CART_EMAIL_DELAY"]) == 10
+    assert cart.ad_click_wait == float(DEMO_WAITS["KAERU_CART_AD_CLICK_WAIT"])
 
 
 async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path) -> None:

@@ -35,4 +35,5 @@ def test_a_duration_that_is_not_positive_or_not_a_duration_is_refused(
 
 
 def test_there_are_durations_to_check() -> None:
-    assert {"cart_email_delay", "cart_empty_grace", "tracking_ttl"} <= set(DURATIONS)
+    # The journeys' durations (KAERU_CART_EMAIL_DELAY...): tests/starter/test_routing.py.
+    assert {"tracking_ttl", "audience_sweep_interval"} <= set(DURATIONS)

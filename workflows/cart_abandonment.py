@@ -18,18 +18,28 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import (
         CartLine,
         CouponInfo,
-        IssueCouponInput,
         ProductInfo,
         RecommendInput,
         RecommendResult,
         SendEmailInput,
     )
     from kaeru.commerce import currency_of, id_of, minor_of
-    from workflows.kit import Journey, JourneyEvent, JourneyExit, JourneyResult
+    from workflows.kit import (
+        AD_CLICKED,
+        Journey,
+        JourneyEvent,
+        JourneyExit,
+        JourneyResult,
+        setting,
+    )
 
 #: ``workflow.patched`` id: an emptied cart waits ``empty_grace`` for a purchase (or a refill)
 #: before the journey ends, and is judged as it is then.
 CART_EMPTY_GRACE = "cart-empty-grace"
+#: ``workflow.patched`` id: a cart event's ``cart`` property (the customer's whole cart after
+#: it, as ingestion stored it) is the cart, so a journey that starts after an earlier one
+#: ended sees the whole cart, not only the newest item.
+CART_FROM_DATABASE = "cart-from-database"
 
 CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
 #: Caps that keep a journey's state (and so every workflow task) small whatever the shop
@@ -42,25 +52,77 @@ MAX_QUANTITY = 10_000
 
 @dataclass
 class CartJourneySettings:
-    """What shapes one journey, fixed at its start (a later deploy does not change it)."""
+    """What shapes one journey, fixed at its start (a later deploy does not change it).
 
-    email_delay: float = 86400.0
-    open_wait: float = 86400.0
-    ad_delay: float = 86400.0
-    ad_click_wait: float = 3 * 86400.0
-    offer_delay: float = 86400.0
-    offer_wait: float = 3 * 86400.0
-    coupon_ttl: float = 7 * 86400.0
-    coupon_amount_minor: int = 1000
-    coupon_currency: str = "USD"
-    cart_url: str = "https://shop.example/cart"
+    Each field with :func:`setting` metadata is ``KAERU_CART_<FIELD>`` (``cart_url`` is
+    ``KAERU_CART_URL``, as it always was).
+    """
+
+    email_delay: float = field(
+        default=86400.0,
+        metadata=setting("how long the cart stays untouched before the cart email", duration=True),
+    )
+    open_wait: float = field(
+        default=86400.0,
+        metadata=setting(
+            "how long the cart email may stay unopened before the journey ends", duration=True
+        ),
+    )
+    ad_delay: float = field(
+        default=86400.0,
+        metadata=setting("after the open, wait before joining the retargeting audience", True),
+    )
+    ad_click_wait: float = field(
+        default=3 * 86400.0,
+        metadata=setting("how long to wait for an ad click before the journey ends", True),
+    )
+    offer_delay: float = field(
+        default=86400.0,
+        metadata=setting("after the ad click, wait before the coupon email", duration=True),
+    )
+    offer_wait: float = field(
+        default=3 * 86400.0,
+        metadata=setting("how long to wait for a purchase after the coupon email", True),
+    )
+    coupon_ttl: float = field(
+        default=7 * 86400.0, metadata=setting("how long a coupon stays valid", duration=True)
+    )
+    coupon_amount_minor: int = field(
+        default=1000, metadata=setting("coupon value in minor units (above 0)")
+    )
+    coupon_currency: str = field(
+        default="USD", metadata=setting("coupon currency (ISO 4217, e.g. USD or EUR)")
+    )
+    cart_url: str = field(
+        default="https://shop.example/cart", metadata=setting("link back to the cart", name="URL")
+    )
     audience: str = "cart-retargeting"
-    recommendations: int = 3
+    recommendations: int = field(
+        default=3, metadata=setting("related products in the cart email (0 to 12)")
+    )
     #: Continue-as-new once the history holds this many events while the cart keeps changing.
     history_limit: int = 2000
     #: After the cart empties, wait this long for the order (checkout empties the cart just
     #: before the order arrives) or a refill before ending ``cart_emptied``.
-    empty_grace: float = 600.0
+    empty_grace: float = field(
+        default=600.0,
+        metadata=setting(
+            "after the cart empties, wait this long for the order (checkout empties the cart "
+            "first) or a refill before the journey ends",
+            duration=True,
+        ),
+    )
+
+    def check(self) -> None:
+        """Refuse settings the journey cannot use (the settings reader calls it and names the
+        variable); not ``__post_init__``, which would run on every decoded history too."""
+        if self.coupon_amount_minor <= 0:
+            raise ValueError("coupon_amount_minor must be above 0, e.g. 1000")
+        if len(self.coupon_currency) != 3 or not self.coupon_currency.isalpha():
+            raise ValueError("coupon_currency must be an ISO 4217 code such as USD or EUR")
+        self.coupon_currency = self.coupon_currency.upper()
+        if not 0 <= self.recommendations <= 12:
+            raise ValueError("recommendations must be 0 to 12")
 
 
 @dataclass
@@ -122,6 +184,15 @@ def _quantity(props: dict[str, Any], default: int = 1) -> int:
     return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
 
 
+def _lines(items: list[Any], currency: str) -> list[CartLine]:
+    """Cart lines from a product list (a ``Cart Viewed``'s ``products``, a stored ``cart``)."""
+    return [
+        CartLine(product=product, quantity=_quantity(item))
+        for item in items[:MAX_CART_LINES]
+        if isinstance(item, dict) and (product := _product(item, currency)) is not None
+    ]
+
+
 def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
     """One ``Cart Viewed`` listing what ``run`` (cart events, oldest first) leaves in an empty
     cart, each line with the product properties it was last added with (its currency
@@ -152,6 +223,8 @@ def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
                     lines[product.product_id] = (item_props, _quantity(item))
     products = [{**props, "quantity": quantity} for props, quantity in lines.values()]
     first, last = run[0], run[-1]
+    if isinstance(last.properties.get("cart"), list):
+        products = list(last.properties["cart"])  # the stored cart after the run: the truth
     return JourneyEvent(
         seq=last.seq,
         name="Cart Viewed",
@@ -162,9 +235,13 @@ def _snapshot(run: list[JourneyEvent]) -> JourneyEvent:
 
 
 @workflow.defn(name="CartAbandonment")
-class CartAbandonment(Journey):
+class CartAbandonment(Journey[CartJourneySettings]):
     kind = "cart-abandonment"
+    label = "Cart abandonment"
     starts_on = CART_EVENTS
+    listens_to = frozenset({AD_CLICKED})
+    settings_class = CartJourneySettings
+    settings_prefix = "CART"
 
     @workflow.init
     def __init__(self, start: CartJourneyInput) -> None:
@@ -202,10 +279,17 @@ class CartAbandonment(Journey):
         if not await self.within(s.ad_click_wait, lambda: self.ad_clicks > 0, "an ad click"):
             return await self.finish("ad_not_clicked")
         await self.pause(s.offer_delay, "the offer delay")
-        self.coupon = await self.issue_coupon("offer_coupon")
+        self.coupon = await self.issue_coupon(
+            "offer_coupon", s.coupon_amount_minor, s.coupon_currency, s.coupon_ttl
+        )
         await self.send_email("offer_email", self.email("offer_email", "cart_offer", []))
         await self.pause(s.offer_wait, "a purchase with the coupon")
         return await self.finish("offer_ignored")
+
+    @classmethod
+    def start_input(cls, customer_id: str, settings: Any) -> CartJourneyInput:
+        """Its own input, as journeys always started with (histories depend on its shape)."""
+        return CartJourneyInput(customer_id=customer_id, settings=settings)
 
     def next_journey(self, events: list[JourneyEvent]) -> CartJourneyInput:
         return CartJourneyInput(
@@ -261,6 +345,11 @@ class CartAbandonment(Journey):
     def apply_cart_change(self, event: JourneyEvent) -> bool:
         """Update the cart from one cart event. True if the event said what the cart holds."""
         props = event.properties
+        stored = props.get("cart")
+        if isinstance(stored, list) and workflow.patched(CART_FROM_DATABASE):
+            self.cart = _lines(stored, currency_of(props.get("currency")))
+            self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
+            return True
         if event.name in ("Product Added", "Product Removed"):
             product = _product(props)
             if product is None:
@@ -281,12 +370,7 @@ class CartAbandonment(Journey):
             return True
         if not isinstance(props.get("products"), list):
             return False
-        currency = currency_of(props.get("currency"))
-        self.cart = [
-            CartLine(product=product, quantity=_quantity(item))
-            for item in props["products"][:MAX_CART_LINES]
-            if isinstance(item, dict) and (product := _product(item, currency)) is not None
-        ]
+        self.cart = _lines(props["products"], currency_of(props.get("currency")))
         self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
         return True
 
@@ -365,23 +449,6 @@ class CartAbandonment(Journey):
         except JourneyExit:
             return []  # the email goes out without related products rather than not at all
         return result.products
-
-    async def issue_coupon(self, step: str) -> CouponInfo:
-        self.check_exit()
-        self.enter(step)
-        s = self.settings
-        wanted = IssueCouponInput(
-            key=self.key(step),
-            journey_id=workflow.info().workflow_id,
-            step=step,
-            customer_id=self.customer_id,
-            amount_minor=s.coupon_amount_minor,
-            currency=s.coupon_currency,
-            ttl_seconds=s.coupon_ttl,
-        )
-        coupon = await self.call("issue_coupon", wanted, CouponInfo, step)
-        self.done(step, f"issued coupon {coupon.code}")
-        return coupon
 
     def email(self, step: str, template: str, related: list[ProductInfo]) -> SendEmailInput:
         return SendEmailInput(

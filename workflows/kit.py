@@ -11,15 +11,15 @@ This module runs inside the workflow sandbox: it imports nothing that does I/O.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from temporalio import workflow
 from temporalio.common import (
     RetryPolicy,
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
 )
@@ -34,18 +34,22 @@ with workflow.unsafe.imports_passed_through():
         AudienceChange,
         AudienceResult,
         ConversionInput,
+        CouponInfo,
+        EntryClaim,
+        EntryClaimResult,
+        IssueCouponInput,
         ParkRemoval,
         SendEmailInput,
         SendEmailResult,
     )
     from kaeru.commerce import order_total_of
+    from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
 
 T = TypeVar("T")
+#: A journey's settings dataclass (see :func:`setting`).
+S = TypeVar("S")
 
-CUSTOMER_ID = SearchAttributeKey.for_keyword("KaeruCustomerId")
-STEP = SearchAttributeKey.for_keyword("KaeruStep")
-OUTCOME = SearchAttributeKey.for_keyword("KaeruOutcome")
-SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME)
+__all__ = ["CUSTOMER_ID", "OUTCOME", "SEARCH_ATTRIBUTES", "STEP"]
 
 EVENT_SIGNAL = "event"
 #: ``workflow.patched`` ids, each naming a change to running journeys (docs/writing-a-journey.md).
@@ -57,6 +61,10 @@ HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
 #: A removal from an audience that fails for good is parked for the audience sweeper.
 PARK_FAILED_REMOVALS = "park-failed-audience-removals"
 ORDER_COMPLETED = "Order Completed"
+#: Stored by ingestion for the anonymous customer an identify merged into a known one
+#: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
+IDENTITY_MERGED = "Identity Merged"
+IDENTIFY = "identify"
 AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
 EMAIL_LINK_CLICKED = "Email Link Clicked"
@@ -134,6 +142,52 @@ class JourneyExit(Exception):
         self.outcome = outcome
 
 
+@dataclass(frozen=True)
+class Reentry:
+    """A journey kind's re-entry rule, enforced by the kit when a journey starts.
+
+    ``Reentry(every=7 * 86400)``: at most once per customer per 7 days; ``Reentry()``: once
+    ever. A refused start ends at once with outcome ``not_reentered`` and sends nothing.
+    """
+
+    every: float | None = None
+
+
+def setting(description: str, duration: bool = False, *, name: str | None = None) -> dict[str, Any]:
+    """Field metadata that makes a journey-settings dataclass field a ``KAERU_<PREFIX>_<FIELD>``
+    setting: ``delay: float = field(default=3600.0, metadata=setting("...", duration=True))``.
+
+    Args:
+        description: what the setting means (the settings table shows it).
+        duration: the value is seconds, read as seconds (``86400``) or ISO 8601 (``P1D``).
+        name: the variable's part after the prefix, when not the field's name upper-cased.
+
+    Fields without it are fixed in code, not settings. A settings dataclass may define
+    ``check(self)`` raising ``ValueError`` to refuse values (the reader names the variable).
+    """
+    return {"kaeru_setting": description, "duration": duration, "name": name}
+
+
+@dataclass
+class JourneyInput:
+    """The input of a journey that uses the kit's ``@workflow.init`` (most journeys).
+
+    ``settings`` is the journey's settings dataclass as a dict (the kit turns it back into
+    ``settings_class``); the rest is the kit's carried state (continue-as-new, hand-over).
+    """
+
+    customer_id: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    pending: list[JourneyEvent] = field(default_factory=list)
+    last_seq: int = 0
+    story: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    orders_until: float | None = None
+    #: What the journey carries over a continue-as-new (:meth:`Journey.carry`), as a dict.
+    carried: dict[str, Any] | None = None
+
+
 def purchase_from(event: JourneyEvent) -> Purchase:
     """Read a Segment ``Order Completed`` event as ingestion does. Bad amounts count as zero."""
     order = order_total_of(event.properties, event.message_id)
@@ -165,25 +219,92 @@ def _found_order(error: ApplicationError) -> Purchase | None:
         return None
 
 
-class Journey:
-    """Base of every journey workflow. Subclasses set ``kind`` and write ``run``."""
+class Journey(Generic[S]):
+    """Base of every journey workflow. A subclass declares the class attributes below, a
+    ``@workflow.run`` that returns ``await self.run_journey(self.steps)``, and ``steps()``.
+
+    The registry (kaeru/journeys.py) finds every subclass with ``@workflow.defn`` in the
+    ``workflows`` package and in ``KAERU_JOURNEY_MODULES``: the worker, the router and the
+    settings table come from these attributes.
+    """
 
     #: Prefix of the workflow id: ``<kind>-<customer id>``.
     kind: ClassVar[str]
-    #: Events that start this journey when none is live (the router's table reads it).
+    #: What operators read (the router's logs, the settings table).
+    label: ClassVar[str] = ""
+    #: Events that start this journey when none is live (signal-with-start).
     starts_on: ClassVar[frozenset[str]] = frozenset()
+    #: An ``identify`` starts it when one of these traits is in its ``changed_traits``
+    #: (``{"email"}``: a new subscriber, or one whose address changed).
+    starts_on_traits: ClassVar[frozenset[str]] = frozenset()
+    #: Events that only reach a live journey (an ad click, a product view).
+    listens_to: ClassVar[frozenset[str]] = frozenset()
+    #: An ``Order Completed`` ends it ``purchased`` (False for a journey one starts).
+    ends_on_purchase: ClassVar[bool] = True
+    #: Events that end it, with the outcome each ends it with (browse abandonment:
+    #: ``{"Product Added": "carted"}``).
+    exits_on: ClassVar[Mapping[str, str]] = {}
+    #: Its settings dataclass: fields with :func:`setting` metadata are ``KAERU_<PREFIX>_*``.
+    settings_class: ClassVar[type[Any] | None] = None
+    #: The settings' prefix; None: ``kind`` upper-cased, ``-`` as ``_``.
+    settings_prefix: ClassVar[str | None] = None
+    #: Whether ``KAERU_<PREFIX>_ENABLED`` defaults to true. A disabled journey is never
+    #: started; its events still reach a live one, so it ends properly.
+    enabled_by_default: ClassVar[bool] = True
+    #: Its re-entry rule; None: a customer may enter again as soon as the last one ended.
+    reentry: ClassVar[Reentry | None] = None
+
+    settings: S
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A journey that starts on events must say how its next generation starts: checked
         when the class is defined (the worker's import), not at a journey's end, where a
         missing method would fail every workflow task of a journey already running."""
         super().__init_subclass__(**kwargs)
-        if cls.starts_on and cls.next_journey is Journey.next_journey:
+        if (
+            (cls.starts_on or cls.starts_on_traits)
+            and cls.next_journey is Journey.next_journey
+            and cls.__init__ is not Journey.__init__
+        ):
             raise TypeError(
                 f"{cls.__name__} starts on {sorted(cls.starts_on)} but does not define "
                 "next_journey(events): return its input for the next generation (see "
                 "docs/writing-a-journey.md)"
             )
+
+    @workflow.init
+    def __init__(self, start: JourneyInput) -> None:
+        """The kit's start for journeys that take a :class:`JourneyInput`: sets up the kit's
+        state and ``self.settings`` (an instance of ``settings_class``), then calls
+        :meth:`restore` with what a continue-as-new carried."""
+        self._begin(
+            start.customer_id,
+            start.last_seq,
+            start.story,
+            generation=start.generation,
+            started_at=start.started_at,
+            pending=start.pending,
+            orders_until=start.orders_until,
+        )
+        cls = type(self).settings_class
+        self.settings = cast(S, cls(**start.settings) if cls is not None else None)
+        self._settings_dict = dict(start.settings)
+        if start.carried is not None:
+            self.restore(start.carried)
+
+    def carry(self) -> dict[str, Any]:
+        """What a continue-as-new carries of this journey's own state (JSON-ready)."""
+        return {}
+
+    def restore(self, carried: dict[str, Any]) -> None:
+        """Take back what :meth:`carry` gave, in the run a continue-as-new started."""
+
+    @classmethod
+    def start_input(cls, customer_id: str, settings: Any) -> Any:
+        """The input the router starts this journey with (``settings``: its settings
+        dataclass, read from ``KAERU_<PREFIX>_*``). Journeys with their own input override it."""
+        values = dataclasses.asdict(settings) if settings is not None else {}
+        return JourneyInput(customer_id=customer_id, settings=values)
 
     def _begin(
         self,
@@ -232,6 +353,12 @@ class Journey:
         self.ad_clicks = 0
         self.waiting_for: str | None = None
         self.waiting_until: datetime | None = None
+        #: The event that started this journey (this run's first start event), if any: an
+        #: order confirmation reads its order here.
+        self.start_event: JourneyEvent | None = None
+        #: The newest events taken, numbered, for :meth:`wait_for`.
+        self._taken = 0
+        self._recent: list[tuple[int, JourneyEvent]] = []
 
     # ---- events -------------------------------------------------------------------------
 
@@ -253,8 +380,23 @@ class Journey:
             return
         self._accept(event)
 
+    @classmethod
+    def starts_with(cls, event: JourneyEvent) -> bool:
+        """Whether ``event`` would start this journey (a start event, or an identify that
+        changed a trait the journey starts on)."""
+        if event.name in cls.starts_on:
+            return True
+        changed = event.properties.get("changed_traits")
+        return (
+            event.name == IDENTIFY
+            and isinstance(changed, list)
+            and any(isinstance(t, str) and t in cls.starts_on_traits for t in changed)
+        )
+
     def _accept(self, event: JourneyEvent) -> None:
-        if self.started_at is None and event.name in self.starts_on:
+        if self.start_event is None and self.starts_with(event):
+            self.start_event = event
+        if self.started_at is None and self.starts_with(event):
             self.started_at = event.occurred_at.timestamp()
         try:
             self._take(event)
@@ -273,8 +415,7 @@ class Journey:
         if self._held_over_cap():
             # Neither a start event nor an order (an open of this journey's email): the next
             # journey has no use for it.
-            needed = self.starts_on | {ORDER_COMPLETED}
-            spare = [e for e in self.held if e.name not in needed]
+            spare = [e for e in self.held if e.name != ORDER_COMPLETED and not self.starts_with(e)]
             if spare:
                 self.held.remove(spare[0])
             else:
@@ -294,7 +435,10 @@ class Journey:
         return held
 
     def _take(self, event: JourneyEvent) -> None:
-        if event.name == ORDER_COMPLETED:
+        self._taken += 1
+        self._recent.append((self._taken, event))
+        del self._recent[:-MAX_HELD_EVENTS]
+        if event.name == ORDER_COMPLETED and self.ends_on_purchase:
             self.purchase = purchase_from(event)
             self.exit_with("purchased")
         elif event.name in (EMAIL_OPENED, EMAIL_LINK_CLICKED):
@@ -315,6 +459,12 @@ class Journey:
             if self.audiences:
                 self.ad_clicks += 1
                 self.tell("the shopper clicked the retargeting ad")
+        elif event.name == IDENTITY_MERGED:
+            self.tell("the shopper was identified: their journeys go on as the known customer")
+            self.exit_with("merged")
+        elif event.name in self.exits_on:
+            self.tell(f"{event.name}: this journey gives way")
+            self.exit_with(self.exits_on[event.name])
         else:
             self.on_event(event)
 
@@ -397,6 +547,48 @@ class Journey:
         """Sleep ``seconds``, ending the journey at once if it must end meanwhile."""
         await self.within(seconds, lambda: False, why)
 
+    async def wait_for(
+        self, names: set[str] | frozenset[str], seconds: float, waiting_for: str | None = None
+    ) -> JourneyEvent | None:
+        """Wait up to ``seconds`` for an event named in ``names`` (taken from now on).
+
+        Returns:
+            The first such event, or None when the time ran out.
+
+        Raises:
+            JourneyExit: the journey must end meanwhile (a purchase, when it ends this one).
+        """
+        since = self._taken
+
+        def arrived() -> JourneyEvent | None:
+            return next((e for n, e in self._recent if n > since and e.name in names), None)
+
+        await self.within(seconds, lambda: arrived() is not None, waiting_for or " or ".join(names))
+        return arrived()
+
+    async def continue_as_new_when_due(self, history_limit: int = 2000) -> None:
+        """Continue as new, carrying :meth:`carry`, when the history grows past
+        ``history_limit`` events or Temporal suggests it: a journey that lives for years calls
+        this at each turn of its loop. Only for journeys that take a :class:`JourneyInput`."""
+        info = workflow.info()
+        if not (
+            info.is_continue_as_new_suggested() or info.get_current_history_length() > history_limit
+        ):
+            return
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            JourneyInput(
+                customer_id=self.customer_id,
+                settings=self._settings_dict,
+                generation=self.generation,
+                last_seq=self.last_seq,
+                story=self.story,
+                started_at=self.started_at,
+                orders_until=self.orders_until,
+                carried=self.carry(),
+            )
+        )
+
     # ---- steps that touch the world -------------------------------------------------------
 
     def key(self, step: str) -> str:
@@ -475,6 +667,97 @@ class Journey:
         )
         self.done(step, f"sent the {step} email to the shopper ({result.status})")
         return result
+
+    async def send_message(
+        self,
+        step: str,
+        template: str,
+        context: Any,
+        *,
+        marketing: bool = True,
+        topic: str | None = None,
+    ) -> SendEmailResult:
+        """Send the message ``template`` rendered with ``context``, a dataclass the journey
+        defines (its fields are the template's variables).
+
+        Args:
+            step: the step's name (part of its idempotency key: never rename it).
+            template: the template family in activities/templates (``<template>.subject.j2``...).
+            context: the journey's typed context dataclass.
+            marketing: False for a transactional message (an order confirmation).
+            topic: what it is about (``cart:<fingerprint>``): a customer never gets two
+                marketing messages on one topic, from whichever journey.
+        """
+        email = SendEmailInput(
+            key=self.key(step),
+            journey_id=workflow.info().workflow_id,
+            step=step,
+            customer_id=self.customer_id,
+            template=template,
+            context=dataclasses.asdict(context),
+            marketing=marketing,
+            topic=topic,
+        )
+        return await self.send_email(step, email)
+
+    async def issue_coupon(
+        self, step: str, amount_minor: int, currency: str, ttl: float
+    ) -> CouponInfo:
+        """Issue a single-use coupon worth ``amount_minor`` of ``currency``, valid ``ttl``
+        seconds (the ``issue_coupon`` activity; the step's key makes it one coupon)."""
+        wanted = IssueCouponInput(
+            key=self.key(step),
+            journey_id=workflow.info().workflow_id,
+            step=step,
+            customer_id=self.customer_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            ttl_seconds=ttl,
+        )
+        return await self.run_step(
+            step, "issue_coupon", wanted, CouponInfo, lambda c: f"issued coupon {c.code}"
+        )
+
+    async def run_step(
+        self,
+        step: str,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        told: Callable[[T], str] | None = None,
+    ) -> T:
+        """One step that calls an activity: end first if the journey must, mark the step,
+        call ``activity`` (kaeru's timeouts and retries, see :meth:`call`), mark it done.
+
+        Args:
+            step: the step's name (give ``arg`` the key ``self.key(step)``; never rename it).
+            activity: the activity's name.
+            arg: its one dataclass input.
+            result_type: what it returns.
+            told: the story's line for the result (default: "<step> done").
+
+        Raises:
+            JourneyExit: the journey must end, or the activity failed for good.
+        """
+        self.check_exit()
+        self.enter(step)
+        result = await self.call(activity, arg, result_type, step)
+        self.done(step, told(result) if told is not None else f"{step} done")
+        return result
+
+    async def _claim_entry(self, rule: Reentry) -> bool:
+        """Claim this customer's entry into the journey under ``rule``; False: refused."""
+        claim = EntryClaim(
+            key=self.key("entry"),
+            kind=self.kind,
+            customer_id=self.customer_id,
+            every_seconds=rule.every,
+            at=workflow.now().timestamp(),
+        )
+        result = await self.call("claim_journey_entry", claim, EntryClaimResult, "entry")
+        if not result.granted:
+            self.tell("did not start: the shopper had this journey too recently")
+        return result.granted
 
     async def join_audience(self, step: str, audience: str) -> AudienceResult:
         self.check_exit()
@@ -566,6 +849,8 @@ class Journey:
         """
         self._take_pending()
         try:
+            if self.reentry is not None and not await self._claim_entry(self.reentry):
+                return await self.finish("not_reentered")
             result = await steps()
         except JourneyExit as exit_:
             result = await self.finish(exit_.outcome)
@@ -573,7 +858,7 @@ class Journey:
             # An operator cancelled the journey: still take the shopper out of every audience.
             await self.finish("cancelled")
             raise
-        first_start = next((i for i, e in enumerate(self.held) if e.name in self.starts_on), None)
+        first_start = next((i for i, e in enumerate(self.held) if self.starts_with(e)), None)
         events = [] if first_start is None else self.held[first_start:]
         next_input = self.next_journey(events) if events else None
         if next_input is not None and workflow.patched(HAND_OVER_LATE_EVENTS):
@@ -601,12 +886,22 @@ class Journey:
         """The input of this journey's next generation, which takes ``events`` first; None:
         no next generation (the base, for journeys that start on no event).
 
-        Journeys with ``starts_on`` must define it (checked when the class is defined): the
-        same customer and settings, generation ``self.generation + 1``, ``last_seq``, the
-        story, ``events`` as its pending events, and :meth:`converted_until` as its
-        ``orders_until``.
+        Journeys that take a :class:`JourneyInput` get it from the kit. Others with start
+        events must define it (checked when the class is defined): the same customer and
+        settings, generation ``self.generation + 1``, ``last_seq``, the story, ``events`` as
+        its pending events, and :meth:`converted_until` as its ``orders_until``.
         """
-        return None
+        if type(self).__init__ is not Journey.__init__:
+            return None
+        return JourneyInput(
+            customer_id=self.customer_id,
+            settings=self._settings_dict,
+            generation=self.generation + 1,
+            pending=events,
+            last_seq=self.last_seq,
+            story=self.story,
+            orders_until=self.converted_until(),
+        )
 
     async def finish(self, outcome: str) -> JourneyResult:
         """End the journey: leave every audience, store a conversion, publish the outcome."""
@@ -651,7 +946,7 @@ class Journey:
         """
         order = None
         for event in self.held:
-            if event.name in self.starts_on:
+            if self.starts_with(event):
                 return
             if event.name == ORDER_COMPLETED:
                 order = event

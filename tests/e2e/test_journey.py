@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 from segment.analytics import Client as SegmentClient
@@ -25,6 +26,7 @@ from sqlmodel import select
 from temporalio.testing import WorkflowEnvironment
 
 from kaeru.db import session
+from kaeru.journeys import registry
 from kaeru.models import Coupon, Touchpoint
 from starter.app import create_app
 from tests.conftest import make_settings
@@ -84,7 +86,7 @@ def parts(message: EmailMessage) -> tuple[str, str]:
 
 
 async def test_cart_abandonment_end_to_end(
-    dev_server_env: WorkflowEnvironment, tmp_path: Path
+    dev_server_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -96,13 +98,11 @@ async def test_cart_abandonment_end_to_end(
             api_port=port,
             shop_url="https://shop.test",
             cart_url="https://shop.test/cart",
-            cart_email_delay=2,
-            cart_open_wait=60,
-            cart_ad_delay=1,
-            cart_ad_click_wait=60,
-            cart_offer_delay=1,
-            cart_offer_wait=120,
         )
+        waits = {"EMAIL_DELAY": 2, "OPEN_WAIT": 60, "AD_DELAY": 1, "AD_CLICK_WAIT": 60}
+        for name, seconds in {**waits, "OFFER_DELAY": 1, "OFFER_WAIT": 120}.items():
+            monkeypatch.setenv(f"KAERU_CART_{name}", str(seconds))  # journey settings: the env
+        registry.cache_clear()  # tests/conftest.py clears it again after the test
         client = dev_server_env.client
         app = create_app(settings, client)
         assert settings.write_key is not None and settings.operator_token is not None

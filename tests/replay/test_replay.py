@@ -15,7 +15,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from worker import PASSTHROUGH, WORKFLOWS
+from worker import PASSTHROUGH, workflows
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -30,7 +30,7 @@ async def test_history_replays(path: Path) -> None:
     workflow_id = path.stem.partition("@")[2] or path.stem
     history = WorkflowHistory.from_json(workflow_id, path.read_text())
     replayer = Replayer(
-        workflows=list(WORKFLOWS),
+        workflows=list(workflows()),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
@@ -44,7 +44,7 @@ async def test_a_changed_workflow_is_caught(tmp_path: Path) -> None:
     text = path.read_text().replace('"send_email"', '"send_sms"', 1)
     history = WorkflowHistory.from_json("tampered", text)
     replayer = Replayer(
-        workflows=list(WORKFLOWS),
+        workflows=list(workflows()),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),

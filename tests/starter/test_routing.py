@@ -1,14 +1,29 @@
-"""The routing table and the lease, without Temporal: what goes where, and who may route."""
+"""The journey registry and the lease, without Temporal: what goes where, and who may route."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
+import pytest
+
+from kaeru.journeys import JourneyError, deliveries, discover, load_registry, registry
 from kaeru.settings import Settings
 from starter.router import acquire_lease, lease_holder, release_lease
-from starter.routing import ROUTES, cart_journey_input, deliveries
 from tests.conftest import make_settings
-from workflows.cart_abandonment import CART_EVENTS
+from tests.journeys.hello import Browse, Hello, Lifecycle, Receipt
+from workflows.cart_abandonment import CART_EVENTS, CartAbandonment, CartJourneySettings
+
+HELLO = "tests.journeys.hello"
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> Iterator[None]:
+    """Each test reads the environment it sets (and no .env of the machine)."""
+    monkeypatch.chdir(str(tmp_path))
+    registry.cache_clear()
+    yield
+    registry.cache_clear()
 
 
 def test_cart_events_start_the_cart_journey() -> None:
@@ -17,8 +32,8 @@ def test_cart_events_start_the_cart_journey() -> None:
         assert (delivery.workflow_id, delivery.start) == ("cart-abandonment-u1", True)
 
 
-def test_orders_and_ad_clicks_only_reach_a_live_journey() -> None:
-    for name in ("Order Completed", "Ad Clicked"):
+def test_orders_ad_clicks_and_merges_only_reach_a_live_journey() -> None:
+    for name in ("Order Completed", "Ad Clicked", "Identity Merged"):
         (delivery,) = deliveries(name, "u1", {})
         assert (delivery.workflow_id, delivery.start) == ("cart-abandonment-u1", False)
 
@@ -34,29 +49,159 @@ def test_opens_and_clicks_go_to_the_customers_own_journey_only() -> None:
 
 
 def test_other_events_go_nowhere() -> None:
-    for name in (None, "Product Viewed", "Signed Up", "order completed"):
+    for name in (None, "Product Viewed", "Signed Up", "order completed", "identify"):
         assert deliveries(name, "u1", {}) == []
 
 
-def test_journey_input_carries_the_settings(sqlite_url: str) -> None:
-    settings = make_settings(
-        sqlite_url,
-        cart_email_delay="PT2H",
-        cart_open_wait=60,
-        cart_coupon_amount_minor=500,
-        cart_coupon_currency="eur",
-        cart_url="https://shop.test/cart",
-        cart_recommendations=0,
-    )
-    start = cart_journey_input("u1", settings)
-    assert start.customer_id == "u1"
-    assert (start.settings.email_delay, start.settings.open_wait) == (7200.0, 60.0)
-    assert (start.settings.coupon_amount_minor, start.settings.coupon_currency) == (500, "EUR")
-    assert (start.settings.cart_url, start.settings.recommendations) == (
-        "https://shop.test/cart",
-        0,
-    )
-    assert [route.kind for route in ROUTES] == ["cart-abandonment"]
+def test_the_workflows_package_is_searched_and_journey_modules_add_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert discover() == [CartAbandonment]
+    assert discover(f" {HELLO} ,") == [CartAbandonment, Browse, Hello, Lifecycle, Receipt]
+    monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
+    names = [route.workflow_name for route in registry().routes]
+    assert names == ["CartAbandonment", "TestBrowse", "TestHello", "TestLifecycle", "TestReceipt"]
+    with pytest.raises(JourneyError, match="KAERU_JOURNEY_MODULES names 'shop.nope'"):
+        discover("shop.nope")
+
+
+def test_an_identify_that_changed_a_start_trait_starts_an_enabled_journey(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
+    new_email = {"changed_traits": ["name", "email"]}
+    # Off by default (enabled_by_default = False): its events reach a live one only.
+    (off,) = deliveries("identify", "u1", new_email)
+    assert (off.workflow_id, off.start) == ("test-hello-u1", False)
+
+    monkeypatch.setenv("KAERU_TEST_HELLO_ENABLED", "true")
+    registry.cache_clear()
+    (on,) = deliveries("identify", "u1", new_email)
+    assert (on.route.label, on.workflow_id, on.start) == ("Test hello", "test-hello-u1", True)
+    (name_only,) = deliveries("identify", "u1", {"changed_traits": ["name"]})
+    assert not name_only.start  # reaches a live one, starts none
+    viewed = {d.workflow_id: d.start for d in deliveries("Product Viewed", "u1", {})}
+    assert viewed == {"test-hello-u1": False, "test-browse-u1": True}
+
+
+def test_a_purchase_reaches_every_journey_it_ends_and_starts_the_one_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
+    found = {d.workflow_id: d.start for d in deliveries("Order Completed", "u1", {})}
+    assert found == {
+        "cart-abandonment-u1": False,
+        "test-browse-u1": False,
+        "test-hello-u1": False,
+        "test-lifecycle-u1": False,
+        "test-receipt-u1": True,
+    }
+    # Browse abandonment gives way to a cart: a cart event reaches it, and starts the cart's.
+    added = {d.workflow_id: d.start for d in deliveries("Product Added", "u1", {})}
+    assert added == {"cart-abandonment-u1": True, "test-browse-u1": False}
+
+
+def test_a_disabled_cart_journey_is_never_started_but_a_live_one_still_hears(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAERU_CART_ENABLED", "false")
+    (delivery,) = deliveries("Product Added", "u1", {})
+    assert (delivery.workflow_id, delivery.start) == ("cart-abandonment-u1", False)
+
+
+def test_journey_input_carries_the_settings_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    for name, value in {
+        "EMAIL_DELAY": "PT2H",
+        "OPEN_WAIT": "60",
+        "AD_DELAY": "86400.0",
+        "COUPON_AMOUNT_MINOR": "500",
+        "COUPON_CURRENCY": "eur",
+        "URL": "https://shop.test/cart",
+        "RECOMMENDATIONS": "0",
+        "EMPTY_GRACE": "P1D",
+    }.items():
+        monkeypatch.setenv(f"KAERU_CART_{name}", value)
+    route = registry().route("cart-abandonment")
+    start = route.make_input("u1", make_settings(sqlite_url))
+    s = start.settings
+    assert start.customer_id == "u1" and isinstance(s, CartJourneySettings)
+    assert (s.email_delay, s.open_wait, s.ad_delay, s.empty_grace) == (7200, 60, 86400, 86400)
+    assert (s.coupon_amount_minor, s.coupon_currency) == (500, "EUR")
+    assert (s.cart_url, s.recommendations) == ("https://shop.test/cart", 0)
+    assert s.offer_wait == CartJourneySettings().offer_wait  # unset: the default
+
+
+def test_journey_settings_come_from_dot_env_too(tmp_path: object) -> None:
+    with open(".env", "w") as env:
+        env.write("KAERU_CART_OFFER_DELAY=PT5M\n")
+    assert registry().route("cart-abandonment").journey_settings.offer_delay == 300
+
+
+CART_DURATIONS = [
+    "EMAIL_DELAY",
+    "OPEN_WAIT",
+    "AD_DELAY",
+    "AD_CLICK_WAIT",
+    "OFFER_DELAY",
+    "OFFER_WAIT",
+    "COUPON_TTL",
+    "EMPTY_GRACE",
+]
+
+
+@pytest.mark.parametrize("name", CART_DURATIONS)
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("86400", 86400), ("5.5", 5.5), ("P1D", 86400), ("PT30M", 1800), ("01:00:00", 3600)],
+)
+def test_every_journey_duration_reads_seconds_or_iso_8601_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str, seconds: float
+) -> None:
+    monkeypatch.setenv(f"KAERU_CART_{name}", text)
+    cart = registry().route("cart-abandonment").journey_settings
+    assert getattr(cart, name.lower()) == seconds
+
+
+@pytest.mark.parametrize("name", CART_DURATIONS)
+@pytest.mark.parametrize("text", ["0", "-5", "soon", "inf", "nan"])
+def test_a_journey_duration_not_positive_or_not_a_duration_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str
+) -> None:
+    monkeypatch.setenv(f"KAERU_CART_{name}", text)
+    with pytest.raises(JourneyError, match=f"KAERU_CART_{name}='{text}' is not valid"):
+        registry()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "phrases"),
+    [
+        ("KAERU_CART_EMAIL_DELAY", "abc", ("KAERU_CART_EMAIL_DELAY='abc' is not valid", "P1D")),
+        ("KAERU_CART_OPEN_WAIT", "0", ("KAERU_CART_OPEN_WAIT='0' is not valid", "positive")),
+        (
+            "KAERU_CART_COUPON_CURRENCY",
+            "dollars",
+            ("KAERU_CART_COUPON_CURRENCY='dollars' is not valid (must", "4217"),
+        ),
+        ("KAERU_CART_COUPON_AMOUNT_MINOR", "ten", ("KAERU_CART_COUPON_AMOUNT_MINOR='ten'",)),
+        (
+            "KAERU_CART_RECOMMENDATIONS",
+            "13",
+            ("KAERU_CART_RECOMMENDATIONS=13 is not valid (must be 0 to 12)",),
+        ),
+        ("KAERU_CART_ENABLED", "perhaps", ("KAERU_CART_ENABLED='perhaps' is not valid",)),
+    ],
+)
+def test_a_bad_journey_setting_names_the_variable_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, phrases: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(JourneyError) as caught:
+        load_registry(Settings(_env_file=None))
+    for phrase in phrases:
+        assert phrase in str(caught.value)
+    assert "Fix it in the environment or in .env" in str(caught.value)
 
 
 def test_one_holder_at_a_time_and_takeover_after_expiry(settings: Settings) -> None:

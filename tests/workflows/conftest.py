@@ -35,7 +35,7 @@ from kaeru.models import AudienceMember, Customer, Touchpoint
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer, _Handler
-from worker import PASSTHROUGH, WORKFLOWS, activities_for, build_worker
+from worker import PASSTHROUGH, activities_for, build_worker, workflows
 from workflows.cart_abandonment import CartAbandonment, CartJourneyInput, CartJourneySettings
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
 
@@ -278,7 +278,7 @@ async def worker_with(
         worker = Worker(
             shopper.env.client,
             task_queue=settings.task_queue,
-            workflows=list(WORKFLOWS),
+            workflows=list(workflows()),
             activities=list({**real, **replacements}.values()),
             workflow_runner=SandboxedWorkflowRunner(
                 restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)

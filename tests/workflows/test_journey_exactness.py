@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlmodel import select
@@ -498,14 +499,22 @@ async def test_a_cart_emptied_again_after_such_a_refill_gets_a_grace_of_its_own(
 
 def test_a_journey_that_starts_on_events_must_say_how_its_next_generation_starts() -> None:
     """Checked when the class is defined: a missing next_journey would otherwise fail every
-    workflow task of a journey that reached its end with a new cart held."""
+    workflow task of a journey that reached its end with a new cart held. A journey on the
+    kit's own ``JourneyInput`` gets it from the kit."""
     with pytest.raises(TypeError, match="does not define next_journey"):
 
-        class Forgetful(Journey):
+        class Forgetful(Journey[None]):
             kind = "forgetful"
             starts_on = frozenset({"Product Viewed"})
 
-    class Listener(Journey):  # starts on nothing: no next generation needed
+            def __init__(self, start: Any) -> None:  # its own input: the kit cannot build it
+                self._begin(start.customer_id)
+
+    class Listener(Journey[None]):  # starts on nothing: no next generation needed
         kind = "listener"
 
-    assert Listener.starts_on == frozenset()
+    class OnTheKitsInput(Journey[None]):  # the kit's JourneyInput: the kit's next_journey
+        kind = "kit-input"
+        starts_on = frozenset({"Product Viewed"})
+
+    assert Listener.starts_on == frozenset() and OnTheKitsInput.starts_on
