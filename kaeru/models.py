@@ -320,3 +320,28 @@ class CustomerRouting(SQLModel, table=True):
     last_routed_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     failures: int = 0
     retry_at: datetime | None = _ts(nullable=True)
+
+
+# ---- Stream C: identity and carts ------------------------------------------------------------
+
+
+class CartItem(SQLModel, table=True):
+    """One line of a customer's cart, kept at ingestion from their cart events.
+
+    A journey that starts after an earlier one ended reads the whole cart from here (through
+    the ``cart`` property of each cart event), not only the newest item. ``position`` keeps
+    the order lines were first added in; an order empties the cart.
+    """
+
+    __tablename__ = "cart_lines"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    product_id: str = Field(primary_key=True, max_length=200)
+    position: int
+    quantity: int
+    name: str | None = Field(default=None, max_length=500)
+    price_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    currency: str = Field(default="USD", max_length=3)
+    image_url: str | None = None
+    url: str | None = None
+    updated_at: datetime = _ts()

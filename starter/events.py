@@ -30,7 +30,7 @@ from typing import Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field
 
-from kaeru.commerce import clean_product_name
+from kaeru.commerce import CART_EVENTS, MAX_ID_LENGTH, ORDER_COMPLETED, clean_product_name
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
 from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -40,8 +40,8 @@ EVENT_TYPES = ("track", "identify", "page")
 #: Containers nested deeper than this are refused before anything serialises them again
 #: (``json``, the Temporal JSON converter and the database driver all recurse).
 MAX_DEPTH = 32
-#: Longest ``userId`` / ``anonymousId`` / ``messageId`` / event name (the database columns' size).
-MAX_ID_LENGTH = 200
+#: Longest ``userId`` / ``anonymousId`` / ``messageId`` / event name (the database columns' size)
+#: is :data:`kaeru.commerce.MAX_ID_LENGTH`, the one limit of every id kaeru stores.
 #: Most UTF-8 bytes of an id. A customer id becomes the workflow id ``<kind>-<id>`` (Temporal:
 #: at most 1,000 bytes) and the ``KaeruCustomerId`` search attribute (at most 2,048 bytes as
 #: Temporal's JSON encodes it: an emoji takes 12, ``\ud83d\udc38``, a control character 6).
@@ -53,7 +53,6 @@ MAX_ID_BYTES = 512
 PRODUCT_EVENTS = frozenset(
     {"Product Added", "Product Removed", "Product Viewed", "Product Clicked"}
 )
-ORDER_COMPLETED = "Order Completed"
 #: Events only kaeru's own tracking links may cause (``starter/tracking.py`` records them).
 TRACKING_EVENTS = frozenset({EMAIL_OPENED, EMAIL_LINK_CLICKED})
 #: What an untrusted ``Order Completed`` loses before journeys see it: its money and coupon.
@@ -517,10 +516,23 @@ def normalise_email(value: Any) -> str | None:
 def journey_properties(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
     """What a journey receives as the event's properties.
 
-    ``track``: its properties. ``page``: its properties plus the page name and the UTM
-    campaign, so an ad click says which campaign brought the shopper back.
+    ``track``: its properties; a cart event's also ``cart``, the customer's whole cart after
+    it as ingestion stored it. ``page``: its properties plus the page name and the UTM
+    campaign, so an ad click says which campaign brought the shopper back. ``identify``:
+    ``changed_traits``, the names (never the values) of the traits it set new or changed,
+    ``email`` included when the address was first set or changed.
+
+    ``cart`` and ``changed_traits`` come from the payload's ``kaeru`` notes, which only kaeru
+    writes (a sender's ``kaeru`` key is dropped at the door).
     """
+    notes = _object(payload.get("kaeru"))
+    if event_type == "identify":
+        changed = notes.get("changed_traits")
+        return {"changed_traits": list(changed) if isinstance(changed, list) else []}
     properties = dict(_object(payload.get("properties")))
+    if event_type == "track" and payload.get("event") in CART_EVENTS:
+        if isinstance(cart := notes.get("cart"), list):
+            properties["cart"] = cart
     if event_type == "page":
         campaign = _object(payload.get("context")).get("campaign")
         if isinstance(campaign, dict):

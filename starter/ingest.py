@@ -30,13 +30,24 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from activities.coupons import redeem_coupon
-from kaeru.commerce import clean_product_name, currency_of, minor_of, order_total_of
+from kaeru.commerce import (
+    CART_EVENTS,
+    MAX_ID_LENGTH,
+    MAX_QUANTITY,
+    ORDER_COMPLETED,
+    CartLine,
+    apply_cart_event,
+    clean_product_name,
+    currency_of,
+    minor_of,
+    order_total_of,
+    product_id_of,
+    quantity_of,
+)
 from kaeru.db import write_session
-from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
+from kaeru.models import CartItem, Customer, Event, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
 from starter.events import (
-    MAX_ID_LENGTH,
-    ORDER_COMPLETED,
     PRODUCT_EVENTS,
     EventError,
     IncomingEvent,
@@ -52,7 +63,6 @@ log = logging.getLogger("kaeru.ingest")
 #: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
 #: the journey (which ignores seq <= the last it saw) would drop seq 10.
 OUTBOX_LOCK = 0x6B61657275
-_MAX_QUANTITY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,11 @@ def _table(model: Any) -> Table:
 def needs_routing(
     event_type: str, name: str | None, customer_id: str, payload: dict[str, Any]
 ) -> bool:
-    return bool(deliveries(name, customer_id, journey_properties(event_type, payload)))
+    """Whether some journey could use the event: asked with the name journeys see it by (an
+    ``identify`` by ``identify``) and its journey properties."""
+    return bool(
+        deliveries(name or event_type, customer_id, journey_properties(event_type, payload))
+    )
 
 
 def insert_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
@@ -116,9 +130,14 @@ def outbox_row(
     received_at: datetime,
     source: str = "server",
     imported: bool = False,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An ``events`` row. Events no journey listens to, and imported history, are marked
-    routed at once (``payload.kaeru.imported`` says why)."""
+    routed at once (``payload.kaeru.imported`` says why). ``facts`` (what ingestion learnt:
+    ``cart``, ``changed_traits``) join the payload's ``kaeru`` notes."""
+    if facts:
+        notes = payload.get("kaeru")
+        payload = {**payload, "kaeru": {**(notes if isinstance(notes, dict) else {}), **facts}}
     routed = not imported and needs_routing(event_type, name, customer_id, payload)
     return {
         "message_id": message_id,
@@ -160,11 +179,17 @@ def store_requests(
         known = _stored_message_ids(session, list(unique))
         new = [event for message_id, event in unique.items() if message_id not in known]
         refused: dict[str, EventError] = {}
+        facts: dict[str, dict[str, Any]] = {}
         if new:
-            refused = _store_customers(session, new, settings)
+            refused, changed = _store_customers(session, new, settings)
             new = [event for event in new if event.message_id not in refused]
             _store_products(session, [event for event in new if event.trusted])
             _store_orders(session, new)
+            carts = _store_carts(session, new)
+            for message_id, names in changed.items():
+                facts.setdefault(message_id, {})["changed_traits"] = names
+            for message_id, cart in carts.items():
+                facts.setdefault(message_id, {})["cart"] = cart
         received = utcnow()
         rows = [
             outbox_row(
@@ -177,6 +202,7 @@ def store_requests(
                 received_at=received,
                 source=event.source,
                 imported=event.imported,
+                facts=facts.get(event.message_id),
             )
             for event in new
         ]
@@ -338,12 +364,14 @@ def _traits_problem(traits: dict[str, Any], settings: Settings) -> EventError | 
 
 def _store_customers(
     session: Session, events: Sequence[IncomingEvent], settings: Settings
-) -> dict[str, EventError]:
+) -> tuple[dict[str, EventError], dict[str, list[str]]]:
     """Every customer gets a profile; ``identify`` traits and emails update it, in order.
 
     Returns:
         The events refused because the customer's merged traits would pass the caps, by
-        message id (they change nothing and are not stored).
+        message id (they change nothing and are not stored); and, by message id of each
+        stored ``identify``, the names of the traits it set new or changed (``email`` too
+        when the address was first set or changed), in the order the event sent them.
     """
     now = utcnow()
     session.execute(
@@ -358,41 +386,50 @@ def _store_customers(
         email = email_of(event)
         if (event.type == "identify" and event.traits) or email:
             updates.setdefault(event.customer_id, []).append((event, email))
+        elif event.type == "identify":
+            updates.setdefault(event.customer_id, []).append((event, None))
     refused: dict[str, EventError] = {}
+    changed: dict[str, list[str]] = {}
     # Sorted, so two requests updating the same customers lock them in the same order.
     for customer_id in sorted(updates):
         customer = session.get(Customer, customer_id, with_for_update=True)
         assert customer is not None  # inserted above, in this transaction
         traits, address = dict(customer.traits), customer.email
         for event, email in updates[customer_id]:
+            names: list[str] = []
             if event.type == "identify" and event.traits:
                 merged = {**traits, **event.traits}
                 if (problem := _traits_problem(merged, settings)) is not None:
                     refused[event.message_id] = problem
                     continue
+                names = [
+                    key
+                    for key, value in event.traits.items()
+                    if traits.get(key, _NO_VALUE) != value
+                ]
                 traits = merged
+            if email and email != address and "email" not in names:
+                names.append("email")
             address = email or address
+            if event.type == "identify":
+                changed[event.message_id] = names
         if traits != customer.traits or address != customer.email:
             customer.traits, customer.email, customer.updated_at = traits, address, now
             session.add(customer)
     session.flush()
-    return refused
+    return refused, changed
+
+
+#: Stands for a trait the customer does not have (``None`` is a value a trait can hold).
+_NO_VALUE = object()
 
 
 # ---- products --------------------------------------------------------------------------------
 
 
-def _product_id(props: dict[str, Any]) -> str | None:
-    value = props.get("product_id") or props.get("sku") or props.get("id")
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    text_value = str(value)
-    return text_value if 0 < len(text_value) <= MAX_ID_LENGTH else None
-
-
 def _product_values(props: dict[str, Any], currency: Any) -> dict[str, Any] | None:
     """Product columns the event states (absent ones are left as stored)."""
-    product_id = _product_id(props)
+    product_id = product_id_of(props)
     if product_id is None:
         return None
     values: dict[str, Any] = {"product_id": product_id}
@@ -452,6 +489,84 @@ def _product_upsert(dialect: str, stated: tuple[str, ...]) -> Any:
     )
 
 
+# ---- carts ---------------------------------------------------------------------------------
+
+
+def _stored_cart(session: Session, customer_id: str) -> list[CartLine]:
+    table = _table(CartItem)
+    rows = session.execute(
+        select(CartItem).where(table.c.customer_id == customer_id).order_by(table.c.position)
+    ).scalars()
+    return [
+        CartLine(
+            product_id=row.product_id,
+            quantity=row.quantity,
+            name=row.name,
+            price_minor=row.price_minor,
+            currency=row.currency,
+            image_url=row.image_url,
+            url=row.url,
+        )
+        for row in rows
+    ]
+
+
+def _store_carts(
+    session: Session, events: Sequence[IncomingEvent]
+) -> dict[str, list[dict[str, Any]]]:
+    """Keep each customer's cart from their cart events, in order; their order empties it.
+
+    Imported history changes no cart. Returns, by message id of each cart event that said
+    something about the cart, the whole cart after it (``Cart Viewed`` ``products`` items).
+    """
+    mine: dict[str, list[IncomingEvent]] = {}
+    for event in events:
+        if (
+            event.type == "track"
+            and not event.imported
+            and (event.name in CART_EVENTS or event.name == ORDER_COMPLETED)
+        ):
+            mine.setdefault(event.customer_id, []).append(event)
+    after: dict[str, list[dict[str, Any]]] = {}
+    now = utcnow()
+    # Sorted and locked through the customer row, so concurrent writers apply one customer's
+    # cart events one transaction after another, as their events were committed.
+    for customer_id in sorted(mine):
+        session.get(Customer, customer_id, with_for_update=True)
+        stored = _stored_cart(session, customer_id)
+        cart = list(stored)
+        for event in mine[customer_id]:
+            if event.name == ORDER_COMPLETED:
+                cart = []
+                continue
+            if (changed := apply_cart_event(cart, event.name, event.properties)) is None:
+                continue
+            cart = changed
+            after[event.message_id] = [line.as_product() for line in cart]
+        if cart == stored:
+            continue
+        session.execute(
+            _table(CartItem).delete().where(_table(CartItem).c.customer_id == customer_id)
+        )
+        session.add_all(
+            CartItem(
+                customer_id=customer_id,
+                position=position,
+                updated_at=now,
+                product_id=line.product_id,
+                quantity=line.quantity,
+                name=line.name,
+                price_minor=line.price_minor,
+                currency=line.currency,
+                image_url=line.image_url,
+                url=line.url,
+            )
+            for position, line in enumerate(cart)
+        )
+        session.flush()
+    return after
+
+
 # ---- orders ----------------------------------------------------------------------------------
 
 
@@ -484,12 +599,9 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
     lines: dict[str, int] = {}
     items = props.get("products")
     for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict) or (product_id := _product_id(item)) is None:
+        if not isinstance(item, dict) or (product_id := product_id_of(item)) is None:
             continue
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, bool) or not isinstance(quantity, int | float) or quantity < 1:
-            quantity = 1
-        lines[product_id] = min(lines.get(product_id, 0) + int(quantity), _MAX_QUANTITY)
+        lines[product_id] = min(lines.get(product_id, 0) + quantity_of(item), MAX_QUANTITY)
     return OrderFacts(
         order_id=order_id,
         customer_id=event.customer_id,

@@ -19,10 +19,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.recommendations import recommend
 from kaeru.db import session
-from kaeru.models import Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
+from kaeru.models import CartItem, Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from starter.app import create_app
-from starter.events import MAX_ID_BYTES, EventError, read_event
+from starter.events import MAX_ID_BYTES, EventError, journey_properties, read_event
 from starter.router import fetch_unrouted
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client, basic, count, events
@@ -1120,3 +1120,153 @@ async def test_an_order_cannot_redeem_another_customers_coupon(
     with session(settings.resolved_database_url) as s:
         coupon = s.get(Coupon, "KAERU-ANNS")
     assert coupon is not None and coupon.redeemed_order_id == "o-ann"
+
+
+# ---- identity and carts ------------------------------------------------------------------------
+
+
+def _journey_properties(settings: Settings) -> list[dict[str, Any]]:
+    """What each stored event gives journeys, in ``seq`` order (as the router builds it)."""
+    return [journey_properties(e.type, e.payload) for e in events(settings)]
+
+
+async def test_an_identify_tells_journeys_which_traits_it_changed_without_values(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    batch = [
+        {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com", "name": "A"}},
+        {"type": "identify", "userId": "u1", "traits": {"name": "A", "plan": "gold"}},
+        {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com"}},
+        {"type": "identify", "userId": "u1", "traits": {"email": "bob@example.com", "x": None}},
+        {"type": "identify", "userId": "u1", "traits": {"x": None}},
+        {"type": "identify", "userId": "u2"},
+    ]
+    await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    # A later request compares with what the first one stored.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "u1", "traits": {"plan": "silver"}, "context": {}},
+        auth=AUTH,
+    )
+    await api.post(
+        "/v1/track",
+        json={"userId": "u3", "event": "x", "context": {"traits": {"email": "c@example.com"}}},
+        auth=AUTH,
+    )
+    assert _journey_properties(settings)[:7] == [
+        {"changed_traits": ["email", "name"]},
+        {"changed_traits": ["plan"]},
+        {"changed_traits": []},
+        {"changed_traits": ["email", "x"]},
+        {"changed_traits": []},
+        {"changed_traits": []},
+        {"changed_traits": ["plan"]},
+    ]
+    stored = json.dumps([e.payload.get("kaeru") for e in events(settings)])
+    assert "example.com" not in stored and "silver" not in stored
+
+
+async def test_an_identify_first_setting_the_email_in_context_names_email(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post(
+        "/v1/identify",
+        json={"userId": "u1", "traits": {}, "context": {"traits": {"email": "ann@example.com"}}},
+        auth=AUTH,
+    )
+    assert _journey_properties(settings) == [{"changed_traits": ["email"]}]
+
+
+def _cart_rows(settings: Settings, customer_id: str) -> list[tuple[str, int]]:
+    with session(settings.resolved_database_url) as s:
+        rows = s.exec(
+            select(CartItem)
+            .where(CartItem.customer_id == customer_id)
+            .order_by(col(CartItem.position))
+        ).all()
+        return [(row.product_id, row.quantity) for row in rows]
+
+
+def _added(product_id: str, **props: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": "u1",
+        "event": "Product Added",
+        "properties": {"product_id": product_id, **props},
+    }
+
+
+async def test_the_cart_is_kept_across_batches_and_emptied_by_an_order(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    dress = {"name": "Dress", "price": 49.9, "currency": "EUR", "url": "https://s/d"}
+    await api.post(
+        "/v1/batch",
+        json={"batch": [_added("dress", quantity=2, **dress), _added("belt", price="12")]},
+        auth=AUTH,
+    )
+    await api.post(
+        "/v1/batch",
+        json={
+            "batch": [
+                {**_added("dress", quantity=1), "event": "Product Removed"},
+                _added("scarf", quantity=99_999),  # over the cap: read as 1, as journeys do
+                _added("belt", quantity=3),
+                {"type": "track", "userId": "u1", "event": "Product Viewed", "properties": {}},
+            ]
+        },
+        auth=AUTH,
+    )
+    carts = [p.get("cart") for p in _journey_properties(settings)]
+    dress_line = {
+        "product_id": "dress",
+        "name": "Dress",
+        "price": 49.9,
+        "currency": "EUR",
+        "quantity": 2,
+        "image_url": None,
+        "url": "https://s/d",
+    }
+    belt = {**dress_line, "product_id": "belt", "name": None, "price": 12.0, "currency": "USD"}
+    belt["url"] = None
+    assert carts[0] == [dress_line]
+    assert carts[1] == [dress_line, {**belt, "quantity": 1}]
+    assert carts[2] == [{**dress_line, "quantity": 1}, {**belt, "quantity": 1}]
+    assert [p["product_id"] for p in carts[3] or []] == ["dress", "belt", "scarf"]
+    assert carts[4] == [
+        {**dress_line, "quantity": 1},
+        # Added again: the line takes the product as this event states it (the journey's way).
+        {**belt, "price": None, "quantity": 4},
+        {**belt, "product_id": "scarf", "price": None, "quantity": 1},
+    ]
+    assert carts[5] is None  # not a cart event
+    assert _cart_rows(settings, "u1") == [("dress", 1), ("belt", 4), ("scarf", 1)]
+
+    # The order empties it; the next cart starts from nothing, not from the bought items.
+    order = {"type": "track", "userId": "u1", "event": "Order Completed", "properties": {}}
+    await api.post("/v1/batch", json={"batch": [order, _added("hat")]}, auth=AUTH)
+    assert _journey_properties(settings)[-1]["cart"][0]["product_id"] == "hat"
+    assert len(_journey_properties(settings)[-1]["cart"]) == 1
+    await api.post("/v1/track", json=order, auth=AUTH)
+    assert _cart_rows(settings, "u1") == []
+
+
+async def test_a_cart_snapshot_replaces_the_cart_and_keeps_at_most_50_lines(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post("/v1/batch", json={"batch": [_added("old")]}, auth=AUTH)
+    products = [{"product_id": f"p{i}", "quantity": 2} for i in range(60)]
+    viewed = {
+        "type": "track",
+        "userId": "u1",
+        "event": "Cart Viewed",
+        "properties": {"products": products, "currency": "JPY"},
+    }
+    await api.post("/v1/batch", json={"batch": [viewed, _added("full")]}, auth=AUTH)
+    cart = _journey_properties(settings)[1]["cart"]
+    assert [p["product_id"] for p in cart] == [f"p{i}" for i in range(50)]
+    assert {p["currency"] for p in cart} == {"JPY"}
+    # A full cart ignores a new product, as the cart journey does.
+    assert len(_journey_properties(settings)[2]["cart"]) == 50
+    assert ("full", 1) not in _cart_rows(settings, "u1")
+    assert len(_cart_rows(settings, "u1")) == 50
