@@ -200,3 +200,16 @@ def apply_cart_event(
         ):
             stated.setdefault(line.product_id, line)
     return list(stated.values())[:MAX_CART_LINES]
+
+
+def merge_carts(into: Iterable[CartLine], moved: Iterable[CartLine]) -> list[CartLine]:
+    """``into`` with the lines of ``moved`` added (quantities of one product summed, capped;
+    at most :data:`MAX_CART_LINES` lines, ``into``'s first)."""
+    lines = [replace(line) for line in into]
+    for line in moved:
+        same = next((x for x in lines if x.product_id == line.product_id), None)
+        if same is not None:
+            same.quantity = min(same.quantity + line.quantity, MAX_QUANTITY)
+        elif len(lines) < MAX_CART_LINES:
+            lines.append(replace(line))
+    return lines

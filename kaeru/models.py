@@ -345,3 +345,19 @@ class CartItem(SQLModel, table=True):
     image_url: str | None = None
     url: str | None = None
     updated_at: datetime = _ts()
+
+
+class IdentityAlias(SQLModel, table=True):
+    """An anonymous id merged into an identified customer (an ``identify`` naming both).
+
+    Events that later carry only ``anonymous_id`` are stored for ``customer_id``.
+    """
+
+    __tablename__ = "identity_aliases"
+
+    anonymous_id: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(max_length=200, index=True)
+    #: The ``identify`` that merged them, and the key it came with.
+    message_id: str = Field(max_length=200)
+    source: str = Field(max_length=20)
+    merged_at: datetime = _ts()

@@ -205,11 +205,23 @@ class IncomingEvent:
     counts_as_order: bool = True
     #: Sent to ``/v1/import`` (history): stored, never routed to journeys.
     imported: bool = False
+    #: Made by kaeru at ingestion (what an identity merge stores), not sent by the shop.
+    derived: bool = False
 
     @property
     def trusted(self) -> bool:
         """Sent with the server key: it may write the shared catalogue."""
         return self.source == SERVER
+
+    @property
+    def anonymous_id(self) -> str | None:
+        """The ``anonymousId`` the event names (``customer_id`` is the ``userId`` if any)."""
+        return _named_id(self.payload.get("anonymousId"))
+
+    @property
+    def user_id(self) -> str | None:
+        """The ``userId`` the event names, if any."""
+        return _named_id(self.payload.get("userId"))
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -222,6 +234,13 @@ class IncomingEvent:
     @property
     def context(self) -> dict[str, Any]:
         return _object(self.payload.get("context"))
+
+
+def _named_id(value: Any) -> str | None:
+    """An id field of a checked payload as :func:`read_event` read it (empty: absent)."""
+    if value is None or isinstance(value, bool) or not str(value).strip():
+        return None
+    return str(value)
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -39,13 +39,15 @@ from kaeru.commerce import (
     apply_cart_event,
     clean_product_name,
     currency_of,
+    merge_carts,
     minor_of,
     order_total_of,
     product_id_of,
     quantity_of,
 )
 from kaeru.db import write_session
-from kaeru.models import CartItem, Customer, Event, Order, OrderLine, Product, utcnow
+from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
+from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
 from starter.events import (
     PRODUCT_EVENTS,
@@ -181,11 +183,13 @@ def store_requests(
         refused: dict[str, EventError] = {}
         facts: dict[str, dict[str, Any]] = {}
         if new:
+            new = _resolve_identities(session, new)
             refused, changed = _store_customers(session, new, settings)
             new = [event for event in new if event.message_id not in refused]
-            _store_products(session, [event for event in new if event.trusted])
+            _store_products(session, [e for e in new if e.trusted and not e.derived])
             _store_orders(session, new)
-            carts = _store_carts(session, new)
+            carts, dropped = _store_carts(session, new)
+            new = [event for event in new if event.message_id not in dropped]
             for message_id, names in changed.items():
                 facts.setdefault(message_id, {})["changed_traits"] = names
             for message_id, cart in carts.items():
@@ -209,10 +213,15 @@ def store_requests(
         inserted = insert_events(session, rows)
     stored = [0] * len(requests)
     to_route = [False] * len(requests)
+    derived = {event.message_id: event for event in new if event.derived}
     for row in rows:
         if row["message_id"] in inserted:
-            index = owner[row["message_id"]]
-            stored[index] += 1
+            if (made := derived.get(row["message_id"])) is not None:
+                # A merge's event: the router must run for it, but the sender did not send it.
+                index = owner[made.payload["kaeru"]["merge_of"]]
+            else:
+                index = owner[row["message_id"]]
+                stored[index] += 1
             to_route[index] = to_route[index] or row["routed_at"] is None
     rejected: list[list[tuple[int, EventError]]] = [[] for _ in requests]
     for index, events in enumerate(requests):
@@ -513,37 +522,57 @@ def _stored_cart(session: Session, customer_id: str) -> list[CartLine]:
 
 def _store_carts(
     session: Session, events: Sequence[IncomingEvent]
-) -> dict[str, list[dict[str, Any]]]:
+) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
     """Keep each customer's cart from their cart events, in order; their order empties it.
 
-    Imported history changes no cart. Returns, by message id of each cart event that said
-    something about the cart, the whole cart after it (``Cart Viewed`` ``products`` items).
+    An ``Identity Merged`` moves the anonymous id's cart into the ``Cart Viewed`` the merge
+    stores for the user (which then lists the merged cart); imported history changes no cart.
+
+    Returns:
+        By message id of each cart event that said something about the cart, the whole cart
+        after it (``Cart Viewed`` ``products`` items); and the merges' ``Cart Viewed`` not to
+        store (the anonymous id had no cart).
     """
-    mine: dict[str, list[IncomingEvent]] = {}
-    for event in events:
-        if (
-            event.type == "track"
-            and not event.imported
-            and (event.name in CART_EVENTS or event.name == ORDER_COMPLETED)
-        ):
-            mine.setdefault(event.customer_id, []).append(event)
-    after: dict[str, list[dict[str, Any]]] = {}
-    now = utcnow()
+    mine = [
+        event
+        for event in events
+        if event.type == "track"
+        and not event.imported
+        and (event.name in CART_EVENTS or event.name in (ORDER_COMPLETED, IDENTITY_MERGED))
+    ]
+    carts: dict[str, list[CartLine]] = {}
     # Sorted and locked through the customer row, so concurrent writers apply one customer's
     # cart events one transaction after another, as their events were committed.
-    for customer_id in sorted(mine):
+    for customer_id in sorted({event.customer_id for event in mine}):
         session.get(Customer, customer_id, with_for_update=True)
-        stored = _stored_cart(session, customer_id)
-        cart = list(stored)
-        for event in mine[customer_id]:
-            if event.name == ORDER_COMPLETED:
-                cart = []
+        carts[customer_id] = _stored_cart(session, customer_id)
+    stored = {customer_id: list(cart) for customer_id, cart in carts.items()}
+    after: dict[str, list[dict[str, Any]]] = {}
+    moving: dict[str, list[CartLine]] = {}
+    dropped: set[str] = set()
+    for event in mine:
+        cart = carts[event.customer_id]
+        if event.name == IDENTITY_MERGED:
+            into = str(event.properties.get("into"))
+            moving[into] = merge_carts(moving.get(into, []), cart)
+            carts[event.customer_id] = []
+            continue
+        if event.name == ORDER_COMPLETED:
+            carts[event.customer_id] = []
+            continue
+        if event.derived:  # the merge's Cart Viewed: the user's cart plus the moved one
+            if not (moved := moving.pop(event.customer_id, [])):
+                dropped.add(event.message_id)
                 continue
-            if (changed := apply_cart_event(cart, event.name, event.properties)) is None:
-                continue
-            cart = changed
-            after[event.message_id] = [line.as_product() for line in cart]
-        if cart == stored:
+            merged = merge_carts(cart, moved)
+            event.properties["products"] = [line.as_product() for line in merged]
+        if (changed := apply_cart_event(cart, event.name, event.properties)) is None:
+            continue
+        carts[event.customer_id] = changed
+        after[event.message_id] = [line.as_product() for line in changed]
+    now = utcnow()
+    for customer_id in sorted(carts):
+        if carts[customer_id] == stored[customer_id]:
             continue
         session.execute(
             _table(CartItem).delete().where(_table(CartItem).c.customer_id == customer_id)
@@ -561,10 +590,122 @@ def _store_carts(
                 image_url=line.image_url,
                 url=line.url,
             )
-            for position, line in enumerate(cart)
+            for position, line in enumerate(carts[customer_id])
         )
-        session.flush()
-    return after
+    session.flush()
+    return after, dropped
+
+
+# ---- identities ------------------------------------------------------------------------------
+
+
+def _resolve_identities(session: Session, events: Sequence[IncomingEvent]) -> list[IncomingEvent]:
+    """Events as kaeru stores them: an anonymous id merged into a user is the user's, and
+    each merge an ``identify`` makes adds its ``Identity Merged`` and ``Cart Viewed``.
+
+    A merge the trust rules refuse (:func:`kaeru.identity.merge_refusal`) moves nothing: the
+    identify is stored with the reason under ``payload.kaeru.merge_refused``.
+    """
+    anonymous = sorted({a for event in events if (a := event.anonymous_id) is not None})
+    if not anonymous:
+        return list(events)
+    table = _table(IdentityAlias)
+    aliases: dict[str, str] = {}
+    for start in range(0, len(anonymous), 500):
+        rows = session.execute(
+            select(table.c.anonymous_id, table.c.customer_id).where(
+                table.c.anonymous_id.in_(anonymous[start : start + 500])
+            )
+        )
+        aliases.update({row[0]: row[1] for row in rows})
+    with_email: set[str] = set()
+    out: list[IncomingEvent] = []
+    for event in events:
+        anonymous_id, user_id = event.anonymous_id, event.user_id
+        if user_id is None and anonymous_id in aliases:
+            event = replace(event, customer_id=aliases[anonymous_id])
+        if email_of(event):
+            with_email.add(event.customer_id)
+        if event.type != "identify" or user_id is None or anonymous_id in (None, user_id):
+            out.append(event)
+            continue
+        assert anonymous_id is not None
+        already = aliases.get(anonymous_id)
+        if already == user_id:  # merged before: nothing to move
+            out.append(event)
+            continue
+        known = session.get(Customer, user_id)
+        refusal = merge_refusal(
+            trusted=event.trusted,
+            already_into=already,
+            into=user_id,
+            into_has_email=user_id in with_email or bool(known and known.email),
+        )
+        if refusal is not None:
+            notes = _object_of(event.payload.get("kaeru"))
+            out.append(
+                replace(
+                    event, payload={**event.payload, "kaeru": {**notes, "merge_refused": refusal}}
+                )
+            )
+            continue
+        aliases[anonymous_id] = user_id
+        _save_alias(session, anonymous_id, user_id, event)
+        out.extend([event, *_merge_events(event, anonymous_id, user_id)])
+    return out
+
+
+def _object_of(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _save_alias(session: Session, anonymous_id: str, user_id: str, event: IncomingEvent) -> None:
+    values = {
+        "anonymous_id": anonymous_id,
+        "customer_id": user_id,
+        "message_id": event.message_id,
+        "source": event.source,
+        "merged_at": utcnow(),
+    }
+    statement = _insert(session, _table(IdentityAlias))
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["anonymous_id"],
+            set_={key: statement.excluded[key] for key in values if key != "anonymous_id"},
+        ),
+        values,
+    )
+
+
+def _merge_events(identify: IncomingEvent, anonymous_id: str, user_id: str) -> list[IncomingEvent]:
+    """What a merge stores after its identify: ``Identity Merged`` for the anonymous id, and a
+    ``Cart Viewed`` for the user that :func:`_store_carts` fills with the merged cart."""
+
+    def event(part: str, customer_id: str, name: str, props: dict[str, Any]) -> IncomingEvent:
+        message_id = merge_id(identify.message_id, part)
+        id_field = "userId" if customer_id == user_id else "anonymousId"
+        return IncomingEvent(
+            message_id=message_id,
+            customer_id=customer_id,
+            type="track",
+            name=name,
+            timestamp=identify.timestamp,
+            payload={
+                "type": "track",
+                "event": name,
+                id_field: customer_id,
+                "messageId": message_id,
+                "properties": props,
+                "kaeru": {"merge_of": identify.message_id},
+            },
+            source=identify.source,
+            derived=True,
+        )
+
+    return [
+        event("identity", anonymous_id, IDENTITY_MERGED, {"into": user_id}),
+        event("cart", user_id, "Cart Viewed", {"products": []}),
+    ]
 
 
 # ---- orders ----------------------------------------------------------------------------------

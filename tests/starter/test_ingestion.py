@@ -1270,3 +1270,139 @@ async def test_a_cart_snapshot_replaces_the_cart_and_keeps_at_most_50_lines(
     assert len(_journey_properties(settings)[2]["cart"]) == 50
     assert ("full", 1) not in _cart_rows(settings, "u1")
     assert len(_cart_rows(settings, "u1")) == 50
+
+
+def _names(settings: Settings) -> list[tuple[str, str, str]]:
+    """(customer, name or type, messageId) of each stored event, in ``seq`` order."""
+    return [(e.customer_id, e.name or e.type, e.message_id) for e in events(settings)]
+
+
+async def test_an_identify_merges_the_anonymous_cart_into_the_user_once(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    shoe = {"anonymousId": "a1", "event": "Product Added", "properties": {"product_id": "shoe"}}
+    await api.post("/v1/track", json=shoe, auth=AUTH)
+    await api.post(
+        "/v1/track", json={**shoe, "userId": "u1", "properties": {"product_id": "hat"}}, auth=AUTH
+    )
+    identify = {"userId": "u1", "anonymousId": "a1", "messageId": "id-1", "traits": {}}
+    answer = await api.post("/v1/identify", json=identify, auth=AUTH)
+    assert answer.status_code == 200
+    assert _names(settings)[2:] == [
+        ("u1", "identify", "id-1"),
+        ("a1", "Identity Merged", "merge:id-1:identity"),
+        ("u1", "Cart Viewed", "merge:id-1:cart"),
+    ]
+    merged, cart_viewed = events(settings)[3:]
+    assert journey_properties(merged.type, merged.payload) == {"into": "u1"}
+    assert [p["product_id"] for p in journey_properties("track", cart_viewed.payload)["cart"]] == [
+        "hat",
+        "shoe",
+    ]
+    assert merged.routed_at is None or cart_viewed.routed_at is None  # the router runs for it
+    assert _cart_rows(settings, "a1") == []
+    assert _cart_rows(settings, "u1") == [("hat", 1), ("shoe", 1)]
+
+    # Resent (same messageId) or said again (a new one): merged once.
+    await api.post("/v1/identify", json=identify, auth=AUTH)
+    await api.post("/v1/identify", json={**identify, "messageId": "id-2"}, auth=AUTH)
+    assert [n for _, n, _ in _names(settings)].count("Identity Merged") == 1
+    assert len(events(settings)) == 6
+
+    # The anonymous id alone is the user now: their cart grows, their order empties it.
+    await api.post("/v1/track", json={**shoe, "properties": {"product_id": "bag"}}, auth=AUTH)
+    assert _names(settings)[-1][0] == "u1"
+    assert [
+        p["product_id"] for p in journey_properties("track", events(settings)[-1].payload)["cart"]
+    ] == ["hat", "shoe", "bag"]
+    await api.post(
+        "/v1/track",
+        json={"anonymousId": "a1", "event": "Order Completed", "properties": {"order_id": "o1"}},
+        auth=AUTH,
+    )
+    assert _cart_rows(settings, "u1") == []
+    with session(settings.resolved_database_url) as s:
+        order = s.get(Order, "o1")
+    assert order is not None and order.customer_id == "u1"
+
+
+async def test_a_merge_without_an_anonymous_cart_stores_no_cart_event(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    batch = [
+        {"type": "page", "anonymousId": "a1", "name": "Home"},
+        {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m"},
+    ]
+    result = await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    assert result.json()["accepted"] == 2
+    assert _names(settings) == [
+        ("a1", "page", events(settings)[0].message_id),
+        ("u1", "identify", "m"),
+        ("a1", "Identity Merged", "merge:m:identity"),
+    ]
+
+
+async def test_a_browser_key_never_merges_into_a_known_address_or_moves_a_merged_id(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post(
+        "/v1/batch",
+        json={
+            "batch": [
+                {"type": "identify", "userId": "known", "traits": {"email": "k@example.com"}},
+                {
+                    "type": "track",
+                    "anonymousId": "a1",
+                    "event": "Product Added",
+                    "properties": {"product_id": "shoe"},
+                },
+                {
+                    "type": "track",
+                    "anonymousId": "a2",
+                    "event": "Product Added",
+                    "properties": {"product_id": "hat"},
+                },
+            ]
+        },
+        auth=AUTH,
+    )
+    # Into a customer with an email: refused, nothing moves, the reason is kept.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "known", "anonymousId": "a1", "messageId": "b1"},
+        auth=BROWSER_AUTH,
+    )
+    refused = events(settings, message_id="b1")[0]
+    assert "already has an email address" in refused.payload["kaeru"]["merge_refused"]
+    assert "Identity Merged" not in [n for _, n, _ in _names(settings)]
+    assert _cart_rows(settings, "a1") == [("shoe", 1)]
+    await api.post(
+        "/v1/track",
+        json={"anonymousId": "a1", "event": "Product Viewed", "messageId": "after"},
+        auth=BROWSER_AUTH,
+    )
+    assert events(settings, message_id="after")[0].customer_id == "a1"
+
+    # Into a new customer: allowed; then moving that id to someone else is refused.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "new", "anonymousId": "a2", "messageId": "b2"},
+        auth=BROWSER_AUTH,
+    )
+    assert _cart_rows(settings, "new") == [("hat", 1)]
+    await api.post(
+        "/v1/identify",
+        json={"userId": "other", "anonymousId": "a2", "messageId": "b3"},
+        auth=BROWSER_AUTH,
+    )
+    assert (
+        "another customer" in events(settings, message_id="b3")[0].payload["kaeru"]["merge_refused"]
+    )
+    assert _cart_rows(settings, "new") == [("hat", 1)] and _cart_rows(settings, "other") == []
+
+    # The server key is the shop: its merge holds, even into a known address.
+    await api.post(
+        "/v1/identify", json={"userId": "known", "anonymousId": "a1", "messageId": "s1"}, auth=AUTH
+    )
+    assert _cart_rows(settings, "known") == [("shoe", 1)]
+    assert ("a1", "Identity Merged", "merge:s1:identity") in _names(settings)

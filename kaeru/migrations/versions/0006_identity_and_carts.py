@@ -1,4 +1,4 @@
-"""identity and carts: the cart of each customer, kept at ingestion
+"""identity and carts: the cart of each customer, kept at ingestion; merged anonymous ids
 
 Revision ID: 0006
 Revises: 0005
@@ -34,7 +34,23 @@ def upgrade() -> None:
         sa.Column("updated_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("customer_id", "product_id"),
     )
+    op.create_table(
+        "identity_aliases",
+        sa.Column("anonymous_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("message_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("source", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("merged_at", kaeru.models.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("anonymous_id"),
+    )
+    with op.batch_alter_table("identity_aliases", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_identity_aliases_customer_id"), ["customer_id"], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("identity_aliases", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_identity_aliases_customer_id"))
+    op.drop_table("identity_aliases")
     op.drop_table("cart_lines")

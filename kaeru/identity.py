@@ -1,0 +1,49 @@
+"""Who an event is about, and when two ids may become one customer: the rules, without I/O.
+
+An ``identify`` naming both a ``userId`` and an ``anonymousId`` merges the anonymous id into
+the user: later events that carry only the anonymous id are the user's. The browser key is
+public (anyone can name any customer with it), so a merge through it may never move what a
+known customer has (their email, their history) to another address: it may merge an
+anonymous id only into a user that has no email address yet, and never an anonymous id that
+already belongs to another user. The server key is the shop itself: its merges always hold.
+Pure, so workflow code may import it inside the sandbox.
+"""
+
+from __future__ import annotations
+
+#: What ingestion stores for the anonymous id of a merge (properties ``{"into": userId}``):
+#: the anonymous id's journeys end (outcome ``merged``).
+IDENTITY_MERGED = "Identity Merged"
+
+
+def merge_id(identify_message_id: str, part: str) -> str:
+    """The message id of an event a merge stores: deterministic, so a resent identify (the
+    same messageId) merges once."""
+    return f"merge:{identify_message_id}:{part}"
+
+
+def merge_refusal(
+    *, trusted: bool, already_into: str | None, into: str, into_has_email: bool
+) -> str | None:
+    """Why an ``identify`` may not merge its anonymous id into ``into``; None if it may.
+
+    Args:
+        trusted: the identify came with the server key.
+        already_into: the user the anonymous id was merged into before (None: never).
+        into: the identify's ``userId``.
+        into_has_email: that user already has an email address.
+    """
+    if trusted:
+        return None
+    if already_into is not None and already_into != into:
+        return (
+            "not merged: this anonymousId already belongs to another customer, and the "
+            "browser key may not move it; send the identify with the server write key"
+        )
+    if into_has_email:
+        return (
+            "not merged: the userId already has an email address, and the browser key may "
+            "not move an anonymous shopper's history to a known customer; send the identify "
+            "with the server write key"
+        )
+    return None
