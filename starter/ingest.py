@@ -29,7 +29,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from activities.coupons import redeem_coupon
 from kaeru.commerce import (
     CART_EVENTS,
     MAX_ID_LENGTH,
@@ -45,6 +44,7 @@ from kaeru.commerce import (
     product_id_of,
     quantity_of,
 )
+from kaeru.coupons import redeem_coupon
 from kaeru.db import write_session
 from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
 from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow

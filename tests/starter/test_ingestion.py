@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -1406,3 +1408,15 @@ async def test_a_browser_key_never_merges_into_a_known_address_or_moves_a_merged
     )
     assert _cart_rows(settings, "known") == [("shoe", 1)]
     assert ("a1", "Identity Merged", "merge:s1:identity") in _names(settings)
+
+
+def test_ingestion_imports_no_activity_code() -> None:
+    """Ingestion (the API) uses the core coupon module, not the worker's activities."""
+    code = (
+        "import sys, starter.ingest; "
+        "print(sorted(m for m in sys.modules if m.startswith('activities.')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "activities.coupons" not in found and "activities.email" not in found, found
