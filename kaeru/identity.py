@@ -11,6 +11,14 @@ Pure, so workflow code may import it inside the sandbox.
 
 from __future__ import annotations
 
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from temporalio.exceptions import ApplicationError
+
+#: ApplicationError type of a message or audience step for a customer without an address.
+NO_EMAIL_ADDRESS = "NoEmailAddress"
+
 #: What ingestion stores for the anonymous id of a merge (properties ``{"into": userId}``):
 #: the anonymous id's journeys end (outcome ``merged``).
 IDENTITY_MERGED = "Identity Merged"
@@ -47,3 +55,52 @@ def merge_refusal(
             "with the server write key"
         )
     return None
+
+
+# ---- email addresses ---------------------------------------------------------------------------
+
+
+def _validated(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise EmailNotValidError("it is not a string")
+    # A strict addr-spec: no display name, no quoted local part, no IP literal, no list.
+    return validate_email(value.strip(), check_deliverability=False)
+
+
+def email_problem(value: Any) -> str | None:
+    """Why ``value`` is not a single deliverable-looking address, or None if it is one."""
+    try:
+        _validated(value)
+    except EmailNotValidError as exc:
+        return str(exc)
+    return None
+
+
+def normalise_email(value: Any) -> str | None:
+    """The address in normal form (domain in lower case), or None if it is not one (no DNS)."""
+    try:
+        normalized: str = _validated(value).normalized
+    except EmailNotValidError:
+        return None
+    return normalized
+
+
+def email_key(address: str) -> str:
+    """The form addresses are matched by (suppressions, ad audiences' SHA-256): trimmed and
+    lower-cased, so ``Ann@Example.com`` and ``ann@example.com `` are one person."""
+    return address.strip().lower()
+
+
+def no_email_address(customer_id: str, what: str) -> ApplicationError:
+    """The non-retryable error of a step that needs the customer's address and has none.
+
+    Args:
+        customer_id: the customer.
+        what: what could not be done, e.g. ``"the cart_email email cannot be sent"``.
+    """
+    return ApplicationError(
+        f"customer {customer_id!r} has no known email address, so {what}; send an identify "
+        "call with traits.email for this customer",
+        type=NO_EMAIL_ADDRESS,
+        non_retryable=True,
+    )

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field
 
 from kaeru.commerce import CART_EVENTS, MAX_ID_LENGTH, ORDER_COMPLETED, clean_product_name
+from kaeru.identity import email_problem, normalise_email
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
 from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -499,37 +499,12 @@ def encoded_size(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def email_of(event: IncomingEvent) -> str | None:
+def stated_email(event: IncomingEvent) -> str | None:
     """The email address an event tells: ``traits.email`` or ``context.traits.email``."""
     for traits in (event.traits if event.type == "identify" else {}, event.context.get("traits")):
         if isinstance(traits, dict) and (email := normalise_email(traits.get("email"))):
             return email
     return None
-
-
-def _validated(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise EmailNotValidError("it is not a string")
-    # A strict addr-spec: no display name, no quoted local part, no IP literal, no list.
-    return validate_email(value.strip(), check_deliverability=False)
-
-
-def email_problem(value: Any) -> str | None:
-    """Why ``value`` is not a single deliverable-looking address, or None if it is one."""
-    try:
-        _validated(value)
-    except EmailNotValidError as exc:
-        return str(exc)
-    return None
-
-
-def normalise_email(value: Any) -> str | None:
-    """The address in normal form (domain in lower case), or None if it is not one (no DNS)."""
-    try:
-        normalized: str = _validated(value).normalized
-    except EmailNotValidError:
-        return None
-    return normalized
 
 
 def journey_properties(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -53,9 +53,9 @@ from starter.events import (
     PRODUCT_EVENTS,
     EventError,
     IncomingEvent,
-    email_of,
     encoded_size,
     journey_properties,
+    stated_email,
 )
 from starter.routing import deliveries
 
@@ -392,7 +392,7 @@ def _store_customers(
     )
     updates: dict[str, list[tuple[IncomingEvent, str | None]]] = {}
     for event in events:
-        email = email_of(event)
+        email = stated_email(event)
         if (event.type == "identify" and event.traits) or email:
             updates.setdefault(event.customer_id, []).append((event, email))
         elif event.type == "identify":
@@ -624,7 +624,7 @@ def _resolve_identities(session: Session, events: Sequence[IncomingEvent]) -> li
         anonymous_id, user_id = event.anonymous_id, event.user_id
         if user_id is None and anonymous_id in aliases:
             event = replace(event, customer_id=aliases[anonymous_id])
-        if email_of(event):
+        if stated_email(event):
             with_email.add(event.customer_id)
         if event.type != "identify" or user_id is None or anonymous_id in (None, user_id):
             out.append(event)
