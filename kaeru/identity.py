@@ -24,10 +24,14 @@ NO_EMAIL_ADDRESS = "NoEmailAddress"
 IDENTITY_MERGED = "Identity Merged"
 
 
+#: How the message ids of a merge's events begin (reserved: a sender may not use it).
+MERGE_ID_PREFIX = "merge:"
+
+
 def merge_id(identify_message_id: str, part: str) -> str:
     """The message id of an event a merge stores: deterministic, so a resent identify (the
     same messageId) merges once."""
-    return f"merge:{identify_message_id}:{part}"
+    return f"{MERGE_ID_PREFIX}{identify_message_id}:{part}"
 
 
 def merge_refusal(

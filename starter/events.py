@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kaeru.commerce import CART_EVENTS, MAX_ID_LENGTH, ORDER_COMPLETED, clean_product_name
-from kaeru.identity import email_problem, normalise_email
+from kaeru.identity import IDENTITY_MERGED, MERGE_ID_PREFIX, email_problem, normalise_email
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
 from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -369,6 +369,13 @@ def read_event(
             "not_allowed",
             f"{name} events come from kaeru's own tracking links; the browser key cannot send "
             "them (a server write key can)",
+        )
+    if name == IDENTITY_MERGED or message_id.startswith(MERGE_ID_PREFIX):
+        raise EventError(
+            "not_allowed",
+            f"{IDENTITY_MERGED} events and messageIds starting {MERGE_ID_PREFIX!r} are what "
+            "kaeru stores when an identify merges an anonymousId into a userId: send that "
+            "identify (userId and anonymousId) instead",
         )
     received = now or utcnow()
     timestamp = _timestamp(raw, received)

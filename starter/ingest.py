@@ -552,7 +552,7 @@ def _store_carts(
     dropped: set[str] = set()
     for event in mine:
         cart = carts[event.customer_id]
-        if event.name == IDENTITY_MERGED:
+        if event.name == IDENTITY_MERGED and event.derived:
             into = str(event.properties.get("into"))
             moving[into] = merge_carts(moving.get(into, []), cart)
             carts[event.customer_id] = []

@@ -1420,3 +1420,21 @@ def test_ingestion_imports_no_activity_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "activities.coupons" not in found and "activities.email" not in found, found
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"userId": "u1", "event": "Identity Merged", "properties": {"into": "thief"}},
+        {"userId": "u1", "event": "Cart Viewed", "messageId": "merge:m:cart"},
+    ],
+)
+async def test_nobody_can_send_what_a_merge_stores(
+    api: httpx.AsyncClient, settings: Settings, event: dict[str, Any]
+) -> None:
+    for auth in (AUTH, BROWSER_AUTH):
+        answer = await api.post("/v1/track", json=event, auth=auth)
+        assert answer.status_code == 400
+        assert answer.json()["code"] == "not_allowed"
+        assert "identify" in answer.json()["message"]
+    assert events(settings) == []
