@@ -26,7 +26,6 @@ from temporalio.exceptions import ApplicationError
 
 from activities.types import (
     AUDIENCE_REJECTED,
-    NO_EMAIL_ADDRESS,
     AudienceChange,
     AudienceResult,
     ParkRemoval,
@@ -34,6 +33,7 @@ from activities.types import (
     SweepResult,
 )
 from kaeru.db import session
+from kaeru.identity import email_key, no_email_address
 from kaeru.journal import email_of, record_touchpoint
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.settings import Settings
@@ -54,7 +54,7 @@ MAX_SWEEP_BACKOFF = timedelta(days=1)
 
 def email_sha256(address: str) -> str:
     """The hash ad platforms match on: SHA-256 hex of the trimmed, lower-cased address."""
-    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+    return hashlib.sha256(email_key(address).encode()).hexdigest()
 
 
 class AudienceActivities:
@@ -163,12 +163,8 @@ class AudienceActivities:
         with session(self.settings.resolved_database_url) as s:
             address = (email_of(s, change.customer_id) or "").strip()
         if not address:
-            raise ApplicationError(
-                f"customer {change.customer_id!r} has no known email address, so they cannot "
-                f"join or leave the {change.audience} audience; send an identify call with "
-                "traits.email for this customer",
-                type=NO_EMAIL_ADDRESS,
-                non_retryable=True,
+            raise no_email_address(
+                change.customer_id, f"they cannot join or leave the {change.audience} audience"
             )
         return address
 

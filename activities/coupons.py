@@ -1,99 +1,27 @@
 """Coupons: single-use discount codes of the local coupon provider.
 
-``issue_coupon`` creates a code for a journey step (a retry returns the same coupon);
-:func:`redeem_coupon` is what ingestion calls when an ``Order Completed`` names a coupon.
+``issue_coupon`` creates a code for a journey step (a retry returns the same coupon); codes
+and their redemption by an order live in :mod:`kaeru.coupons`, which ingestion uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.types import CouponInfo, IssueCouponInput
+from kaeru.coupons import new_code
 from kaeru.db import session
 from kaeru.journal import record_touchpoint
 from kaeru.models import Coupon, utcnow
 from kaeru.settings import Settings
 
-PREFIX = "KAERU-"
-#: No 0/O, 1/I/L: a code read aloud or typed from a phone is typed right the first time.
-ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
-CODE_LENGTH = 10
-
 #: ApplicationError type of a coupon request that no retry can fix.
 INVALID_COUPON = "InvalidCoupon"
-
-
-def new_code() -> str:
-    """A fresh random code such as ``KAERU-7QXH2MZK4P`` (31**10, about 8e14, possibilities)."""
-    return PREFIX + "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
-
-
-def normalise_code(code: str) -> str:
-    """The stored form of a code as a shopper may type it (spaces, lower case)."""
-    return code.strip().upper()
-
-
-def redeem_coupon(
-    s: Session, code: str, order_id: str, at: datetime, *, customer_id: str
-) -> Coupon | None:
-    """Mark coupon ``code`` redeemed by ``order_id`` of ``customer_id``, in ``s``'s transaction.
-
-    Idempotent for the same order: a re-delivered ``Order Completed`` finds it already
-    redeemed by that order and gets it back. Safe against two orders racing for one code: the
-    update is conditional, so exactly one of them wins. Only an order of the customer the
-    coupon was issued to redeems it: another customer's order leaves it unredeemed and is
-    recorded as a ``coupon_refused`` touchpoint of the ordering customer (once per order), so
-    operators see who tried whose code.
-
-    Args:
-        s: the caller's session; the caller commits.
-        code: the code as the order carried it (case and surrounding spaces do not matter).
-        order_id: the order that used it.
-        at: when the order was completed (timezone-aware).
-        customer_id: the customer whose order it is.
-
-    Returns:
-        The redeemed coupon, or None if no such code exists, it had expired at ``at``, it
-        belongs to another customer, or another order redeemed it first.
-    """
-    wanted = normalise_code(code)
-    claimed = s.exec(
-        update(Coupon)
-        .where(
-            col(Coupon.code) == wanted,
-            col(Coupon.customer_id) == customer_id,
-            col(Coupon.redeemed_order_id).is_(None),
-            col(Coupon.expires_at) > at,
-        )
-        .values(redeemed_at=at, redeemed_order_id=order_id)
-    )
-    coupon = s.exec(
-        select(Coupon).where(Coupon.code == wanted).execution_options(populate_existing=True)
-    ).first()
-    if coupon is None:
-        return None
-    if coupon.customer_id != customer_id:
-        record_touchpoint(
-            s,
-            customer_id=customer_id,
-            kind="coupon_refused",
-            key=f"coupon_refused/{order_id}/{coupon.code}",
-            occurred_at=at,
-            order_id=order_id,
-            coupon_code=coupon.code,
-            detail={"reason": "issued to another customer", "owner": coupon.customer_id},
-        )
-        return None
-    if claimed.rowcount == 1 or coupon.redeemed_order_id == order_id:
-        return coupon
-    return None
 
 
 class CouponActivities:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kaeru.identity import NO_EMAIL_ADDRESS as NO_EMAIL_ADDRESS  # the customer has no address
+
 #: ApplicationError types a workflow reacts to.
 UNDELIVERABLE = "Undeliverable"  # hard bounce or suppressed address: never retried
-NO_EMAIL_ADDRESS = "NoEmailAddress"  # the customer has no known email address
 AUDIENCE_REJECTED = "AudienceRejected"  # the ad platform refused the request for good
 #: The customer has a stored order placed at or after ``SendEmailInput.ordered_since``: the
 #: message was not sent (an order that overtook the journey's events, or one not yet routed).

@@ -6,15 +6,27 @@ Pure functions with no I/O, so workflow code may import them inside the sandbox.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
-from kaeru.money import to_minor
+from kaeru.money import exponent, to_minor
 
 #: The longest id (order, product, coupon) kaeru stores.
 MAX_ID_LENGTH = 200
 #: The longest product name kaeru stores (the column's size).
 MAX_NAME_LENGTH = 500
+#: The largest quantity one line or event states; outside 1..this the quantity is unusable
+#: and its default applies (the cart journey reads quantities the same way).
+MAX_QUANTITY = 10_000
+#: The most lines a cart keeps (the cart journey's cap, so both hold the same cart).
+MAX_CART_LINES = 50
+#: The longest URL kept for a product.
+MAX_URL_LENGTH = 2000
+ORDER_COMPLETED = "Order Completed"
+#: Events that change what a customer's cart holds.
+CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
 
 #: What looks like a link in a product name: a scheme (``https://…``, ``javascript:…``), an
 #: address or user-info (``a@b.c``), ``www.…``, or a dotted host name whose last label is
@@ -86,3 +98,118 @@ def order_total_of(props: dict[str, Any], fallback_id: str) -> OrderTotal:
         currency=currency,
         coupon=id_of(props.get("coupon")),
     )
+
+
+def product_id_of(props: Mapping[str, Any]) -> str | None:
+    """A product's id from Segment e-commerce properties: ``product_id``, ``sku`` or ``id``."""
+    return id_of(props.get("product_id") or props.get("sku") or props.get("id"))
+
+
+def quantity_of(props: Mapping[str, Any], default: int = 1) -> int:
+    """The ``quantity`` stated, or ``default`` when it is missing or outside 1..MAX_QUANTITY."""
+    quantity = props.get("quantity", default)
+    if isinstance(quantity, bool) or not isinstance(quantity, int | float):
+        return default
+    return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
+
+
+@dataclass
+class CartLine:
+    """One line of a stored cart (price in minor units)."""
+
+    product_id: str
+    quantity: int
+    name: str | None = None
+    price_minor: int | None = None
+    currency: str = "USD"
+    image_url: str | None = None
+    url: str | None = None
+
+    def as_product(self) -> dict[str, Any]:
+        """The line as a ``Cart Viewed`` ``products`` item (price in major units)."""
+        price: int | float | None = None
+        if self.price_minor is not None:
+            major = Decimal(self.price_minor).scaleb(-exponent(self.currency))
+            price = int(major) if exponent(self.currency) == 0 else float(major)
+        return {
+            "product_id": self.product_id,
+            "name": self.name,
+            "price": price,
+            "currency": self.currency,
+            "quantity": self.quantity,
+            "image_url": self.image_url,
+            "url": self.url,
+        }
+
+
+def _url(value: Any) -> str | None:
+    return value if isinstance(value, str) and len(value) <= MAX_URL_LENGTH else None
+
+
+def _cart_line(props: Mapping[str, Any], quantity: int, currency: Any = None) -> CartLine | None:
+    product_id = product_id_of(props)
+    if product_id is None:
+        return None
+    code = currency_of(props.get("currency") or currency)
+    return CartLine(
+        product_id=product_id,
+        quantity=quantity,
+        name=clean_product_name(props.get("name")),
+        price_minor=minor_of(props.get("price"), code),
+        currency=code,
+        image_url=_url(props.get("image_url")),
+        url=_url(props.get("url")),
+    )
+
+
+def apply_cart_event(
+    cart: Iterable[CartLine], name: str | None, props: Mapping[str, Any]
+) -> list[CartLine] | None:
+    """The cart after one event, as the cart journey reads it; None if the event does not
+    change it (not a cart event, no product id, no ``products`` list).
+
+    ``Product Added`` adds its quantity (a full cart ignores a new product), ``Product
+    Removed`` takes its quantity away (all of it by default), and ``Cart Viewed`` / ``Checkout
+    Started`` with a ``products`` list say what the cart holds.
+    """
+    lines = [replace(line) for line in cart]  # the caller's lines stay as they were
+    if name in ("Product Added", "Product Removed"):
+        line = _cart_line(props, quantity_of(props))
+        if line is None:
+            return None
+        index = next((i for i, x in enumerate(lines) if x.product_id == line.product_id), None)
+        if name == "Product Added":
+            if index is None:
+                return lines if len(lines) >= MAX_CART_LINES else [*lines, line]
+            line.quantity = min(lines[index].quantity + line.quantity, MAX_QUANTITY)
+            lines[index] = line
+            return lines
+        if index is None:
+            return lines
+        left = lines[index].quantity - quantity_of(props, default=lines[index].quantity)
+        if left > 0:
+            lines[index].quantity = left
+            return lines
+        return lines[:index] + lines[index + 1 :]
+    if name not in CART_EVENTS or not isinstance(items := props.get("products"), list):
+        return None
+    stated: dict[str, CartLine] = {}
+    for item in items:
+        if isinstance(item, dict) and (
+            line := _cart_line(item, quantity_of(item), props.get("currency"))
+        ):
+            stated.setdefault(line.product_id, line)
+    return list(stated.values())[:MAX_CART_LINES]
+
+
+def merge_carts(into: Iterable[CartLine], moved: Iterable[CartLine]) -> list[CartLine]:
+    """``into`` with the lines of ``moved`` added (quantities of one product summed, capped;
+    at most :data:`MAX_CART_LINES` lines, ``into``'s first)."""
+    lines = [replace(line) for line in into]
+    for line in moved:
+        same = next((x for x in lines if x.product_id == line.product_id), None)
+        if same is not None:
+            same.quantity = min(same.quantity + line.quantity, MAX_QUANTITY)
+        elif len(lines) < MAX_CART_LINES:
+            lines.append(replace(line))
+    return lines

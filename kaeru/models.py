@@ -340,3 +340,44 @@ class JourneyEntry(SQLModel, table=True):
     kind: str = Field(max_length=100)
     customer_id: str = Field(max_length=200)
     started_at: datetime = _ts()
+
+
+# ---- Stream C: identity and carts ------------------------------------------------------------
+
+
+class CartItem(SQLModel, table=True):
+    """One line of a customer's cart, kept at ingestion from their cart events.
+
+    A journey that starts after an earlier one ended reads the whole cart from here (through
+    the ``cart`` property of each cart event), not only the newest item. ``position`` keeps
+    the order lines were first added in; an order empties the cart.
+    """
+
+    __tablename__ = "cart_lines"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    product_id: str = Field(primary_key=True, max_length=200)
+    position: int
+    quantity: int
+    name: str | None = Field(default=None, max_length=500)
+    price_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    currency: str = Field(default="USD", max_length=3)
+    image_url: str | None = None
+    url: str | None = None
+    updated_at: datetime = _ts()
+
+
+class IdentityAlias(SQLModel, table=True):
+    """An anonymous id merged into an identified customer (an ``identify`` naming both).
+
+    Events that later carry only ``anonymous_id`` are stored for ``customer_id``.
+    """
+
+    __tablename__ = "identity_aliases"
+
+    anonymous_id: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(max_length=200, index=True)
+    #: The ``identify`` that merged them, and the key it came with.
+    message_id: str = Field(max_length=200)
+    source: str = Field(max_length=20)
+    merged_at: datetime = _ts()

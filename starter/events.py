@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field
 
-from kaeru.commerce import clean_product_name
+from kaeru.commerce import CART_EVENTS, MAX_ID_LENGTH, ORDER_COMPLETED, clean_product_name
+from kaeru.identity import IDENTITY_MERGED, MERGE_ID_PREFIX, email_problem, normalise_email
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
 from workflows.kit import AD_CLICKED, EMAIL_LINK_CLICKED, EMAIL_OPENED
@@ -40,8 +40,8 @@ EVENT_TYPES = ("track", "identify", "page")
 #: Containers nested deeper than this are refused before anything serialises them again
 #: (``json``, the Temporal JSON converter and the database driver all recurse).
 MAX_DEPTH = 32
-#: Longest ``userId`` / ``anonymousId`` / ``messageId`` / event name (the database columns' size).
-MAX_ID_LENGTH = 200
+#: Longest ``userId`` / ``anonymousId`` / ``messageId`` / event name (the database columns' size)
+#: is :data:`kaeru.commerce.MAX_ID_LENGTH`, the one limit of every id kaeru stores.
 #: Most UTF-8 bytes of an id. A customer id becomes the workflow id ``<kind>-<id>`` (Temporal:
 #: at most 1,000 bytes) and the ``KaeruCustomerId`` search attribute (at most 2,048 bytes as
 #: Temporal's JSON encodes it: an emoji takes 12, ``\ud83d\udc38``, a control character 6).
@@ -53,7 +53,6 @@ MAX_ID_BYTES = 512
 PRODUCT_EVENTS = frozenset(
     {"Product Added", "Product Removed", "Product Viewed", "Product Clicked"}
 )
-ORDER_COMPLETED = "Order Completed"
 #: Events only kaeru's own tracking links may cause (``starter/tracking.py`` records them).
 TRACKING_EVENTS = frozenset({EMAIL_OPENED, EMAIL_LINK_CLICKED})
 #: What an untrusted ``Order Completed`` loses before journeys see it: its money and coupon.
@@ -206,11 +205,23 @@ class IncomingEvent:
     counts_as_order: bool = True
     #: Sent to ``/v1/import`` (history): stored, never routed to journeys.
     imported: bool = False
+    #: Made by kaeru at ingestion (what an identity merge stores), not sent by the shop.
+    derived: bool = False
 
     @property
     def trusted(self) -> bool:
         """Sent with the server key: it may write the shared catalogue."""
         return self.source == SERVER
+
+    @property
+    def anonymous_id(self) -> str | None:
+        """The ``anonymousId`` the event names (``customer_id`` is the ``userId`` if any)."""
+        return _named_id(self.payload.get("anonymousId"))
+
+    @property
+    def user_id(self) -> str | None:
+        """The ``userId`` the event names, if any."""
+        return _named_id(self.payload.get("userId"))
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -223,6 +234,13 @@ class IncomingEvent:
     @property
     def context(self) -> dict[str, Any]:
         return _object(self.payload.get("context"))
+
+
+def _named_id(value: Any) -> str | None:
+    """An id field of a checked payload as :func:`read_event` read it (empty: absent)."""
+    if value is None or isinstance(value, bool) or not str(value).strip():
+        return None
+    return str(value)
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -351,6 +369,13 @@ def read_event(
             "not_allowed",
             f"{name} events come from kaeru's own tracking links; the browser key cannot send "
             "them (a server write key can)",
+        )
+    if name == IDENTITY_MERGED or message_id.startswith(MERGE_ID_PREFIX):
+        raise EventError(
+            "not_allowed",
+            f"{IDENTITY_MERGED} events and messageIds starting {MERGE_ID_PREFIX!r} are what "
+            "kaeru stores when an identify merges an anonymousId into a userId: send that "
+            "identify (userId and anonymousId) instead",
         )
     received = now or utcnow()
     timestamp = _timestamp(raw, received)
@@ -481,7 +506,7 @@ def encoded_size(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def email_of(event: IncomingEvent) -> str | None:
+def stated_email(event: IncomingEvent) -> str | None:
     """The email address an event tells: ``traits.email`` or ``context.traits.email``."""
     for traits in (event.traits if event.type == "identify" else {}, event.context.get("traits")):
         if isinstance(traits, dict) and (email := normalise_email(traits.get("email"))):
@@ -489,38 +514,26 @@ def email_of(event: IncomingEvent) -> str | None:
     return None
 
 
-def _validated(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise EmailNotValidError("it is not a string")
-    # A strict addr-spec: no display name, no quoted local part, no IP literal, no list.
-    return validate_email(value.strip(), check_deliverability=False)
-
-
-def email_problem(value: Any) -> str | None:
-    """Why ``value`` is not a single deliverable-looking address, or None if it is one."""
-    try:
-        _validated(value)
-    except EmailNotValidError as exc:
-        return str(exc)
-    return None
-
-
-def normalise_email(value: Any) -> str | None:
-    """The address in normal form (domain in lower case), or None if it is not one (no DNS)."""
-    try:
-        normalized: str = _validated(value).normalized
-    except EmailNotValidError:
-        return None
-    return normalized
-
-
 def journey_properties(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
     """What a journey receives as the event's properties.
 
-    ``track``: its properties. ``page``: its properties plus the page name and the UTM
-    campaign, so an ad click says which campaign brought the shopper back.
+    ``track``: its properties; a cart event's also ``cart``, the customer's whole cart after
+    it as ingestion stored it. ``page``: its properties plus the page name and the UTM
+    campaign, so an ad click says which campaign brought the shopper back. ``identify``:
+    ``changed_traits``, the names (never the values) of the traits it set new or changed,
+    ``email`` included when the address was first set or changed.
+
+    ``cart`` and ``changed_traits`` come from the payload's ``kaeru`` notes, which only kaeru
+    writes (a sender's ``kaeru`` key is dropped at the door).
     """
+    notes = _object(payload.get("kaeru"))
+    if event_type == "identify":
+        changed = notes.get("changed_traits")
+        return {"changed_traits": list(changed) if isinstance(changed, list) else []}
     properties = dict(_object(payload.get("properties")))
+    if event_type == "track" and payload.get("event") in CART_EVENTS:
+        if isinstance(cart := notes.get("cart"), list):
+            properties["cart"] = cart
     if event_type == "page":
         campaign = _object(payload.get("context")).get("campaign")
         if isinstance(campaign, dict):

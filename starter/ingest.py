@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -29,21 +29,34 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from activities.coupons import redeem_coupon
-from kaeru.commerce import clean_product_name, currency_of, minor_of, order_total_of
+from kaeru.commerce import (
+    CART_EVENTS,
+    MAX_ID_LENGTH,
+    MAX_QUANTITY,
+    ORDER_COMPLETED,
+    CartLine,
+    apply_cart_event,
+    clean_product_name,
+    currency_of,
+    merge_carts,
+    minor_of,
+    order_total_of,
+    product_id_of,
+    quantity_of,
+)
+from kaeru.coupons import redeem_coupon
 from kaeru.db import write_session
+from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
 from kaeru.journeys import deliveries
-from kaeru.models import Customer, Event, Order, OrderLine, Product, utcnow
+from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
 from starter.events import (
-    MAX_ID_LENGTH,
-    ORDER_COMPLETED,
     PRODUCT_EVENTS,
     EventError,
     IncomingEvent,
-    email_of,
     encoded_size,
     journey_properties,
+    stated_email,
 )
 
 log = logging.getLogger("kaeru.ingest")
@@ -52,7 +65,6 @@ log = logging.getLogger("kaeru.ingest")
 #: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
 #: the journey (which ignores seq <= the last it saw) would drop seq 10.
 OUTBOX_LOCK = 0x6B61657275
-_MAX_QUANTITY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,11 @@ def _table(model: Any) -> Table:
 def needs_routing(
     event_type: str, name: str | None, customer_id: str, payload: dict[str, Any]
 ) -> bool:
-    return bool(deliveries(name, customer_id, journey_properties(event_type, payload)))
+    """Whether some journey could use the event: asked with the name journeys see it by (an
+    ``identify`` by ``identify``) and its journey properties."""
+    return bool(
+        deliveries(name or event_type, customer_id, journey_properties(event_type, payload))
+    )
 
 
 def insert_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
@@ -116,9 +132,14 @@ def outbox_row(
     received_at: datetime,
     source: str = "server",
     imported: bool = False,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An ``events`` row. Events no journey listens to, and imported history, are marked
-    routed at once (``payload.kaeru.imported`` says why)."""
+    routed at once (``payload.kaeru.imported`` says why). ``facts`` (what ingestion learnt:
+    ``cart``, ``changed_traits``) join the payload's ``kaeru`` notes."""
+    if facts:
+        notes = payload.get("kaeru")
+        payload = {**payload, "kaeru": {**(notes if isinstance(notes, dict) else {}), **facts}}
     routed = not imported and needs_routing(event_type, name, customer_id, payload)
     return {
         "message_id": message_id,
@@ -160,11 +181,19 @@ def store_requests(
         known = _stored_message_ids(session, list(unique))
         new = [event for message_id, event in unique.items() if message_id not in known]
         refused: dict[str, EventError] = {}
+        facts: dict[str, dict[str, Any]] = {}
         if new:
-            refused = _store_customers(session, new, settings)
+            new = _resolve_identities(session, new)
+            refused, changed = _store_customers(session, new, settings)
             new = [event for event in new if event.message_id not in refused]
-            _store_products(session, [event for event in new if event.trusted])
+            _store_products(session, [e for e in new if e.trusted and not e.derived])
             _store_orders(session, new)
+            carts, dropped = _store_carts(session, new)
+            new = [event for event in new if event.message_id not in dropped]
+            for message_id, names in changed.items():
+                facts.setdefault(message_id, {})["changed_traits"] = names
+            for message_id, cart in carts.items():
+                facts.setdefault(message_id, {})["cart"] = cart
         received = utcnow()
         rows = [
             outbox_row(
@@ -177,16 +206,22 @@ def store_requests(
                 received_at=received,
                 source=event.source,
                 imported=event.imported,
+                facts=facts.get(event.message_id),
             )
             for event in new
         ]
         inserted = insert_events(session, rows)
     stored = [0] * len(requests)
     to_route = [False] * len(requests)
+    derived = {event.message_id: event for event in new if event.derived}
     for row in rows:
         if row["message_id"] in inserted:
-            index = owner[row["message_id"]]
-            stored[index] += 1
+            if (made := derived.get(row["message_id"])) is not None:
+                # A merge's event: the router must run for it, but the sender did not send it.
+                index = owner[made.payload["kaeru"]["merge_of"]]
+            else:
+                index = owner[row["message_id"]]
+                stored[index] += 1
             to_route[index] = to_route[index] or row["routed_at"] is None
     rejected: list[list[tuple[int, EventError]]] = [[] for _ in requests]
     for index, events in enumerate(requests):
@@ -338,12 +373,14 @@ def _traits_problem(traits: dict[str, Any], settings: Settings) -> EventError | 
 
 def _store_customers(
     session: Session, events: Sequence[IncomingEvent], settings: Settings
-) -> dict[str, EventError]:
+) -> tuple[dict[str, EventError], dict[str, list[str]]]:
     """Every customer gets a profile; ``identify`` traits and emails update it, in order.
 
     Returns:
         The events refused because the customer's merged traits would pass the caps, by
-        message id (they change nothing and are not stored).
+        message id (they change nothing and are not stored); and, by message id of each
+        stored ``identify``, the names of the traits it set new or changed (``email`` too
+        when the address was first set or changed), in the order the event sent them.
     """
     now = utcnow()
     session.execute(
@@ -355,44 +392,53 @@ def _store_customers(
     )
     updates: dict[str, list[tuple[IncomingEvent, str | None]]] = {}
     for event in events:
-        email = email_of(event)
+        email = stated_email(event)
         if (event.type == "identify" and event.traits) or email:
             updates.setdefault(event.customer_id, []).append((event, email))
+        elif event.type == "identify":
+            updates.setdefault(event.customer_id, []).append((event, None))
     refused: dict[str, EventError] = {}
+    changed: dict[str, list[str]] = {}
     # Sorted, so two requests updating the same customers lock them in the same order.
     for customer_id in sorted(updates):
         customer = session.get(Customer, customer_id, with_for_update=True)
         assert customer is not None  # inserted above, in this transaction
         traits, address = dict(customer.traits), customer.email
         for event, email in updates[customer_id]:
+            names: list[str] = []
             if event.type == "identify" and event.traits:
                 merged = {**traits, **event.traits}
                 if (problem := _traits_problem(merged, settings)) is not None:
                     refused[event.message_id] = problem
                     continue
+                names = [
+                    key
+                    for key, value in event.traits.items()
+                    if traits.get(key, _NO_VALUE) != value
+                ]
                 traits = merged
+            if email and email != address and "email" not in names:
+                names.append("email")
             address = email or address
+            if event.type == "identify":
+                changed[event.message_id] = names
         if traits != customer.traits or address != customer.email:
             customer.traits, customer.email, customer.updated_at = traits, address, now
             session.add(customer)
     session.flush()
-    return refused
+    return refused, changed
+
+
+#: Stands for a trait the customer does not have (``None`` is a value a trait can hold).
+_NO_VALUE = object()
 
 
 # ---- products --------------------------------------------------------------------------------
 
 
-def _product_id(props: dict[str, Any]) -> str | None:
-    value = props.get("product_id") or props.get("sku") or props.get("id")
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    text_value = str(value)
-    return text_value if 0 < len(text_value) <= MAX_ID_LENGTH else None
-
-
 def _product_values(props: dict[str, Any], currency: Any) -> dict[str, Any] | None:
     """Product columns the event states (absent ones are left as stored)."""
-    product_id = _product_id(props)
+    product_id = product_id_of(props)
     if product_id is None:
         return None
     values: dict[str, Any] = {"product_id": product_id}
@@ -452,6 +498,216 @@ def _product_upsert(dialect: str, stated: tuple[str, ...]) -> Any:
     )
 
 
+# ---- carts ---------------------------------------------------------------------------------
+
+
+def _stored_cart(session: Session, customer_id: str) -> list[CartLine]:
+    table = _table(CartItem)
+    rows = session.execute(
+        select(CartItem).where(table.c.customer_id == customer_id).order_by(table.c.position)
+    ).scalars()
+    return [
+        CartLine(
+            product_id=row.product_id,
+            quantity=row.quantity,
+            name=row.name,
+            price_minor=row.price_minor,
+            currency=row.currency,
+            image_url=row.image_url,
+            url=row.url,
+        )
+        for row in rows
+    ]
+
+
+def _store_carts(
+    session: Session, events: Sequence[IncomingEvent]
+) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
+    """Keep each customer's cart from their cart events, in order; their order empties it.
+
+    An ``Identity Merged`` moves the anonymous id's cart into the ``Cart Viewed`` the merge
+    stores for the user (which then lists the merged cart); imported history changes no cart.
+
+    Returns:
+        By message id of each cart event that said something about the cart, the whole cart
+        after it (``Cart Viewed`` ``products`` items); and the merges' ``Cart Viewed`` not to
+        store (the anonymous id had no cart).
+    """
+    mine = [
+        event
+        for event in events
+        if event.type == "track"
+        and not event.imported
+        and (event.name in CART_EVENTS or event.name in (ORDER_COMPLETED, IDENTITY_MERGED))
+    ]
+    carts: dict[str, list[CartLine]] = {}
+    # Sorted and locked through the customer row, so concurrent writers apply one customer's
+    # cart events one transaction after another, as their events were committed.
+    for customer_id in sorted({event.customer_id for event in mine}):
+        session.get(Customer, customer_id, with_for_update=True)
+        carts[customer_id] = _stored_cart(session, customer_id)
+    stored = {customer_id: list(cart) for customer_id, cart in carts.items()}
+    after: dict[str, list[dict[str, Any]]] = {}
+    moving: dict[str, list[CartLine]] = {}
+    dropped: set[str] = set()
+    for event in mine:
+        cart = carts[event.customer_id]
+        if event.name == IDENTITY_MERGED and event.derived:
+            into = str(event.properties.get("into"))
+            moving[into] = merge_carts(moving.get(into, []), cart)
+            carts[event.customer_id] = []
+            continue
+        if event.name == ORDER_COMPLETED:
+            carts[event.customer_id] = []
+            continue
+        if event.derived:  # the merge's Cart Viewed: the user's cart plus the moved one
+            if not (moved := moving.pop(event.customer_id, [])):
+                dropped.add(event.message_id)
+                continue
+            merged = merge_carts(cart, moved)
+            event.properties["products"] = [line.as_product() for line in merged]
+        if (changed := apply_cart_event(cart, event.name, event.properties)) is None:
+            continue
+        carts[event.customer_id] = changed
+        after[event.message_id] = [line.as_product() for line in changed]
+    now = utcnow()
+    for customer_id in sorted(carts):
+        if carts[customer_id] == stored[customer_id]:
+            continue
+        session.execute(
+            _table(CartItem).delete().where(_table(CartItem).c.customer_id == customer_id)
+        )
+        session.add_all(
+            CartItem(
+                customer_id=customer_id,
+                position=position,
+                updated_at=now,
+                product_id=line.product_id,
+                quantity=line.quantity,
+                name=line.name,
+                price_minor=line.price_minor,
+                currency=line.currency,
+                image_url=line.image_url,
+                url=line.url,
+            )
+            for position, line in enumerate(carts[customer_id])
+        )
+    session.flush()
+    return after, dropped
+
+
+# ---- identities ------------------------------------------------------------------------------
+
+
+def _resolve_identities(session: Session, events: Sequence[IncomingEvent]) -> list[IncomingEvent]:
+    """Events as kaeru stores them: an anonymous id merged into a user is the user's, and
+    each merge an ``identify`` makes adds its ``Identity Merged`` and ``Cart Viewed``.
+
+    A merge the trust rules refuse (:func:`kaeru.identity.merge_refusal`) moves nothing: the
+    identify is stored with the reason under ``payload.kaeru.merge_refused``.
+    """
+    anonymous = sorted({a for event in events if (a := event.anonymous_id) is not None})
+    if not anonymous:
+        return list(events)
+    table = _table(IdentityAlias)
+    aliases: dict[str, str] = {}
+    for start in range(0, len(anonymous), 500):
+        rows = session.execute(
+            select(table.c.anonymous_id, table.c.customer_id).where(
+                table.c.anonymous_id.in_(anonymous[start : start + 500])
+            )
+        )
+        aliases.update({row[0]: row[1] for row in rows})
+    with_email: set[str] = set()
+    out: list[IncomingEvent] = []
+    for event in events:
+        anonymous_id, user_id = event.anonymous_id, event.user_id
+        if user_id is None and anonymous_id in aliases:
+            event = replace(event, customer_id=aliases[anonymous_id])
+        if stated_email(event):
+            with_email.add(event.customer_id)
+        if event.type != "identify" or user_id is None or anonymous_id in (None, user_id):
+            out.append(event)
+            continue
+        assert anonymous_id is not None
+        already = aliases.get(anonymous_id)
+        if already == user_id:  # merged before: nothing to move
+            out.append(event)
+            continue
+        known = session.get(Customer, user_id)
+        refusal = merge_refusal(
+            trusted=event.trusted,
+            already_into=already,
+            into=user_id,
+            into_has_email=user_id in with_email or bool(known and known.email),
+        )
+        if refusal is not None:
+            notes = _object_of(event.payload.get("kaeru"))
+            out.append(
+                replace(
+                    event, payload={**event.payload, "kaeru": {**notes, "merge_refused": refusal}}
+                )
+            )
+            continue
+        aliases[anonymous_id] = user_id
+        _save_alias(session, anonymous_id, user_id, event)
+        out.extend([event, *_merge_events(event, anonymous_id, user_id)])
+    return out
+
+
+def _object_of(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _save_alias(session: Session, anonymous_id: str, user_id: str, event: IncomingEvent) -> None:
+    values = {
+        "anonymous_id": anonymous_id,
+        "customer_id": user_id,
+        "message_id": event.message_id,
+        "source": event.source,
+        "merged_at": utcnow(),
+    }
+    statement = _insert(session, _table(IdentityAlias))
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["anonymous_id"],
+            set_={key: statement.excluded[key] for key in values if key != "anonymous_id"},
+        ),
+        values,
+    )
+
+
+def _merge_events(identify: IncomingEvent, anonymous_id: str, user_id: str) -> list[IncomingEvent]:
+    """What a merge stores after its identify: ``Identity Merged`` for the anonymous id, and a
+    ``Cart Viewed`` for the user that :func:`_store_carts` fills with the merged cart."""
+
+    def event(part: str, customer_id: str, name: str, props: dict[str, Any]) -> IncomingEvent:
+        message_id = merge_id(identify.message_id, part)
+        id_field = "userId" if customer_id == user_id else "anonymousId"
+        return IncomingEvent(
+            message_id=message_id,
+            customer_id=customer_id,
+            type="track",
+            name=name,
+            timestamp=identify.timestamp,
+            payload={
+                "type": "track",
+                "event": name,
+                id_field: customer_id,
+                "messageId": message_id,
+                "properties": props,
+                "kaeru": {"merge_of": identify.message_id},
+            },
+            source=identify.source,
+            derived=True,
+        )
+
+    return [
+        event("identity", anonymous_id, IDENTITY_MERGED, {"into": user_id}),
+        event("cart", user_id, "Cart Viewed", {"products": []}),
+    ]
+
+
 # ---- orders ----------------------------------------------------------------------------------
 
 
@@ -484,12 +740,9 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
     lines: dict[str, int] = {}
     items = props.get("products")
     for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict) or (product_id := _product_id(item)) is None:
+        if not isinstance(item, dict) or (product_id := product_id_of(item)) is None:
             continue
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, bool) or not isinstance(quantity, int | float) or quantity < 1:
-            quantity = 1
-        lines[product_id] = min(lines.get(product_id, 0) + int(quantity), _MAX_QUANTITY)
+        lines[product_id] = min(lines.get(product_id, 0) + quantity_of(item), MAX_QUANTITY)
     return OrderFacts(
         order_id=order_id,
         customer_id=event.customer_id,

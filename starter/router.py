@@ -813,7 +813,8 @@ class Router:
             return f"not sent again: seq {event.last_routed_seq} was already routed"
         journey_event = event.journey_event()
         notes: list[str] = []
-        for target in deliveries(event.name, event.customer_id, journey_event.properties):
+        # By the name journeys see it by (``identify`` for an identify), as ingestion asked.
+        for target in deliveries(journey_event.name, event.customer_id, journey_event.properties):
             self._fence_now()
             refused = self._no_start(event) if target.start else None
             if target.start and refused is None:

@@ -13,8 +13,9 @@ from sqlmodel import select
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.coupons import ALPHABET, INVALID_COUPON, CouponActivities, redeem_coupon
+from activities.coupons import INVALID_COUPON, CouponActivities
 from activities.types import CouponInfo, IssueCouponInput
+from kaeru.coupons import ALPHABET, redeem_coupon
 from kaeru.db import session
 from kaeru.models import Coupon, utcnow
 from tests.activities.factories import touchpoints

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -19,10 +21,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.recommendations import recommend
 from kaeru.db import session
-from kaeru.models import Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
+from kaeru.models import CartItem, Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from starter.app import create_app
-from starter.events import MAX_ID_BYTES, EventError, read_event
+from starter.events import MAX_ID_BYTES, EventError, journey_properties, read_event
 from starter.router import fetch_unrouted
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client, basic, count, events
@@ -1120,3 +1122,319 @@ async def test_an_order_cannot_redeem_another_customers_coupon(
     with session(settings.resolved_database_url) as s:
         coupon = s.get(Coupon, "KAERU-ANNS")
     assert coupon is not None and coupon.redeemed_order_id == "o-ann"
+
+
+# ---- identity and carts ------------------------------------------------------------------------
+
+
+def _journey_properties(settings: Settings) -> list[dict[str, Any]]:
+    """What each stored event gives journeys, in ``seq`` order (as the router builds it)."""
+    return [journey_properties(e.type, e.payload) for e in events(settings)]
+
+
+async def test_an_identify_tells_journeys_which_traits_it_changed_without_values(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    batch = [
+        {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com", "name": "A"}},
+        {"type": "identify", "userId": "u1", "traits": {"name": "A", "plan": "gold"}},
+        {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com"}},
+        {"type": "identify", "userId": "u1", "traits": {"email": "bob@example.com", "x": None}},
+        {"type": "identify", "userId": "u1", "traits": {"x": None}},
+        {"type": "identify", "userId": "u2"},
+    ]
+    await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    # A later request compares with what the first one stored.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "u1", "traits": {"plan": "silver"}, "context": {}},
+        auth=AUTH,
+    )
+    await api.post(
+        "/v1/track",
+        json={"userId": "u3", "event": "x", "context": {"traits": {"email": "c@example.com"}}},
+        auth=AUTH,
+    )
+    assert _journey_properties(settings)[:7] == [
+        {"changed_traits": ["email", "name"]},
+        {"changed_traits": ["plan"]},
+        {"changed_traits": []},
+        {"changed_traits": ["email", "x"]},
+        {"changed_traits": []},
+        {"changed_traits": []},
+        {"changed_traits": ["plan"]},
+    ]
+    stored = json.dumps([e.payload.get("kaeru") for e in events(settings)])
+    assert "example.com" not in stored and "silver" not in stored
+
+
+async def test_an_identify_first_setting_the_email_in_context_names_email(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post(
+        "/v1/identify",
+        json={"userId": "u1", "traits": {}, "context": {"traits": {"email": "ann@example.com"}}},
+        auth=AUTH,
+    )
+    assert _journey_properties(settings) == [{"changed_traits": ["email"]}]
+
+
+def _cart_rows(settings: Settings, customer_id: str) -> list[tuple[str, int]]:
+    with session(settings.resolved_database_url) as s:
+        rows = s.exec(
+            select(CartItem)
+            .where(CartItem.customer_id == customer_id)
+            .order_by(col(CartItem.position))
+        ).all()
+        return [(row.product_id, row.quantity) for row in rows]
+
+
+def _added(product_id: str, **props: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": "u1",
+        "event": "Product Added",
+        "properties": {"product_id": product_id, **props},
+    }
+
+
+async def test_the_cart_is_kept_across_batches_and_emptied_by_an_order(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    dress = {"name": "Dress", "price": 49.9, "currency": "EUR", "url": "https://s/d"}
+    await api.post(
+        "/v1/batch",
+        json={"batch": [_added("dress", quantity=2, **dress), _added("belt", price="12")]},
+        auth=AUTH,
+    )
+    await api.post(
+        "/v1/batch",
+        json={
+            "batch": [
+                {**_added("dress", quantity=1), "event": "Product Removed"},
+                _added("scarf", quantity=99_999),  # over the cap: read as 1, as journeys do
+                _added("belt", quantity=3),
+                {"type": "track", "userId": "u1", "event": "Product Viewed", "properties": {}},
+            ]
+        },
+        auth=AUTH,
+    )
+    carts = [p.get("cart") for p in _journey_properties(settings)]
+    dress_line = {
+        "product_id": "dress",
+        "name": "Dress",
+        "price": 49.9,
+        "currency": "EUR",
+        "quantity": 2,
+        "image_url": None,
+        "url": "https://s/d",
+    }
+    belt = {**dress_line, "product_id": "belt", "name": None, "price": 12.0, "currency": "USD"}
+    belt["url"] = None
+    assert carts[0] == [dress_line]
+    assert carts[1] == [dress_line, {**belt, "quantity": 1}]
+    assert carts[2] == [{**dress_line, "quantity": 1}, {**belt, "quantity": 1}]
+    assert [p["product_id"] for p in carts[3] or []] == ["dress", "belt", "scarf"]
+    assert carts[4] == [
+        {**dress_line, "quantity": 1},
+        # Added again: the line takes the product as this event states it (the journey's way).
+        {**belt, "price": None, "quantity": 4},
+        {**belt, "product_id": "scarf", "price": None, "quantity": 1},
+    ]
+    assert carts[5] is None  # not a cart event
+    assert _cart_rows(settings, "u1") == [("dress", 1), ("belt", 4), ("scarf", 1)]
+
+    # The order empties it; the next cart starts from nothing, not from the bought items.
+    order = {"type": "track", "userId": "u1", "event": "Order Completed", "properties": {}}
+    await api.post("/v1/batch", json={"batch": [order, _added("hat")]}, auth=AUTH)
+    assert _journey_properties(settings)[-1]["cart"][0]["product_id"] == "hat"
+    assert len(_journey_properties(settings)[-1]["cart"]) == 1
+    await api.post("/v1/track", json=order, auth=AUTH)
+    assert _cart_rows(settings, "u1") == []
+
+
+async def test_a_cart_snapshot_replaces_the_cart_and_keeps_at_most_50_lines(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post("/v1/batch", json={"batch": [_added("old")]}, auth=AUTH)
+    products = [{"product_id": f"p{i}", "quantity": 2} for i in range(60)]
+    viewed = {
+        "type": "track",
+        "userId": "u1",
+        "event": "Cart Viewed",
+        "properties": {"products": products, "currency": "JPY"},
+    }
+    await api.post("/v1/batch", json={"batch": [viewed, _added("full")]}, auth=AUTH)
+    cart = _journey_properties(settings)[1]["cart"]
+    assert [p["product_id"] for p in cart] == [f"p{i}" for i in range(50)]
+    assert {p["currency"] for p in cart} == {"JPY"}
+    # A full cart ignores a new product, as the cart journey does.
+    assert len(_journey_properties(settings)[2]["cart"]) == 50
+    assert ("full", 1) not in _cart_rows(settings, "u1")
+    assert len(_cart_rows(settings, "u1")) == 50
+
+
+def _names(settings: Settings) -> list[tuple[str, str, str]]:
+    """(customer, name or type, messageId) of each stored event, in ``seq`` order."""
+    return [(e.customer_id, e.name or e.type, e.message_id) for e in events(settings)]
+
+
+async def test_an_identify_merges_the_anonymous_cart_into_the_user_once(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    shoe = {"anonymousId": "a1", "event": "Product Added", "properties": {"product_id": "shoe"}}
+    await api.post("/v1/track", json=shoe, auth=AUTH)
+    await api.post(
+        "/v1/track", json={**shoe, "userId": "u1", "properties": {"product_id": "hat"}}, auth=AUTH
+    )
+    identify = {"userId": "u1", "anonymousId": "a1", "messageId": "id-1", "traits": {}}
+    answer = await api.post("/v1/identify", json=identify, auth=AUTH)
+    assert answer.status_code == 200
+    assert _names(settings)[2:] == [
+        ("u1", "identify", "id-1"),
+        ("a1", "Identity Merged", "merge:id-1:identity"),
+        ("u1", "Cart Viewed", "merge:id-1:cart"),
+    ]
+    merged, cart_viewed = events(settings)[3:]
+    assert journey_properties(merged.type, merged.payload) == {"into": "u1"}
+    assert [p["product_id"] for p in journey_properties("track", cart_viewed.payload)["cart"]] == [
+        "hat",
+        "shoe",
+    ]
+    assert merged.routed_at is None or cart_viewed.routed_at is None  # the router runs for it
+    assert _cart_rows(settings, "a1") == []
+    assert _cart_rows(settings, "u1") == [("hat", 1), ("shoe", 1)]
+
+    # Resent (same messageId) or said again (a new one): merged once.
+    await api.post("/v1/identify", json=identify, auth=AUTH)
+    await api.post("/v1/identify", json={**identify, "messageId": "id-2"}, auth=AUTH)
+    assert [n for _, n, _ in _names(settings)].count("Identity Merged") == 1
+    assert len(events(settings)) == 6
+
+    # The anonymous id alone is the user now: their cart grows, their order empties it.
+    await api.post("/v1/track", json={**shoe, "properties": {"product_id": "bag"}}, auth=AUTH)
+    assert _names(settings)[-1][0] == "u1"
+    assert [
+        p["product_id"] for p in journey_properties("track", events(settings)[-1].payload)["cart"]
+    ] == ["hat", "shoe", "bag"]
+    await api.post(
+        "/v1/track",
+        json={"anonymousId": "a1", "event": "Order Completed", "properties": {"order_id": "o1"}},
+        auth=AUTH,
+    )
+    assert _cart_rows(settings, "u1") == []
+    with session(settings.resolved_database_url) as s:
+        order = s.get(Order, "o1")
+    assert order is not None and order.customer_id == "u1"
+
+
+async def test_a_merge_without_an_anonymous_cart_stores_no_cart_event(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    batch = [
+        {"type": "page", "anonymousId": "a1", "name": "Home"},
+        {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m"},
+    ]
+    result = await api.post("/v1/batch", json={"batch": batch}, auth=AUTH)
+    assert result.json()["accepted"] == 2
+    assert _names(settings) == [
+        ("a1", "page", events(settings)[0].message_id),
+        ("u1", "identify", "m"),
+        ("a1", "Identity Merged", "merge:m:identity"),
+    ]
+
+
+async def test_a_browser_key_never_merges_into_a_known_address_or_moves_a_merged_id(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    await api.post(
+        "/v1/batch",
+        json={
+            "batch": [
+                {"type": "identify", "userId": "known", "traits": {"email": "k@example.com"}},
+                {
+                    "type": "track",
+                    "anonymousId": "a1",
+                    "event": "Product Added",
+                    "properties": {"product_id": "shoe"},
+                },
+                {
+                    "type": "track",
+                    "anonymousId": "a2",
+                    "event": "Product Added",
+                    "properties": {"product_id": "hat"},
+                },
+            ]
+        },
+        auth=AUTH,
+    )
+    # Into a customer with an email: refused, nothing moves, the reason is kept.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "known", "anonymousId": "a1", "messageId": "b1"},
+        auth=BROWSER_AUTH,
+    )
+    refused = events(settings, message_id="b1")[0]
+    assert "already has an email address" in refused.payload["kaeru"]["merge_refused"]
+    assert "Identity Merged" not in [n for _, n, _ in _names(settings)]
+    assert _cart_rows(settings, "a1") == [("shoe", 1)]
+    await api.post(
+        "/v1/track",
+        json={"anonymousId": "a1", "event": "Product Viewed", "messageId": "after"},
+        auth=BROWSER_AUTH,
+    )
+    assert events(settings, message_id="after")[0].customer_id == "a1"
+
+    # Into a new customer: allowed; then moving that id to someone else is refused.
+    await api.post(
+        "/v1/identify",
+        json={"userId": "new", "anonymousId": "a2", "messageId": "b2"},
+        auth=BROWSER_AUTH,
+    )
+    assert _cart_rows(settings, "new") == [("hat", 1)]
+    await api.post(
+        "/v1/identify",
+        json={"userId": "other", "anonymousId": "a2", "messageId": "b3"},
+        auth=BROWSER_AUTH,
+    )
+    assert (
+        "another customer" in events(settings, message_id="b3")[0].payload["kaeru"]["merge_refused"]
+    )
+    assert _cart_rows(settings, "new") == [("hat", 1)] and _cart_rows(settings, "other") == []
+
+    # The server key is the shop: its merge holds, even into a known address.
+    await api.post(
+        "/v1/identify", json={"userId": "known", "anonymousId": "a1", "messageId": "s1"}, auth=AUTH
+    )
+    assert _cart_rows(settings, "known") == [("shoe", 1)]
+    assert ("a1", "Identity Merged", "merge:s1:identity") in _names(settings)
+
+
+def test_ingestion_imports_no_activity_code() -> None:
+    """Ingestion (the API) uses the core coupon module, not the worker's activities."""
+    code = (
+        "import sys, starter.ingest; "
+        "print(sorted(m for m in sys.modules if m.startswith('activities.')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "activities.coupons" not in found and "activities.email" not in found, found
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"userId": "u1", "event": "Identity Merged", "properties": {"into": "thief"}},
+        {"userId": "u1", "event": "Cart Viewed", "messageId": "merge:m:cart"},
+    ],
+)
+async def test_nobody_can_send_what_a_merge_stores(
+    api: httpx.AsyncClient, settings: Settings, event: dict[str, Any]
+) -> None:
+    for auth in (AUTH, BROWSER_AUTH):
+        answer = await api.post("/v1/track", json=event, auth=auth)
+        assert answer.status_code == 400
+        assert answer.json()["code"] == "not_allowed"
+        assert "identify" in answer.json()["message"]
+    assert events(settings) == []

@@ -815,3 +815,29 @@ def test_the_lease_token_increases_with_every_new_holder(settings: Settings) -> 
     assert acquire_lease(url, "a", ttl=30) == 3
     with pytest.raises(FencedOut):  # even a's old token: it held the lease before b did
         mark_routed(url, Fence("a", 1), [Mark(1, "c")])
+
+
+# ---- identity merge ------------------------------------------------------------------------
+
+
+async def test_an_anonymous_cart_continues_in_the_identified_customers_journey(
+    stack: Stack,
+) -> None:
+    anonymous, user = customer("anon"), customer("user")
+    await post_batch(
+        stack.api, [{**added(anonymous, "teapot"), "userId": None, "anonymousId": anonymous}]
+    )
+    await stack.router.drain()
+    await post_batch(stack.api, [added(user, "cup")])
+    await stack.router.drain()
+    identify = {"type": "identify", "userId": user, "anonymousId": anonymous, "traits": {}}
+    await post_batch(stack.api, [identify])
+    await stack.router.drain()
+    theirs = journey(stack.client, user)
+    assert (await status(theirs)).details["cart"] == "1× Cup, 1× Teapot"
+    # The order, sent before the shop knew the user's id, is the user's and ends the journey.
+    order = ordered(anonymous)
+    await post_batch(stack.api, [{**order, "userId": None, "anonymousId": anonymous}])
+    await stack.router.drain()
+    assert (await asyncio.wait_for(theirs.result(), timeout=30)).outcome == "purchased"
+    assert [e.route_error for e in events(stack.settings, customer_id=user)] == [None] * 4
