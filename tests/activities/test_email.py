@@ -32,10 +32,13 @@ from activities.email import (
     SMTP_SUPERSEDED,
     SMTP_UNREACHABLE,
     TEMPLATE_FAILED,
+    TEMPLATE_MISSING,
+    TEMPLATES,
     UNCONFIRMED,
     EmailActivities,
     message_id_for,
 )
+from activities.email.render import Catalogue
 from activities.types import (
     ALREADY_PURCHASED,
     NO_EMAIL_ADDRESS,
@@ -769,17 +772,19 @@ async def test_login_against_a_server_without_auth_names_the_settings(
     assert "AUTH" in error.message and "KAERU_SMTP_USERNAME" in error.message
 
 
-async def test_missing_template_is_retried_and_bad_name_is_not(
+async def test_missing_template_family_and_bad_name_are_refused_for_good(
     sqlite_url: str, smtp_server: SMTPTestServer
 ) -> None:
+    """A family that does not exist is the journey's mistake: no retry brings it."""
     add_customer(sqlite_url, "c1", ADDRESS)
     settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
 
     missing = await refused(settings, request(template="cart_nope"))
     hostile = await refused(settings, request(template="../etc/passwd"))
 
-    assert (missing.type, missing.non_retryable) == (TEMPLATE_FAILED, False)
-    assert "cart_nope" in missing.message
+    assert (missing.type, missing.non_retryable) == (TEMPLATE_MISSING, True)
+    assert "cart_nope.subject.j2" in missing.message
+    assert str(TEMPLATES) in missing.message  # names the folder it looked in
     assert (hostile.type, hostile.non_retryable) == (TEMPLATE_FAILED, True)
     assert smtp_server.connections == 0
     assert outbox(sqlite_url) is None
@@ -813,16 +818,16 @@ async def test_retry_that_read_the_row_before_a_zombie_claimed_data_never_sends(
     await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
 
     retry_activities = EmailActivities(settings)
-    render = retry_activities._render
+    render = retry_activities.renderer.render
     has_read = threading.Event()
 
-    def render_late(email: SendEmailInput, link_key: bytes) -> object:
+    def render_late(email: SendEmailInput, link_key: bytes, catalogue: Catalogue) -> object:
         # _prepare renders between its read of the row and its write: the window to force.
         has_read.set()
         wait_for_status(database_url, zombie_reaches)
-        return render(email, link_key)
+        return render(email, link_key, catalogue)
 
-    monkeypatch.setattr(retry_activities, "_render", render_late)
+    monkeypatch.setattr(retry_activities.renderer, "render", render_late)
     retry = asyncio.create_task(ActivityEnvironment().run(retry_activities.send_email, request()))
     while not has_read.is_set():
         await asyncio.sleep(0.01)
@@ -898,14 +903,15 @@ async def test_cancel_while_data_is_being_claimed_still_sends(
     activities = EmailActivities(settings)
     env = ActivityEnvironment()
     loop = asyncio.get_running_loop()
-    claim = activities._claim_data
+    claim = activities.log.claim_data
 
-    def claim_then_cancel(email: SendEmailInput, attempt: int) -> None:
-        claim(email, attempt)
+    def claim_then_cancel(email: SendEmailInput, attempt: int) -> bool:
+        claimed = claim(email, attempt)
         loop.call_soon_threadsafe(env.cancel)
         time.sleep(0.2)  # the cancel reaches the activity before the claim returns
+        return claimed
 
-    monkeypatch.setattr(activities, "_claim_data", claim_then_cancel)
+    monkeypatch.setattr(activities.log, "claim_data", claim_then_cancel)
 
     result = await asyncio.wait_for(env.run(activities.send_email, request()), timeout=10)
 
