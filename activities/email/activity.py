@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from email.message import EmailMessage as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime
+from pathlib import Path
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -42,7 +43,7 @@ from activities.email.message_log import (
     purchase_since,
     undeliverable,
 )
-from activities.email.render import MAX_TEXT, Catalogue, Rendered, Renderer, clean
+from activities.email.render import MAX_TEXT, TEMPLATES, Catalogue, Rendered, Renderer, clean
 from activities.email.smtp import SmtpConversation
 from activities.types import NO_EMAIL_ADDRESS, SendEmailInput, SendEmailResult
 from kaeru.db import session
@@ -54,9 +55,9 @@ from kaeru.tracking import register_tokens, signing_key
 class EmailActivities:
     """The ``send_email`` activity, with its settings (SMTP relay, sender, shop) injected."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, template_folders: Sequence[Path] = (TEMPLATES,)) -> None:
         self.settings = settings
-        self.renderer = Renderer(settings)
+        self.renderer = Renderer(settings, template_folders)
         self.log = MessageLog(settings)
         self.smtp = SmtpConversation(settings, self.log)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -275,10 +275,12 @@ def _expiry(value: object) -> str:
 class Renderer:
     """Renders template families for one worker's settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, folders: Sequence[Path] = (TEMPLATES,)) -> None:
         self.settings = settings
+        #: Where families are looked up, first match wins (kaeru's own folder by default).
+        self.folders = tuple(folders)
         self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(TEMPLATES),
+            loader=jinja2.FileSystemLoader(self.folders),
             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
@@ -300,12 +302,13 @@ class Renderer:
         missing = [
             f"{family}.{part}.j2"
             for part in _PARTS
-            if not (TEMPLATES / f"{family}.{part}.j2").is_file()
+            if not any((folder / f"{family}.{part}.j2").is_file() for folder in self.folders)
         ]
         if missing:
+            where = ", ".join(str(folder) for folder in self.folders)
             raise ApplicationError(
                 f"template family {family!r} does not exist: {', '.join(missing)} not found in "
-                f"{TEMPLATES}. Add the files (a family is <name>.subject.j2, .txt.j2 and "
+                f"{where}. Add the files (a family is <name>.subject.j2, .txt.j2 and "
                 ".html.j2) or fix the template name in the journey",
                 type=TEMPLATE_MISSING,
                 non_retryable=True,
@@ -403,8 +406,8 @@ class Renderer:
             # A deploy fixes a broken template; retrying until then keeps the journey alive.
             raise ApplicationError(
                 f"cannot render the {family} email: {scrub(str(exc))}. Fix "
-                f"{TEMPLATES}/{family}.{{subject,html,txt}}.j2 (or the journey's context) and "
-                "deploy; the send is retried meanwhile",
+                f"{family}.{{subject,html,txt}}.j2 in {self.folders[0]} (or the journey's "
+                "context) and deploy; the send is retried meanwhile",
                 type=TEMPLATE_FAILED,
             ) from exc
         subject, text, html = rendered

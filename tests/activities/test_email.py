@@ -793,11 +793,11 @@ async def test_missing_template_family_and_bad_name_are_refused_for_good(
 # ---- two attempts, one message: forced interleavings -------------------------------------------
 
 
-def wait_for_status(url: str, status: str, timeout: float = 10.0) -> None:
-    """Block (in the activity's thread) until the outbox row reaches ``status``."""
+def wait_for_status(url: str, status: str, key: str = KEY, timeout: float = 10.0) -> None:
+    """Block (in the activity's thread) until the message log row reaches ``status``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = outbox(url)
+        row = outbox(url, key)
         if row is not None and row.status == status:
             return
         time.sleep(0.01)
