@@ -272,7 +272,7 @@ class Lease(SQLModel, table=True):
     token: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
-# ---- Stream D (issue 13): the email outbox and tracking links ----------------------------------
+# ---- Stream D (issue 13): the message log's tracking links ----------------------------------
 
 
 class TrackingLink(SQLModel, table=True):

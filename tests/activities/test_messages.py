@@ -28,7 +28,7 @@ from tests.activities.test_email import (
     JOURNEY,
     click_target,
     links_of,
-    outbox,
+    logged,
     parts,
     request,
     wait_for_status,
@@ -189,7 +189,7 @@ async def test_a_new_family_renders_a_typed_context_with_the_helpers_and_partial
     found = links_of(html)
     assert "https://evil.example/x.jpg" not in found.images  # image() dropped it
     assert "https://cdn.shop.example/belt.jpg" in found.images  # the catalogue's image
-    row = outbox(database_url, order_email().key)
+    row = logged(database_url, order_email().key)
     assert row is not None and row.marketing is False
     targets = {click_target(href, row, database_url) for href in found.hrefs}
     assert "https://evil.example/phish" not in targets and "https://evil.example/phish" not in (
@@ -289,10 +289,10 @@ async def test_a_second_marketing_message_on_a_topic_is_skipped_across_journeys(
     assert (await send(settings, other_topic)).status == "sent"
 
     assert len(smtp_server.messages) == 2
-    row = outbox(database_url, browse.key)
+    row = logged(database_url, browse.key)
     assert row is not None and row.status == SKIPPED and row.topic == TOPIC
     assert row.error is not None and "alice" not in row.error
-    sent = outbox(database_url, cart.key)
+    sent = logged(database_url, cart.key)
     assert sent is not None and (sent.topic, sent.marketing) == (TOPIC, True)
 
 
@@ -363,6 +363,6 @@ async def test_a_message_on_the_topic_sent_during_the_smtp_conversation_stops_th
     assert (await asyncio.wait_for(first, timeout=10)).status == "sent"
     assert (await asyncio.wait_for(second, timeout=10)).status == SKIPPED
     assert [m.message["X-Kaeru-Journey"] for m in smtp_server.messages] == [cart.journey_id]
-    row = outbox(database_url, browse.key)
+    row = logged(database_url, browse.key)
     assert row is not None and row.status == SKIPPED
     assert (await send(settings, browse)).status == SKIPPED  # and so it stays
