@@ -12,13 +12,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import inspect, update
 from temporalio.converter import DataConverter
 from temporalio.testing import ActivityEnvironment
 
 from activities.email import SENT, SKIPPED, TEMPLATES, EmailActivities
 from activities.types import CartLine, CouponInfo, ProductInfo, SendEmailInput, SendEmailResult
-from kaeru.db import session
+from kaeru.db import MIGRATIONS, get_engine, migrate, session
 from kaeru.models import EmailMessage
 from kaeru.settings import Settings
 from tests.activities.factories import add_customer, add_products
@@ -366,3 +368,37 @@ async def test_a_message_on_the_topic_sent_during_the_smtp_conversation_stops_th
     row = logged(database_url, browse.key)
     assert row is not None and row.status == SKIPPED
     assert (await send(settings, browse)).status == SKIPPED  # and so it stays
+
+
+# ---- the schema: messages logged before topics ---------------------------------------------------
+
+
+def test_messages_logged_before_topics_read_as_marketing_without_a_topic(
+    database_url: str,
+) -> None:
+    with session(database_url) as s:
+        s.add(
+            EmailMessage(
+                key="old/run-1/cart_email",
+                message_id="<m@kaeru.localhost>",
+                customer_id="c1",
+                journey_id="old",
+                step="cart_email",
+                to_address=ADDRESS,
+                subject="s",
+                status=SENT,
+                marketing=False,
+                topic=TOPIC,
+            )
+        )
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = get_engine(database_url)
+
+    command.downgrade(config, "0007")
+    columns = {c["name"] for c in inspect(get_engine(database_url)).get_columns("email_messages")}
+    assert not {"marketing", "topic"} & columns
+    migrate(database_url)
+
+    row = logged(database_url, "old/run-1/cart_email")
+    assert row is not None and (row.marketing, row.topic) == (True, None)
