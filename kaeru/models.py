@@ -8,7 +8,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    true,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -163,14 +174,15 @@ class AudienceMember(SQLModel, table=True):
 
 
 class EmailMessage(SQLModel, table=True):
-    """The email outbox: one row per journey step, so a retried send never sends twice.
+    """The message log: one row per journey message, so a retried send never sends twice.
 
     ``status`` goes pending → sending → data → sent (or bounced, unconfirmed, skipped);
     ``data`` and ``unconfirmed`` mean the SMTP server may hold the message, so it is never
-    resent. The states are explained in ``activities/email.py``.
+    resent. The states are explained in ``activities/email/message_log.py``.
     """
 
     __tablename__ = "email_messages"
+    __table_args__ = (Index("ix_email_messages_topic", "customer_id", "topic"),)
 
     key: str = Field(primary_key=True, max_length=400)
     message_id: str = Field(max_length=400)
@@ -187,6 +199,12 @@ class EmailMessage(SQLModel, table=True):
     error: str | None = None
     first_open_routed: bool = False
     first_click_routed: bool = False
+    #: A marketing message (consent and the topic rule apply) or a transactional one.
+    marketing: bool = Field(
+        default=True, sa_column=Column(Boolean, nullable=False, server_default=true())
+    )
+    #: What the message is about (``cart:<fingerprint>``): one marketing message per topic.
+    topic: str | None = Field(default=None, max_length=200)
 
 
 class Suppression(SQLModel, table=True):
@@ -254,7 +272,7 @@ class Lease(SQLModel, table=True):
     token: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
-# ---- Stream D (issue 13): the email outbox and tracking links ----------------------------------
+# ---- Stream D (issue 13): the message log's tracking links ----------------------------------
 
 
 class TrackingLink(SQLModel, table=True):

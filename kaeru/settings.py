@@ -256,6 +256,12 @@ class Settings(BaseSettings):
     )
 
     # ---- stream B (messages) settings ----
+    topic_window: timedelta = Field(
+        timedelta(days=7),
+        description="a marketing email is not sent when one on the same topic (the same cart, "
+        "from whichever journey) went to the customer within this time (seconds or ISO 8601); "
+        "transactional emails ignore it",
+    )
 
     # ---- stream C (identity, carts) settings ----
 

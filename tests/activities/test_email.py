@@ -32,10 +32,13 @@ from activities.email import (
     SMTP_SUPERSEDED,
     SMTP_UNREACHABLE,
     TEMPLATE_FAILED,
+    TEMPLATE_MISSING,
+    TEMPLATES,
     UNCONFIRMED,
     EmailActivities,
     message_id_for,
 )
+from activities.email.render import Catalogue
 from activities.types import (
     ALREADY_PURCHASED,
     NO_EMAIL_ADDRESS,
@@ -117,7 +120,7 @@ def assert_masked(error: ApplicationError) -> None:
     assert MASKED in error.message
 
 
-def outbox(url: str, key: str = KEY) -> EmailMessage | None:
+def logged(url: str, key: str = KEY) -> EmailMessage | None:
     with session(url) as s:
         return s.get(EmailMessage, key)
 
@@ -162,7 +165,7 @@ def tracking_row(url: str, database_url: str) -> TrackingLink:
 
 
 def click_target(url: str, row: EmailMessage, database_url: str) -> str:
-    """Where a tracked link redirects: the token's row names a link index of the outbox row."""
+    """Where a tracked link redirects: the token's row names a link index of the message log row."""
     found = tracking_row(url, database_url)
     assert found.kind == "c" and found.message_key == row.key and found.link is not None
     return row.links[found.link]
@@ -205,7 +208,7 @@ async def test_reminder_shows_the_cart_and_tracks_every_link(
         assert fragment in text
     assert "javascript:" not in html and "javascript:" not in text
 
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None
     assert (row.status, row.attempts, row.subject) == (SENT, 1, message["Subject"])
     assert row.sent_at is not None and row.to_address == ADDRESS
@@ -214,7 +217,7 @@ async def test_reminder_shows_the_cart_and_tracks_every_link(
     targets = {click_target(href, row, database_url) for href in found.hrefs}
     # The script URL and the missing one fall back to the cart and the shop.
     assert targets == {CART_URL, MUG.url, POSTER.url, settings.shop_url}
-    assert sorted(row.links) == sorted(targets)  # each target once in the outbox
+    assert sorted(row.links) == sorted(targets)  # each target once in the message log
     text_links = re.findall(r"http://kaeru\.test/t/c/\S+", text)
     assert {click_target(link, row, database_url) for link in text_links} == targets
     assert CART_URL not in html and CART_URL not in text  # only ever behind a tracked link
@@ -324,7 +327,7 @@ async def test_retry_while_an_attempt_is_inside_data_is_not_resent(
 
     attempt = asyncio.create_task(send(settings, request(), env))
     await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == DATA
     stalled_at = len(beats)
     await asyncio.sleep(0.5)
@@ -338,7 +341,7 @@ async def test_retry_while_an_attempt_is_inside_data_is_not_resent(
     assert (await attempt).status == "sent"
     assert len(smtp_server.messages) == 1
     assert len(touchpoints(database_url, "email_sent")) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENT  # the zombie's 250 is the truth: recorded
 
 
@@ -362,7 +365,7 @@ async def test_attempt_overtaken_before_data_leaves_the_send_to_the_newer_one(
     assert isinstance(done[0], ApplicationError) and done[0].type == SMTP_SUPERSEDED
     assert isinstance(done[1], SendEmailResult) and done[1].status == "sent"
     assert len(smtp_server.messages) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and (row.status, row.attempts) == (SENT, 2)
 
 
@@ -377,7 +380,7 @@ async def test_timeout_inside_data_reports_unconfirmed(
     smtp_server.release()
 
     assert result.status == "unconfirmed"
-    row = outbox(sqlite_url)
+    row = logged(sqlite_url)
     assert row is not None and row.status == UNCONFIRMED
     assert (await send(settings, request())).status == "unconfirmed"
     assert len(smtp_server.messages) == 1
@@ -395,12 +398,12 @@ async def test_hang_up_before_the_354_is_retried_and_sent_once(
 
     assert smtp_server.hung_up == 1
     assert (error.type, error.non_retryable) == (SMTP_UNREACHABLE, False)
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENDING  # not `data`: nothing was transmitted
 
     assert (await send(settings, request())).status == "sent"
     assert len(smtp_server.messages) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and (row.status, row.attempts) == (SENT, 2)
 
 
@@ -422,7 +425,7 @@ async def test_zombie_deferred_after_data_cannot_unsettle_the_retrys_verdict(
         await zombie
     assert deferred.value.type == SMTP_DEFERRED
 
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == UNCONFIRMED  # still the verdict the journey got
     assert row.error is not None and "451" in row.error  # the operator learns it was refused
     later = await send(settings, request())
@@ -445,7 +448,7 @@ async def test_temporary_refusal_at_rcpt_is_retried(
     assert (error.type, error.non_retryable) == (SMTP_DEFERRED, False)
     assert "450" in error.message and "retried" in error.message
     assert_masked(error)
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENDING
     assert suppressions(database_url) == [] and touchpoints(database_url) == []
 
@@ -454,7 +457,7 @@ async def test_temporary_refusal_at_rcpt_is_retried(
 
     assert result.status == "sent"
     assert len(smtp_server.messages) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and (row.status, row.attempts) == (SENT, 2)
 
 
@@ -468,7 +471,7 @@ async def test_temporary_refusal_after_data_resends_with_the_same_message_id(
     error = await refused(settings, request())
 
     assert (error.type, error.non_retryable) == (SMTP_DEFERRED, False)
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENDING  # refused, so the server holds nothing
 
     assert (await send(settings, request())).status == "sent"
@@ -489,7 +492,7 @@ async def test_unreachable_server_is_retried(sqlite_url: str) -> None:
 
     assert (error.type, error.non_retryable) == (SMTP_UNREACHABLE, False)
     assert f"127.0.0.1:{port}" in error.message and "KAERU_SMTP_PORT" in error.message
-    row = outbox(sqlite_url)
+    row = logged(sqlite_url)
     assert row is not None and (row.status, row.attempts) == (PENDING, 1)
 
 
@@ -527,7 +530,7 @@ async def test_hard_bounce_suppresses_the_address(
         "cart_email",
         "rcpt",
     )
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == BOUNCED
     assert smtp_server.messages == []
 
@@ -556,7 +559,7 @@ async def test_message_refused_after_data_is_undeliverable_but_not_suppressed(
     assert suppressions(database_url) == []
     [bounce] = touchpoints(database_url, "email_bounced")
     assert bounce.detail["phase"] == "data"
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == BOUNCED
 
 
@@ -591,7 +594,7 @@ async def test_suppressed_address_is_refused_without_contacting_smtp(
     assert "suppression list (reason: unsubscribe)" in error.message
     assert_masked(error)
     assert smtp_server.connections == 0
-    assert outbox(database_url) is None
+    assert logged(database_url) is None
 
 
 @pytest.mark.parametrize(
@@ -619,7 +622,7 @@ async def test_an_address_smtp_would_read_differently_is_refused_unsent(
     assert (error.type, error.non_retryable) == (UNDELIVERABLE, True)
     assert "unusable email address" in error.message and "identify" in error.message
     assert "victim" not in error.message and "lice@" not in error.message  # masked
-    assert smtp_server.connections == 0 and outbox(database_url) is None
+    assert smtp_server.connections == 0 and logged(database_url) is None
     assert stored not in caplog.text  # nor in the worker's log
 
 
@@ -687,7 +690,7 @@ async def test_an_order_since_the_journey_started_stops_the_send_for_good(
         # The journey converts on the order it was told of (it may never be routed to it).
         assert list(error.details) == [found("o-1", STARTED)]
     assert smtp_server.connections == 0
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SKIPPED
     assert row.error is not None and "o-1" in row.error and row.sent_at is None
     assert touchpoints(database_url, "email_sent") == []
@@ -725,7 +728,7 @@ async def test_an_order_stored_during_the_smtp_conversation_stops_it_before_data
         await attempt
     assert (caught.value.type, caught.value.non_retryable) == (ALREADY_PURCHASED, True)
     assert smtp_server.messages == [] and smtp_server.refused_messages == []
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SKIPPED
     again = await refused(settings, since_start())
     assert again.type == ALREADY_PURCHASED
@@ -769,30 +772,32 @@ async def test_login_against_a_server_without_auth_names_the_settings(
     assert "AUTH" in error.message and "KAERU_SMTP_USERNAME" in error.message
 
 
-async def test_missing_template_is_retried_and_bad_name_is_not(
+async def test_missing_template_family_and_bad_name_are_refused_for_good(
     sqlite_url: str, smtp_server: SMTPTestServer
 ) -> None:
+    """A family that does not exist is the journey's mistake: no retry brings it."""
     add_customer(sqlite_url, "c1", ADDRESS)
     settings = make_settings(sqlite_url, smtp_port=smtp_server.port)
 
     missing = await refused(settings, request(template="cart_nope"))
     hostile = await refused(settings, request(template="../etc/passwd"))
 
-    assert (missing.type, missing.non_retryable) == (TEMPLATE_FAILED, False)
-    assert "cart_nope" in missing.message
+    assert (missing.type, missing.non_retryable) == (TEMPLATE_MISSING, True)
+    assert "cart_nope.subject.j2" in missing.message
+    assert str(TEMPLATES) in missing.message  # names the folder it looked in
     assert (hostile.type, hostile.non_retryable) == (TEMPLATE_FAILED, True)
     assert smtp_server.connections == 0
-    assert outbox(sqlite_url) is None
+    assert logged(sqlite_url) is None
 
 
 # ---- two attempts, one message: forced interleavings -------------------------------------------
 
 
-def wait_for_status(url: str, status: str, timeout: float = 10.0) -> None:
-    """Block (in the activity's thread) until the outbox row reaches ``status``."""
+def wait_for_status(url: str, status: str, key: str = KEY, timeout: float = 10.0) -> None:
+    """Block (in the activity's thread) until the message log row reaches ``status``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = outbox(url)
+        row = logged(url, key)
         if row is not None and row.status == status:
             return
         time.sleep(0.01)
@@ -813,16 +818,16 @@ async def test_retry_that_read_the_row_before_a_zombie_claimed_data_never_sends(
     await asyncio.wait_for(smtp_server.stalled.wait(), timeout=10)
 
     retry_activities = EmailActivities(settings)
-    render = retry_activities._render
+    render = retry_activities.renderer.render
     has_read = threading.Event()
 
-    def render_late(email: SendEmailInput, link_key: bytes) -> object:
+    def render_late(email: SendEmailInput, link_key: bytes, catalogue: Catalogue) -> object:
         # _prepare renders between its read of the row and its write: the window to force.
         has_read.set()
         wait_for_status(database_url, zombie_reaches)
-        return render(email, link_key)
+        return render(email, link_key, catalogue)
 
-    monkeypatch.setattr(retry_activities, "_render", render_late)
+    monkeypatch.setattr(retry_activities.renderer, "render", render_late)
     retry = asyncio.create_task(ActivityEnvironment().run(retry_activities.send_email, request()))
     while not has_read.is_set():
         await asyncio.sleep(0.01)
@@ -837,7 +842,7 @@ async def test_retry_that_read_the_row_before_a_zombie_claimed_data_never_sends(
     assert result.status == ("unconfirmed" if zombie_reaches == DATA else "already_sent")
     assert (await zombie).status == "sent"
     assert len(smtp_server.messages) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and (row.status, row.attempts) == (SENT, 1)
     assert len(touchpoints(database_url, "email_sent")) == 1
 
@@ -860,7 +865,7 @@ async def test_cancel_before_data_sends_nothing_and_a_retry_sends(
         await attempt
     smtp_server.release()
 
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status in (PENDING, SENDING)  # resendable, never `data`
     assert smtp_server.messages == []
     assert (await send(settings, request())).status == "sent"
@@ -883,7 +888,7 @@ async def test_cancel_inside_data_waits_for_the_answer(
     smtp_server.release()
 
     assert (await asyncio.wait_for(attempt, timeout=10)).status == "sent"
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENT
     assert len(smtp_server.messages) == 1
     assert len(touchpoints(database_url, "email_sent")) == 1
@@ -898,20 +903,21 @@ async def test_cancel_while_data_is_being_claimed_still_sends(
     activities = EmailActivities(settings)
     env = ActivityEnvironment()
     loop = asyncio.get_running_loop()
-    claim = activities._claim_data
+    claim = activities.log.claim_data
 
-    def claim_then_cancel(email: SendEmailInput, attempt: int) -> None:
-        claim(email, attempt)
+    def claim_then_cancel(email: SendEmailInput, attempt: int) -> bool:
+        claimed = claim(email, attempt)
         loop.call_soon_threadsafe(env.cancel)
         time.sleep(0.2)  # the cancel reaches the activity before the claim returns
+        return claimed
 
-    monkeypatch.setattr(activities, "_claim_data", claim_then_cancel)
+    monkeypatch.setattr(activities.log, "claim_data", claim_then_cancel)
 
     result = await asyncio.wait_for(env.run(activities.send_email, request()), timeout=10)
 
     assert result.status == "sent"
     assert len(smtp_server.messages) == 1
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.status == SENT
 
 
@@ -923,7 +929,7 @@ async def test_a_very_long_product_name_is_cut_in_the_subject(
 ) -> None:
     add_customer(database_url, "c1", ADDRESS)
     settings = make_settings(database_url, smtp_port=smtp_server.port)
-    name = "Frog " * 120  # 600 characters; the outbox's subject column holds 500
+    name = "Frog " * 120  # 600 characters; the message log's subject column holds 500
     email = replace(request(), cart=[CartLine(replace(MUG, name=name))])
 
     assert (await send(settings, email)).status == "sent"
@@ -931,7 +937,7 @@ async def test_a_very_long_product_name_is_cut_in_the_subject(
     subject = smtp_server.messages[0].message["Subject"]
     assert subject.startswith("Still thinking about Frog Frog")
     assert len(subject) <= MAX_SUBJECT and subject.endswith("…")
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None and row.subject == subject
 
 
@@ -1014,7 +1020,7 @@ async def test_links_and_images_stay_on_the_shop(
     await send(settings, email)
 
     text, html = parts(smtp_server.messages[0].message)
-    row = outbox(sqlite_url)
+    row = logged(sqlite_url)
     assert row is not None
     found = links_of(html)
     targets = {click_target(href, row, sqlite_url) for href in found.hrefs}
@@ -1068,7 +1074,7 @@ async def test_links_and_images_only_to_the_exact_shop_origins_over_https(
     await send(settings, email)
 
     text, html = parts(smtp_server.messages[0].message)
-    row = outbox(sqlite_url)
+    row = logged(sqlite_url)
     assert row is not None
     assert set(row.links) == {settings.cart_url, settings.shop_url}  # the fallbacks only
     *images, _pixel = links_of(html).images
@@ -1100,7 +1106,7 @@ async def test_links_and_images_on_the_configured_origins_are_kept(
     await send(settings, email)
 
     html = parts(smtp_server.messages[0].message)[1]
-    row = outbox(sqlite_url)
+    row = logged(sqlite_url)
     assert row is not None and set(kept) <= set(row.links)
     *images, _pixel = links_of(html).images
     assert images == [u + ".jpg" for u in kept]
@@ -1186,7 +1192,7 @@ async def test_known_products_show_the_catalogue_not_the_events_text(
     assert "Payment failed" not in text + html
     assert "Frog mug" in text and "Paper kite" in text
     assert "https://shop.example/img/mug.jpg" in links_of(html).images
-    row = outbox(database_url)
+    row = logged(database_url)
     assert row is not None
     assert "https://shop.example/p/mug" in row.links
     assert "https://shop.example/phish" not in row.links

@@ -1,0 +1,264 @@
+"""The ``send_email`` activity: check, render and log a journey's message, then deliver it.
+
+A message is sent at most once per ``SendEmailInput.key`` (see :mod:`.message_log`), only when
+:func:`.gate.may_send` allows it, rendered by :mod:`.render` and delivered by :mod:`.smtp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from email.message import EmailMessage as MimeMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime
+from pathlib import Path
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.email.addresses import (
+    mask_address,
+    message_id_for,
+    recipient_address,
+    scrub,
+    unusable_because,
+)
+from activities.email.gate import SUPPRESSED, TOPIC_SKIP, may_send
+from activities.email.message_log import (
+    BOUNCED,
+    DATA,
+    PENDING,
+    SENT,
+    SKIPPED,
+    SMTP_SUPERSEDED,
+    UNCONFIRMED,
+    MessageLog,
+    Outgoing,
+    already_purchased,
+    purchase_reason,
+    purchase_since,
+    undeliverable,
+)
+from activities.email.render import MAX_TEXT, TEMPLATES, Catalogue, Rendered, Renderer, clean
+from activities.email.smtp import SmtpConversation
+from activities.types import NO_EMAIL_ADDRESS, SendEmailInput, SendEmailResult
+from kaeru.db import session
+from kaeru.models import EmailMessage, utcnow
+from kaeru.settings import Settings
+from kaeru.tracking import register_tokens, signing_key
+
+
+class EmailActivities:
+    """The ``send_email`` activity, with its settings (SMTP relay, sender, shop) injected."""
+
+    def __init__(self, settings: Settings, template_folders: Sequence[Path] = (TEMPLATES,)) -> None:
+        self.settings = settings
+        self.renderer = Renderer(settings, template_folders)
+        self.log = MessageLog(settings)
+        self.smtp = SmtpConversation(settings, self.log)
+
+    @activity.defn(name="send_email")
+    async def send_email(self, email: SendEmailInput) -> SendEmailResult:
+        """Send one journey message to the customer, at most once per ``email.key``.
+
+        Returns:
+            ``sent``; ``already_sent`` when an earlier attempt sent it; ``skipped`` when a
+            marketing message on the same ``topic`` went to the customer within
+            ``KAERU_TOPIC_WINDOW`` (nothing sent; the journey goes on); ``unconfirmed`` when
+            this or an earlier attempt got no answer inside the DATA window (see
+            :mod:`.message_log`). Its ``to_address`` is masked (``a***@example.com``): the
+            result lands in the history.
+
+        Raises:
+            ApplicationError: ``NoEmailAddress``, ``Undeliverable`` (suppressed address, hard
+                bounce), ``AlreadyPurchased`` (an order at or after ``ordered_since``,
+                checked before SMTP and again as DATA is claimed) or ``TemplateMissing``, all
+                non-retryable; retryable ones for 4xx answers, connection trouble, broken
+                templates and settings to fix.
+            asyncio.CancelledError: cancelled before this attempt claimed DATA (nothing sent;
+                a cancel after the claim waits for the send to finish and is then ignored).
+        """
+        async with _heartbeating():
+            outgoing = await asyncio.to_thread(self._prepare, email)
+            status = outgoing.status
+            if outgoing.payload is not None:
+                status = await self.smtp.deliver(email, outgoing)
+        return SendEmailResult(outgoing.message_id, mask_address(outgoing.to_address), status)
+
+    def _prepare(self, email: SendEmailInput) -> Outgoing:
+        """Render the message and count this attempt in its log row, or say why not to send.
+
+        The row is read, then written with a compare-and-set on what was read; if another
+        attempt changed it in between (a zombie claimed ``data``, a retry started), read again.
+        """
+        self.renderer.check_family(email.template)
+        for _ in range(5):
+            try:
+                outgoing = self._try_prepare(email)
+            except IntegrityError:  # another attempt created the row first: read it
+                continue
+            if outgoing is not None:
+                return outgoing
+        raise ApplicationError(
+            f"attempts of email {email.key} kept changing its message log row under each "
+            "other; the send is retried with backoff",
+            type=SMTP_SUPERSEDED,
+        )
+
+    def _settled(self, s: Session, email: SendEmailInput, row: EmailMessage) -> Outgoing | None:
+        """The answer for a row an earlier attempt settled; None when this attempt goes on."""
+        if row.status == SENT:
+            return Outgoing(row.message_id, row.to_address, status="already_sent")
+        if row.status in (DATA, UNCONFIRMED):
+            if row.status == DATA and not self.log.settle_unconfirmed(s, row):
+                raise _ReadAgain  # the attempt inside DATA answered meanwhile
+            activity.logger.warning(
+                "email %s may have been delivered already: an earlier attempt sent it "
+                "after the server's 354 and got no answer. Not resending it (at most "
+                "once); the server's log for Message-ID %s says whether it went out.",
+                email.key,
+                row.message_id,
+            )
+            return Outgoing(row.message_id, row.to_address, status=UNCONFIRMED)
+        if row.status == BOUNCED:
+            raise undeliverable(f"{mask_address(row.to_address)} bounced earlier: {row.error}")
+        if row.status == SKIPPED and (row.error or "").startswith(TOPIC_SKIP):
+            return Outgoing(row.message_id, row.to_address, status=SKIPPED)
+        return None
+
+    def _try_prepare(self, email: SendEmailInput) -> Outgoing | None:
+        with session(self.settings.resolved_database_url) as s:
+            link_key = signing_key(s, self.settings.secret_key)  # may commit: call it first
+            row = s.get(EmailMessage, email.key)
+            if row is not None:
+                try:
+                    settled = self._settled(s, email, row)
+                except _ReadAgain:
+                    return None
+                if settled is not None:
+                    return settled
+            purchase = purchase_since(s, email)
+            if row is not None and row.status == SKIPPED:
+                reason = row.error or "the customer bought meanwhile"
+                raise already_purchased(email, reason, purchase)
+            if purchase is not None:
+                if not self.log.skip(s, email, row, purchase_reason(purchase)):
+                    return None
+                s.commit()  # the skip must outlive the error raised next
+                raise already_purchased(email, purchase_reason(purchase), purchase)
+
+            address = recipient_address(s, email.customer_id)
+            if not address:
+                raise ApplicationError(
+                    f"customer {email.customer_id!r} has no known email address, so the "
+                    f"{email.step} email cannot be sent; send an identify call with "
+                    "traits.email for this customer",
+                    type=NO_EMAIL_ADDRESS,
+                    non_retryable=True,
+                )
+            verdict = may_send(s, email, address, self.settings.topic_window)
+            if verdict is not None and verdict.rule == SUPPRESSED:
+                raise undeliverable(verdict.reason)
+            if verdict is not None:  # the topic rule: skipped, and the journey goes on
+                if not self.log.skip(s, email, row, verdict.reason):
+                    return None
+                skipped = s.get(EmailMessage, email.key)
+                assert skipped is not None
+                return Outgoing(skipped.message_id, skipped.to_address, status=SKIPPED)
+            problem = unusable_because(address)
+            if problem is not None:
+                raise undeliverable(
+                    f"customer {email.customer_id!r} has an unusable email address "
+                    f"{mask_address(address)!r} ({scrub(problem)}); send an identify call "
+                    "with a correct traits.email"
+                )
+
+            # The first attempt's id, even if KAERU_MAIL_FROM changed since: one message, one id.
+            mail_from = self.settings.mail_from
+            message_id = row.message_id if row else message_id_for(email.key, mail_from)
+            rendered = self.renderer.render(email, link_key, Catalogue(s))
+            if row is None:
+                attempt = 1
+                s.add(
+                    EmailMessage(
+                        key=email.key,
+                        message_id=message_id,
+                        customer_id=email.customer_id,
+                        journey_id=email.journey_id,
+                        step=email.step,
+                        to_address=address,
+                        subject=rendered.subject,
+                        status=PENDING,
+                        links=rendered.links,
+                        attempts=attempt,
+                        marketing=email.marketing,
+                        topic=email.topic,
+                    )
+                )
+                s.flush()
+            else:
+                attempt = row.attempts + 1
+                counted = s.exec(
+                    update(EmailMessage)
+                    .where(
+                        col(EmailMessage.key) == email.key,
+                        col(EmailMessage.status) == row.status,
+                        col(EmailMessage.attempts) == row.attempts,
+                    )
+                    .values(
+                        attempts=attempt,
+                        to_address=address,
+                        subject=rendered.subject,
+                        links=rendered.links,
+                        marketing=email.marketing,
+                        topic=email.topic,
+                    )
+                )
+                if counted.rowcount != 1:
+                    return None  # another attempt moved the row meanwhile: read it again
+            register_tokens(s, link_key, email.key, len(rendered.links))
+            payload = self._compose(email, address, message_id, rendered)
+        return Outgoing(message_id, address, payload, attempt=attempt)
+
+    def _compose(
+        self, email: SendEmailInput, address: str, message_id: str, rendered: Rendered
+    ) -> bytes:
+        message = MimeMessage()
+        message["From"] = self.settings.mail_from
+        message["To"] = address
+        message["Subject"] = rendered.subject
+        message["Date"] = format_datetime(utcnow())
+        message["Message-ID"] = message_id
+        # Both hold a customer id from the shop's events: never let it add a header line.
+        message["X-Kaeru-Journey"] = clean(email.journey_id, MAX_TEXT)
+        message["X-Kaeru-Step"] = clean(email.step, MAX_TEXT)
+        message.set_content(rendered.text)
+        message.add_alternative(rendered.html, subtype="html")
+        return message.as_bytes(policy=SMTP_POLICY)
+
+
+class _ReadAgain(Exception):
+    """Another attempt changed the row between this attempt's read and its write."""
+
+
+@contextlib.asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat in the background, so Temporal notices a dead worker within the timeout."""
+    timeout = activity.info().heartbeat_timeout
+    interval = timeout.total_seconds() / 3 if timeout else 5.0
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])  # unlike awaiting the task, never swallows our own cancel
