@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import json
 import re
 import shutil
 import sys
@@ -56,7 +57,7 @@ from workflows.kit import AD_CLICKED, EVENT_SIGNAL, Journey, JourneyResult, Jour
 TIMELINE_KEYS = ("customer", "start", "events")
 CUSTOMER_KEYS = ("id", "email", "name")
 ACTIONS = ("track", "identify", "open", "click", "ad_click")
-EVENT_KEYS = ("at", *ACTIONS, "properties", "traits", "link")
+EVENT_KEYS = ("at", *ACTIONS, "properties", "link")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _RELATIVE = re.compile(r"^\+\s*((?:\d+(?:\.\d+)?\s*[wdhms]\s*)+)$")
 _RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([wdhms])")
@@ -121,11 +122,13 @@ class Step:
 @dataclass(frozen=True)
 class Timeline:
     customer: Customer
+    #: The line of ``customer`` (the simulator stores the customer's identify first).
+    customer_line: int
     start: datetime
     steps: list[Step]
 
 
-def _lines(node: yaml.Node) -> dict[str, int]:
+def _lines(node: yaml.Node | None) -> dict[str, int]:
     """The line (1-based) of each key of a mapping node."""
     if not isinstance(node, yaml.MappingNode):
         return {}
@@ -199,19 +202,8 @@ def load_timeline(path: Path) -> Timeline:
         raise TimelineError(f"cannot read the timeline {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise TimelineError(f"the timeline {path} is not UTF-8 text") from exc
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}" if mark is not None else "the file"
-        raise TimelineError(
-            f"{where}: not valid YAML or JSON ({exc.problem or exc.context}); fix the syntax "
-            "there (indentation, a missing ':' or a quote)"
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise TimelineError(f"the timeline is not valid YAML or JSON: {exc}") from exc
-    if not isinstance(data, dict) or root is None:
+    data, root = _parse(text, path)
+    if not isinstance(data, dict):
         raise TimelineError(
             "line 1: a timeline is a mapping with the keys customer, start and events"
         )
@@ -230,14 +222,53 @@ def load_timeline(path: Path) -> Timeline:
             f"line {top.get('events', 1)}: events must be a list of at least one event "
             "(- at: Monday 10:00, track: Product Added)"
         )
-    nodes = next(value for key, value in root.value if key.value == "events")
+    nodes = _value(root, "events")
+    items = nodes.value if isinstance(nodes, yaml.SequenceNode) else []
     steps: list[Step] = []
     previous = start
-    for raw, node in zip(events, nodes.value, strict=True):
+    for index, raw in enumerate(events):
+        node = items[index] if index < len(items) else None
         step = _step(raw, node, start, previous)
         steps.append(step)
         previous = step.at
-    return Timeline(customer=customer, start=start, steps=steps)
+    return Timeline(
+        customer=customer, customer_line=top.get("customer", 1), start=start, steps=steps
+    )
+
+
+def _parse(text: str, path: Path) -> tuple[Any, yaml.Node | None]:
+    """The timeline's data, and its YAML node tree for line numbers (None if unavailable)."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TimelineError(
+                f"line {exc.lineno}: not valid JSON ({exc.msg}); fix the syntax there "
+                "(a missing comma, quote or bracket)"
+            ) from exc
+        try:
+            # Only for line numbers: YAML refuses the tabs JSON may be indented with.
+            return data, yaml.compose(text.expandtabs())
+        except yaml.YAMLError:
+            return data, None
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}" if mark is not None else "the file"
+        raise TimelineError(
+            f"{where}: not valid YAML ({exc.problem or exc.context}); fix the syntax there "
+            "(indentation, a missing ':' or a quote)"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise TimelineError(f"the timeline is not valid YAML: {exc}") from exc
+
+
+def _value(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in a mapping node."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((value for name, value in node.value if name.value == key), None)
 
 
 def _customer(raw: Any, line: int) -> Customer:
@@ -253,8 +284,8 @@ def _customer(raw: Any, line: int) -> Customer:
     return Customer(id=str(raw["id"]), email=raw.get("email"), name=raw.get("name"))
 
 
-def _step(raw: Any, node: yaml.Node, start: datetime, previous: datetime) -> Step:
-    line = node.start_mark.line + 1
+def _step(raw: Any, node: yaml.Node | None, start: datetime, previous: datetime) -> Step:
+    line = node.start_mark.line + 1 if node is not None else 1
     if not isinstance(raw, dict):
         raise TimelineError(
             f"line {line}: an event is a mapping, e.g. - at: Monday 10:00, track: Product Added"
@@ -272,9 +303,10 @@ def _step(raw: Any, node: yaml.Node, start: datetime, previous: datetime) -> Ste
     at = parse_time(raw["at"], start, previous)
     at_line = _lines(node).get("at", line)
     if at is None:
-        raise TimelineError(
-            f"line {at_line}: {str(raw['at'])[:40]!r} is not a time: give {TIME_FORMS}"
-        )
+        # As written: YAML reads a bare 10:00 as the number 600.
+        written = _value(node, "at")
+        text = written.value if isinstance(written, yaml.ScalarNode) else raw["at"]
+        raise TimelineError(f"line {at_line}: {str(text)[:40]!r} is not a time: give {TIME_FORMS}")
     if at < previous:
         raise TimelineError(
             f"line {at_line}: {at:%a %Y-%m-%d %H:%M} is before the previous line's time "
@@ -302,9 +334,10 @@ def _step(raw: Any, node: yaml.Node, start: datetime, previous: datetime) -> Ste
         raise TimelineError(
             f"line {line}: ad_click takes nothing or a mapping of properties, e.g. ad_click: {{}}"
         )
-    for key in ("properties", "traits"):
-        if key in raw and not isinstance(raw[key], dict):
-            raise TimelineError(f"line {line}: {key} must be a mapping ({key}: {{name: value}})")
+    if "properties" in raw and action not in ("track", "ad_click"):
+        raise TimelineError(f"line {line}: properties belong to a track or an ad_click")
+    if "properties" in raw and not isinstance(raw["properties"], dict):
+        raise TimelineError(f"line {line}: properties must be a mapping (properties: {{k: v}})")
     if action in ("track", "ad_click"):
         values = {**(value if isinstance(value, dict) else {}), **raw.get("properties", {})}
     link = raw.get("link", 0)
@@ -451,7 +484,8 @@ class _Player:
         traits = {
             k: v for k, v in (("email", self.customer.email), ("name", self.customer.name)) if v
         }
-        await self.store("identify", None, {"traits": traits}, self.timeline.start, 0)
+        start_line = self.timeline.customer_line
+        await self.store("identify", None, {"traits": traits}, self.timeline.start, start_line)
         for step in self.timeline.steps:
             await self.advance_to(step.at)
             await self.perform(step)

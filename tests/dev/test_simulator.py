@@ -135,7 +135,7 @@ events:
             GOOD_START + "  - at: 2026-03-01T10:00:00Z\n    track: Cart Viewed\n",
             "line 7: Sun 2026-03-01 10:00 is before the previous line's time",
         ),
-        (GOOD_START + "  - at: +1d\n    track: [Order\n", "line 9: not valid YAML or JSON"),
+        (GOOD_START + "  - at: +1d\n    track: [Order\n", "line 9: not valid YAML"),
         (
             GOOD_START.replace("start: 2026-03-02T09:00:00Z", "start: soon"),
             "line 2: start must be an ISO 8601 time",
@@ -154,6 +154,35 @@ def test_bad_timelines_name_the_line_and_the_fix(tmp_path: Path, text: str, mess
     assert printed.exit_code == 2, printed.output
     assert message in " ".join(printed.output.split()), printed.output
     assert "Traceback" not in printed.output
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("t.yaml", GOOD_START.replace("Monday 10:00", "10:00"), "line 4: '10:00' is not a time"),
+        (
+            "t.yaml",
+            GOOD_START.replace("ada@example.com", "not-an-address"),
+            "line 1: ingestion refuses this event: traits.email is not an email address",
+        ),
+        (
+            "t.json",
+            '{"customer": {"id": "x"},\n\t"start": "2026-03-02T09:00:00Z",\n'
+            '\t"events": [{"at": "+1h", "track": "Product Added"}\n\t{"at": "+1h"}]}',
+            "line 4: not valid JSON (Expecting ',' delimiter)",
+        ),
+        (
+            "t.json",
+            '{"customer": {"id": "x"},\n\t"start": "2026-03-02T09:00:00Z",\n'
+            '\t"events": [{"at": "+1h", "track": "Product Added"},\n\t{"at": "+1h"}]}',
+            "line 4: an event needs exactly one of track, identify, open, click, ad_click",
+        ),
+    ],
+)
+def test_bad_lines_are_named_as_written(tmp_path: Path, name: str, text: str, message: str) -> None:
+    printed = invoke("cart-abandonment", timeline(tmp_path, text, name))
+    assert printed.exit_code == 2, printed.output
+    assert message in " ".join(printed.output.split()), printed.output
 
 
 def test_unknown_journey_lists_the_known_ones(tmp_path: Path) -> None:
@@ -187,3 +216,11 @@ async def test_the_configured_waits_shape_the_preview(
     monkeypatch.setenv("KAERU_CART_EMAIL_DELAY", "PT2H")
     result = await simulate("cart-abandonment", EXAMPLE, tmp_path / "out")
     assert [(m.step, f"{m.at:%a %H:%M}") for m in result.messages] == [("cart_email", "Mon 12:00")]
+
+
+async def test_a_click_in_the_email_reaches_the_journey(tmp_path: Path) -> None:
+    """A click (through the email's own tracking link) counts as engagement, as an open does."""
+    text = GOOD_START + "  - at: Tuesday 12:00\n    click: cart_email\n    link: 1\n"
+    result = await simulate("cart-abandonment", timeline(tmp_path, text), tmp_path / "out")
+    assert result.outcome == "ad_not_clicked"
+    assert result.audience[0].startswith("Wed 2026-03-04 12:00  added the shopper")
