@@ -422,21 +422,24 @@ def _test_server() -> str:
     return path
 
 
-def simulator_settings(database_url: str, smtp_port: int) -> Settings:
+def simulator_settings(state_dir: Path, smtp_port: int) -> Settings:
     """Today's settings (journey waits, templates, coupon value from KAERU_* and .env), with
     every outside system replaced by the throwaway one: nothing leaves this machine."""
     return Settings(
-        database_url=database_url,
+        state_dir=state_dir,
+        database_url=f"sqlite:///{state_dir / 'kaeru.db'}",
         smtp_host="127.0.0.1",
         smtp_port=smtp_port,
         smtp_username=None,
         smtp_password=None,
         smtp_starttls=False,
+        smtp_tls=False,
         meta_access_token=None,
         meta_audience_id=None,
         task_queue=f"kaeru-simulate-{uuid.uuid4().hex[:8]}",
         public_url="http://kaeru.simulator",
         secret_key=None,
+        legacy_secret_key=None,
     )
 
 
@@ -673,8 +676,6 @@ def save_messages(messages: list[SentMessage], out_dir: Path) -> None:
 async def _state() -> AsyncIterator[tuple[WorkflowEnvironment, Settings, _Mailbox]]:
     """The throwaway stack: state dir, database, mailbox, time-skipping server."""
     with tempfile.TemporaryDirectory(prefix="kaeru-simulate-") as state:
-        url = f"sqlite:///{Path(state) / 'kaeru.db'}"
-        await asyncio.to_thread(migrate, url)
         # The SDK core warns that the test server is older than it likes: noise to a marketer.
         quiet = Runtime(
             telemetry=TelemetryConfig(
@@ -688,9 +689,10 @@ async def _state() -> AsyncIterator[tuple[WorkflowEnvironment, Settings, _Mailbo
         )
         mailbox = _Mailbox(env)
         try:
-            port = await mailbox.start()
+            settings = simulator_settings(Path(state), await mailbox.start())
+            await asyncio.to_thread(migrate, settings.resolved_database_url)
             await ensure_search_attributes(env.client, "default")
-            yield env, simulator_settings(url, port), mailbox
+            yield env, settings, mailbox
         finally:
             await mailbox.stop()
             await env.shutdown()
