@@ -56,21 +56,8 @@ async def test_purchase_after_the_email(tmp_path: Path) -> None:
 
 
 async def test_open_ad_click_coupon_then_ignored(tmp_path: Path) -> None:
-    path = timeline(
-        tmp_path,
-        """
-customer: {id: bo, email: bo@example.com, name: Bo}
-start: 2026-03-02T08:00:00Z
-events:
-  - at: Monday 10:00
-    track: Product Added
-    properties: {product_id: scarf-1, name: Silk scarf, price: 35, currency: EUR}
-  - at: Tuesday 12:00
-    open: cart_email
-  - at: 2026-03-05T09:00:00Z
-    ad_click: {}
-""",
-    )
+    """The shipped coupon example: open → ad audience → ad click → coupon email → no order."""
+    path = EXAMPLE.with_name("cart-coupon.yaml")
     result = await simulate("cart-abandonment", path, tmp_path / "out")
     sent = [(m.step, f"{m.at:%a %H:%M}") for m in result.messages]
     assert sent == [("cart_email", "Tue 10:00"), ("offer_email", "Fri 09:00")]
