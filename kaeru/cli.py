@@ -522,8 +522,8 @@ def simulate(
     """Play a timeline of one customer's events against a journey on the time-skipping
     server (real activities, throwaway state) and print what the customer receives and when.
     """
-    from kaeru.dev.simulator import TimelineError
     from kaeru.dev.simulator import simulate as run_simulation
+    from kaeru.dev.timeline import TimelineError
 
     def say(text: str, markup: bool = False) -> None:
         # Never wrapped: a path or a subject must stay copyable.
