@@ -72,7 +72,7 @@ def _lines(node: yaml.Node | None) -> dict[str, int]:
 
 
 def aware(value: datetime) -> datetime:
-    """``value`` in UTC; a time without a zone (YAML drops a ``Z``'s) is taken as UTC."""
+    """``value`` in UTC; a time written without a zone is taken as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
