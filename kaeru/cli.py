@@ -520,3 +520,53 @@ def settings_markdown() -> str:
 def settings_table() -> None:
     """Print every KAERU_ setting as a Markdown table (for the README)."""
     typer.echo(settings_markdown())
+
+
+# ---- the journey simulator (kaeru/dev/simulator.py) -----------------------------------------
+
+
+@app.command("simulate")
+def simulate(
+    journey: Annotated[str, typer.Argument(help="the journey's kind, e.g. cart-abandonment")],
+    timeline: Annotated[Path, typer.Argument(help="the customer's events (YAML or JSON)")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="where to save each email (HTML and text); default a new temp dir"
+        ),
+    ] = None,
+) -> None:
+    """Play a timeline of one customer's events against a journey on the time-skipping
+    server (real activities, throwaway state) and print what the customer receives and when.
+    """
+    from kaeru.dev.simulator import simulate as run_simulation
+    from kaeru.dev.timeline import TimelineError
+
+    def say(text: str, markup: bool = False) -> None:
+        # Never wrapped: a path or a subject must stay copyable.
+        console.print(text, markup=markup, highlight=False, soft_wrap=True)
+
+    try:
+        result = asyncio.run(run_simulation(journey, timeline, out))
+    except TimelineError as exc:
+        errors.print(Text.assemble(("error: ", "bold red"), f"{timeline}: {exc}"), soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        fail(settings_problem(exc))
+    say(f"[bold]{result.journey}[/bold] for the timeline {timeline}", markup=True)
+    for line in result.played:
+        say(f"  {line}")
+    say("[bold]Emails the customer received[/bold]", markup=True)
+    for message in result.messages:
+        say(f"  {message.at:%a %Y-%m-%d %H:%M}  {message.step}: {message.subject}")
+    if not result.messages:
+        say("  none")
+    say("[bold]Ad audiences[/bold]", markup=True)
+    for line in result.audience or ["none"]:
+        say(f"  {line}")
+    ending = result.outcome or "still running when the simulation stopped"
+    say(f"[bold]Journey ended:[/bold] {ending} (last step {result.last_step})", markup=True)
+    say("[bold]Story[/bold]", markup=True)
+    for line in result.story:
+        say(f"  {line}")
+    say(f"Emails saved in {result.out_dir}")
