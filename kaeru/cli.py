@@ -553,6 +553,8 @@ def simulate(
         raise typer.Exit(2) from None
     except ValidationError as exc:
         fail(settings_problem(exc))
+    except JourneyError as exc:
+        fail(str(exc))
     say(f"[bold]{result.journey}[/bold] for the timeline {timeline}", markup=True)
     for line in result.played:
         say(f"  {line}")

@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import os
 import re
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -41,15 +42,15 @@ from temporalio.testing import WorkflowEnvironment
 
 from kaeru.db import migrate
 from kaeru.dev.timeline import Step, Timeline, TimelineError, aware, load_timeline
+from kaeru.journeys import JourneyRoute, deliveries, prefix_of, registry
 from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
 from kaeru.tracking import CLICK, OPEN
 from starter.events import EventError, read_event
 from starter.ingest import store_events
 from starter.router import Fence, Mark, acquire_lease, fetch_unrouted, mark_routed
-from starter.routing import ROUTES, JourneyRoute, deliveries
 from starter.tracking import load_signing_key, record_hit, verifying_keys
-from worker import WORKFLOWS, build_worker
+from worker import build_worker
 from workflows.kit import AD_CLICKED, EVENT_SIGNAL, Journey, JourneyResult, JourneyStatus
 
 _PIXEL = re.compile(r"/t/o/([A-Za-z0-9_\-.=]+)")
@@ -68,17 +69,35 @@ class UnknownJourney(TimelineError):
 
 
 def journey_route(kind: str) -> JourneyRoute:
-    """The route of the journey ``kind``: its workflow name, input factory and workflow id.
+    """The route of the journey ``kind`` in the registry: its workflow name, input factory,
+    workflow id and settings (``KAERU_<PREFIX>_*``).
 
     Raises:
-        UnknownJourney: no worker-registered journey has that kind.
+        UnknownJourney: no journey has that kind.
     """
-    registered = {cls for cls in WORKFLOWS if isinstance(cls, type) and issubclass(cls, Journey)}
-    routes = {route.kind: route for route in ROUTES if route.journey in registered}
-    if kind not in routes:
-        known = ", ".join(sorted(routes)) or "none"
-        raise UnknownJourney(f"no journey named {kind!r}: the known journeys are {known}")
-    return routes[kind]
+    try:
+        return registry().route(kind)
+    except KeyError:
+        known = ", ".join(sorted(route.kind for route in registry().routes)) or "none"
+        raise UnknownJourney(f"no journey named {kind!r}: the known journeys are {known}") from None
+
+
+@contextlib.contextmanager
+def switched_on(kind: str) -> Iterator[JourneyRoute]:
+    """The route of ``kind``, switched on for the simulation whatever
+    ``KAERU_<PREFIX>_ENABLED`` says: a marketer previews a journey before turning it on."""
+    variable = f"KAERU_{prefix_of(journey_route(kind).journey)}_ENABLED"
+    before = os.environ.get(variable)
+    os.environ[variable] = "true"
+    registry.cache_clear()
+    try:
+        yield journey_route(kind)
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+        registry.cache_clear()
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -436,22 +455,23 @@ async def simulate(kind: str, timeline_path: Path, out_dir: Path | None = None) 
         TimelineError: the journey is unknown or the timeline cannot be played; the message
             names the line and the fix.
     """
-    route = journey_route(kind)
-    timeline = load_timeline(timeline_path)
-    out = out_dir or Path(tempfile.mkdtemp(prefix="kaeru-simulation-"))
-    result = Simulation(journey=kind, out_dir=out)
-    async with _state() as (env, settings, mailbox), httpx.AsyncClient(timeout=30.0) as http:
-        async with build_worker(env.client, settings, http):
-            player = _Player(env, settings, route, timeline, mailbox, result)
-            try:
-                await player.play()
-                await player.finish()
-            finally:
-                if player.started is not None and result.outcome is None:
-                    # Still running (a bad line stopped the play, or it outlives the timeline):
-                    # end it, or the worker's shutdown would wait for its activities.
-                    with contextlib.suppress(RPCError):
-                        await player.handle.terminate("simulation over")
-            result.messages = player.result_messages()
+    with switched_on(kind) as route:
+        timeline = load_timeline(timeline_path)
+        out = out_dir or Path(tempfile.mkdtemp(prefix="kaeru-simulation-"))
+        result = Simulation(journey=kind, out_dir=out)
+        async with _state() as (env, settings, mailbox), httpx.AsyncClient(timeout=30.0) as http:
+            async with build_worker(env.client, settings, http):
+                player = _Player(env, settings, route, timeline, mailbox, result)
+                try:
+                    await player.play()
+                    await player.finish()
+                finally:
+                    if player.started is not None and result.outcome is None:
+                        # Still running (a bad line stopped the play, or it outlives the
+                        # timeline): end it, or the worker's shutdown would wait for its
+                        # activities.
+                        with contextlib.suppress(RPCError):
+                            await player.handle.terminate("simulation over")
+                result.messages = player.result_messages()
     save_messages(result.messages, out)
     return result
