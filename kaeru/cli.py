@@ -29,8 +29,8 @@ from sqlmodel import col, select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.demo import DemoTarget, run_demo, with_demo_waits
-from kaeru.devstack import (
+from kaeru.dev.demo import DemoTarget, run_demo, with_demo_waits
+from kaeru.dev.devstack import (
     DEV_WRITE_KEY,
     AppServer,
     StackError,

@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from kaeru.demo import DEMO_WAITS, with_demo_waits
-from kaeru.devstack import (
+from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
+from kaeru.dev.devstack import (
     DEV_WRITE_KEY,
     StackError,
     TemporalDevServer,
@@ -100,7 +100,7 @@ async def test_dev_server_dies_with_its_parent(tmp_path: Path) -> None:
         f"""
         import asyncio
         from pathlib import Path
-        from kaeru.devstack import TemporalDevServer
+        from kaeru.dev.devstack import TemporalDevServer
 
         async def main():
             server = TemporalDevServer(

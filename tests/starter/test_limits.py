@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from segment.analytics import Client as SegmentClient
 
 from kaeru.db import session
-from kaeru.devstack import HEADER_TIMEOUT, AppServer, listening_socket
+from kaeru.dev.devstack import HEADER_TIMEOUT, AppServer, listening_socket
 from kaeru.models import EmailMessage, Touchpoint
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, make_token

@@ -33,7 +33,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.devstack import (
+from kaeru.dev.devstack import (
     DEV_WRITE_KEY,
     StackError,
     workflow_url,
@@ -45,7 +45,7 @@ from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import JourneyResult, JourneyStatus
 
 if TYPE_CHECKING:
-    from kaeru.devstack import DevPlan
+    from kaeru.dev.devstack import DevPlan
 
 T = TypeVar("T")
 

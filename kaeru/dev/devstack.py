@@ -650,8 +650,8 @@ class _Parts:
 @contextlib.asynccontextmanager
 async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
     # Imported here: these two modules build on this one.
-    from kaeru.demo import assets_router
-    from kaeru.mailcatcher import MailCatcher
+    from kaeru.dev.demo import assets_router
+    from kaeru.dev.mailcatcher import MailCatcher
 
     s = plan.settings
     safe_url(s.resolved_database_url)  # a malformed URL fails before anything starts
@@ -763,7 +763,7 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 
 def _start_demo(plan: DevPlan, parts: _Parts, console: Console) -> asyncio.Task[None] | None:
-    from kaeru.demo import DemoTarget, run_demo
+    from kaeru.dev.demo import DemoTarget, run_demo
 
     if plan.inbox_url is None:
         console.print(
