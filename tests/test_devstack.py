@@ -20,14 +20,8 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
-from kaeru.dev.devstack import (
-    DEV_WRITE_KEY,
-    StackError,
-    TemporalDevServer,
-    listening_socket,
-    plan_dev,
-    print_urls,
-)
+from kaeru.dev.devstack import TemporalDevServer, plan_dev, print_urls
+from kaeru.serving import DEV_WRITE_KEY, StackError, listening_socket
 from kaeru.settings import Settings
 from kaeru.temporal import missing_search_attributes
 

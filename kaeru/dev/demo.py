@@ -33,13 +33,10 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.dev.devstack import (
-    DEV_WRITE_KEY,
-    StackError,
-    workflow_url,
-)
+from kaeru.dev.devstack import workflow_url
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
+from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import JourneyResult, JourneyStatus
