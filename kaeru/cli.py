@@ -29,21 +29,18 @@ from sqlmodel import col, select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.demo import DemoTarget, run_demo, with_demo_waits
-from kaeru.devstack import (
+from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
+from kaeru.models import AudienceMember
+from kaeru.search_attributes import SEARCH_ATTRIBUTES
+from kaeru.serving import (
     DEV_WRITE_KEY,
     AppServer,
     StackError,
     listening_socket,
     local_url,
     migrate_database,
-    plan_dev,
-    run_dev,
     safe_url,
 )
-from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
-from kaeru.models import AudienceMember
-from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
@@ -170,6 +167,10 @@ def dev(
     What is configured (KAERU_TEMPORAL_ADDRESS, KAERU_SMTP_HOST, KAERU_DATABASE_URL) is used
     instead of the embedded part.
     """
+    # Dev tooling is imported here, not at the top, so production commands never load it.
+    from kaeru.dev.demo import with_demo_waits
+    from kaeru.dev.devstack import plan_dev, run_dev
+
     settings = load_settings()
     if demo:
         settings = with_demo_waits(settings)
@@ -180,6 +181,9 @@ def dev(
 @app.command()
 def demo() -> None:
     """Play the demo shopper against a `kaeru dev --demo` running in another terminal."""
+    from kaeru.dev.demo import DemoTarget, run_demo, with_demo_waits
+    from kaeru.dev.devstack import plan_dev
+
     plan = plan_dev(with_demo_waits(load_settings()))
     if plan.inbox_url is None:
         fail(

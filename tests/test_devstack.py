@@ -18,16 +18,10 @@ import pytest
 from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from kaeru.demo import DEMO_WAITS, with_demo_waits
-from kaeru.devstack import (
-    DEV_WRITE_KEY,
-    StackError,
-    TemporalDevServer,
-    listening_socket,
-    plan_dev,
-    print_urls,
-)
+from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
+from kaeru.dev.devstack import TemporalDevServer, plan_dev, print_urls
 from kaeru.journeys import registry
+from kaeru.serving import DEV_WRITE_KEY, StackError, listening_socket
 from kaeru.settings import Settings
 from kaeru.temporal import missing_search_attributes
 
@@ -100,7 +94,7 @@ async def test_dev_server_dies_with_its_parent(tmp_path: Path) -> None:
         f"""
         import asyncio
         from pathlib import Path
-        from kaeru.devstack import TemporalDevServer
+        from kaeru.dev.devstack import TemporalDevServer
 
         async def main():
             server = TemporalDevServer(

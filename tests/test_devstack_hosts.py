@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kaeru.devstack import AppServer, listening_socket, plan_dev
-from kaeru.mailcatcher import MailCatcher
+from kaeru.dev.devstack import plan_dev
+from kaeru.dev.mailcatcher import MailCatcher
+from kaeru.serving import AppServer, listening_socket
 from kaeru.settings import Settings
 from starter.app import create_app
 from tests.conftest import make_settings

@@ -11,8 +11,8 @@ import aiosmtplib
 import httpx
 import pytest
 
-from kaeru.devstack import listening_socket
-from kaeru.mailcatcher import MailCatcher, MailStore
+from kaeru.dev.mailcatcher import MailCatcher, MailStore
+from kaeru.serving import listening_socket
 
 
 @dataclass

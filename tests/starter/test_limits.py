@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from segment.analytics import Client as SegmentClient
 
 from kaeru.db import session
-from kaeru.devstack import HEADER_TIMEOUT, AppServer, listening_socket
 from kaeru.models import EmailMessage, Touchpoint
+from kaeru.serving import HEADER_TIMEOUT, AppServer, listening_socket
 from kaeru.settings import Settings
 from kaeru.tracking import TrackingToken, make_token
 from starter.app import create_app

@@ -35,20 +35,17 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.devstack import (
-    DEV_WRITE_KEY,
-    StackError,
-    workflow_url,
-)
+from kaeru.dev.devstack import workflow_url
 from kaeru.journeys import registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
+from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import JourneyResult, JourneyStatus
 
 if TYPE_CHECKING:
-    from kaeru.devstack import DevPlan
+    from kaeru.dev.devstack import DevPlan
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import APIRouter, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
-from kaeru.devstack import AppServer
+from kaeru.serving import AppServer
 from starter.limits import LOOPBACK_HOSTS, AllowedHosts
 
 log = logging.getLogger("kaeru.mailcatcher")

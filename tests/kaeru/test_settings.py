@@ -15,7 +15,15 @@ DURATIONS = [name for name, field in Settings.model_fields.items() if field.anno
 @pytest.mark.parametrize("name", DURATIONS)
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("86400", 86400), ("5.5", 5.5), ("P1D", 86400), ("PT30M", 1800), ("01:00:00", 3600)],
+    [
+        ("86400", 86400),
+        ("86400.0", 86400),
+        ("10", 10),
+        ("5.5", 5.5),
+        ("P1D", 86400),
+        ("PT30M", 1800),
+        ("01:00:00", 3600),
+    ],
 )
 def test_every_duration_reads_seconds_or_iso_8601_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, name: str, text: str, seconds: float
