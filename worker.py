@@ -45,6 +45,7 @@ log = logging.getLogger("kaeru.worker")
 PASSTHROUGH = (
     "activities.types",
     "kaeru.commerce",
+    "kaeru.identity",
     "kaeru.money",
     "kaeru.search_attributes",
     "workflows.kit",

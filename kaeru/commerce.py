@@ -5,6 +5,7 @@ Pure functions with no I/O, so workflow code may import them inside the sandbox.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -213,3 +214,10 @@ def merge_carts(into: Iterable[CartLine], moved: Iterable[CartLine]) -> list[Car
         elif len(lines) < MAX_CART_LINES:
             lines.append(replace(line))
     return lines
+
+
+def cart_topic(product_ids: Iterable[str]) -> str:
+    """The topic of a marketing message about a cart of ``product_ids`` (``cart:<digest>``):
+    the same products, in any order and quantity, are the same cart (one reminder each)."""
+    digest = hashlib.sha256("\n".join(sorted(set(product_ids))).encode()).hexdigest()
+    return f"cart:{digest[:32]}"

@@ -23,7 +23,16 @@ with workflow.unsafe.imports_passed_through():
         RecommendResult,
         SendEmailInput,
     )
-    from kaeru.commerce import currency_of, id_of, minor_of
+    from kaeru.commerce import CART_EVENTS as CART_EVENTS
+    from kaeru.commerce import (
+        MAX_CART_LINES,
+        MAX_URL_LENGTH,
+        cart_topic,
+        currency_of,
+        minor_of,
+        product_id_of,
+        quantity_of,
+    )
     from workflows.kit import (
         AD_CLICKED,
         Journey,
@@ -32,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         JourneyResult,
         setting,
     )
+    from workflows.kit import SKIPPED as SKIPPED
 
 #: ``workflow.patched`` id: an emptied cart waits ``empty_grace`` for a purchase (or a refill)
 #: before the journey ends, and is judged as it is then.
@@ -41,13 +51,10 @@ CART_EMPTY_GRACE = "cart-empty-grace"
 #: ended sees the whole cart, not only the newest item.
 CART_FROM_DATABASE = "cart-from-database"
 
-CART_EVENTS = frozenset({"Product Added", "Product Removed", "Cart Viewed", "Checkout Started"})
 #: Caps that keep a journey's state (and so every workflow task) small whatever the shop
 #: sends: Temporal refuses payloads of a few MB, and a refused task would wedge the journey.
-MAX_CART_LINES = 50
+#: (Cart lines and quantities have one cap each, in kaeru/commerce.py, shared with ingestion.)
 MAX_TEXT = 200
-MAX_URL = 2000
-MAX_QUANTITY = 10_000
 
 
 @dataclass
@@ -158,7 +165,7 @@ def _product(props: dict[str, Any], currency: str = "USD") -> ProductInfo | None
 
     Its own ``currency`` wins, else ``currency`` (the event's, for a product list).
     """
-    product_id = id_of(props.get("product_id") or props.get("sku") or props.get("id"))
+    product_id = product_id_of(props)
     if product_id is None:
         return None
     currency = currency_of(props.get("currency"), currency)
@@ -174,14 +181,10 @@ def _product(props: dict[str, Any], currency: str = "USD") -> ProductInfo | None
 
 
 def _url(value: Any) -> str | None:
-    return value if isinstance(value, str) and len(value) <= MAX_URL else None
+    return value if isinstance(value, str) and len(value) <= MAX_URL_LENGTH else None
 
 
-def _quantity(props: dict[str, Any], default: int = 1) -> int:
-    quantity = props.get("quantity", default)
-    if isinstance(quantity, bool) or not isinstance(quantity, int | float):
-        return default
-    return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
+_quantity = quantity_of
 
 
 def _lines(items: list[Any], currency: str) -> list[CartLine]:
@@ -271,7 +274,13 @@ class CartAbandonment(Journey[CartJourneySettings]):
         s = self.settings
         await self.wait_until_cart_is_quiet()
         related = await self.related_products()
-        await self.send_email("cart_email", self.email("cart_email", "cart_reminder", related))
+        reminder = self.email("cart_email", "cart_reminder", related)
+        # One reminder per cart: a cart journey that starts again on the same cart (a shopper
+        # who looks at it after the last journey ended) does not send a second one.
+        reminder.topic = cart_topic([line.product.product_id for line in self.cart])
+        sent = await self.send_email("cart_email", reminder)
+        if sent.status == SKIPPED:
+            return await self.finish("already_reminded")
         if not await self.within(s.open_wait, lambda: "cart_email" in self.engaged, "an open"):
             return await self.finish("not_opened")
         await self.pause(s.ad_delay, "the ad delay")

@@ -42,7 +42,9 @@ with workflow.unsafe.imports_passed_through():
         SendEmailInput,
         SendEmailResult,
     )
+    from kaeru.commerce import ORDER_COMPLETED as ORDER_COMPLETED
     from kaeru.commerce import order_total_of
+    from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
     from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
 
 T = TypeVar("T")
@@ -52,6 +54,9 @@ S = TypeVar("S")
 __all__ = ["CUSTOMER_ID", "OUTCOME", "SEARCH_ATTRIBUTES", "STEP"]
 
 EVENT_SIGNAL = "event"
+#: The message was not sent: one on the same topic went to the customer lately (the email
+#: activity's status; the journey decides what to do without it).
+SKIPPED = "skipped"
 #: ``workflow.patched`` ids, each naming a change to running journeys (docs/writing-a-journey.md).
 OPENS_NEED_MESSAGE_KEY = "opens-need-message-key"
 #: An activity's final failure no longer overrides a purchase the journey already received.
@@ -60,10 +65,8 @@ PURCHASE_WINS = "purchase-always-wins"
 HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
 #: A removal from an audience that fails for good is parked for the audience sweeper.
 PARK_FAILED_REMOVALS = "park-failed-audience-removals"
-ORDER_COMPLETED = "Order Completed"
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
-IDENTITY_MERGED = "Identity Merged"
 IDENTIFY = "identify"
 AD_CLICKED = "Ad Clicked"
 EMAIL_OPENED = "Email Opened"
@@ -665,6 +668,12 @@ class Journey(Generic[S]):
         result = await self.call(
             "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
         )
+        if result.status == SKIPPED:
+            self.tell(
+                f"did not send the {step} email: the shopper got one on the same topic lately "
+                "(KAERU_TOPIC_WINDOW)"
+            )
+            return result
         self.done(step, f"sent the {step} email to the shopper ({result.status})")
         return result
 

@@ -386,3 +386,36 @@ async def test_purchase_while_the_email_is_being_sent_stops_it(shopper: Shopper)
     assert shopper.touchpoints("email_sent") == []
     assert shopper.touchpoints("conversion")[0].order_id == "o-mid-send"
     skipping.cancel()
+
+
+async def test_a_journey_started_again_on_the_same_cart_sends_no_second_reminder(
+    shopper: Shopper,
+) -> None:
+    """The reminder's topic is the cart: the shopper who looks at the same cart after the last
+    journey ended gets no second reminder about it, and that journey ends at once."""
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+
+    await shopper.cart("Cart Viewed", products=[{**SHOE, "quantity": 2}])
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "already_reminded"
+    assert len(shopper.emails()) == 1
+    with session(shopper.db) as s:
+        rows = s.exec(select(EmailMessage).where(EmailMessage.customer_id == shopper.customer_id))
+        assert sorted(row.status for row in rows) == ["sent", "skipped"]
+
+
+async def test_a_journey_on_a_different_cart_reminds_again(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+
+    await shopper.cart("Cart Viewed", products=[SHOE, SOCK])
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_emails(2)
+    assert "Wool Socks" in str(shopper.emails()[1])
