@@ -791,9 +791,17 @@ class Router:
             delay,
         )
 
-    def _no_start(self, event: StoredEvent) -> str | None:
-        """Why ``event`` must not start a journey, or None if it may."""
-        if event.ordered_at is not None and event.ordered_at >= event.timestamp:
+    def _no_start(self, event: StoredEvent, ends_on_purchase: bool = True) -> str | None:
+        """Why ``event`` must not start a journey, or None if it may.
+
+        A stored order at or after the event refuses only journeys a purchase ends: one an
+        order starts (a confirmation) is started by that very order.
+        """
+        if (
+            ends_on_purchase
+            and event.ordered_at is not None
+            and event.ordered_at >= event.timestamp
+        ):
             return (
                 f"no journey started: the customer completed an order at "
                 f"{event.ordered_at:%Y-%m-%d %H:%M:%S} UTC, at or after this event "
@@ -816,7 +824,8 @@ class Router:
         # By the name journeys see it by (``identify`` for an identify), as ingestion asked.
         for target in deliveries(journey_event.name, event.customer_id, journey_event.properties):
             self._fence_now()
-            refused = self._no_start(event) if target.start else None
+            journey = target.route.journey
+            refused = self._no_start(event, journey.ends_on_purchase) if target.start else None
             if target.start and refused is None:
                 await self._signal_with_start(client, target, event, journey_event)
             else:

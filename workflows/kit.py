@@ -657,7 +657,7 @@ class Journey(Generic[S]):
         """Send one message step; a bounce or a missing address ends the journey."""
         self.check_exit()
         self.enter(step)
-        if email.ordered_since is None and self.started_at is not None:
+        if email.ordered_since is None and self.started_at is not None and self.ends_on_purchase:
             # The email activity refuses to send if the customer ordered since the journey's
             # first event happened (an order that overtook it, or one not yet routed).
             email.ordered_since = self.started_at
