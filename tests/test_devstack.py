@@ -19,7 +19,8 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
-from kaeru.dev.devstack import TemporalDevServer, plan_dev, print_urls
+from kaeru.dev.devstack import TemporalDevServer, print_urls
+from kaeru.dev.plan import plan_dev
 from kaeru.journeys import registry
 from kaeru.serving import DEV_WRITE_KEY, StackError, listening_socket
 from kaeru.settings import Settings

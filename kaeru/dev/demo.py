@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape as xml_escape
 
 import httpx
@@ -35,7 +35,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.dev.devstack import workflow_url
+from kaeru.dev.plan import DevPlan, workflow_url
 from kaeru.journeys import registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
@@ -43,9 +43,6 @@ from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import JourneyResult, JourneyStatus
-
-if TYPE_CHECKING:
-    from kaeru.dev.devstack import DevPlan
 
 T = TypeVar("T")
 
