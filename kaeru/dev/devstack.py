@@ -36,7 +36,7 @@ from temporalio.common import SearchAttributeIndexedValueType
 
 from kaeru.dev.demo import DemoTarget, assets_router, run_demo
 from kaeru.dev.mailcatcher import MailCatcher
-from kaeru.dev.plan import DEV_TEMPORAL_PORT, LOOPBACK, DevPlan, journeys_url
+from kaeru.dev.plan import LOOPBACK, DevPlan, journeys_url
 from kaeru.serving import (
     DEV_WRITE_KEY,
     AppServer,
@@ -128,7 +128,7 @@ class TemporalDevServer:
 
     db_file: Path
     ip: str = LOOPBACK
-    port: int = DEV_TEMPORAL_PORT
+    port: int = 7233  # KAERU_TEMPORAL_PORT's default
     ui_port: int | None = 8233
     namespace: str = "default"
     log_file: Path | None = None
@@ -287,6 +287,7 @@ def print_urls(console: Console, plan: DevPlan) -> None:
     s = plan.settings
     rows = [("API", plan.api_url), ("API docs", f"{plan.api_url}/docs")]
     if plan.temporal_ui_url:
+        rows.append(("Temporal", f"{plan.temporal_dev_address}   (temporal --address)"))
         rows.append(("Temporal UI", plan.temporal_ui_url))
         rows.append(("Journeys", journeys_url(plan.temporal_ui_url, s.temporal_namespace)))
     else:
@@ -434,10 +435,10 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
 def _dev_server(s: Settings) -> TemporalDevServer:
     ensure_port_free(
         LOOPBACK,
-        DEV_TEMPORAL_PORT,
+        s.temporal_port,
         what="the Temporal dev server",
-        fix=f"another Temporal server? Use it with KAERU_TEMPORAL_ADDRESS=localhost:"
-        f"{DEV_TEMPORAL_PORT}, or stop it",
+        fix="set KAERU_TEMPORAL_PORT to a free port to run a second stack beside it, or use "
+        f"that server with KAERU_TEMPORAL_ADDRESS=localhost:{s.temporal_port}",
     )
     ensure_port_free(
         LOOPBACK,
@@ -447,6 +448,7 @@ def _dev_server(s: Settings) -> TemporalDevServer:
     )
     return TemporalDevServer(
         db_file=s.state_dir / "temporal.db",
+        port=s.temporal_port,
         ui_port=s.temporal_ui_port,
         namespace=s.temporal_namespace,
         log_file=s.state_dir / "temporal.log",

@@ -18,8 +18,6 @@ from kaeru.settings import Settings
 from starter.limits import dev_hosts
 from workflows.kit import SEARCH_ATTRIBUTES
 
-#: The Temporal dev server's gRPC port. Another Temporal already there? Use it instead.
-DEV_TEMPORAL_PORT = 7233
 #: Every embedded service listens on loopback only.
 LOOPBACK = "127.0.0.1"
 
@@ -44,6 +42,11 @@ class DevPlan:
         return local_url(LOOPBACK, self.settings.mail_catcher_port) if self.mail_catcher else None
 
     @property
+    def temporal_dev_address(self) -> str | None:
+        """The embedded Temporal server's gRPC address (``temporal --address``), if it runs."""
+        return f"{LOOPBACK}:{self.settings.temporal_port}" if self.temporal else None
+
+    @property
     def temporal_ui_url(self) -> str | None:
         return f"http://localhost:{self.settings.temporal_ui_port}" if self.temporal else None
 
@@ -53,7 +56,7 @@ def plan_dev(settings: Settings) -> DevPlan:
     update: dict[str, Any] = {}
     temporal = settings.temporal_address is None
     if temporal:
-        update["temporal_address"] = f"{LOOPBACK}:{DEV_TEMPORAL_PORT}"
+        update["temporal_address"] = f"{LOOPBACK}:{settings.temporal_port}"
     mail_catcher = settings.smtp_host is None
     if mail_catcher:
         update |= {
