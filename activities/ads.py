@@ -34,9 +34,9 @@ from activities.types import (
 )
 from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
-from kaeru.journal import email_of, record_touchpoint
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import email_of, record_touchpoint
 
 LOCAL = "local"
 META = "meta"

@@ -28,7 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, limits, tracking
+from starter import admin, limits, opens_and_clicks
 from starter.deps import (
     SERVER,
     ApiError,
@@ -87,7 +87,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.resolved_database_url)
-        app.state.signing_key = await asyncio.to_thread(tracking.load_signing_key, settings)
+        app.state.signing_key = await asyncio.to_thread(opens_and_clicks.load_signing_key, settings)
         if run_router:
             await app.state.router.start()
         try:
@@ -116,7 +116,7 @@ def create_app(
     _install_openapi(app)
     _install_docs(app)
     app.include_router(_ingestion_routes())
-    app.include_router(tracking.router)
+    app.include_router(opens_and_clicks.router)
     app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"])

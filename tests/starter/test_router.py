@@ -32,7 +32,7 @@ from temporalio.testing import WorkflowEnvironment
 from kaeru.db import session, write_session
 from kaeru.models import CustomerRouting, EmailMessage, Event, Lease, Order, Touchpoint
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, make_token
+from kaeru.tracking_tokens import TrackingToken, make_token
 from starter.app import create_app
 from starter.ingest import insert_events, outbox_row
 from starter.router import (
