@@ -2,7 +2,7 @@
 
 A token is opaque (:mod:`kaeru.tracking_tokens`): one that no email carries (forged, altered,
 malformed) gets a 404 and records nothing. A click redirects only to a link the email really
-contained, looked up from the email outbox by index; nothing in the request chooses the target.
+contained, looked up from the message log by index; nothing in the request chooses the target.
 
 A token expires ``KAERU_TRACKING_TTL`` after its email was sent: then the pixel still answers
 with its GIF (never break a mail client) and a click still redirects, to the shop's home page
@@ -10,7 +10,7 @@ with its GIF (never break a mail client) and a click still redirects, to the sho
 
 The first hit of each token is a touchpoint; later ones only count on its row
 (``tracking_links.hits``). The first open and the first click of each message also become an
-event in the outbox (``Email Opened`` / ``Email Link Clicked``), which the router delivers to
+event in the outbox of stored events (``Email Opened`` / ``Email Link Clicked``), which the router delivers to
 the journey that sent the message.
 """
 
