@@ -9,9 +9,9 @@ with its GIF (never break a mail client) and a click still redirects, to the sho
 (never a 404 for a real shopper), but neither records anything.
 
 The first hit of each token is a touchpoint; later ones only count on its row
-(``tracking_links.hits``). The first open and the first click of each message also become an
-event in the outbox of stored events (``Email Opened`` / ``Email Link Clicked``), which the router delivers to
-the journey that sent the message.
+(``tracking_links.hits``). The first open and the first click of each message also become a
+stored event in the outbox (``Email Opened`` / ``Email Link Clicked``), which the router
+delivers to the journey that sent the message.
 """
 
 from __future__ import annotations
