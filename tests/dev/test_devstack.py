@@ -111,7 +111,7 @@ async def test_dev_server_dies_with_its_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
         text=True,
     )
     try:
@@ -250,7 +250,7 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
         }
         dev = subprocess.Popen(
             [sys.executable, "-c", "from kaeru.cli import app; app()", "dev", "--demo"],
-            cwd=Path(__file__).parent.parent,
+            cwd=Path(__file__).parents[2],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -297,7 +297,7 @@ async def test_a_second_stack_runs_beside_the_first_on_its_own_temporal_port(
     """KAERU_TEMPORAL_PORT moves `kaeru dev`'s Temporal server; a taken one names the setting."""
     async with TemporalDevServer(db_file=tmp_path / "t.db", port=free_port(), ui_port=None) as t:
         command = [sys.executable, "-c", "from kaeru.cli import app; app()", "dev"]
-        cwd = Path(__file__).parent.parent
+        cwd = Path(__file__).parents[2]
         taken = subprocess.run(
             command,
             cwd=cwd,
