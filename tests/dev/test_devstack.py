@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -275,6 +276,13 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
 
     assert "journey ended: purchased" in output, output
     assert "coupon email with KAERU-" in output
+    # The narration and the journey's story read as a person would say them.
+    assert (
+        "sent the cart email to the shopper" in output and "the shopper opened the cart" in output
+    )
+    assert "the cart went quiet with 2 items" in output
+    leaks = [line for line in output.splitlines() if re.search(r"\w_email|\(s\)|last step", line)]
+    assert leaks == [], leaks
     assert dev.returncode == 0, output
     assert "kaeru stopped." in output and "Traceback" not in output
 
