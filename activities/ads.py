@@ -24,6 +24,7 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.email.addresses import recipient_address
 from activities.types import (
     AUDIENCE_REJECTED,
     AudienceChange,
@@ -34,9 +35,9 @@ from activities.types import (
 )
 from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
-from kaeru.journal import email_of, record_touchpoint
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import record_touchpoint
 
 LOCAL = "local"
 META = "meta"
@@ -161,7 +162,7 @@ class AudienceActivities:
 
     def _email(self, change: AudienceChange) -> str:
         with session(self.settings.resolved_database_url) as s:
-            address = (email_of(s, change.customer_id) or "").strip()
+            address = recipient_address(s, change.customer_id)
         if not address:
             raise no_email_address(
                 change.customer_id, f"they cannot join or leave the {change.audience} audience"
@@ -215,7 +216,7 @@ class AudienceActivities:
         with session(self.settings.resolved_database_url) as s:
             join = _join_of(s, change)
             if join is None:  # added before kaeru kept adds: the current address is all we have
-                address = (email_of(s, change.customer_id) or "").strip()
+                address = recipient_address(s, change.customer_id)
                 if not address:
                     activity.logger.warning(
                         "cannot park a removal from %s: the customer has no address any more",

@@ -23,9 +23,9 @@ from temporalio import activity
 
 from activities.types import ConversionInput
 from kaeru.db import session
-from kaeru.journal import record_touchpoint
 from kaeru.models import Order, Touchpoint
 from kaeru.settings import Settings
+from kaeru.touchpoints import record_touchpoint
 
 #: Length of ``touchpoints.coupon_code``.
 COUPON_CODE_MAX = 64

@@ -16,9 +16,9 @@ from temporalio.exceptions import ApplicationError
 from activities.types import CouponInfo, IssueCouponInput
 from kaeru.coupons import new_code
 from kaeru.db import session
-from kaeru.journal import record_touchpoint
 from kaeru.models import Coupon, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import record_touchpoint
 
 #: ApplicationError type of a coupon request that no retry can fix.
 INVALID_COUPON = "InvalidCoupon"

@@ -169,7 +169,8 @@ def dev(
     """
     # Dev tooling is imported here, not at the top, so production commands never load it.
     from kaeru.dev.demo import with_demo_waits
-    from kaeru.dev.devstack import plan_dev, run_dev
+    from kaeru.dev.devstack import run_dev
+    from kaeru.dev.plan import plan_dev
 
     settings = load_settings()
     if demo:
@@ -182,7 +183,7 @@ def dev(
 def demo() -> None:
     """Play the demo shopper against a `kaeru dev --demo` running in another terminal."""
     from kaeru.dev.demo import DemoTarget, run_demo, with_demo_waits
-    from kaeru.dev.devstack import plan_dev
+    from kaeru.dev.plan import plan_dev
 
     plan = plan_dev(with_demo_waits(load_settings()))
     if plan.inbox_url is None:

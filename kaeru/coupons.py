@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from kaeru.journal import record_touchpoint
 from kaeru.models import Coupon
+from kaeru.touchpoints import record_touchpoint
 
 PREFIX = "KAERU-"
 #: No 0/O, 1/I/L: a code read aloud or typed from a phone is typed right the first time.

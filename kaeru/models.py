@@ -278,7 +278,7 @@ class Lease(SQLModel, table=True):
 class TrackingLink(SQLModel, table=True):
     """One tracking token of a sent email (its open pixel or one of its links), with its hits.
 
-    Keyed by the token's SHA-256 (:func:`kaeru.tracking.digest_of`), never the token: a copy
+    Keyed by the token's SHA-256 (:func:`kaeru.tracking_tokens.digest_of`), never the token: a copy
     of the database cannot be replayed as opens or clicks. Repeated hits are counted here; only
     the first one of each token becomes a touchpoint.
     """

@@ -266,6 +266,13 @@ class Settings(BaseSettings):
     # ---- stream C (identity, carts) settings ----
 
     # ---- stream D (dev stack, API) settings ----
+    temporal_port: int = Field(
+        7233,
+        ge=1,
+        le=65535,
+        description="gRPC port of the Temporal dev server `kaeru dev` starts (a second stack "
+        "beside the first needs its own); unset KAERU_TEMPORAL_ADDRESS follows it",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -316,7 +323,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_temporal_address(self) -> str:
-        return self.temporal_address or "127.0.0.1:7233"
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
 
 
 @lru_cache

@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import swagger_ui_bundle
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,7 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, limits, tracking
+from starter import admin, limits, opens_and_clicks
 from starter.deps import (
     SERVER,
     ApiError,
@@ -84,7 +87,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.resolved_database_url)
-        app.state.signing_key = await asyncio.to_thread(tracking.load_signing_key, settings)
+        app.state.signing_key = await asyncio.to_thread(opens_and_clicks.load_signing_key, settings)
         if run_router:
             await app.state.router.start()
         try:
@@ -101,6 +104,9 @@ def create_app(
         ),
         version="0.1.0",
         lifespan=lifespan,
+        # Served by _install_docs from the package, not from a CDN: /docs works offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.router = Router(settings, client)
@@ -108,8 +114,9 @@ def create_app(
     limits.install(app, settings)
     _install_error_handlers(app)
     _install_openapi(app)
+    _install_docs(app)
     app.include_router(_ingestion_routes())
-    app.include_router(tracking.router)
+    app.include_router(opens_and_clicks.router)
     app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"])
@@ -117,6 +124,44 @@ def create_app(
         return {"ok": True}
 
     return app
+
+
+# ---- API docs, offline ---------------------------------------------------------------------------
+
+#: Where Swagger UI's own files are served (from the swagger-ui-bundle package).
+DOCS_ASSETS = "/docs/assets"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files from the installed package, so it works without
+    internet like the rest of the stack (FastAPI's default loads them from a CDN)."""
+    app.mount(
+        DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets"
+    )
+    oauth2_redirect = "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            # Swagger UI would otherwise send the schema to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def docs_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> RedirectResponse:
+        # ReDoc has no offline bundle here; the path stays, and leads to the docs that work.
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/docs")
 
 
 # ---- errors --------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ MAX_ID_BYTES = 512
 PRODUCT_EVENTS = frozenset(
     {"Product Added", "Product Removed", "Product Viewed", "Product Clicked"}
 )
-#: Events only kaeru's own tracking links may cause (``starter/tracking.py`` records them).
+#: Events only kaeru's own tracking links may cause (``starter/opens_and_clicks.py`` records them).
 TRACKING_EVENTS = frozenset({EMAIL_OPENED, EMAIL_LINK_CLICKED})
 #: What an untrusted ``Order Completed`` loses before journeys see it: its money and coupon.
 ORDER_MONEY_FIELDS = (

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         JourneyEvent,
         JourneyExit,
         JourneyResult,
+        counted,
         setting,
     )
     from workflows.kit import SKIPPED as SKIPPED
@@ -357,7 +358,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
         stored = props.get("cart")
         if isinstance(stored, list) and workflow.patched(CART_FROM_DATABASE):
             self.cart = _lines(stored, currency_of(props.get("currency")))
-            self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
+            self.tell(f"{event.name}: {counted(len(self.cart), 'item')} in the cart")
             return True
         if event.name in ("Product Added", "Product Removed"):
             product = _product(props)
@@ -380,7 +381,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
         if not isinstance(props.get("products"), list):
             return False
         self.cart = _lines(props["products"], currency_of(props.get("currency")))
-        self.tell(f"{event.name}: {len(self.cart)} item(s) in the cart")
+        self.tell(f"{event.name}: {counted(len(self.cart), 'item')} in the cart")
         return True
 
     async def wait_until_cart_is_quiet(self) -> None:
@@ -398,7 +399,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             if not self.cart:
                 raise JourneyExit("cart_emptied")
             await self._wait_for_quiet()  # refilled: the shopper is shopping again
-        self.done("cart_quiet", f"the cart went quiet with {len(self.cart)} item(s)")
+        self.done("cart_quiet", f"the cart went quiet with {counted(len(self.cart), 'item')}")
 
     async def _wait_for_quiet(self) -> None:
         while True:

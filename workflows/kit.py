@@ -191,6 +191,17 @@ class JourneyInput:
     carried: dict[str, Any] | None = None
 
 
+def message_name(step: str) -> str:
+    """A message step as a person names it in a story: ``cart_email`` reads "the cart email"."""
+    words = step.replace("_", " ").strip()
+    return f"the {words}" if words.endswith("email") else f"the {words} email"
+
+
+def counted(n: int, noun: str) -> str:
+    """``counted(1, "item")`` is "1 item", ``counted(2, "item")`` "2 items"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def purchase_from(event: JourneyEvent) -> Purchase:
     """Read a Segment ``Order Completed`` event as ingestion does. Bad amounts count as zero."""
     order = order_total_of(event.properties, event.message_id)
@@ -456,8 +467,8 @@ class Journey(Generic[S]):
             step = str(event.properties.get("step", ""))
             if step and step not in self.engaged:
                 self.engaged.add(step)
-                verb = "opened" if event.name == EMAIL_OPENED else "clicked"
-                self.tell(f"the shopper {verb} the {step} email")
+                verb = "opened" if event.name == EMAIL_OPENED else "clicked a link in"
+                self.tell(f"the shopper {verb} {message_name(step)}")
         elif event.name == AD_CLICKED:
             if self.audiences:
                 self.ad_clicks += 1
@@ -670,11 +681,12 @@ class Journey(Generic[S]):
         )
         if result.status == SKIPPED:
             self.tell(
-                f"did not send the {step} email: the shopper got one on the same topic lately "
-                "(KAERU_TOPIC_WINDOW)"
+                f"did not send {message_name(step)}: the shopper got one on the same topic "
+                "lately (KAERU_TOPIC_WINDOW)"
             )
             return result
-        self.done(step, f"sent the {step} email to the shopper ({result.status})")
+        outcome = "" if result.status == "sent" else f" ({result.status.replace('_', ' ')})"
+        self.done(step, f"sent {message_name(step)} to the shopper{outcome}")
         return result
 
     async def send_message(
@@ -831,11 +843,11 @@ class Journey(Generic[S]):
     def _exit_for(self, err: ActivityError, step: str) -> JourneyExit:
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type == UNDELIVERABLE:
-            self.tell(f"the {step} email bounced: {cause.message}")
+            self.tell(f"{message_name(step)} bounced: {cause.message}")
             return JourneyExit("undeliverable")
         if isinstance(cause, ApplicationError) and cause.type == ALREADY_PURCHASED:
             self.tell(
-                f"did not send the {step} email: an order placed since the journey began "
+                f"did not send {message_name(step)}: an order placed since the journey began "
                 "was found before sending"
             )
             if self.purchase is None:
@@ -871,7 +883,9 @@ class Journey(Generic[S]):
         events = [] if first_start is None else self.held[first_start:]
         next_input = self.next_journey(events) if events else None
         if next_input is not None and workflow.patched(HAND_OVER_LATE_EVENTS):
-            self.tell(f"a new journey began with {len(events)} event(s) that came as this ended")
+            self.tell(
+                f"a new journey began with {counted(len(events), 'event')} that came as this ended"
+            )
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(
                 next_input,
@@ -880,7 +894,7 @@ class Journey(Generic[S]):
                 ),
             )
         if self.held:
-            self.tell(f"ignored {len(self.held)} event(s) that came as the journey ended")
+            self.tell(f"ignored {counted(len(self.held), 'event')} that came as the journey ended")
         return result
 
     def converted_until(self) -> float | None:

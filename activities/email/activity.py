@@ -49,7 +49,7 @@ from activities.types import NO_EMAIL_ADDRESS, SendEmailInput, SendEmailResult
 from kaeru.db import session
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
-from kaeru.tracking import register_tokens, signing_key
+from kaeru.tracking_tokens import register_tokens, signing_key
 
 
 class EmailActivities:

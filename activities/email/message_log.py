@@ -49,9 +49,9 @@ from activities.email.addresses import message_id_for, normalise_address, scrub
 from activities.email.gate import TOPIC_SKIP, suppression_of, topic_sent
 from activities.types import ALREADY_PURCHASED, UNDELIVERABLE, SendEmailInput
 from kaeru.db import session
-from kaeru.journal import record_touchpoint
 from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import record_touchpoint
 
 PENDING = "pending"
 SENDING = "sending"

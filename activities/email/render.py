@@ -44,7 +44,7 @@ from activities.types import CouponInfo, ProductInfo, SendEmailInput
 from kaeru.models import Product
 from kaeru.money import format_minor, to_minor
 from kaeru.settings import Settings
-from kaeru.tracking import click_url, open_url
+from kaeru.tracking_tokens import click_url, open_url
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 

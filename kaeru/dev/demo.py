@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape as xml_escape
 
 import httpx
@@ -35,7 +35,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from kaeru.db import session as db_session
-from kaeru.dev.devstack import workflow_url
+from kaeru.dev.plan import DevPlan, workflow_url
 from kaeru.journeys import registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
@@ -43,9 +43,6 @@ from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import JourneyResult, JourneyStatus
-
-if TYPE_CHECKING:
-    from kaeru.dev.devstack import DevPlan
 
 T = TypeVar("T")
 
@@ -230,11 +227,14 @@ class DemoShopper:
                 "more than half of that: unset them (`kaeru dev --demo` makes them seconds)"
             )
         self.say(
-            f"shopper {self.customer_id} ({SHOPPER_EMAIL}) comes by; the journey is "
-            f"{self.journey_id}"
+            f"a shopper comes by ({SHOPPER_EMAIL}, customer {self.customer_id}); their cart "
+            f"journey is the workflow {self.journey_id}"
         )
         await self.post("/v1/batch", {"batch": self.past_orders()})
-        self.say(f"{len(PAST_ORDERS)} past orders of other shoppers are in (for recommendations)")
+        self.say(
+            f"{len(PAST_ORDERS)} orders of other shoppers are in, so the email can suggest what "
+            "is often bought together"
+        )
         await self.post("/v1/identify", self.identify())
         for product_id in CART:
             await self.post("/v1/track", self.product_added(CATALOGUE[product_id]))
@@ -255,7 +255,9 @@ class DemoShopper:
         await self.until(self.in_audience, ad_delay + 45, "join the ad audience")
         self.say(f"is in the {self.audience!r} audience: the retargeting ad can show")
         await self.post("/v1/page", self.ad_click())
-        self.say(f"clicked the ad (page view, utm_campaign={self.settings.ad_campaign})")
+        self.say(
+            f"clicked the retargeting ad (a page view from campaign {self.settings.ad_campaign})"
+        )
 
         offer_delay = s.offer_delay
         self.say(f"waiting for the coupon email (after {offer_delay:.0f}s)")
@@ -474,14 +476,13 @@ class DemoShopper:
             ) from None
         description = await handle.describe()
         status = await handle.query("status", result_type=JourneyStatus)
+        with_coupon = f", with coupon {result.coupon_code}" if result.coupon_code else ""
         self.say(
-            f"journey ended: {result.outcome} (last step {result.last_step}, "
-            f"coupon {result.coupon_code})",
-            self.journey_link(description.run_id),
+            f"journey ended: {result.outcome}{with_coupon}", self.journey_link(description.run_id)
         )
         for line in status.story:
             self.console.print(Text(f"{' ' * 21}{line}", style="dim"), soft_wrap=True)
-        self.say(f"done in {time.monotonic() - self.started:.0f}s; run it again: kaeru demo")
+        self.say(f"done in {time.monotonic() - self.started:.0f}s; another shopper: kaeru demo")
         return result
 
     def journey_link(self, run_id: str | None) -> str:

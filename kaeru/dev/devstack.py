@@ -19,7 +19,6 @@ import ctypes
 import functools
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -29,36 +28,32 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from pydantic import SecretStr
 from rich.console import Console
 from rich.text import Text
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
 
+from kaeru.dev.demo import DemoTarget, assets_router, run_demo
+from kaeru.dev.mailcatcher import MailCatcher
+from kaeru.dev.plan import LOOPBACK, DevPlan, journeys_url
 from kaeru.serving import (
     DEV_WRITE_KEY,
     AppServer,
     StackError,
     listening_socket,
-    local_url,
     migrate_database,
     safe_url,
 )
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
 from starter.app import create_app
-from starter.limits import dev_hosts, split_list
+from starter.limits import split_list
 from worker import run_worker
 from workflows.kit import SEARCH_ATTRIBUTES
 
 log = logging.getLogger("kaeru.dev")
 
-#: The Temporal dev server's gRPC port. Another Temporal already there? Use it instead.
-DEV_TEMPORAL_PORT = 7233
-#: Every embedded service listens on loopback only.
-LOOPBACK = "127.0.0.1"
 #: prctl(2) option: the signal a process gets when its parent thread ends.
 _PR_SET_PDEATHSIG = 1
 
@@ -133,7 +128,7 @@ class TemporalDevServer:
 
     db_file: Path
     ip: str = LOOPBACK
-    port: int = DEV_TEMPORAL_PORT
+    port: int = 7233  # KAERU_TEMPORAL_PORT's default
     ui_port: int | None = 8233
     namespace: str = "default"
     log_file: Path | None = None
@@ -279,81 +274,6 @@ class TemporalDevServer:
 # ---- ASGI apps inside the stack's event loop -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DevPlan:
-    """What ``kaeru dev`` starts, and the settings the worker and the API run with."""
-
-    settings: Settings
-    temporal: bool
-    mail_catcher: bool
-    dev_write_key: bool
-    #: KAERU_OPERATOR_TOKEN was unset: the admin API's token is made for this run.
-    dev_operator_token: bool = False
-
-    @property
-    def api_url(self) -> str:
-        return local_url(self.settings.api_host, self.settings.api_port)
-
-    @property
-    def inbox_url(self) -> str | None:
-        return local_url(LOOPBACK, self.settings.mail_catcher_port) if self.mail_catcher else None
-
-    @property
-    def temporal_ui_url(self) -> str | None:
-        return f"http://localhost:{self.settings.temporal_ui_port}" if self.temporal else None
-
-
-def plan_dev(settings: Settings) -> DevPlan:
-    """Fill what is not configured with the embedded stack (ARCHITECTURE: embedded defaults)."""
-    update: dict[str, Any] = {}
-    temporal = settings.temporal_address is None
-    if temporal:
-        update["temporal_address"] = f"{LOOPBACK}:{DEV_TEMPORAL_PORT}"
-    mail_catcher = settings.smtp_host is None
-    if mail_catcher:
-        update |= {
-            "smtp_host": LOOPBACK,
-            "smtp_starttls": False,
-            "smtp_tls": False,
-            "smtp_username": None,
-            "smtp_password": None,
-        }
-    dev_write_key = settings.write_key is None
-    if dev_write_key:
-        update["write_key"] = SecretStr(DEV_WRITE_KEY)
-    dev_operator_token = settings.operator_token is None
-    if dev_operator_token:
-        # A fresh one each start: only this process and the person who reads it know it.
-        update["operator_token"] = SecretStr(secrets.token_urlsafe(24))
-    if "public_url" not in settings.model_fields_set:
-        # Tracking links must reach this API even when KAERU_API_PORT moved it.
-        update["public_url"] = local_url(settings.api_host, settings.api_port)
-    planned = settings.model_copy(update=update)
-    # A page on any site can resolve its name to 127.0.0.1 (DNS rebinding): the dev stack's
-    # servers answer only for loopback names and the public URL's host.
-    planned = planned.model_copy(update={"allowed_hosts": dev_hosts(planned)})
-    return DevPlan(
-        settings=planned,
-        temporal=temporal,
-        mail_catcher=mail_catcher,
-        dev_write_key=dev_write_key,
-        dev_operator_token=dev_operator_token,
-    )
-
-
-def journeys_url(ui_url: str, namespace: str) -> str:
-    """The Temporal UI's workflow list, filtered to kaeru's journeys."""
-    query = quote(f"{SEARCH_ATTRIBUTES[0].name} IS NOT NULL", safe="")
-    return f"{ui_url}/namespaces/{quote(namespace, safe='')}/workflows?query={query}"
-
-
-def workflow_url(ui_url: str, namespace: str, workflow_id: str, run_id: str | None) -> str:
-    """The Temporal UI page of one journey (its history when the run is known)."""
-    ns, wid = quote(namespace, safe=""), quote(workflow_id, safe="")
-    base = f"{ui_url}/namespaces/{ns}/workflows/{wid}"
-    return f"{base}/{run_id}/history" if run_id else base
-
-
 def curl_example(api_url: str, write_key: str) -> str:
     return (
         f"curl -u {write_key}: {api_url}/v1/track -H 'Content-Type: application/json' \\\n"
@@ -367,6 +287,7 @@ def print_urls(console: Console, plan: DevPlan) -> None:
     s = plan.settings
     rows = [("API", plan.api_url), ("API docs", f"{plan.api_url}/docs")]
     if plan.temporal_ui_url:
+        rows.append(("Temporal", f"{plan.temporal_dev_address}   (temporal --address)"))
         rows.append(("Temporal UI", plan.temporal_ui_url))
         rows.append(("Journeys", journeys_url(plan.temporal_ui_url, s.temporal_namespace)))
     else:
@@ -446,10 +367,6 @@ class _Parts:
 
 @contextlib.asynccontextmanager
 async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
-    # Imported here: these two modules build on this one.
-    from kaeru.dev.demo import assets_router
-    from kaeru.dev.mailcatcher import MailCatcher
-
     s = plan.settings
     safe_url(s.resolved_database_url)  # a malformed URL fails before anything starts
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -518,10 +435,10 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
 def _dev_server(s: Settings) -> TemporalDevServer:
     ensure_port_free(
         LOOPBACK,
-        DEV_TEMPORAL_PORT,
+        s.temporal_port,
         what="the Temporal dev server",
-        fix=f"another Temporal server? Use it with KAERU_TEMPORAL_ADDRESS=localhost:"
-        f"{DEV_TEMPORAL_PORT}, or stop it",
+        fix="set KAERU_TEMPORAL_PORT to a free port to run a second stack beside it, or use "
+        f"that server with KAERU_TEMPORAL_ADDRESS=localhost:{s.temporal_port}",
     )
     ensure_port_free(
         LOOPBACK,
@@ -531,6 +448,7 @@ def _dev_server(s: Settings) -> TemporalDevServer:
     )
     return TemporalDevServer(
         db_file=s.state_dir / "temporal.db",
+        port=s.temporal_port,
         ui_port=s.temporal_ui_port,
         namespace=s.temporal_namespace,
         log_file=s.state_dir / "temporal.log",
@@ -560,8 +478,6 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 
 def _start_demo(plan: DevPlan, parts: _Parts, console: Console) -> asyncio.Task[None] | None:
-    from kaeru.dev.demo import DemoTarget, run_demo
-
     if plan.inbox_url is None:
         console.print(
             Text(

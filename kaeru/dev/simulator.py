@@ -45,11 +45,11 @@ from kaeru.dev.timeline import Step, Timeline, TimelineError, aware, load_timeli
 from kaeru.journeys import JourneyRoute, deliveries, prefix_of, registry
 from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
-from kaeru.tracking import CLICK, OPEN
+from kaeru.tracking_tokens import CLICK, OPEN
 from starter.events import EventError, read_event
 from starter.ingest import store_events
+from starter.opens_and_clicks import load_signing_key, record_hit, verifying_keys
 from starter.router import Fence, Mark, acquire_lease, fetch_unrouted, mark_routed
-from starter.tracking import load_signing_key, record_hit, verifying_keys
 from worker import build_worker
 from workflows.kit import AD_CLICKED, EVENT_SIGNAL, Journey, JourneyResult, JourneyStatus
 

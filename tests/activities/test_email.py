@@ -52,7 +52,7 @@ from activities.types import (
 from kaeru.db import session
 from kaeru.models import EmailMessage, Order, Product, Suppression, TrackingLink
 from kaeru.settings import Settings
-from kaeru.tracking import digest_of, token_for
+from kaeru.tracking_tokens import digest_of, token_for
 from tests.activities.factories import add_customer, touchpoints
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer

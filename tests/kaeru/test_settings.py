@@ -45,3 +45,13 @@ def test_a_duration_that_is_not_positive_or_not_a_duration_is_refused(
 def test_there_are_durations_to_check() -> None:
     # The journeys' durations (KAERU_CART_EMAIL_DELAY...): tests/starter/test_routing.py.
     assert {"tracking_ttl", "audience_sweep_interval"} <= set(DURATIONS)
+
+
+def test_the_temporal_address_follows_the_dev_server_port_until_it_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KAERU_TEMPORAL_ADDRESS", raising=False)
+    monkeypatch.setenv("KAERU_TEMPORAL_PORT", "7444")
+    assert Settings(_env_file=None).resolved_temporal_address == "127.0.0.1:7444"
+    monkeypatch.setenv("KAERU_TEMPORAL_ADDRESS", "temporal.internal:7233")
+    assert Settings(_env_file=None).resolved_temporal_address == "temporal.internal:7233"

@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from kaeru.db import session
-from kaeru.journal import record_touchpoint
 from kaeru.models import AudienceMember, CustomerRouting, Event
 from kaeru.settings import Settings
+from kaeru.touchpoints import record_touchpoint
 from starter.app import create_app
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client, basic, events

@@ -24,7 +24,7 @@ from kaeru.db import session
 from kaeru.models import EmailMessage, Touchpoint
 from kaeru.serving import HEADER_TIMEOUT, AppServer, listening_socket
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, make_token
+from kaeru.tracking_tokens import TrackingToken, make_token
 from starter.app import create_app
 from starter.limits import Limits, Rate, RateLimit
 from tests.conftest import make_settings

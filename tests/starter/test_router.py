@@ -32,7 +32,7 @@ from temporalio.testing import WorkflowEnvironment
 from kaeru.db import session, write_session
 from kaeru.models import CustomerRouting, EmailMessage, Event, Lease, Order, Touchpoint
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, make_token
+from kaeru.tracking_tokens import TrackingToken, make_token
 from starter.app import create_app
 from starter.ingest import insert_events, outbox_row
 from starter.router import (
@@ -270,7 +270,7 @@ async def test_email_open_and_ad_click_reach_the_journey(stack: Stack) -> None:
         assert (await stack.api.get(pixel)).status_code == 200
     await stack.router.drain()
     story = (await status(handle)).story
-    assert len([line for line in story if "opened the cart_email email" in line]) == 1
+    assert len([line for line in story if "opened the cart email" in line]) == 1
     assert await signals(handle) == 2
     # An ad click (UTM page view) is routed as a plain signal to the live journey.
     page = {

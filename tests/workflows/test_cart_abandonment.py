@@ -299,7 +299,7 @@ async def test_search_attributes_status_and_details(shopper: Shopper) -> None:
     assert attributes.get(STEP) == "ad_audience"
     status = await shopper.status()
     assert status.waiting_for == "an ad click"
-    assert any("opened the cart_email email" in line for line in status.story)
+    assert any("opened the cart email" in line for line in status.story)
     await shopper.purchase()
     await shopper.outcome()
     attributes = (await shopper.handle.describe()).typed_search_attributes

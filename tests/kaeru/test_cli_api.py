@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from kaeru.settings import Settings
-from tests.test_cli import assert_clear_failure, clean_environment, kaeru
+from tests.kaeru.test_cli import assert_clear_failure, clean_environment, kaeru
 
 __all__ = ["clean_environment"]  # the autouse fixture: no KAERU_ variable leaks in
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kaeru.dev.devstack import plan_dev
 from kaeru.dev.mailcatcher import MailCatcher
+from kaeru.dev.plan import plan_dev
 from kaeru.serving import AppServer, listening_socket
 from kaeru.settings import Settings
 from starter.app import create_app

@@ -67,7 +67,7 @@ migrate(sys.argv[1])
 
 def _migrate_at_once(url: str, gun: Path, processes: int = 3) -> list[str]:
     """Run ``processes`` migrations of ``url`` in separate processes at once: their errors."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     running = [
         subprocess.Popen(
             [sys.executable, "-c", _MIGRATE_AT_THE_GUN, url, str(gun)],

@@ -16,7 +16,7 @@ from sqlmodel import col, select
 from kaeru.db import session
 from kaeru.models import EmailMessage, Touchpoint, TrackingLink, utcnow
 from kaeru.settings import Settings
-from kaeru.tracking import TrackingToken, digest_of, make_token, register_tokens, token_for
+from kaeru.tracking_tokens import TrackingToken, digest_of, make_token, register_tokens, token_for
 from starter.app import create_app
 from tests.conftest import make_settings
 from tests.starter.conftest import asgi_client, events

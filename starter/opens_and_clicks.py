@@ -1,17 +1,17 @@
 """Open pixel and click redirect: ``GET /t/o/<token>`` and ``GET /t/c/<token>``.
 
-A token is opaque (:mod:`kaeru.tracking`): one that no email carries (forged, altered,
+A token is opaque (:mod:`kaeru.tracking_tokens`): one that no email carries (forged, altered,
 malformed) gets a 404 and records nothing. A click redirects only to a link the email really
-contained, looked up from the email outbox by index; nothing in the request chooses the target.
+contained, looked up from the message log by index; nothing in the request chooses the target.
 
 A token expires ``KAERU_TRACKING_TTL`` after its email was sent: then the pixel still answers
 with its GIF (never break a mail client) and a click still redirects, to the shop's home page
 (never a 404 for a real shopper), but neither records anything.
 
 The first hit of each token is a touchpoint; later ones only count on its row
-(``tracking_links.hits``). The first open and the first click of each message also become an
-event in the outbox (``Email Opened`` / ``Email Link Clicked``), which the router delivers to
-the journey that sent the message.
+(``tracking_links.hits``). The first open and the first click of each message also become a
+stored event in the outbox (``Email Opened`` / ``Email Link Clicked``), which the router
+delivers to the journey that sent the message.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import update
 
 from kaeru.db import session as db_session
-from kaeru.journal import record_touchpoint
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
-from kaeru.tracking import CLICK, OPEN, count_hit, expired, find, signing_key
+from kaeru.touchpoints import record_touchpoint
+from kaeru.tracking_tokens import CLICK, OPEN, count_hit, expired, find, signing_key
 from starter.deps import ApiError, SettingsDep, router_of
 from starter.ingest import insert_events, outbox_row
 from workflows.kit import EMAIL_LINK_CLICKED, EMAIL_OPENED

@@ -175,7 +175,7 @@ def test_settings_table_lists_every_setting() -> None:
 
 def test_the_readme_shows_the_settings_table_of_the_code() -> None:
     """The README's table is `kaeru settings-table` verbatim: a new setting updates both."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert kaeru("settings-table").stdout.strip() in readme
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,8 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
-from kaeru.dev.devstack import TemporalDevServer, plan_dev, print_urls
+from kaeru.dev.devstack import TemporalDevServer, print_urls
+from kaeru.dev.plan import plan_dev
 from kaeru.journeys import registry
 from kaeru.serving import DEV_WRITE_KEY, StackError, listening_socket
 from kaeru.settings import Settings
@@ -110,7 +112,7 @@ async def test_dev_server_dies_with_its_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
         text=True,
     )
     try:
@@ -249,7 +251,7 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
         }
         dev = subprocess.Popen(
             [sys.executable, "-c", "from kaeru.cli import app; app()", "dev", "--demo"],
-            cwd=Path(__file__).parent.parent,
+            cwd=Path(__file__).parents[2],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -274,5 +276,70 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
 
     assert "journey ended: purchased" in output, output
     assert "coupon email with KAERU-" in output
+    # The narration and the journey's story read as a person would say them.
+    assert (
+        "sent the cart email to the shopper" in output and "the shopper opened the cart" in output
+    )
+    assert "the cart went quiet with 2 items" in output
+    leaks = [line for line in output.splitlines() if re.search(r"\w_email|\(s\)|last step", line)]
+    assert leaks == [], leaks
     assert dev.returncode == 0, output
     assert "kaeru stopped." in output and "Traceback" not in output
+
+
+def _dev_env(tmp_path: Path, temporal_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAERU_")}
+    return env | {
+        "KAERU_TEMPORAL_PORT": str(temporal_port),
+        "KAERU_TEMPORAL_UI_PORT": str(free_port()),
+        "KAERU_STATE_DIR": str(tmp_path / "state"),
+        "KAERU_API_PORT": str(free_port()),
+        "KAERU_SMTP_PORT": str(free_port()),
+        "KAERU_MAIL_CATCHER_PORT": str(free_port()),
+    }
+
+
+async def test_a_second_stack_runs_beside_the_first_on_its_own_temporal_port(
+    tmp_path: Path,
+) -> None:
+    """KAERU_TEMPORAL_PORT moves `kaeru dev`'s Temporal server; a taken one names the setting."""
+    async with TemporalDevServer(db_file=tmp_path / "t.db", port=free_port(), ui_port=None) as t:
+        command = [sys.executable, "-c", "from kaeru.cli import app; app()", "dev"]
+        cwd = Path(__file__).parents[2]
+        taken = subprocess.run(
+            command,
+            cwd=cwd,
+            env=_dev_env(tmp_path / "one", t.port),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode != 0
+        assert f"127.0.0.1:{t.port}" in taken.stdout + taken.stderr
+        assert "KAERU_TEMPORAL_PORT" in taken.stdout + taken.stderr
+
+        port = free_port()
+        second = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=_dev_env(tmp_path / "two", port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert second.stdout is not None
+            while not any("Send an event" in line for line in lines):
+                line = await asyncio.wait_for(asyncio.to_thread(second.stdout.readline), 90)
+                assert line, "kaeru dev exited:\n" + "".join(lines)
+                lines.append(line)
+            client = await Client.connect(f"127.0.0.1:{port}")
+            assert await missing_search_attributes(client, "default") == []
+            second.send_signal(signal.SIGINT)
+            rest, _ = await asyncio.to_thread(second.communicate, timeout=30)
+        finally:
+            second.kill()
+    output = "".join(lines) + rest
+    assert f"127.0.0.1:{port}" in output, output
+    assert second.returncode == 0, output

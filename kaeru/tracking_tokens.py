@@ -1,21 +1,21 @@
 """Tracking tokens for open pixels and click redirects: opaque, expiring, counted.
 
 A token is 22 URL-safe characters: the first 16 bytes of an HMAC-SHA256, under the
-link-signing key, of the email's outbox key, the kind (open or click) and the link's index.
-It carries nothing readable (the outbox key holds the customer id, often an email address);
+link-signing key, of the email's message log key, the kind (open or click) and the link's index.
+It carries nothing readable (that key holds the customer id, often an email address);
 only the key's holder can make one, and the same send always gets the same tokens, so a
 retried send renders the same message. The send registers each token's row in
 ``tracking_links`` (:class:`kaeru.models.TrackingLink`), keyed by the token's SHA-256, which
 names the email and link: a hit is a lookup of that row, so a rotated key breaks no link
 already sent, and a copy of the database cannot be replayed as hits. The redirect target is
-read from the outbox by the link's index, never from the URL.
+read from the message log by the link's index, never from the URL.
 
 Why a keyed hash and a row rather than an encryption of the contents: the row is needed
 anyway (the hits are counted on it), a 22-character token is shorter than any ciphertext of
 a 400-character key, and nothing in it can be decrypted if the key leaks.
 
-Tokens of emails sent before these (``<base64 JSON>.<signature>``, the JSON naming the outbox
-key) are still read, with the same key or ``KAERU_LEGACY_SECRET_KEY``, until they expire;
+Tokens of emails sent before these (``<base64 JSON>.<signature>``, the JSON naming the message
+log key) are still read, with the same key or ``KAERU_LEGACY_SECRET_KEY``, until they expire;
 their row is made at their first hit.
 
 Every token expires ``KAERU_TRACKING_TTL`` after its email was sent (see

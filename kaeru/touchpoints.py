@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from kaeru.models import Customer, Touchpoint, utcnow
+from kaeru.models import Touchpoint, utcnow
 
 
 def record_touchpoint(
@@ -46,9 +46,3 @@ def record_touchpoint(
     session.add(row)
     session.flush()
     return row
-
-
-def email_of(session: Session, customer_id: str) -> str | None:
-    """The customer's email address, as last identified."""
-    customer = session.get(Customer, customer_id)
-    return customer.email if customer else None
