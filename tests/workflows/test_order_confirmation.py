@@ -29,7 +29,7 @@ from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
 from worker import build_worker
-from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
+from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
 from workflows.order_confirmation import OrderConfirmation
 
 ORDER = {
@@ -260,6 +260,43 @@ async def test_the_same_order_again_gets_no_second_confirmation(buyer: Buyer) ->
     assert "order o-9 came again: it gets no second confirmation" in "\n".join(status.story)
 
 
+async def test_a_next_generation_given_an_order_already_confirmed_sends_nothing(
+    buyer: Buyer,
+) -> None:
+    """What a generation gets when the same order came again as the last one ended (held by
+    the kit then, unfiltered): the remembered order ids stop a second confirmation."""
+    again = buyer.event("Order Completed", order_id="o-7", total=10, currency="USD")
+    async with buyer.working():
+        handle = await buyer.env.client.start_workflow(
+            OrderConfirmation.run,
+            JourneyInput(
+                customer_id=buyer.customer_id,
+                generation=1,
+                pending=[again],
+                last_seq=again.seq - 1,
+                carried={"confirmed": ["o-6", "o-7"]},
+            ),
+            id=buyer.journey_id,
+            task_queue=buyer.settings.task_queue,
+        )
+        assert (await handle.result()).outcome == "already_confirmed"
+        status = await handle.query(OrderConfirmation.status)
+    assert buyer.emails() == []
+    assert "order o-7 was already confirmed: not sent again" in "\n".join(status.story)
+
+
+async def test_a_journey_started_without_an_order_sends_nothing(buyer: Buyer) -> None:
+    async with buyer.working():
+        handle = await buyer.env.client.start_workflow(
+            OrderConfirmation.run,
+            JourneyInput(customer_id=buyer.customer_id),
+            id=buyer.journey_id,
+            task_queue=buyer.settings.task_queue,
+        )
+        assert (await handle.result()).outcome == "no_order"
+    assert buyer.emails() == []
+
+
 async def test_a_customer_without_an_email_address_ends_no_email_address(buyer: Buyer) -> None:
     buyer.customer_id = f"c-{uuid.uuid4().hex[:8]}"
     with session(buyer.db) as s:
@@ -277,13 +314,17 @@ async def test_max_lines_lists_the_first_items_and_counts_the_rest(
 ) -> None:
     monkeypatch.setenv("KAERU_ORDER_CONFIRMATION_MAX_LINES", "2")
     registry.cache_clear()
-    products = [{"product_id": f"p{i}", "name": f"Thing {i}", "price": 1} for i in range(4)]
+    products: list[dict[str, Any]] = [
+        {"product_id": f"p{i}", "name": f"Thing {i}", "price": 1} for i in range(4)
+    ]
+    products.append({"name": "Gift wrap", "price": 0})  # no product id: counted, not listed
     async with buyer.working():
         await buyer.orders(order_id="o-4", total=4, currency="USD", products=products)
         assert await buyer.outcome() == "confirmed"
     text = body(buyer.emails()[0])
     assert "Thing 1" in text and "Thing 2" not in text
-    assert "and 2 more items" in text and "Total: 4.00 USD" in text
+    assert "and 3 more items" in text and "Total: 4.00 USD" in text
+    assert "Subtotal" not in text  # not stated, and the listed items are not the whole order
 
 
 async def test_the_journey_can_be_switched_off(
