@@ -8,6 +8,7 @@ from that order: the customer never gets an older order's emails after a newer o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -15,7 +16,13 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.types import CouponInfo, ProductInfo, RecommendInput, RecommendResult
+    from activities.types import (
+        CouponInfo,
+        ProductInfo,
+        RecommendInput,
+        RecommendResult,
+        SendEmailInput,
+    )
     from kaeru.commerce import (
         MAX_CART_LINES,
         MAX_URL_LENGTH,
@@ -28,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         quantity_of,
     )
     from workflows.kit import (
+        ORDER_AFTER,
         Journey,
         JourneyEvent,
         JourneyExit,
@@ -158,6 +166,8 @@ class PostPurchase(Journey[PostPurchaseSettings]):
     #: The order followed up, and its lines (set when the steps begin).
     order_id: str | None = None
     items: tuple[OrderItem, ...] = ()
+    #: When that order happened (epoch seconds).
+    ordered_at: float = 0.0
 
     @workflow.run
     async def run(self, start: JourneyInput) -> JourneyResult:
@@ -169,16 +179,14 @@ class PostPurchase(Journey[PostPurchaseSettings]):
             return await self.finish("no_order")  # started by hand, without an order
         order_id = self.follow_up(self.start_event)
         await self.pause(s.review_delay, "the delivery window")
-        await self.send_message(
-            "review_email", "review_request", ReviewContext(order_id, list(self.items))
-        )
+        await self.send("review_email", "review_request", ReviewContext(order_id, list(self.items)))
         await self.pause(s.cross_sell_delay, "the cross-sell delay")
         related = await self.bought_with()
         coupon = await self.issue_coupon(
             "cross_sell_coupon", s.coupon_amount_minor, s.coupon_currency, s.coupon_ttl
         )
         context = CrossSellContext(order_id, list(self.items), related, coupon)
-        await self.send_message("cross_sell_email", "cross_sell", context)
+        await self.send("cross_sell_email", "cross_sell", context)
         await self.pause(s.coupon_ttl, "the next order")
         return await self.finish("completed")
 
@@ -186,12 +194,25 @@ class PostPurchase(Journey[PostPurchaseSettings]):
         """Take the order this journey follows up; returns its id."""
         order_id = self.order_id = order_total_of(order.properties, order.message_id).order_id
         self.items = tuple(order_items(order.properties))
-        # The email activity refuses to send once the customer has ordered since the journey
-        # began; the order that began it must not count, only a newer one.
-        self.orders_until = max(self.orders_until or 0.0, order.occurred_at.timestamp())
+        self.ordered_at = order.occurred_at.timestamp()
         what = f"{len(self.items)} product{'s' if len(self.items) != 1 else ''}"
         self.tell(f"order {order_id} ({what}): the review request follows the delivery")
         return order_id
+
+    async def send(self, step: str, template: str, context: Any) -> None:
+        """Send a marketing message of this follow-up, unless the customer has ordered again:
+        the email activity finds a newer order stored whose event has not reached the journey
+        yet (the order that started it does not count), and the journey ends ``purchased``."""
+        email = SendEmailInput(
+            key=self.key(step),
+            journey_id=workflow.info().workflow_id,
+            step=step,
+            customer_id=self.customer_id,
+            template=template,
+            context=dataclasses.asdict(context),
+            ordered_since=self.ordered_at + ORDER_AFTER,
+        )
+        await self.send_email(step, email)
 
     def on_event(self, event: JourneyEvent) -> None:
         """A newer order ends this follow-up (a purchase after its emails is its conversion)

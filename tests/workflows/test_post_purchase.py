@@ -350,6 +350,22 @@ async def test_a_new_order_after_the_review_stops_the_old_cross_sell_and_convert
     assert "Leather Belt" not in text_of(cross_sell)
 
 
+async def test_a_newer_order_not_routed_yet_stops_the_old_review(buyer: Buyer) -> None:
+    await buyer.order("o-1", DRESS)
+    await buyer.waiting("the delivery window")
+    await buyer.skip(6 * DAY)
+    store_order(buyer.db, "o-2", buyer.customer_id, [HAT])  # stored; its event still queued
+    await buyer.skip(DAY + 60)
+    result = await buyer.outcome()
+    assert (result.outcome, result.order_id) == ("purchased", "o-2")
+    assert buyer.emails() == []  # never o-1's review after o-2
+    assert await buyer.route("Order Completed", order_id="o-2", total=40, products=[HAT]) == 1
+    await buyer.waiting("the delivery window")
+    await buyer.skip(7 * DAY + 60)
+    [review] = await buyer.received(1)
+    assert review["Subject"] == "How do you like your Felt Hat?"
+
+
 async def test_the_same_order_again_changes_nothing(buyer: Buyer) -> None:
     await buyer.order("o-1", DRESS)
     await buyer.waiting("the delivery window")
