@@ -196,7 +196,7 @@ class PostPurchase(Journey[PostPurchaseSettings]):
         self.items = tuple(order_items(order.properties))
         self.ordered_at = order.occurred_at.timestamp()
         what = f"{len(self.items)} product{'s' if len(self.items) != 1 else ''}"
-        self.tell(f"order {order_id} ({what}): the review request follows the delivery")
+        self.tell(f"order {order_id} ({what}): a review request after the delivery window")
         return order_id
 
     async def send(self, step: str, template: str, context: Any) -> None:

@@ -296,7 +296,7 @@ async def test_a_review_request_after_the_delivery_window_then_what_goes_with_it
         assert (result.outcome, result.last_step) == ("completed", "cross_sell_email")
         assert len(buyer.emails()) == 2
         story = "\n".join((await buyer.status()).story)
-        assert "order o-1 (1 product): the review request follows the delivery" in story
+        assert "order o-1 (1 product): a review request after the delivery window" in story
 
 
 async def test_a_new_order_before_the_review_starts_the_follow_up_over(buyer: Buyer) -> None:
