@@ -442,6 +442,18 @@ async def test_without_suggestions_the_discount_still_goes_out(
         assert re.search(r"KAERU-[A-Z0-9]{6,}", text_of(cross_sell))
 
 
+async def test_started_by_hand_without_an_order_it_ends_at_once(buyer: Buyer) -> None:
+    handle = await buyer.env.client.start_workflow(
+        PostPurchase.run,
+        PostPurchase.start_input(buyer.customer_id, None),
+        id=buyer.journey_id,
+        task_queue=buyer.settings.task_queue,
+        search_attributes=TypedSearchAttributes(Journey.start_search_attributes(buyer.customer_id)),
+    )
+    assert (await handle.result()).outcome == "no_order"
+    assert buyer.emails() == []
+
+
 def test_switched_off_no_order_starts_one(monkeypatch: pytest.MonkeyPatch) -> None:
     order = {"order_id": "o-1", "total": 10}
     kinds = [d.route.kind for d in deliveries("Order Completed", "c-1", order) if d.start]
