@@ -48,10 +48,10 @@ class WelcomeSettings:
         ),
     )
     offer_wait: float = field(
-        default=7 * DAY,
+        default=14 * DAY,
         metadata=setting(
             "after the coupon email, how long a first order still counts as the welcome's "
-            "conversion before the journey ends",
+            "conversion before the journey ends (the coupon's validity, by default)",
             duration=True,
         ),
     )

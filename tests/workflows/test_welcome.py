@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +28,8 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from kaeru.db import session
 from kaeru.journeys import JourneyError, deliveries, prefix_of, read_settings, registry
@@ -33,7 +37,7 @@ from kaeru.models import Coupon, Customer, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
-from worker import build_worker
+from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult, JourneyStatus
 from workflows.welcome import Welcome, WelcomeSettings
 
@@ -206,9 +210,17 @@ def html_of(message: EmailMessage) -> str:
 
 @contextlib.asynccontextmanager
 async def open_subscriber(
-    env: WorkflowEnvironment, db: str, smtp: SMTPTestServer, monkeypatch: pytest.MonkeyPatch
+    env: WorkflowEnvironment,
+    db: str,
+    smtp: SMTPTestServer,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Subscriber]:
-    """A new customer with an address, and a worker on its own queue, for one test."""
+    """A new customer with an address, and a worker on its own queue, for one test.
+
+    With ``KAERU_RECORD_HISTORIES=<dir>``, the journey's history is stored there for
+    tests/replay (docs/writing-a-journey.md), named ``<test>@<workflow id>.json``.
+    """
     only_welcome_journeys(monkeypatch)
     settings = make_settings(db, smtp_port=smtp.port, shop_name=SHOP, shop_url="https://shop.test")
     customer_id = f"c-{uuid.uuid4().hex[:8]}"
@@ -221,6 +233,13 @@ async def open_subscriber(
         # A journey left running without its worker stops time skipping for later tests.
         with contextlib.suppress(RPCError):
             await one.handle.terminate("test over")
+        record_to = os.environ.get("KAERU_RECORD_HISTORIES")
+        if record_to:
+            with contextlib.suppress(RPCError):  # a test that started no journey
+                history = await one.handle.fetch_history()
+                name = re.sub(r"\W+", "-", request.node.name.removeprefix("test_")).strip("-")
+                path = Path(record_to) / f"welcome-{name}@{one.journey_id}.json"
+                path.write_text(history.to_json())
 
 
 @pytest.fixture
@@ -228,22 +247,28 @@ async def subscriber(
     time_skipping_env: WorkflowEnvironment,
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Subscriber]:
     """A subscriber of a stocked shop, on SQLite and on PostgreSQL."""
     stock_the_shop(database_url)
     async with SMTPTestServer() as smtp:
-        async with open_subscriber(time_skipping_env, database_url, smtp, monkeypatch) as one:
+        opened = open_subscriber(time_skipping_env, database_url, smtp, monkeypatch, request)
+        async with opened as one:
             yield one
 
 
 @pytest.fixture
 async def sqlite_subscriber(
-    time_skipping_env: WorkflowEnvironment, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    time_skipping_env: WorkflowEnvironment,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Subscriber]:
     """A subscriber of a stocked shop on SQLite, for branches the database does not decide."""
     stock_the_shop(sqlite_url)
     async with SMTPTestServer() as smtp:
-        async with open_subscriber(time_skipping_env, sqlite_url, smtp, monkeypatch) as one:
+        opened = open_subscriber(time_skipping_env, sqlite_url, smtp, monkeypatch, request)
+        async with opened as one:
             yield one
 
 
@@ -296,11 +321,23 @@ async def test_a_new_subscriber_gets_the_welcome_the_best_sellers_on_day_3_and_a
     assert (await subscriber.status()).details == {"coupon": code.group(0)}
 
     await subscriber.waits(3)
-    await subscriber.skip(7 * DAY + 60)
+    await subscriber.skip(14 * DAY - 2 * HOUR)  # the offer went out an hour ago
+    assert (await subscriber.status()).waiting_for == "a first order with the coupon"
+    await subscriber.skip(2 * HOUR)
     result = await subscriber.outcome()
     assert (result.outcome, result.last_step) == ("offer_ignored", "offer_email")
     assert len(subscriber.emails()) == 3
     assert subscriber.conversions() == []
+
+    # Deterministic: the whole series replays on this code (tests/replay's check).
+    history = await subscriber.handle.fetch_history()
+    replayer = Replayer(
+        workflows=list(workflows()),
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+    )
+    await replayer.replay_workflow(history)
 
 
 async def test_the_first_order_after_the_welcome_ends_it_as_a_conversion(
@@ -482,7 +519,10 @@ async def test_a_bounced_welcome_ends_it_undeliverable(sqlite_subscriber: Subscr
 
 
 async def test_a_shop_without_best_sellers_skips_that_email_and_env_delays_apply(
-    time_skipping_env: WorkflowEnvironment, database_url: str, monkeypatch: pytest.MonkeyPatch
+    time_skipping_env: WorkflowEnvironment,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.setenv("KAERU_WELCOME_BESTSELLERS_DELAY", "3600")  # seconds
     monkeypatch.setenv("KAERU_WELCOME_OFFER_DELAY", "PT2H")  # ISO 8601
@@ -490,7 +530,8 @@ async def test_a_shop_without_best_sellers_skips_that_email_and_env_delays_apply
     monkeypatch.setenv("KAERU_WELCOME_COUPON_AMOUNT_MINOR", "500")
     monkeypatch.setenv("KAERU_WELCOME_COUPON_CURRENCY", "eur")
     async with SMTPTestServer() as smtp:
-        async with open_subscriber(time_skipping_env, database_url, smtp, monkeypatch) as one:
+        opened = open_subscriber(time_skipping_env, database_url, smtp, monkeypatch, request)
+        async with opened as one:
             await one.signs_up()
             await one.waits()
             [welcome] = await one.receives(1)
