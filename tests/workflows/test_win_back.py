@@ -20,14 +20,16 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from kaeru.db import session
-from kaeru.journeys import deliveries, registry
+from kaeru.journeys import JourneyError, deliveries, registry
 from kaeru.models import Customer, Order, OrderLine, Product
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
-from worker import build_worker
+from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
 from workflows.win_back import WinBack
 
@@ -280,10 +282,18 @@ async def test_a_simulated_year_of_orders_and_lapses_with_a_small_history(
         assert status.outcome is None and status.waiting_for == "their next order"
         # It continued as new to keep its history small: each run within the limit (100) and
         # one turn of its loop, though the year's events together are more than the limit.
+        # Each run replays as it ran (the carried state rebuilds the same decisions).
+        replayer = Replayer(
+            workflows=list(workflows()),
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+            ),
+        )
         runs, run_id = [], (await shopper.handle.describe()).run_id
         while run_id:
             handle = shopper.env.client.get_workflow_handle(shopper.journey_id, run_id=run_id)
             history = await handle.fetch_history()
+            await replayer.replay_workflow(history)
             runs.append(len(history.events))
             started = history.events[0].workflow_execution_started_event_attributes
             run_id = started.continued_execution_run_id
@@ -354,3 +364,21 @@ def test_settings_come_from_kaeru_winback_and_it_can_be_switched_off(
     registry.cache_clear()
     found = [d for d in deliveries("Order Completed", "c-1", order) if d.route.kind == "win-back"]
     assert all(not d.start for d in found)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("KAERU_WINBACK_HISTORY_LIMIT", "10"),
+        ("KAERU_WINBACK_COUPON_CURRENCY", "dollars"),
+        ("KAERU_WINBACK_RECOMMENDATIONS", "50"),
+        ("KAERU_WINBACK_AFTER", "soon"),
+    ],
+)
+def test_a_setting_it_cannot_use_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    registry.cache_clear()
+    with pytest.raises(JourneyError, match=variable):
+        deliveries("Order Completed", "c-1", {"order_id": "o-1"})
