@@ -348,6 +348,18 @@ async def test_the_price_compared_is_the_latest_the_shopper_saw(viewer: Viewer) 
     assert "was 90.00 USD (11% off)" in text_of(viewer.emails()[0])
 
 
+async def test_it_watches_at_most_twenty_products_dropping_the_watch_that_ends_first(
+    viewer: Viewer,
+) -> None:
+    await viewer.viewed("p0", 10)
+    await viewer.waiting()
+    for n in range(1, 21):
+        await viewer.viewed(f"p{n}", 10)
+    await viewer.told("watching the price of p20")
+    watching = (await viewer.handle.query(PriceDropAlert.status)).details["watching"]
+    assert sorted(watching.split(", ")) == sorted(f"p{n}" for n in range(1, 21))
+
+
 async def test_a_price_in_another_currency_is_not_compared(viewer: Viewer) -> None:
     await viewer.viewed("shoe", 100, currency="EUR")
     price(viewer.db, "shoe", 5000, "USD")  # a lower number, but not in euros
