@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 #: ApplicationError type of a message or audience step for a customer without an address.
 NO_EMAIL_ADDRESS = "NoEmailAddress"
@@ -107,4 +107,7 @@ def no_email_address(customer_id: str, what: str) -> ApplicationError:
         "call with traits.email for this customer",
         type=NO_EMAIL_ADDRESS,
         non_retryable=True,
+        # An expected end (a guest order, a shopper never identified), not a fault: the
+        # worker logs it at DEBUG, without a traceback, and metrics do not count it failed.
+        category=ApplicationErrorCategory.BENIGN,
     )

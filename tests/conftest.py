@@ -18,7 +18,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from kaeru.db import migrate
-from kaeru.journeys import registry
+from kaeru.journeys import discover, prefix_of, registry
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
@@ -33,10 +33,27 @@ def _binary(name: str) -> str:
     return path
 
 
+#: The journeys a test runs when it names none (``@pytest.mark.journeys(...)``): tests written
+#: about one journey must not have an order or an identify start others beside it (their
+#: emails would be counted, and a journey left running stalls the time-skipping server).
+DEFAULT_JOURNEYS = ("cart-abandonment",)
+
+
 @pytest.fixture(autouse=True)
-def fresh_journey_registry() -> Iterator[None]:
-    """The journey registry is read from the environment once per process: a test that
-    sets ``KAERU_<KIND>_*`` or ``KAERU_JOURNEY_MODULES`` must not leak it into the next."""
+def fresh_journey_registry(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Switch off every journey of the ``workflows`` package but those the test names with
+    ``@pytest.mark.journeys("welcome", ...)`` (``"*"``: all, as a shop runs them; none named:
+    :data:`DEFAULT_JOURNEYS`), and read the registry afresh: it is read from the environment
+    once per process, and a test that sets ``KAERU_<KIND>_*`` must not leak it into the next."""
+    marker = request.node.get_closest_marker("journeys")
+    wanted = set(marker.args) if marker is not None else set(DEFAULT_JOURNEYS)
+    if "*" not in wanted:
+        for journey in discover():
+            if journey.kind not in wanted:
+                monkeypatch.setenv(f"KAERU_{prefix_of(journey)}_ENABLED", "false")
+    registry.cache_clear()
     yield
     registry.cache_clear()
 

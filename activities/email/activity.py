@@ -45,8 +45,9 @@ from activities.email.message_log import (
 )
 from activities.email.render import MAX_TEXT, TEMPLATES, Catalogue, Rendered, Renderer, clean
 from activities.email.smtp import SmtpConversation
-from activities.types import NO_EMAIL_ADDRESS, SendEmailInput, SendEmailResult
+from activities.types import SendEmailInput, SendEmailResult
 from kaeru.db import session
+from kaeru.identity import no_email_address
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
 from kaeru.tracking_tokens import register_tokens, signing_key
@@ -153,13 +154,7 @@ class EmailActivities:
 
             address = recipient_address(s, email.customer_id)
             if not address:
-                raise ApplicationError(
-                    f"customer {email.customer_id!r} has no known email address, so the "
-                    f"{email.step} email cannot be sent; send an identify call with "
-                    "traits.email for this customer",
-                    type=NO_EMAIL_ADDRESS,
-                    non_retryable=True,
-                )
+                raise no_email_address(email.customer_id, f"the {email.step} email cannot be sent")
             verdict = may_send(s, email, address, self.settings.topic_window)
             if verdict is not None and verdict.rule == SUPPRESSED:
                 raise undeliverable(verdict.reason)

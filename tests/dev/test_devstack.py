@@ -237,6 +237,7 @@ def test_demo_waits_leave_what_the_person_set_alone(
     assert cart.ad_click_wait == float(DEMO_WAITS["KAERU_CART_AD_CLICK_WAIT"])
 
 
+@pytest.mark.journeys("*")  # every journey on, as a shop runs them
 async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path) -> None:
     """`kaeru dev --demo` end to end, against a dev server on free ports (7233 may be taken)."""
     async with TemporalDevServer(db_file=tmp_path / "t.db", port=free_port(), ui_port=None) as t:

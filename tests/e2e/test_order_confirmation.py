@@ -22,17 +22,9 @@ from tests.support.smtp import SMTPTestServer
 from worker import build_worker
 from workflows.kit import JourneyResult
 
+pytestmark = pytest.mark.journeys("order-confirmation")
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "the router's no-start rule (starter/router.py Router._no_start: the customer's newest "
-        "stored order is at or after the event) refuses every journey an Order Completed starts, "
-        "since ingestion stores that very order first; passes once the rule applies only to "
-        "journeys a purchase ends (route.journey.ends_on_purchase)"
-    ),
-)
+
 async def test_an_order_is_confirmed_end_to_end(
     dev_server_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

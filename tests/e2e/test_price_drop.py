@@ -25,6 +25,8 @@ from worker import build_worker
 from workflows.kit import JourneyResult
 from workflows.price_drop import PriceDropAlert
 
+pytestmark = pytest.mark.journeys("price-drop")
+
 SHOE = {
     "product_id": "shoe",
     "name": "Trail Shoe",

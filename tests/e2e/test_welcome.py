@@ -31,6 +31,8 @@ from worker import build_worker
 from workflows.kit import JourneyResult
 from workflows.welcome import Welcome
 
+pytestmark = pytest.mark.journeys("welcome")
+
 POT = {"product_id": "pot", "name": "Tea Pot", "price": 42.0, "url": "https://shop.test/p/pot"}
 MUG = {"product_id": "mug", "name": "Stoneware Mug", "price": 18.0}
 TEA = {"product_id": "tea", "name": "Sencha Tea", "price": 9.5}

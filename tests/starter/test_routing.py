@@ -7,7 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from kaeru.journeys import JourneyError, deliveries, discover, load_registry, registry
+from kaeru.journeys import (
+    Delivery,
+    JourneyError,
+    deliveries,
+    discover,
+    load_registry,
+    prefix_of,
+    registry,
+)
 from kaeru.settings import Settings
 from starter.router import acquire_lease, lease_holder, release_lease
 from tests.conftest import make_settings
@@ -15,6 +23,12 @@ from tests.journeys.hello import Browse, Hello, Lifecycle, Receipt
 from workflows.cart_abandonment import CART_EVENTS, CartAbandonment, CartJourneySettings
 
 HELLO = "tests.journeys.hello"
+
+
+def hello_only(found: list[Delivery]) -> list[Delivery]:
+    """The deliveries to the test journeys of tests/journeys/hello.py (the shipped journeys
+    have their own tests)."""
+    return [d for d in found if d.workflow_id.startswith("test-")]
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +46,13 @@ def test_cart_events_start_the_cart_journey() -> None:
         assert (delivery.workflow_id, delivery.start) == ("cart-abandonment-u1", True)
 
 
-def test_orders_ad_clicks_and_merges_only_reach_a_live_journey() -> None:
+def test_orders_ad_clicks_and_merges_only_reach_a_live_cart_journey() -> None:
+    """Only the cart journey is switched on here (tests/conftest.py): none of these starts
+    anything, and each reaches a live cart journey."""
     for name in ("Order Completed", "Ad Clicked", "Identity Merged"):
-        (delivery,) = deliveries(name, "u1", {})
-        assert (delivery.workflow_id, delivery.start) == ("cart-abandonment-u1", False)
+        found = {d.workflow_id: d.start for d in deliveries(name, "u1", {})}
+        assert found["cart-abandonment-u1"] is False
+        assert not any(found.values()), found
 
 
 def test_opens_and_clicks_go_to_the_customers_own_journey_only() -> None:
@@ -49,18 +66,45 @@ def test_opens_and_clicks_go_to_the_customers_own_journey_only() -> None:
 
 
 def test_other_events_go_nowhere() -> None:
-    for name in (None, "Product Viewed", "Signed Up", "order completed", "identify"):
+    for name in (None, "Signed Up", "order completed", "Identify", "product viewed"):
         assert deliveries(name, "u1", {}) == []
+
+
+def test_an_identify_that_changed_no_start_trait_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for journey in discover():
+        monkeypatch.setenv(f"KAERU_{prefix_of(journey)}_ENABLED", "true")
+    registry.cache_clear()
+    for properties in ({}, {"changed_traits": ["name"]}, {"changed_traits": "email"}):
+        assert not any(d.start for d in deliveries("identify", "u1", properties))
+    assert [
+        d.workflow_id
+        for d in deliveries("identify", "u1", {"changed_traits": ["email"]})
+        if d.start
+    ] == ["welcome-u1"]
 
 
 def test_the_workflows_package_is_searched_and_journey_modules_add_to_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert discover() == [CartAbandonment]
-    assert discover(f" {HELLO} ,") == [CartAbandonment, Browse, Hello, Lifecycle, Receipt]
+    shipped = discover()
+    kinds = {journey.kind for journey in shipped}
+    assert CartAbandonment in shipped and len(kinds) == len(shipped)
+    assert kinds >= {
+        "cart-abandonment",
+        "order-confirmation",
+        "post-purchase",
+        "welcome",
+        "win-back",
+        "price-drop",
+    }
+    # A module of the package that is not a journey's adds nothing (the kit's own classes).
+    assert not {journey.__module__ for journey in shipped} & {"workflows.kit"}
+    assert discover(f" {HELLO} ,") == [*shipped, Browse, Hello, Lifecycle, Receipt]
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
-    names = [route.workflow_name for route in registry().routes]
-    assert names == ["CartAbandonment", "TestBrowse", "TestHello", "TestLifecycle", "TestReceipt"]
+    names = [route.workflow_name for route in registry().routes][len(shipped) :]
+    assert names == ["TestBrowse", "TestHello", "TestLifecycle", "TestReceipt"]
     with pytest.raises(JourneyError, match="KAERU_JOURNEY_MODULES names 'shop.nope'"):
         discover("shop.nope")
 
@@ -71,16 +115,16 @@ def test_an_identify_that_changed_a_start_trait_starts_an_enabled_journey(
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
     new_email = {"changed_traits": ["name", "email"]}
     # Off by default (enabled_by_default = False): its events reach a live one only.
-    (off,) = deliveries("identify", "u1", new_email)
+    (off,) = hello_only(deliveries("identify", "u1", new_email))
     assert (off.workflow_id, off.start) == ("test-hello-u1", False)
 
     monkeypatch.setenv("KAERU_TEST_HELLO_ENABLED", "true")
     registry.cache_clear()
-    (on,) = deliveries("identify", "u1", new_email)
+    (on,) = hello_only(deliveries("identify", "u1", new_email))
     assert (on.route.label, on.workflow_id, on.start) == ("Test hello", "test-hello-u1", True)
-    (name_only,) = deliveries("identify", "u1", {"changed_traits": ["name"]})
+    (name_only,) = hello_only(deliveries("identify", "u1", {"changed_traits": ["name"]}))
     assert not name_only.start  # reaches a live one, starts none
-    viewed = {d.workflow_id: d.start for d in deliveries("Product Viewed", "u1", {})}
+    viewed = {d.workflow_id: d.start for d in hello_only(deliveries("Product Viewed", "u1", {}))}
     assert viewed == {"test-hello-u1": False, "test-browse-u1": True}
 
 
@@ -89,6 +133,7 @@ def test_a_purchase_reaches_every_journey_it_ends_and_starts_the_one_it_starts(
 ) -> None:
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", HELLO)
     found = {d.workflow_id: d.start for d in deliveries("Order Completed", "u1", {})}
+    found = {wid: start for wid, start in found.items() if wid.startswith(("test-", "cart-"))}
     assert found == {
         "cart-abandonment-u1": False,
         "test-browse-u1": False,
@@ -98,6 +143,7 @@ def test_a_purchase_reaches_every_journey_it_ends_and_starts_the_one_it_starts(
     }
     # Browse abandonment gives way to a cart: a cart event reaches it, and starts the cart's.
     added = {d.workflow_id: d.start for d in deliveries("Product Added", "u1", {})}
+    added = {wid: start for wid, start in added.items() if wid.startswith(("test-", "cart-"))}
     assert added == {"cart-abandonment-u1": True, "test-browse-u1": False}
 
 

@@ -32,6 +32,8 @@ from worker import build_worker
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
 from workflows.order_confirmation import OrderConfirmation
 
+pytestmark = pytest.mark.journeys("order-confirmation")
+
 ORDER = {
     "order_id": "o-1001",
     "total": 134.6,

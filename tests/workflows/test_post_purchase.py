@@ -37,6 +37,8 @@ from worker import PASSTHROUGH, activities_for, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult, JourneyStatus
 from workflows.post_purchase import PostPurchase
 
+pytestmark = pytest.mark.journeys("post-purchase")
+
 DAY = 86400.0
 DRESS = {"product_id": "dress", "name": "Linen Dress", "price": 89.0, "quantity": 1}
 BELT = {"product_id": "belt", "name": "Leather Belt", "price": 25.0, "quantity": 1}

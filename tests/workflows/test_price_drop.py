@@ -39,6 +39,8 @@ from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
 from workflows.price_drop import PriceDropAlert
 
+pytestmark = pytest.mark.journeys("price-drop")
+
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "writing-a-journey.md"
 DAY = timedelta(days=1)

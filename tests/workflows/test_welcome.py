@@ -41,6 +41,8 @@ from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult, JourneyStatus
 from workflows.welcome import Welcome, WelcomeSettings
 
+pytestmark = pytest.mark.journeys("welcome")
+
 HOUR = 3600.0
 DAY = 24 * HOUR
 SHOP = "Pond Tea"

@@ -33,6 +33,8 @@ from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
 from workflows.win_back import WinBack
 
+pytestmark = pytest.mark.journeys("win-back")
+
 DAY = 86400.0
 DRESS = {"product_id": "dress", "name": "Linen Dress", "price": 120, "quantity": 1}
 
