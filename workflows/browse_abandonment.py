@@ -187,10 +187,11 @@ class BrowseAbandonment(Journey[BrowseSettings]):
     async def wait_until_browsing_stops(self) -> None:
         """Wait until no product was viewed for ``delay``; each view starts it again."""
         self.enter("browsing")
+        if self.last_view is None:  # every start is a view, but never wait for ever
+            self.last_view = workflow.now().timestamp()
         while True:
             views = self.views
-            last = self.last_view if self.last_view is not None else workflow.now().timestamp()
-            remaining = last + self.settings.delay - workflow.now().timestamp()
+            remaining = self.last_view + self.settings.delay - workflow.now().timestamp()
             if remaining <= 0:
                 break
             # B023: the lambda is awaited within this iteration, so ``views`` cannot move.

@@ -16,19 +16,24 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import select
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 from temporalio.common import TypedSearchAttributes
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.types import RecommendInput, RecommendResult
 from kaeru.db import session
 from kaeru.journeys import JourneyError, deliveries, load_registry, registry
 from kaeru.models import Customer, EmailMessage, Order, OrderLine, Product
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
-from worker import build_worker
+from worker import PASSTHROUGH, activities_for, build_worker, workflows
 from workflows.browse_abandonment import BrowseAbandonment, products_topic
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
 
@@ -362,6 +367,48 @@ async def test_a_long_browse_continues_as_new_and_keeps_what_was_viewed(browser:
     assert (await browser.handle().describe()).run_id != first_run
     [email] = browser.emails()
     assert "Summer Dress" in text_of(email) and "Trail Shoe" in text_of(email)
+    assert "Similar products" not in text_of(email)  # "recommendations": 0
+
+
+async def test_an_identity_merge_ends_it_merged_with_no_email(browser: Browser) -> None:
+    await browser.view(DRESS)
+    await browser.skip(HOUR)
+    await browser.route("Identity Merged", into="u-known")
+    assert await browser.outcome() == "merged"
+    await browser.skip(5 * HOUR)
+    assert browser.emails() == []
+
+
+@activity.defn(name="recommend_products")
+async def recommendations_down(wanted: RecommendInput) -> RecommendResult:
+    raise ApplicationError("the recommendations database is down", non_retryable=True)
+
+
+async def test_the_email_goes_out_without_similar_products_when_they_cannot_be_found(
+    browser: Browser,
+) -> None:
+    browser.settings = make_settings(
+        browser.db, smtp_port=browser.smtp.port, shop_url="https://shop.test"
+    )
+    async with httpx.AsyncClient() as http:
+        real = {fn.__name__: fn for fn in activities_for(browser.settings, http)}
+        activities = [fn for name, fn in real.items() if name != "recommend_products"]
+        worker = Worker(
+            browser.env.client,
+            task_queue=browser.settings.task_queue,
+            workflows=list(workflows()),
+            activities=[*activities, recommendations_down],
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+            ),
+        )
+        async with worker:
+            await browser.view(DRESS)
+            await browser.skip(4 * HOUR + timedelta(minutes=1))
+            assert await browser.outcome() == "emailed"
+    [email] = browser.emails()
+    assert "Summer Dress" in text_of(email)
+    assert "Similar products" not in text_of(email) and "Leather Belt" not in text_of(email)
 
 
 def test_the_journey_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
