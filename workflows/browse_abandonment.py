@@ -15,7 +15,6 @@ marketing email about the same products (from any journey using the topic) withi
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RecommendInput,
         RecommendResult,
     )
-    from kaeru.commerce import currency_of, id_of, minor_of
+    from kaeru.commerce import cart_topic, currency_of, id_of, minor_of
     from workflows.cart_abandonment import CART_EVENTS
     from workflows.kit import (
         Journey,
@@ -92,10 +91,10 @@ class BrowseContext:
 
 
 def products_topic(product_ids: list[str]) -> str:
-    """The topic of a marketing message about ``product_ids`` (in any order):
-    ``cart:<fingerprint>``, short and free of personal data, the same for the same products."""
-    joined = "\n".join(sorted(set(product_ids)))
-    return "cart:" + hashlib.sha256(joined.encode()).hexdigest()[:16]
+    """The topic of a marketing message about ``product_ids``: the cart journey's
+    (:func:`kaeru.commerce.cart_topic`), so a browse email and a cart reminder about the same
+    products are one topic, and the shopper gets only the first."""
+    return cart_topic(product_ids)
 
 
 def viewed_product(props: dict[str, Any]) -> ProductInfo | None:

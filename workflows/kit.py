@@ -668,10 +668,12 @@ class Journey(Generic[S]):
         """Send one message step; a bounce or a missing address ends the journey."""
         self.check_exit()
         self.enter(step)
-        if email.ordered_since is None and self.started_at is not None and self.ends_on_purchase:
+        if email.ordered_since is None and self.started_at is not None:
             # The email activity refuses to send if the customer ordered since the journey's
-            # first event happened (an order that overtook it, or one not yet routed).
-            email.ordered_since = self.started_at
+            # first event happened (an order that overtook it, or one not yet routed); for a
+            # journey an order starts, since that order: not on the order itself.
+            after = 0.0 if self.ends_on_purchase else ORDER_AFTER
+            email.ordered_since = self.started_at + after
         if email.ordered_since is not None and self.orders_until is not None:
             # ...but not on the order an earlier generation converted: a browser clock a few
             # minutes slow dates the next cart before it.

@@ -28,6 +28,9 @@ from tests.support.smtp import SMTPTestServer
 from worker import build_worker
 from workflows.kit import JourneyResult
 
+# A cart event ends it and starts the cart journey: both are on.
+pytestmark = pytest.mark.journeys("browse-abandonment", "cart-abandonment")
+
 DRESS = {
     "product_id": "dress",
     "name": "Summer Dress",

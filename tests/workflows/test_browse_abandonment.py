@@ -37,6 +37,9 @@ from worker import PASSTHROUGH, activities_for, build_worker, workflows
 from workflows.browse_abandonment import BrowseAbandonment, products_topic
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
 
+# A cart event ends it and starts the cart journey: both are on.
+pytestmark = pytest.mark.journeys("browse-abandonment", "cart-abandonment")
+
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 DRESS = {"product_id": "dress", "name": "Summer Dress", "price": 49, "currency": "USD"}
