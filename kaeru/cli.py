@@ -486,6 +486,15 @@ def events_drop(seqs: Seqs) -> None:
 #: What each setting without a description in kaeru/settings.py means.
 
 
+def _spoken(seconds: int) -> str:
+    """``seconds`` in the largest unit that holds it whole: 4 hours, 10 minutes, 3 days."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} s"
+
+
 def _default_text(value: Any) -> str:
     if value is None:
         return "unset"
@@ -493,9 +502,7 @@ def _default_text(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, timedelta):
         seconds = int(value.total_seconds())
-        days, rest = divmod(seconds, 86400)
-        human = f"{days} day{'s' if days != 1 else ''}" if not rest else f"{seconds} s"
-        return f"`{seconds}` ({human})"
+        return f"`{seconds}` ({_spoken(seconds)})"
     return f"`{value}`"
 
 
