@@ -15,6 +15,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from kaeru.journeys import registry
 from worker import PASSTHROUGH, workflows
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -22,6 +23,32 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 def test_there_are_histories_to_replay() -> None:
     assert len(HISTORIES) >= 3
+
+
+def kinds_without_history(paths: list[Path]) -> set[str]:
+    """The journey kinds in the registry that no history in ``paths`` is a run of (by the
+    workflow type its first event names, not by its file name)."""
+    recorded = set()
+    for path in paths:
+        first = WorkflowHistory.from_json(path.stem, path.read_text()).events[0]
+        recorded.add(first.workflow_execution_started_event_attributes.workflow_type.name)
+    # The registry has every journey discover() finds, switched on or off.
+    return {route.kind for route in registry().routes if route.workflow_name not in recorded}
+
+
+def test_every_journey_kind_has_a_stored_history() -> None:
+    """A journey cannot land without a history of its own: it would go unchecked here."""
+    missing = kinds_without_history(HISTORIES)
+    assert not missing, (
+        f"no stored history of {sorted(missing)}: record its main paths "
+        "(docs/writing-a-journey.md, 'tests/replay/') into tests/replay/histories"
+    )
+
+
+def test_a_kind_without_a_history_is_named() -> None:
+    """The check above can fail: without the price-drop histories it names that kind."""
+    others = [p for p in HISTORIES if "@price-drop-" not in p.name]
+    assert kinds_without_history(others) == {"price-drop"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 from sqlmodel import select
-from temporalio.client import WorkflowHandle
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -174,7 +175,6 @@ async def shopper(
     time_skipping_env: WorkflowEnvironment,
     sqlite_url: str,
     smtp: SMTPTestServer,
-    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Shopper]:
     settings = make_settings(sqlite_url, smtp_port=smtp.port)
     async with httpx.AsyncClient() as http:
@@ -188,23 +188,33 @@ async def shopper(
             # from skipping time for every later test.
             with contextlib.suppress(RPCError):
                 await shopper.handle.terminate("test over")
-            record_to = os.environ.get("KAERU_RECORD_HISTORIES")
-            if record_to:
-                # Stores this test's history for tests/replay (see docs/writing-a-journey.md),
-                # and its first run's when the journey continued as new.
-                name = request.node.name.removeprefix("test_")
-                description = await shopper.handle.describe()
-                first_run = description.raw_description.workflow_execution_info.first_run_id
-                runs = {name: description.run_id}
-                if first_run and first_run != description.run_id:
-                    runs[f"{name}-first-run"] = first_run
-                for label, run_id in runs.items():
-                    handle = shopper.env.client.get_workflow_handle(
-                        shopper.journey_id, run_id=run_id
-                    )
-                    history = await handle.fetch_history()
-                    path = Path(record_to) / f"{label}@{shopper.journey_id}.json"
-                    path.write_text(history.to_json())
+            await record_histories(shopper.env.client, shopper.journey_id)
+
+
+async def record_histories(client: Client, workflow_id: str) -> None:
+    """With ``KAERU_RECORD_HISTORIES=<dir>``, store the current test's journey history there
+    for tests/replay (docs/writing-a-journey.md): ``<test>@<workflow id>.json`` for its latest
+    run and, when it continued as new, ``<test>-first-run@<workflow id>.json`` too.
+
+    A fixture calls it as the test ends; a test that started no such journey stores nothing.
+    """
+    record_to = os.environ.get("KAERU_RECORD_HISTORIES")
+    if not record_to:
+        return
+    # pytest's documented "<node id> (<stage>)": the test's name, parameters included.
+    test = os.environ["PYTEST_CURRENT_TEST"].rpartition("::")[2].rpartition(" ")[0]
+    name = re.sub(r"\W+", "-", test.removeprefix("test_")).strip("-")
+    try:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError:
+        return
+    first_run = description.raw_description.workflow_execution_info.first_run_id
+    runs = {name: description.run_id}
+    if first_run and first_run != description.run_id:
+        runs[f"{name}-first-run"] = first_run
+    for label, run_id in runs.items():
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        (Path(record_to) / f"{label}@{workflow_id}.json").write_text(history.to_json())
 
 
 async def reach_ad_audience(shopper: Shopper) -> None:

@@ -33,6 +33,7 @@ from kaeru.models import Customer, EmailMessage, Order, OrderLine, Product
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import record_histories
 from worker import PASSTHROUGH, activities_for, build_worker, workflows
 from workflows.browse_abandonment import BrowseAbandonment, products_topic
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
@@ -191,6 +192,7 @@ async def browser(
         for kind in ("browse-abandonment", "cart-abandonment"):
             with contextlib.suppress(RPCError):
                 await one.handle(kind).terminate("test over")
+        await record_histories(one.env.client, one.journey_id)
 
 
 async def test_after_four_quiet_hours_one_email_shows_the_views_and_similar_products(

@@ -28,6 +28,7 @@ from kaeru.models import Customer, EmailMessage, Order, Product
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import record_histories
 from worker import build_worker
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyInput, JourneyResult
 from workflows.order_confirmation import OrderConfirmation
@@ -160,6 +161,7 @@ async def buyer(
     # A journey left running without its worker stops time skipping for later tests.
     with contextlib.suppress(RPCError):
         await one.handle.terminate("test over")
+    await record_histories(one.env.client, one.journey_id)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from kaeru.models import Coupon, Customer, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import record_histories
 from worker import PASSTHROUGH, activities_for, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult, JourneyStatus
 from workflows.post_purchase import PostPurchase
@@ -241,6 +242,7 @@ async def buyer_on(
         finally:
             with contextlib.suppress(RPCError):
                 await buyer.handle.terminate("test over")
+            await record_histories(env.client, buyer.journey_id)
 
 
 @activity.defn(name="recommend_products")

@@ -29,6 +29,7 @@ from kaeru.models import Customer, Order, OrderLine, Product
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import record_histories
 from worker import PASSTHROUGH, build_worker, workflows
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent, JourneyResult
 from workflows.win_back import WinBack
@@ -178,6 +179,7 @@ async def customer_on(
         # A journey left running without its worker stops time skipping for later tests.
         with contextlib.suppress(RPCError):
             await one.handle.terminate("test over")
+        await record_histories(env.client, one.journey_id)
 
 
 @pytest.fixture(autouse=True)
