@@ -114,6 +114,47 @@ def quantity_of(props: Mapping[str, Any], default: int = 1) -> int:
     return int(quantity) if 1 <= quantity <= MAX_QUANTITY else default
 
 
+@dataclass(frozen=True)
+class OrderedItem:
+    """One item of an ``Order Completed`` (``properties.products[]``), price in minor units."""
+
+    product_id: str
+    name: str | None
+    quantity: int
+    price_minor: int | None  # None: the item's price was missing or unreadable
+    currency: str
+    image_url: str | None = None
+    url: str | None = None
+
+
+def order_items_of(props: Mapping[str, Any]) -> list[OrderedItem]:
+    """The items of an ``Order Completed``'s properties, as listed (a product listed twice is
+    two items); an item without a usable product id is left out.
+
+    An item's currency is its own, else the order's (:func:`currency_of`); a URL longer than
+    :data:`MAX_URL_LENGTH` is dropped.
+    """
+    currency = currency_of(props.get("currency"))
+    products = props.get("products")
+    items: list[OrderedItem] = []
+    for product in products if isinstance(products, list) else []:
+        if not isinstance(product, dict) or (product_id := product_id_of(product)) is None:
+            continue
+        code = currency_of(product.get("currency"), currency)
+        items.append(
+            OrderedItem(
+                product_id=product_id,
+                name=clean_product_name(product.get("name")),
+                quantity=quantity_of(product),
+                price_minor=minor_of(product.get("price"), code),
+                currency=code,
+                image_url=_url(product.get("image_url")),
+                url=_url(product.get("url")),
+            )
+        )
+    return items
+
+
 @dataclass
 class CartLine:
     """One line of a stored cart (price in minor units)."""

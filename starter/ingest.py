@@ -40,9 +40,9 @@ from kaeru.commerce import (
     currency_of,
     merge_carts,
     minor_of,
+    order_items_of,
     order_total_of,
     product_id_of,
-    quantity_of,
 )
 from kaeru.coupons import redeem_coupon
 from kaeru.db import write_session
@@ -738,11 +738,8 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
         log.warning("order %s has an unreadable total; stored as 0", order_id)
         total = 0
     lines: dict[str, int] = {}
-    items = props.get("products")
-    for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict) or (product_id := product_id_of(item)) is None:
-            continue
-        lines[product_id] = min(lines.get(product_id, 0) + quantity_of(item), MAX_QUANTITY)
+    for item in order_items_of(props):  # one product listed twice is one line of both
+        lines[item.product_id] = min(lines.get(item.product_id, 0) + item.quantity, MAX_QUANTITY)
     return OrderFacts(
         order_id=order_id,
         customer_id=event.customer_id,

@@ -21,12 +21,10 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.types import SendEmailInput, SendEmailResult
     from kaeru.commerce import (
-        clean_product_name,
-        currency_of,
+        OrderedItem,
         minor_of,
+        order_items_of,
         order_total_of,
-        product_id_of,
-        quantity_of,
     )
     from kaeru.money import format_minor
     from workflows.kit import (
@@ -43,7 +41,6 @@ TEMPLATE = "order_confirmation"
 #: Orders already confirmed that a next generation remembers (the newest ones): enough to
 #: know a resent order among the few that come close together.
 MAX_REMEMBERED = 20
-MAX_URL = 2000
 
 
 @dataclass
@@ -79,6 +76,19 @@ class OrderItem:
     image_url: str | None = None
     url: str | None = None
 
+    @classmethod
+    def of(cls, item: OrderedItem) -> OrderItem:
+        """The template's item from kaeru.commerce's reading of it."""
+        return cls(
+            item.product_id,
+            item.name,
+            item.quantity,
+            item.price_minor,
+            item.currency,
+            item.image_url,
+            item.url,
+        )
+
 
 @dataclass
 class OrderConfirmationContext:
@@ -98,10 +108,6 @@ class OrderConfirmationContext:
     total_minor: int | None
 
 
-def _url(value: Any) -> str | None:
-    return value if isinstance(value, str) and len(value) <= MAX_URL else None
-
-
 def _amount(props: dict[str, Any], name: str, currency: str) -> int | None:
     return minor_of(props.get(name), currency) if props.get(name) is not None else None
 
@@ -115,26 +121,10 @@ def read_order(event: JourneyEvent, max_lines: int) -> OrderConfirmationContext:
     props = event.properties
     order = order_total_of(props, event.message_id)
     currency = order.currency
-    items: list[OrderItem] = []
-    unlisted = 0
     products = props.get("products")
-    for product in products if isinstance(products, list) else []:
-        product_id = product_id_of(product) if isinstance(product, dict) else None
-        if not isinstance(product, dict) or product_id is None or len(items) >= max_lines:
-            unlisted += 1
-            continue
-        own = currency_of(product.get("currency"), currency)
-        items.append(
-            OrderItem(
-                product_id=product_id,
-                name=clean_product_name(product.get("name")),
-                quantity=quantity_of(product),
-                price_minor=minor_of(product.get("price"), own),
-                currency=own,
-                image_url=_url(product.get("image_url")),
-                url=_url(product.get("url")),
-            )
-        )
+    items = [OrderItem.of(item) for item in order_items_of(props)[:max_lines]]
+    # Counted, not listed: the items beyond max_lines and those without a product id.
+    unlisted = (len(products) if isinstance(products, list) else 0) - len(items)
     subtotal = _amount(props, "subtotal", currency)
     if subtotal is None and items and not unlisted:
         priced = [i for i in items if i.price_minor is not None and i.currency == currency]

@@ -25,14 +25,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from kaeru.commerce import (
         MAX_CART_LINES,
-        MAX_URL_LENGTH,
         ORDER_COMPLETED,
-        clean_product_name,
-        currency_of,
-        minor_of,
+        OrderedItem,
+        order_items_of,
         order_total_of,
-        product_id_of,
-        quantity_of,
     )
     from workflows.kit import (
         ORDER_AFTER,
@@ -107,6 +103,19 @@ class OrderItem:
     image_url: str | None = None
     url: str | None = None
 
+    @classmethod
+    def of(cls, item: OrderedItem) -> OrderItem:
+        """The template's line from kaeru.commerce's reading of it."""
+        return cls(
+            item.product_id,
+            item.name,
+            item.quantity,
+            item.price_minor,
+            item.currency,
+            item.image_url,
+            item.url,
+        )
+
 
 @dataclass
 class ReviewContext:
@@ -126,31 +135,13 @@ class CrossSellContext:
     coupon: CouponInfo
 
 
-def _url(value: Any) -> str | None:
-    return value if isinstance(value, str) and len(value) <= MAX_URL_LENGTH else None
-
-
 def order_items(props: dict[str, Any]) -> list[OrderItem]:
     """The order's lines from a Segment ``Order Completed`` (``products[]``), each product
     once, at most :data:`MAX_CART_LINES` (the journey's state stays small)."""
-    currency = currency_of(props.get("currency"))
-    products = props.get("products")
     items: dict[str, OrderItem] = {}
-    for item in products if isinstance(products, list) else []:
-        if not isinstance(item, dict) or (product_id := product_id_of(item)) is None:
-            continue
-        if product_id in items or len(items) >= MAX_CART_LINES:
-            continue
-        code = currency_of(item.get("currency"), currency)
-        items[product_id] = OrderItem(
-            product_id=product_id,
-            name=clean_product_name(item.get("name")),
-            quantity=quantity_of(item),
-            price_minor=minor_of(item.get("price"), code),
-            currency=code,
-            image_url=_url(item.get("image_url")),
-            url=_url(item.get("url")),
-        )
+    for item in order_items_of(props):
+        if item.product_id not in items and len(items) < MAX_CART_LINES:
+            items[item.product_id] = OrderItem.of(item)
     return list(items.values())
 
 

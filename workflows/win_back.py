@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         RecommendResult,
         SendEmailInput,
     )
-    from kaeru.commerce import id_of
+    from kaeru.commerce import id_of, order_items_of
     from workflows.kit import (
         ORDER_COMPLETED,
         Journey,
@@ -272,13 +272,7 @@ class WinBack(Journey[WinBackSettings]):
             return
         props = event.properties
         order_id = id_of(props.get("order_id")) or event.message_id
-        products = props.get("products")
-        bought = [
-            product_id
-            for item in (products if isinstance(products, list) else [])[:MAX_BOUGHT]
-            if isinstance(item, dict)
-            and (product_id := id_of(item.get("product_id") or item.get("sku"))) is not None
-        ]
+        bought = [item.product_id for item in order_items_of(props)[:MAX_BOUGHT]]
         self.count_order(order_id[:MAX_ORDER_ID], event.occurred_at, bought)
 
     def count_order(self, order_id: str | None, placed: datetime, bought: list[str]) -> None:
