@@ -3,8 +3,10 @@
 A timeline names the customer, a ``start`` and the events in time order; each event has an
 ``at`` (ISO 8601, a weekday and time in ``start``'s week, or ``+2h``/``+1d`` after the previous
 line) and one action: ``track`` (with ``properties``), ``identify`` (the traits), ``open`` or
-``click`` (the email of a step; ``link``: which link, 0 for the first), ``ad_click``. Anything
-else is refused with the line it is on and the fix.
+``click`` (the email of a step; ``link``: which link, 0 for the first), ``ad_click``. An
+optional ``shop_orders`` lists other shoppers' orders (``Order Completed`` properties), stored
+a day before ``start``: the shop's history that best-sellers and "bought together" read.
+Anything else is refused with the line it is on and the fix.
 """
 
 from __future__ import annotations

@@ -271,3 +271,22 @@ def test_shop_orders_must_be_a_list_of_orders(tmp_path: Path) -> None:
     printed = invoke("welcome", timeline(tmp_path, GOOD_START + "shop_orders: 3\n"))
     assert printed.exit_code == 2, printed.output
     assert "line 7: shop_orders must be a list" in " ".join(printed.output.split())
+
+
+async def test_welcome_starts_at_a_later_identify_and_ends_at_the_first_order(
+    tmp_path: Path,
+) -> None:
+    text = """customer: {id: dee}
+start: 2026-03-02T09:00:00Z
+events:
+  - at: Tuesday 11:00
+    identify: {email: dee@example.com}
+  - at: Wednesday 12:00
+    track: Order Completed
+    properties: {order_id: "7", total: 10, currency: EUR}
+"""
+    result = await simulate("welcome", timeline(tmp_path, text), tmp_path / "out")
+    sent = [(m.step, f"{m.at:%a %H:%M}") for m in result.messages]
+    assert sent == [("welcome_email", "Tue 11:00")]
+    assert result.outcome == "purchased"
+    assert result.story[-1] == "Wed 2026-03-04 12:00  journey ended: purchased"
