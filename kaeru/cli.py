@@ -575,9 +575,10 @@ def simulate(
         say(f"  {message.at:%a %Y-%m-%d %H:%M}  {message.step}: {message.subject}")
     if not result.messages:
         say("  none")
-    say("[bold]Ad audiences[/bold]", markup=True)
-    for line in result.audience or ["none"]:
-        say(f"  {line}")
+    if result.audience:  # only journeys that touch an ad audience have anything to say here
+        say("[bold]Ad audiences[/bold]", markup=True)
+        for line in result.audience:
+            say(f"  {line}")
     ending = result.outcome or "still running when the simulation stopped"
     say(f"[bold]Journey ended:[/bold] {ending} (last step {result.last_step})", markup=True)
     say("[bold]Story[/bold]", markup=True)

@@ -1,13 +1,16 @@
-"""The demo shopper: one cart-abandonment journey, from cart to purchase, in about half a minute.
+"""The demo shopper: a sign-up, a browse, a cart and a purchase, in about half a minute.
 
-``kaeru dev --demo`` shortens the journey's waits (unless you set them) and, once the stack is
-up, plays a shopper against the real API over HTTP: identify, two ``Product Added``, a few
-past orders of other shoppers (so "bought together" has data), then it waits for the cart
+``kaeru dev --demo`` shortens the cart journey's waits (unless you set them) and, once the
+stack is up, plays a shopper against the real API over HTTP: a few past orders of other
+shoppers (so "bought together" has data), an identify (the welcome series starts: its welcome
+email arrives), a ``Product Viewed`` (the browse journey starts, and gives way to the cart
+journey at the first ``Product Added``), two ``Product Added``; then it waits for the cart
 email in the mail catcher, opens it (fetches its pixel, as a mail client would), waits to
 join the ad audience, clicks the ad (a ``page`` call with the retargeting UTM campaign),
-waits for the coupon email and buys with the coupon. Every step is narrated with the link
-to look at. ``kaeru demo`` runs the same shopper against a ``kaeru dev --demo`` already
-running.
+waits for the coupon email and buys with the coupon: the order confirmation arrives, and the
+post-purchase and win-back journeys start waiting (days, by their settings). Every step is
+narrated with the link to look at. ``kaeru demo`` runs the same shopper against a
+``kaeru dev --demo`` already running.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape as xml_escape
 
@@ -32,17 +36,23 @@ from fastapi import APIRouter, HTTPException, Response
 from rich.console import Console
 from rich.text import Text
 from sqlmodel import select
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
 
 from kaeru.db import session as db_session
 from kaeru.dev.plan import DevPlan, workflow_url
-from kaeru.journeys import registry
+from kaeru.journeys import prefix_of, registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
 from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
+from workflows.browse_abandonment import BrowseAbandonment
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
-from workflows.kit import JourneyResult, JourneyStatus
+from workflows.kit import Journey, JourneyResult, JourneyStatus
+from workflows.order_confirmation import OrderConfirmation
+from workflows.post_purchase import PostPurchase, PostPurchaseSettings
+from workflows.welcome import Welcome
+from workflows.win_back import WinBack, WinBackSettings
 
 T = TypeVar("T")
 
@@ -60,6 +70,8 @@ SHOPPER_EMAIL = "demo-shopper@example.com"
 SHOPPER_NAME = "Demo Shopper"
 #: The whole demo gives up after this; with the demo waits it takes about half a minute.
 DEADLINE = 115.0
+#: The product the shopper looks at before the cart (the browse journey's start).
+BROWSED = "frog-mug"
 COUPON_CODE = re.compile(r"\bKAERU-[A-Z0-9]{4,}\b")
 OPEN_PIXEL = re.compile(r"""src=["']([^"']+/t/o/[^"']+)["']""")
 
@@ -74,6 +86,16 @@ def with_demo_waits(settings: Settings) -> Settings:
             os.environ.setdefault(variable, value)
     registry.cache_clear()
     return settings
+
+
+def in_words(seconds: float) -> str:
+    """A wait as a person says it: ``7 days``, ``4 hours``, ``90 seconds``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    count = round(seconds)
+    return f"{count} second{'' if count == 1 else 's'}"
 
 
 # ---- the demo shop's catalogue -------------------------------------------------------------
@@ -174,7 +196,7 @@ class DemoTarget:
 
 
 class DemoShopper:
-    """One shopper, one journey. Each run is a new customer id, so a new journey."""
+    """One shopper. Each run is a new customer id, so new journeys."""
 
     def __init__(
         self,
@@ -236,10 +258,27 @@ class DemoShopper:
             "is often bought together"
         )
         await self.post("/v1/identify", self.identify())
+        if self.is_on(Welcome):
+            self.say("signed up with their email address: the welcome series begins")
+            welcome = await self.mail("welcome_email", 45, self.journey_of(Welcome.kind))
+            self.say(f"welcome email: {welcome['subject']!r}", self.inbox_link(welcome))
+        else:
+            self.say("signed up with their email address")
+
+        browsing = self.is_on(BrowseAbandonment)
+        if browsing:
+            browsed = CATALOGUE[BROWSED]
+            await self.post("/v1/track", self.product_viewed(browsed))
+            self.say(
+                f"looked at the {browsed.name}: the browse journey starts, to remind them of it "
+                "if they leave without a cart"
+            )
         for product_id in CART:
             await self.post("/v1/track", self.product_added(CATALOGUE[product_id]))
         names = " and ".join(CATALOGUE[p].name for p in CART)
         self.say(f"added {names} to the cart, then left")
+        if browsing:
+            await self.browse_gave_way()
 
         quiet = s.email_delay
         self.say(f"waiting for the cart email (sent once the cart is quiet for {quiet:.0f}s)")
@@ -267,7 +306,84 @@ class DemoShopper:
 
         order = await self.buy(coupon)
         self.say(f"bought the cart with {coupon}: order {order}")
-        return await self.outcome()
+        if self.is_on(OrderConfirmation):
+            confirmation = await self.mail(
+                "confirmation_email", 45, self.journey_of(OrderConfirmation.kind)
+            )
+            self.say(
+                f"order confirmation for order {self.order_id}: {confirmation['subject']!r}",
+                self.inbox_link(confirmation),
+            )
+        result = await self.outcome()
+        await self.after_the_order()
+        self.say(f"done in {time.monotonic() - self.started:.0f}s; another shopper: kaeru demo")
+        return result
+
+    def is_on(self, journey: type[Journey[Any]]) -> bool:
+        """Whether ``journey`` is switched on; if not, say how to switch it on."""
+        if registry().route(journey.kind).enabled:
+            return True
+        self.say(
+            f"({journey.label} is off: KAERU_{prefix_of(journey)}_ENABLED=true switches it on)"
+        )
+        return False
+
+    async def browse_gave_way(self) -> None:
+        """The browse journey ends ``carted`` once the cart journey starts: no browse email."""
+        browse = await self.ended(BrowseAbandonment.kind, 30)
+        link = self.journey_link(None, self.journey_of(BrowseAbandonment.kind))
+        if browse.outcome != "carted":
+            raise StackError(
+                f"the browse journey ended {browse.outcome!r}, not 'carted', when the shopper "
+                f"added to the cart; see {link}"
+            )
+        self.say(
+            "the cart journey took over: the browse journey ended without an email (no "
+            "reminder about products already in the cart)",
+            link,
+        )
+
+    async def after_the_order(self) -> None:
+        """Say what the first order ended (the welcome series) and what it started that takes
+        days: the post-purchase and win-back journeys (each checked running), with when their
+        first email comes."""
+        if registry().route(Welcome.kind).enabled:
+            welcome = await self.ended(Welcome.kind, 30)
+            link = self.journey_link(None, self.journey_of(Welcome.kind))
+            if welcome.outcome != "purchased":
+                raise StackError(
+                    f"the first order did not end the welcome series (it ended "
+                    f"{welcome.outcome!r}); see {link}"
+                )
+            self.say(
+                "the first order ended the welcome series: no best-sellers email or "
+                "first-purchase coupon will follow",
+                link,
+            )
+        post: PostPurchaseSettings = registry().route(PostPurchase.kind).journey_settings
+        back: WinBackSettings = registry().route(WinBack.kind).journey_settings
+        waiting: tuple[tuple[type[Journey[Any]], str], ...] = (
+            (
+                PostPurchase,
+                f"asks for a review in {in_words(post.review_delay)} "
+                f"(KAERU_{prefix_of(PostPurchase)}_REVIEW_DELAY)",
+            ),
+            (
+                WinBack,
+                f"sends a we-miss-you email if no order comes in {in_words(back.after)} "
+                f"(KAERU_{prefix_of(WinBack)}_AFTER)",
+            ),
+        )
+        for journey, first in waiting:
+            if not self.is_on(journey):
+                continue
+            workflow_id = self.journey_of(journey.kind)
+            name = journey.label[0].lower() + journey.label[1:]
+            await self.until(partial(self.running, workflow_id), 30, f"start the {name}")
+            self.say(
+                f"the order started the {name} journey: it {first}",
+                self.journey_link(None, workflow_id),
+            )
 
     # ---- events, as a shop backend sends them -------------------------------------------------
 
@@ -318,6 +434,11 @@ class DemoShopper:
             userId=self.customer_id, traits={"email": SHOPPER_EMAIL, "name": SHOPPER_NAME}
         )
 
+    def product_viewed(self, p: DemoProduct) -> dict[str, Any]:
+        return self.event(
+            userId=self.customer_id, event="Product Viewed", properties=self.product(p)
+        )
+
     def product_added(self, p: DemoProduct) -> dict[str, Any]:
         return self.event(
             userId=self.customer_id, event="Product Added", properties=self.product(p)
@@ -343,7 +464,7 @@ class DemoShopper:
         subtotal = sum(to_minor(CATALOGUE[p].price, "USD") for p in CART)
         discount = min(self.cart_settings.coupon_amount_minor, subtotal)
         total = Decimal(subtotal - discount) / 100
-        order_id = f"{self.customer_id}-order"
+        order_id = self.order_id
         await self.post(
             "/v1/track",
             self.event(
@@ -361,6 +482,10 @@ class DemoShopper:
             ),
         )
         return f"{order_id}, {format_minor(subtotal - discount, 'USD')}"
+
+    @property
+    def order_id(self) -> str:
+        return f"{self.customer_id}-order"
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.target.api_url}{path}"
@@ -401,8 +526,14 @@ class DemoShopper:
                 )
             await asyncio.sleep(0.5)
 
-    async def mail(self, step: str, timeout: float) -> dict[str, Any]:
-        """The journey's email of ``step``, from the mail catcher's JSON API."""
+    def journey_of(self, kind: str) -> str:
+        """The workflow id of this shopper's journey of ``kind``."""
+        return registry().route(kind).workflow_id(self.customer_id)
+
+    async def mail(self, step: str, timeout: float, journey: str | None = None) -> dict[str, Any]:
+        """The email of ``step`` from ``journey`` (default: the cart journey), from the mail
+        catcher's JSON API."""
+        journey_id = journey or self.journey_id
 
         async def arrived() -> dict[str, Any] | None:
             try:
@@ -413,13 +544,14 @@ class DemoShopper:
                     "the demo reads mail there, so KAERU_SMTP_HOST must be unset"
                 ) from exc
             for m in listed.json():
-                if m.get("journey") == self.journey_id and m.get("step") == step:
+                if m.get("journey") == journey_id and m.get("step") == step:
                     detail = await self.http.get(f"{self.target.inbox_url}/api/messages/{m['id']}")
                     message: dict[str, Any] = detail.json()
                     return message
             return None
 
-        return await self.until(arrived, timeout, f"get the {step} email")
+        what = step.removesuffix("_email").replace("_", " ")
+        return await self.until(arrived, timeout, f"get the {what} email")
 
     def inbox_link(self, message: dict[str, Any]) -> str:
         return f"{self.target.inbox_url}/m/{message['id']}"
@@ -478,18 +610,44 @@ class DemoShopper:
         status = await handle.query("status", result_type=JourneyStatus)
         with_coupon = f", with coupon {result.coupon_code}" if result.coupon_code else ""
         self.say(
-            f"journey ended: {result.outcome}{with_coupon}", self.journey_link(description.run_id)
+            f"the cart journey ended: {result.outcome}{with_coupon}",
+            self.journey_link(description.run_id),
         )
         for line in status.story:
             self.console.print(Text(f"{' ' * 21}{line}", style="dim"), soft_wrap=True)
-        self.say(f"done in {time.monotonic() - self.started:.0f}s; another shopper: kaeru demo")
         return result
 
-    def journey_link(self, run_id: str | None) -> str:
+    async def ended(self, kind: str, timeout: float) -> JourneyResult:
+        """The result of this shopper's journey of ``kind``, once it ends."""
+        workflow_id = self.journey_of(kind)
+
+        async def result() -> JourneyResult | None:
+            handle = self.client.get_workflow_handle(workflow_id, result_type=JourneyResult)
+            try:
+                description = await handle.describe()
+            except RPCError:
+                return None  # not started yet: the router is on its way
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                return None
+            ended: JourneyResult = await handle.result()
+            return ended
+
+        return await self.until(result, timeout, f"end the {kind} journey")
+
+    async def running(self, workflow_id: str) -> bool | None:
+        """True once the workflow ``workflow_id`` runs."""
+        try:
+            description = await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError:
+            return None
+        return description.status == WorkflowExecutionStatus.RUNNING or None
+
+    def journey_link(self, run_id: str | None, workflow_id: str | None = None) -> str:
+        wid = workflow_id or self.journey_id
         ui = self.target.temporal_ui_url
         if ui is None:
-            return f"workflow {self.journey_id} in your Temporal UI"
-        return workflow_url(ui, self.target.namespace, self.journey_id, run_id)
+            return f"workflow {wid} in your Temporal UI"
+        return workflow_url(ui, self.target.namespace, wid, run_id)
 
 
 async def run_demo(

@@ -40,6 +40,7 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from kaeru.commerce import ORDER_COMPLETED
 from kaeru.db import migrate
 from kaeru.dev.timeline import Step, Timeline, TimelineError, aware, load_timeline
 from kaeru.journeys import JourneyRoute, deliveries, prefix_of, registry
@@ -59,6 +60,8 @@ _CLICK = re.compile(r"/t/c/([A-Za-z0-9_\-.=]+)")
 END_TIMEOUT = 60.0
 #: The router's lease name for the simulator's own database (nothing else routes there).
 _HOLDER = "kaeru-simulate"
+#: The customer id prefix of the timeline's ``shop_orders`` (other shoppers).
+_SHOPPER = "simulated-shopper"
 
 
 class UnknownJourney(TimelineError):
@@ -236,8 +239,15 @@ class _Player:
         traits = {
             k: v for k, v in (("email", self.customer.email), ("name", self.customer.name)) if v
         }
+        before = self.timeline.start - timedelta(days=1)
+        for n, (line, order) in enumerate(self.timeline.shop_orders, start=1):
+            shopper = f"{_SHOPPER}-{n}"
+            body = {"properties": order}
+            await self.store("track", ORDER_COMPLETED, body, before, line, shopper)
         start_line = self.timeline.customer_line
         await self.store("identify", None, {"traits": traits}, self.timeline.start, start_line)
+        # Now, not at the first line: an identify may start the journey (a welcome series).
+        await self.route_stored()
         for step in self.timeline.steps:
             await self.advance_to(step.at)
             await self.perform(step)
@@ -282,13 +292,20 @@ class _Player:
         await self.route_stored()
 
     async def store(
-        self, event_type: str, name: str | None, body: dict[str, Any], at: datetime, line: int
+        self,
+        event_type: str,
+        name: str | None,
+        body: dict[str, Any],
+        at: datetime,
+        line: int,
+        customer_id: str | None = None,
     ) -> None:
-        """Store one event through ingestion's own checks and functions."""
+        """Store one event through ingestion's own checks and functions (the timeline's
+        customer's, unless ``customer_id`` names another shopper)."""
         self.count += 1
         raw: dict[str, Any] = {
             "type": event_type,
-            "userId": self.customer.id,
+            "userId": customer_id or self.customer.id,
             "messageId": f"simulated-{self.count}",
             "timestamp": (at + self.offset).isoformat(),
             **body,
@@ -351,8 +368,14 @@ class _Player:
         events = await asyncio.to_thread(fetch_unrouted, url, 100)
         marks = []
         for event in events:
+            marks.append(Mark(event.seq, event.customer_id))
+            if event.customer_id != self.customer.id:
+                continue  # another shopper's (shop_orders): history, not this journey's
             journey_event = event.journey_event()
-            for target in deliveries(event.name, event.customer_id, journey_event.properties):
+            # By the name journeys see it by (``identify`` for an identify), as the router does.
+            for target in deliveries(
+                journey_event.name, event.customer_id, journey_event.properties
+            ):
                 if target.route.kind != self.route.kind:
                     continue
                 if target.start:
@@ -374,17 +397,15 @@ class _Player:
                 elif self.started:
                     with contextlib.suppress(RPCError):  # an ended journey: nothing to do
                         await self.handle.signal(EVENT_SIGNAL, journey_event)
-            marks.append(Mark(event.seq, event.customer_id))
         if marks:
             await asyncio.to_thread(mark_routed, url, self.fence, marks)
 
     async def finish(self) -> None:
         """Let the journey run to its end (time skips), then read its story."""
         if self.started is None:
-            starts = ", ".join(sorted(self.route.journey.starts_on)) or "none"
             raise TimelineError(
                 f"the timeline never starts the {self.route.kind} journey: add an event that "
-                f"starts it (track: one of {starts})"
+                f"starts it ({self.what_starts()})"
             )
         waiting = asyncio.ensure_future(self.started.result())
         done, _ = await asyncio.wait({waiting}, timeout=END_TIMEOUT)
@@ -398,6 +419,18 @@ class _Player:
         self.result.last_step = self.result.last_step or status.step
         self.result.story = [self.story_line(line) for line in status.story]
         self.result.audience = [line for line in self.result.story if "audience" in line]
+
+    def what_starts(self) -> str:
+        """What starts the journey, in the timeline's words: its ``track`` events and the
+        traits whose first value (or change) in an ``identify`` starts it."""
+        journey = self.route.journey
+        ways = []
+        if journey.starts_on:
+            ways.append(f"track: one of {', '.join(sorted(journey.starts_on))}")
+        if journey.starts_on_traits:
+            traits = ", ".join(sorted(journey.starts_on_traits))
+            ways.append(f"identify: set {traits}, in customer or an identify line")
+        return "; or ".join(ways) or "nothing starts it"
 
     def story_line(self, line: str) -> str:
         """A story line with its time (the server's) moved to the timeline's calendar."""

@@ -3,8 +3,10 @@
 A timeline names the customer, a ``start`` and the events in time order; each event has an
 ``at`` (ISO 8601, a weekday and time in ``start``'s week, or ``+2h``/``+1d`` after the previous
 line) and one action: ``track`` (with ``properties``), ``identify`` (the traits), ``open`` or
-``click`` (the email of a step; ``link``: which link, 0 for the first), ``ad_click``. Anything
-else is refused with the line it is on and the fix.
+``click`` (the email of a step; ``link``: which link, 0 for the first), ``ad_click``. An
+optional ``shop_orders`` lists other shoppers' orders (``Order Completed`` properties), stored
+a day before ``start``: the shop's history that best-sellers and "bought together" read.
+Anything else is refused with the line it is on and the fix.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import yaml
 
 #: Keys a timeline may have, and those of each of its events.
-TIMELINE_KEYS = ("customer", "start", "events")
+TIMELINE_KEYS = ("customer", "start", "events", "shop_orders")
 CUSTOMER_KEYS = ("id", "email", "name")
 ACTIONS = ("track", "identify", "open", "click", "ad_click")
 EVENT_KEYS = ("at", *ACTIONS, "properties", "link")
@@ -62,6 +64,9 @@ class Timeline:
     customer_line: int
     start: datetime
     steps: list[Step]
+    #: Other shoppers' orders before ``start`` (line, ``Order Completed`` properties): the
+    #: shop's history that best-sellers and "bought together" read.
+    shop_orders: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 def _lines(node: yaml.Node | None) -> dict[str, int]:
@@ -169,8 +174,27 @@ def load_timeline(path: Path) -> Timeline:
         steps.append(step)
         previous = step.at
     return Timeline(
-        customer=customer, customer_line=top.get("customer", 1), start=start, steps=steps
+        customer=customer,
+        customer_line=top.get("customer", 1),
+        start=start,
+        steps=steps,
+        shop_orders=_shop_orders(data.get("shop_orders", []), _value(root, "shop_orders")),
     )
+
+
+def _shop_orders(raw: Any, node: yaml.Node | None) -> list[tuple[int, dict[str, Any]]]:
+    """``shop_orders``: a list of ``Order Completed`` properties, each with its line."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    if not isinstance(raw, list) or not all(isinstance(order, dict) for order in raw):
+        raise TimelineError(
+            f"line {line}: shop_orders must be a list of other shoppers' orders, e.g. "
+            "- {order_id: o1, total: 20, products: [{product_id: belt-1, name: Belt, price: 20}]}"
+        )
+    items = node.value if isinstance(node, yaml.SequenceNode) else []
+    return [
+        (items[n].start_mark.line + 1 if n < len(items) else line, order)
+        for n, order in enumerate(raw)
+    ]
 
 
 def _parse(text: str, path: Path) -> tuple[Any, yaml.Node | None]:

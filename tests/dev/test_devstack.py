@@ -262,27 +262,62 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
         try:
             assert dev.stdout is not None
             deadline = time.monotonic() + 120
-            while not any("journey ended:" in line for line in lines):
+            while not any("another shopper: kaeru demo" in line for line in lines):
                 assert time.monotonic() < deadline, "the demo took over two minutes:\n" + "".join(
                     lines
                 )
                 line = await asyncio.wait_for(asyncio.to_thread(dev.stdout.readline), 120)
                 assert line, "kaeru dev exited:\n" + "".join(lines)
                 lines.append(line)
+            inbox = f"http://127.0.0.1:{env['KAERU_MAIL_CATCHER_PORT']}/api/messages"
+            async with httpx.AsyncClient() as http:
+                received = (await http.get(inbox)).json()
             dev.send_signal(signal.SIGINT)
             rest, _ = await asyncio.to_thread(dev.communicate, timeout=30)
         finally:
             dev.kill()
         output = "".join(lines) + rest
 
-    assert "journey ended: purchased" in output, output
-    assert "coupon email with KAERU-" in output
+    assert "the cart journey ended: purchased" in output, output
+    # What the shopper received, in the mail catcher: one email of each of these, in order.
+    customer = re.search(r"customer (demo-[0-9a-f]+)", output)
+    assert customer is not None, output
+    mine = [
+        (m["journey"], m["step"])
+        for m in reversed(received)  # the mail catcher lists newest first
+        if m["journey"] and m["journey"].endswith(customer.group(1))
+    ]
+    who = customer.group(1)
+    assert mine == [
+        (f"welcome-{who}", "welcome_email"),
+        (f"cart-abandonment-{who}", "cart_email"),
+        (f"cart-abandonment-{who}", "offer_email"),
+        (f"order-confirmation-{who}", "confirmation_email"),
+    ], mine
+    # ...and the narration says so, with a link to each in the inbox.
+    assert re.search(r"welcome email: 'Welcome to .+'\n +http://\S+/m/", output), output
+    assert re.search(r"coupon email with KAERU-\S+\n +http://\S+/m/", output)
+    assert re.search(
+        rf"order confirmation for order {who}-order: 'Your order {who}-order .+'\n +http://\S+/m/",
+        output,
+    )
+    assert "the browse journey ended without an email" in output
+    assert "the first order ended the welcome series" in output
+    assert "post-purchase follow-up journey: it asks for a review in 7 days" in output
+    assert "win-back journey: it sends a we-miss-you email if no order comes in 60 days" in output
+    # Each with its journey (a UI link; here, with no UI, its workflow id).
+    assert f"workflow post-purchase-{who} in your Temporal UI" in output
+    assert f"workflow win-back-{who} in your Temporal UI" in output
     # The narration and the journey's story read as a person would say them.
     assert (
         "sent the cart email to the shopper" in output and "the shopper opened the cart" in output
     )
     assert "the cart went quiet with 2 items" in output
-    leaks = [line for line in output.splitlines() if re.search(r"\w_email|\(s\)|last step", line)]
+    leaks = [
+        line
+        for line in output.splitlines()
+        if re.search(r"\w_email|\(s\)|last step|'carted'|outcome", line)
+    ]
     assert leaks == [], leaks
     assert dev.returncode == 0, output
     assert "kaeru stopped." in output and "Traceback" not in output

@@ -214,3 +214,79 @@ async def test_a_click_in_the_email_reaches_the_journey(tmp_path: Path) -> None:
     result = await simulate("cart-abandonment", timeline(tmp_path, text), tmp_path / "out")
     assert result.outcome == "ad_not_clicked"
     assert result.audience[0].startswith("Wed 2026-03-04 12:00  added the shopper")
+
+
+async def test_welcome_series_from_the_sign_up(tmp_path: Path) -> None:
+    """The shipped welcome example: the customer's identify (it sets the email) starts the
+    series; welcome at once, the shop's best-sellers (its shop_orders) on day 3, the coupon on
+    day 7, then the coupon's wait runs out."""
+    result = await simulate("welcome", EXAMPLE.with_name("welcome.yaml"), tmp_path / "out")
+    sent = [(m.step, f"{m.at:%a %m-%d %H:%M}") for m in result.messages]
+    assert sent == [
+        ("welcome_email", "Mon 03-02 09:00"),
+        ("bestsellers_email", "Thu 03-05 09:00"),
+        ("offer_email", "Mon 03-09 09:00"),
+    ]
+    assert "Linen dress" in result.messages[1].text  # the most ordered of the shop_orders
+    coupon = next(
+        m.group(1) for line in result.story if (m := re.search(r"issued coupon (\S+)", line))
+    )
+    assert coupon in result.messages[2].subject
+    assert (result.outcome, result.last_step) == ("offer_ignored", "offer_email")
+    assert result.audience == []
+
+
+async def test_order_confirmation_at_once(tmp_path: Path) -> None:
+    """The shipped order example: the confirmation goes out the minute the order comes in."""
+    path = EXAMPLE.with_name("order-confirmation.yaml")
+    result = await simulate("order-confirmation", path, tmp_path / "out")
+    assert [(m.step, f"{m.at:%a %H:%M}") for m in result.messages] == [
+        ("confirmation_email", "Wed 14:30")
+    ]
+    assert "1002" in result.messages[0].subject
+    text = result.messages[0].text
+    assert "Leather belt" in text and "129.00 EUR" in text
+    assert result.outcome == "confirmed"
+
+
+def test_the_cli_shows_ad_audiences_only_when_touched(tmp_path: Path) -> None:
+    welcome = invoke("welcome", EXAMPLE.with_name("welcome.yaml"), "--out", tmp_path / "w")
+    assert welcome.exit_code == 0, welcome.output
+    assert "Mon 2026-03-02 09:00  welcome_email: Welcome to" in welcome.output
+    assert "Ad audiences" not in welcome.output
+    cart = invoke("cart-abandonment", EXAMPLE, "--out", tmp_path / "c")
+    assert "Ad audiences" in cart.output and "added the shopper" in cart.output
+
+
+def test_a_welcome_that_never_starts_says_what_starts_it(tmp_path: Path) -> None:
+    text = GOOD_START.replace("{id: ada, email: ada@example.com}", "{id: ada}")
+    printed = invoke("welcome", timeline(tmp_path, text))
+    assert printed.exit_code == 2, printed.output
+    said = " ".join(printed.output.split())
+    assert "never starts the welcome journey" in said
+    assert "identify: set email" in said
+
+
+def test_shop_orders_must_be_a_list_of_orders(tmp_path: Path) -> None:
+    printed = invoke("welcome", timeline(tmp_path, GOOD_START + "shop_orders: 3\n"))
+    assert printed.exit_code == 2, printed.output
+    assert "line 7: shop_orders must be a list" in " ".join(printed.output.split())
+
+
+async def test_welcome_starts_at_a_later_identify_and_ends_at_the_first_order(
+    tmp_path: Path,
+) -> None:
+    text = """customer: {id: dee}
+start: 2026-03-02T09:00:00Z
+events:
+  - at: Tuesday 11:00
+    identify: {email: dee@example.com}
+  - at: Wednesday 12:00
+    track: Order Completed
+    properties: {order_id: "7", total: 10, currency: EUR}
+"""
+    result = await simulate("welcome", timeline(tmp_path, text), tmp_path / "out")
+    sent = [(m.step, f"{m.at:%a %H:%M}") for m in result.messages]
+    assert sent == [("welcome_email", "Tue 11:00")]
+    assert result.outcome == "purchased"
+    assert result.story[-1] == "Wed 2026-03-04 12:00  journey ended: purchased"
