@@ -104,9 +104,9 @@ async def test_customer_profile_with_orders_and_touchpoints(
 
 async def test_outbox_counts_what_waits(api: httpx.AsyncClient) -> None:
     await api.post("/v1/track", json={"userId": "u1", "event": "Product Added"}, auth=AUTH)
-    await api.post("/v1/track", json={"userId": "u1", "event": "Product Viewed"}, auth=AUTH)
+    await api.post("/v1/track", json={"userId": "u1", "event": "Signed Up"}, auth=AUTH)
     body = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
-    assert body["unrouted"] == 1  # a viewed product has no journey to reach
+    assert body["unrouted"] == 1  # a sign-up has no journey to reach
     assert body["oldest_unrouted_age_seconds"] >= 0
     assert (body["failing"], body["oldest_failure"], body["holds_lease"]) == (0, None, False)
 

@@ -646,19 +646,21 @@ async def test_temporal_rate_limiting_pauses_routing_and_counts_against_no_event
         search_attributes=list(SEARCH_ATTRIBUTES),
         dev_server_extra_args=[
             "--dynamic-config-value",
-            "frontend.namespaceRPS=5",
+            "frontend.namespaceRPS=10",
             "--dynamic-config-value",
             "frontend.namespaceBurstRatio=1",
         ],
     )
     try:
+        # 10 requests a second: each cart event costs two (the cart journey's start and a
+        # signal to a browse journey that may be live), 8 customers' 16 exceed it at once.
         # One quick SDK retry (0 means the default, 5 slow ones): the router sees
         # RESOURCE_EXHAUSTED at once, as it does after the SDK's own retries in production.
         retry = RetryConfig(max_retries=1, initial_interval_millis=10, max_interval_millis=20)
         client = await Client.connect(
             env.client.service_client.config.target_host, retry_config=retry
         )
-        customers = [customer("busy") for _ in range(15)]
+        customers = [customer("busy") for _ in range(8)]
         store_directly(settings, [added(c) for c in customers])
         router = Router(settings, client, retry_base=0.2, retry_max=1.0, poll_interval=0.1)
         await router.start()
@@ -670,7 +672,7 @@ async def test_temporal_rate_limiting_pauses_routing_and_counts_against_no_event
         await env.shutdown()
     assert "routing paused" in caplog.text and "RESOURCE_EXHAUSTED" in caplog.text
     stored = events(settings)
-    assert [e.route_attempts for e in stored] == [0] * 15
+    assert [e.route_attempts for e in stored] == [0] * 8
     assert all(e.routed_at is not None and e.parked_at is None for e in stored)
 
 
