@@ -193,7 +193,7 @@ def test_kaeru_settings_table_lists_a_journey_from_journey_modules(
     monkeypatch.setenv("KAERU_JOURNEY_MODULES", "tests.journeys.hello")
     table = settings_markdown()
     assert "| `KAERU_TEST_HELLO_ENABLED` | false |" in table
-    assert "| `KAERU_TEST_HELLO_DELAY` | `3600` (3600 s) | wait after the sign-up" in table
+    assert "| `KAERU_TEST_HELLO_DELAY` | `3600` (1 hour) | wait after the sign-up" in table
     assert "| `KAERU_CART_EMAIL_DELAY` | `86400` (1 day) |" in table
 
 
