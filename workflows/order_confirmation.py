@@ -64,30 +64,9 @@ class OrderConfirmationSettings:
             raise ValueError("max_lines must be 1 to 200, e.g. 50")
 
 
-@dataclass
-class OrderItem:
-    """One item of the order, in the shape the templates' ``products_of`` reads."""
-
-    product_id: str
-    name: str | None
-    quantity: int
-    price_minor: int | None
-    currency: str
-    image_url: str | None = None
-    url: str | None = None
-
-    @classmethod
-    def of(cls, item: OrderedItem) -> OrderItem:
-        """The template's item from kaeru.commerce's reading of it."""
-        return cls(
-            item.product_id,
-            item.name,
-            item.quantity,
-            item.price_minor,
-            item.currency,
-            item.image_url,
-            item.url,
-        )
+#: One item of the order, read by kaeru.commerce (the one reader of an order's items), in the
+#: product shape the templates' ``products_of`` reads.
+OrderItem = OrderedItem
 
 
 @dataclass
@@ -122,7 +101,7 @@ def read_order(event: JourneyEvent, max_lines: int) -> OrderConfirmationContext:
     order = order_total_of(props, event.message_id)
     currency = order.currency
     products = props.get("products")
-    items = [OrderItem.of(item) for item in order_items_of(props)[:max_lines]]
+    items = order_items_of(props)[:max_lines]
     # Counted, not listed: the items beyond max_lines and those without a product id.
     unlisted = (len(products) if isinstance(products, list) else 0) - len(items)
     subtotal = _amount(props, "subtotal", currency)

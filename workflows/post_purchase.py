@@ -91,30 +91,9 @@ class PostPurchaseSettings:
             raise ValueError("coupon_currency must be a 3-letter ISO 4217 code, e.g. USD")
 
 
-@dataclass
-class OrderItem:
-    """One line of the order, in the product shape the templates' ``products_of`` reads."""
-
-    product_id: str
-    name: str | None
-    quantity: int
-    price_minor: int | None
-    currency: str
-    image_url: str | None = None
-    url: str | None = None
-
-    @classmethod
-    def of(cls, item: OrderedItem) -> OrderItem:
-        """The template's line from kaeru.commerce's reading of it."""
-        return cls(
-            item.product_id,
-            item.name,
-            item.quantity,
-            item.price_minor,
-            item.currency,
-            item.image_url,
-            item.url,
-        )
+#: One item of the order, read by kaeru.commerce (the one reader of an order's items), in the
+#: product shape the templates' ``products_of`` reads.
+OrderItem = OrderedItem
 
 
 @dataclass
@@ -141,7 +120,7 @@ def order_items(props: dict[str, Any]) -> list[OrderItem]:
     items: dict[str, OrderItem] = {}
     for item in order_items_of(props):
         if item.product_id not in items and len(items) < MAX_CART_LINES:
-            items[item.product_id] = OrderItem.of(item)
+            items[item.product_id] = item
     return list(items.values())
 
 
