@@ -105,6 +105,8 @@ class Customer(SQLModel, table=True):
     customer_id: str = Field(primary_key=True, max_length=200)
     email: str | None = Field(default=None, max_length=320)
     traits: dict[str, Any] = _json()
+    #: IANA time zone (``Asia/Tokyo``) from traits or ``context.timezone``; None: the shop's.
+    timezone: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 
@@ -208,7 +210,8 @@ class EmailMessage(SQLModel, table=True):
 
 
 class Suppression(SQLModel, table=True):
-    """Addresses kaeru must not email (hard bounces now; complaints and unsubscribes later)."""
+    """Addresses kaeru must not email: ``reason`` is ``hard_bounce``, ``complaint`` or
+    ``manual`` (see kaeru/consent.py)."""
 
     __tablename__ = "suppressions"
 
@@ -399,3 +402,41 @@ class IdentityAlias(SQLModel, table=True):
     message_id: str = Field(max_length=200)
     source: str = Field(max_length=20)
     merged_at: datetime = _ts()
+
+
+# ---- Consent and deliverability ---------------------------------------------------------------
+
+
+class Consent(SQLModel, table=True):
+    """A customer's marketing consent on one channel, as it stands now (see kaeru/consent.py).
+
+    No row: ``unknown``. ``kinds_off`` lists journey kinds the customer opted out of on the
+    preference page while staying subscribed to the rest. Every change is also a row of
+    :class:`ConsentChange`.
+    """
+
+    __tablename__ = "consents"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    channel: str = Field(primary_key=True, max_length=20)
+    state: str = Field(max_length=20)
+    source: str = Field(max_length=50)
+    kinds_off: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    changed_at: datetime = _ts()
+
+
+class ConsentChange(SQLModel, table=True):
+    """Append-only history of consent: who said what, through which source, when."""
+
+    __tablename__ = "consent_changes"
+    __table_args__ = (Index("ix_consent_changes_customer", "customer_id", "changed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(max_length=200)
+    channel: str = Field(max_length=20)
+    #: ``subscribed`` / ``unsubscribed`` for the channel, or for one journey ``kind``.
+    state: str = Field(max_length=20)
+    kind: str | None = Field(default=None, max_length=100)
+    source: str = Field(max_length=50)
+    detail: str | None = Field(default=None, max_length=500)
+    changed_at: datetime = _ts()

@@ -263,6 +263,22 @@ class Settings(BaseSettings):
         "transactional emails ignore it",
     )
 
+    # ---- consent (kaeru/consent.py) settings ----
+    unknown_consent_is_yes: bool = Field(
+        False,
+        description="send marketing messages to customers whose consent is unknown (never "
+        "said yes or no); off, only customers who said yes get them. Transactional messages "
+        "never ask",
+    )
+
+    # ---- consent: gate (caps, priority, quiet hours) settings ----
+
+    # ---- consent: unsubscribe and DKIM settings ----
+
+    # ---- consent: machine opens settings ----
+
+    # ---- consent: privacy (export, erase, codec) settings ----
+
     # ---- stream C (identity, carts) settings ----
 
     # ---- stream D (dev stack, API) settings ----

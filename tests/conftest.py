@@ -158,6 +158,10 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "task_queue": f"kaeru-test-{uuid.uuid4().hex[:8]}",
         "smtp_host": "127.0.0.1",
         "public_url": "http://kaeru.test",
+        # Journey tests are about their journey, not consent: their shoppers said nothing, and
+        # count as yes here. tests/kaeru/test_consent.py and the gate's tests set it False,
+        # the product's default (tests/kaeru/test_settings.py).
+        "unknown_consent_is_yes": True,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
