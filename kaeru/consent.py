@@ -42,6 +42,11 @@ UNKNOWN = "unknown"
 #: Sources of consent (``Consent.source``, ``ConsentChange.source``).
 SOURCES = ("identify", "shopify", "preference_page", "one_click", "api", "complaint", "erase")
 
+#: The event kaeru stores for a customer who unsubscribed (from a channel or one journey kind):
+#: the router delivers it to their running journeys. Properties: ``channel``, ``kind`` (None:
+#: every kind), ``source``. Reserved: a shop may not send it.
+CONSENT_WITHDRAWN = "Marketing Consent Withdrawn"
+
 #: The trait that sets every channel, and the prefix of the per-channel ones.
 CONSENT_TRAIT = "marketing_consent"
 
@@ -113,9 +118,10 @@ def set_consent(
     kind: str | None = None,
     detail: str | None = None,
     at: datetime | None = None,
-) -> bool:
+) -> ConsentChange | None:
     """Record that the customer subscribed to (or unsubscribed from) ``channel``, or from one
-    journey ``kind`` on it; True if that changed anything. The caller commits.
+    journey ``kind`` on it; the history's new row if that changed anything, else None. The
+    caller commits.
 
     A change for one kind never subscribes the whole channel: opting back in to one kind of a
     customer who is unsubscribed only takes it off ``kinds_off``. Subscribing the channel
@@ -132,15 +138,15 @@ def set_consent(
     if kind is not None:
         if row is None:
             if subscribed:
-                return False  # nothing to opt back in to: consent for the channel is unknown
+                return None  # nothing to opt back in to: consent for the channel is unknown
             row = Consent(customer_id=customer_id, channel=channel, state=UNKNOWN, source=source)
         off = set(row.kinds_off)
         if (kind in off) == (not subscribed):
-            return False
+            return None
         row.kinds_off = sorted(off - {kind}) if subscribed else sorted(off | {kind})
     else:
         if row is not None and row.state == state:
-            return False
+            return None
         if row is None:
             row = Consent(customer_id=customer_id, channel=channel, state=state, source=source)
         row.state = state
@@ -149,18 +155,17 @@ def set_consent(
     row.source = source
     row.changed_at = when
     s.add(row)
-    s.add(
-        ConsentChange(
-            customer_id=customer_id,
-            channel=channel,
-            state=state,
-            kind=kind,
-            source=source,
-            detail=(detail or None) and detail[:500],
-            changed_at=when,
-        )
+    change = ConsentChange(
+        customer_id=customer_id,
+        channel=channel,
+        state=state,
+        kind=kind,
+        source=source,
+        detail=detail[:500] if detail else None,
+        changed_at=when,
     )
-    return True
+    s.add(change)
+    return change
 
 
 def refusal(

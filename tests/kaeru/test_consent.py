@@ -8,6 +8,7 @@ import pytest
 from sqlmodel import col, select
 
 from kaeru.consent import (
+    CONSENT_WITHDRAWN,
     EMAIL,
     SMS,
     SUBSCRIBED,
@@ -20,8 +21,10 @@ from kaeru.consent import (
     state_of,
 )
 from kaeru.db import session
-from kaeru.models import ConsentChange
+from kaeru.models import ConsentChange, Event
 from kaeru.settings import Settings
+from starter.consent_changes import record_consent_change
+from tests.conftest import make_settings
 
 
 def test_traits_state_consent_per_channel() -> None:
@@ -57,7 +60,7 @@ def test_consent_changes_keep_their_history(database_url: str) -> None:
     with session(database_url) as s:
         assert state_of(s, customer) == UNKNOWN
         assert set_consent(s, customer, EMAIL, True, "identify")
-        assert not set_consent(s, customer, EMAIL, True, "identify")  # no change, no row
+        assert set_consent(s, customer, EMAIL, True, "identify") is None  # no change, no row
         s.commit()
         assert state_of(s, customer) == SUBSCRIBED and state_of(s, customer, SMS) == UNKNOWN
         assert set_consent(s, customer, EMAIL, False, "one_click", detail="List-Unsubscribe")
@@ -93,3 +96,19 @@ def test_marketing_goes_only_to_customers_who_said_yes(database_url: str) -> Non
 
 def test_unknown_consent_is_no_by_default() -> None:
     assert Settings(_env_file=None).unknown_consent_is_yes is False
+
+
+def test_an_unsubscribe_stores_one_withdrawal_event_for_routing(database_url: str) -> None:
+    settings = make_settings(database_url)
+    customer = f"c-{uuid.uuid4().hex[:8]}"
+    assert record_consent_change(settings, customer, EMAIL, True, "api")
+    assert not record_consent_change(settings, customer, EMAIL, True, "api")
+    assert record_consent_change(settings, customer, EMAIL, False, "one_click")
+    assert not record_consent_change(settings, customer, EMAIL, False, "one_click")
+    with session(database_url) as s:
+        events = s.exec(select(Event).where(col(Event.customer_id) == customer)).all()
+        assert state_of(s, customer) == UNSUBSCRIBED
+    assert [(e.name, e.payload["properties"]) for e in events] == [
+        (CONSENT_WITHDRAWN, {"channel": "email", "kind": None, "source": "one_click"})
+    ]
+    assert events[0].message_id.startswith("consent:")
