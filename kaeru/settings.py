@@ -274,6 +274,85 @@ class Settings(BaseSettings):
     # ---- consent: gate (caps, priority, quiet hours) settings ----
 
     # ---- consent: unsubscribe and DKIM settings ----
+    shop_address: str = Field(
+        "",
+        description="the shop's postal address as printed (legal name, street, town, "
+        "country), in the footer of every marketing email (CAN-SPAM requires one); empty: "
+        "the footer shows only the unsubscribe link",
+    )
+    unsubscribe_mailto: str = Field(
+        "",
+        description="an address that unsubscribes whoever writes to it (your mail system "
+        "must act on it), added to List-Unsubscribe with the link's token as the subject; "
+        "empty: the header has the HTTPS link only",
+    )
+    secret_key_previous: SecretStr | None = Field(
+        None,
+        description="the former KAERU_SECRET_KEY during a key rotation: unsubscribe links "
+        "signed with it keep working while it is set; never signs",
+    )
+    dkim_selector: str = Field(
+        "",
+        description="DKIM selector (`s=`): the public key is the TXT record "
+        "`<selector>._domainkey.<domain>`; with the domain and the key set, every email is "
+        "signed",
+    )
+    dkim_domain: str = Field(
+        "", description="DKIM signing domain (`d=`), the domain of KAERU_MAIL_FROM or its parent"
+    )
+    dkim_private_key: Path | None = Field(
+        None,
+        validate_default=True,
+        description="path to the DKIM private key (RSA, PEM); read when the worker starts",
+    )
+
+    @field_validator("unsubscribe_mailto")
+    @classmethod
+    def _mailto(cls, value: str) -> str:
+        address = value.strip().removeprefix("mailto:")
+        local, _, domain = address.partition("@")
+        odd = any(c in ' <>,?"' or ord(c) < 32 or ord(c) == 127 for c in address)
+        if address and (not local or not domain or "@" in domain or odd):
+            raise ValueError(
+                f"{value!r} is not one email address: give it plainly, e.g. "
+                "unsubscribe@shop.example"
+            )
+        return address
+
+    @field_validator("secret_key_previous")
+    @classmethod
+    def _previous_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would verify whatever anyone signs with it.
+        return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("dkim_private_key", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("dkim_private_key")
+    @classmethod
+    def _dkim_all_or_none(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # On the last of the three, so the error names a variable (the CLI shows it).
+        given = {
+            "KAERU_DKIM_SELECTOR": bool(str(info.data.get("dkim_selector", "")).strip()),
+            "KAERU_DKIM_DOMAIN": bool(str(info.data.get("dkim_domain", "")).strip()),
+            "KAERU_DKIM_PRIVATE_KEY": value is not None,
+        }
+        missing = [name for name, present in given.items() if not present]
+        if missing and len(missing) < len(given):
+            raise ValueError(
+                "DKIM signing needs KAERU_DKIM_SELECTOR, KAERU_DKIM_DOMAIN and "
+                f"KAERU_DKIM_PRIVATE_KEY together: {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing (set "
+                f"{'it' if len(missing) == 1 else 'them'}, or unset all three to send unsigned)"
+            )
+        return value
+
+    @property
+    def dkim_enabled(self) -> bool:
+        """True when every message is DKIM-signed (all three DKIM settings are set)."""
+        return self.dkim_private_key is not None
 
     # ---- consent: machine opens settings ----
 

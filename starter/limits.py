@@ -45,8 +45,8 @@ from starter.deps import ApiError
 INGESTION_PATHS = frozenset(
     f"/v1/{name}" for name in ("track", "identify", "page", "batch", "import", "t", "i", "p")
 )
-#: The open pixel and the click redirect.
-TRACKING_PREFIXES = ("/t/o/", "/t/c/")
+#: The open pixel, the click redirect and the unsubscribe link (public, limited alike).
+TRACKING_PREFIXES = ("/t/o/", "/t/c/", "/u/")
 HEALTH_PATH = "/healthz"
 #: What ``kaeru dev`` always answers for: names and addresses that only reach this machine.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

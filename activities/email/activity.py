@@ -2,6 +2,8 @@
 
 A message is sent at most once per ``SendEmailInput.key`` (see :mod:`.message_log`), only when
 :func:`.gate.may_send` allows it, rendered by :mod:`.render` and delivered by :mod:`.smtp`.
+A marketing message carries ``List-Unsubscribe`` and ``List-Unsubscribe-Post`` (RFC 8058:
+one-click unsubscribe, :mod:`kaeru.unsubscribe_tokens`); a transactional one neither.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from email.message import EmailMessage as MimeMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +54,8 @@ from kaeru.identity import no_email_address
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
 from kaeru.tracking_tokens import register_tokens, signing_key
+from kaeru.unsubscribe_tokens import register as register_unsubscribe
+from kaeru.unsubscribe_tokens import token_for as unsubscribe_token
 
 
 class EmailActivities:
@@ -216,12 +221,20 @@ class EmailActivities:
                 if counted.rowcount != 1:
                     return None  # another attempt moved the row meanwhile: read it again
             register_tokens(s, link_key, email.key, len(rendered.links))
-            payload = self._compose(email, address, message_id, rendered)
+            if rendered.unsubscribe_url is not None:
+                register_unsubscribe(s, link_key, email.key)
+            payload = self._compose(email, address, message_id, rendered, link_key)
         return Outgoing(message_id, address, payload, attempt=attempt)
 
     def _compose(
-        self, email: SendEmailInput, address: str, message_id: str, rendered: Rendered
+        self,
+        email: SendEmailInput,
+        address: str,
+        message_id: str,
+        rendered: Rendered,
+        link_key: bytes,
     ) -> bytes:
+        """The message's bytes as SMTP sends them."""
         message = MimeMessage()
         message["From"] = self.settings.mail_from
         message["To"] = address
@@ -231,6 +244,15 @@ class EmailActivities:
         # Both hold a customer id from the shop's events: never let it add a header line.
         message["X-Kaeru-Journey"] = clean(email.journey_id, MAX_TEXT)
         message["X-Kaeru-Step"] = clean(email.step, MAX_TEXT)
+        if rendered.unsubscribe_url is not None:
+            targets = [rendered.unsubscribe_url]
+            if self.settings.unsubscribe_mailto:
+                subject = f"unsubscribe {unsubscribe_token(link_key, email.key)}"
+                targets.append(
+                    f"mailto:{self.settings.unsubscribe_mailto}?subject={quote(subject)}"
+                )
+            message["List-Unsubscribe"] = ", ".join(f"<{target}>" for target in targets)
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         message.set_content(rendered.text)
         message.add_alternative(rendered.html, subtype="html")
         return message.as_bytes(policy=SMTP_POLICY)

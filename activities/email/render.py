@@ -19,7 +19,12 @@ read. Helpers make untrusted product data (from shop events) safe to show:
 - ``coupon_of(coupon)``: a coupon dict (``code``, ``amount_minor``, ``currency``,
   ``expires_at``) as ``code``, ``value`` and ``expires``.
 
-The open pixel is appended to every HTML part after rendering.
+The open pixel is appended to every HTML part after rendering. Every marketing message also
+gets the footer (``_footer.txt.j2`` and ``_footer.html.j2``, appended to its two parts): the
+unsubscribe link and the shop's postal address (``KAERU_SHOP_ADDRESS``), which the law asks of
+every marketing email, so no family can forget them. Every family may show them elsewhere
+too: ``unsubscribe_url`` (None in a transactional message) and ``shop_address`` (None when
+unset).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from kaeru.models import Product
 from kaeru.money import format_minor, to_minor
 from kaeru.settings import Settings
 from kaeru.tracking_tokens import click_url, open_url
+from kaeru.unsubscribe_tokens import unsubscribe_url
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
@@ -59,8 +65,21 @@ MAX_SUBJECT = 200
 MAX_TEXT = 200
 #: Template variables every message has; a journey's context may not reuse these names.
 RESERVED = frozenset(
-    {"shop", "track", "link", "image", "money", "products_of", "lines_of", "coupon_of"}
+    {
+        "shop",
+        "track",
+        "link",
+        "image",
+        "money",
+        "products_of",
+        "lines_of",
+        "coupon_of",
+        "unsubscribe_url",
+        "shop_address",
+    }
 )
+#: The partials appended to every marketing message (each part): its unsubscribe link.
+FOOTERS = {"txt": "_footer.txt.j2", "html": "_footer.html.j2"}
 
 _FAMILY = re.compile(r"^[a-z0-9_]+$")
 _PARTS = ("subject", "txt", "html")
@@ -72,6 +91,8 @@ class Rendered:
     text: str
     html: str
     links: list[str]
+    #: The message's unsubscribe link (``/u/<token>``); None for a transactional message.
+    unsubscribe_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +234,14 @@ def _with_pixel(html: str, pixel_url: str) -> str:
     )
     at = html.lower().rfind("</body>")
     return html + tag if at < 0 else html[:at] + tag + html[at:]
+
+
+def _with_footer(body: str, footer: str, html: bool) -> str:
+    """``footer`` at the end of a text part, or of an HTML part's body."""
+    at = body.lower().rfind("</body>") if html else -1
+    if at < 0:
+        return body.rstrip("\n") + "\n\n" + footer
+    return body[:at] + footer + body[at:]
 
 
 def _text(value: object) -> str:
@@ -381,6 +410,9 @@ class Renderer:
             return _money(amount_minor, currency) or ""
 
         cart_url = hosts.link(email.cart_url) or s.cart_url
+        unsubscribe = (
+            unsubscribe_url(s.public_url, link_key, email.key) if email.marketing else None
+        )
         context: dict[str, Any] = {
             "cart_url": cart_url,
             "cart": _cart_context(email, cart_url, hosts),
@@ -396,12 +428,18 @@ class Renderer:
             "products_of": products_of,
             "lines_of": lines_of,
             "coupon_of": coupon_of,
+            "unsubscribe_url": unsubscribe,
+            "shop_address": s.shop_address.strip() or None,
         }
         try:
             rendered = [
                 self.templates.get_template(f"{family}.{part}.j2").render(context)
                 for part in _PARTS
             ]
+            if unsubscribe is not None:
+                for index, part in ((1, "txt"), (2, "html")):
+                    footer = self._footer(part, context, unsubscribe)
+                    rendered[index] = _with_footer(rendered[index], footer, part == "html")
         except (jinja2.TemplateError, ValueError, KeyError, TypeError) as exc:
             # A deploy fixes a broken template; retrying until then keeps the journey alive.
             raise ApplicationError(
@@ -413,5 +451,21 @@ class Renderer:
         subject, text, html = rendered
         pixel = open_url(s.public_url, link_key, email.key)
         return Rendered(
-            clean(subject, MAX_SUBJECT), encodable(text), encodable(_with_pixel(html, pixel)), links
+            clean(subject, MAX_SUBJECT),
+            encodable(text),
+            encodable(_with_pixel(html, pixel)),
+            links,
+            unsubscribe,
         )
+
+    def _footer(self, part: str, context: dict[str, Any], unsubscribe: str) -> str:
+        """The rendered footer partial of ``part``; one that lost the link is a broken template
+        (a shop's own ``_footer`` partial must keep it: the law asks for it)."""
+        footer = self.templates.get_template(FOOTERS[part]).render(context)
+        shown = unsubscribe if part == "txt" else str(escape(unsubscribe))
+        if shown not in footer:
+            raise jinja2.TemplateError(
+                f"{FOOTERS[part]} does not show unsubscribe_url: every marketing email must "
+                "carry its unsubscribe link"
+            )
+        return footer
