@@ -3,7 +3,8 @@
 A message is sent at most once per ``SendEmailInput.key`` (see :mod:`.message_log`), only when
 :func:`.gate.may_send` allows it, rendered by :mod:`.render` and delivered by :mod:`.smtp`.
 A marketing message carries ``List-Unsubscribe`` and ``List-Unsubscribe-Post`` (RFC 8058:
-one-click unsubscribe, :mod:`kaeru.unsubscribe_tokens`); a transactional one neither.
+one-click unsubscribe, :mod:`kaeru.unsubscribe_tokens`); a transactional one neither. Every
+message is DKIM-signed when the shop's key is configured (:mod:`.signature`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from activities.email.message_log import (
     undeliverable,
 )
 from activities.email.render import MAX_TEXT, TEMPLATES, Catalogue, Rendered, Renderer, clean
+from activities.email.signature import Signer
 from activities.email.smtp import SmtpConversation
 from activities.types import SendEmailInput, SendEmailResult
 from kaeru.db import session
@@ -59,10 +61,15 @@ from kaeru.unsubscribe_tokens import token_for as unsubscribe_token
 
 
 class EmailActivities:
-    """The ``send_email`` activity, with its settings (SMTP relay, sender, shop) injected."""
+    """The ``send_email`` activity, with its settings (SMTP relay, sender, shop) injected.
+
+    Raises:
+        DkimKeyError: the DKIM key file is unreadable or unusable (the worker does not start).
+    """
 
     def __init__(self, settings: Settings, template_folders: Sequence[Path] = (TEMPLATES,)) -> None:
         self.settings = settings
+        self.signer = Signer.of(settings)
         self.renderer = Renderer(settings, template_folders)
         self.log = MessageLog(settings)
         self.smtp = SmtpConversation(settings, self.log)
@@ -234,7 +241,7 @@ class EmailActivities:
         rendered: Rendered,
         link_key: bytes,
     ) -> bytes:
-        """The message's bytes as SMTP sends them."""
+        """The message's bytes as SMTP sends them, DKIM-signed when a key is configured."""
         message = MimeMessage()
         message["From"] = self.settings.mail_from
         message["To"] = address
@@ -253,9 +260,12 @@ class EmailActivities:
                 )
             message["List-Unsubscribe"] = ", ".join(f"<{target}>" for target in targets)
             message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        message.set_content(rendered.text)
-        message.add_alternative(rendered.html, subtype="html")
-        return message.as_bytes(policy=SMTP_POLICY)
+        # Quoted-printable, 7-bit clean: a relay that would recode an 8-bit body (a server
+        # without 8BITMIME on the way) would break its DKIM signature (RFC 6376 section 5.3).
+        message.set_content(rendered.text, cte="quoted-printable")
+        message.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
+        payload = message.as_bytes(policy=SMTP_POLICY)
+        return payload if self.signer is None else self.signer.sign(payload)
 
 
 class _ReadAgain(Exception):
