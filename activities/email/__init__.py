@@ -5,9 +5,10 @@ One file per concern:
 - :mod:`.activity`: the ``send_email`` activity, which ties the others together;
 - :mod:`.message_log`: the row per message (table ``email_messages``) and its state machine;
 - :mod:`.gate`: may this message be sent (suppressions, the topic rule; consent later);
-- :mod:`.render`: template families, their variables, helpers and partials;
+- :mod:`.render`: template families, their variables, helpers, partials and the footer;
 - :mod:`.links`: where links and images may point;
 - :mod:`.smtp`: the SMTP conversation and how its refusals are read;
+- :mod:`.signature`: DKIM signatures with the shop's key;
 - :mod:`.addresses`: the recipient's address, and masking it for histories.
 """
 
