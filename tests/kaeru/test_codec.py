@@ -38,16 +38,19 @@ from kaeru.codec import (
     master_keys,
     shred,
 )
-from kaeru.db import session
+from kaeru.db import migrate, session
 from kaeru.models import Customer, CustomerKey
 from kaeru.settings import Settings
 from kaeru.temporal import connect, converter
 from tests.conftest import make_settings
+from tests.kaeru.test_cli import assert_clear_failure, clean_environment, kaeru
 from tests.support.codec import CodecEnv, as_text, codec_client, history_payloads, new_master_key
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import DAY, SHOE, Shopper
 from worker import PASSTHROUGH, build_worker, workflows
 from workflows.cart_abandonment import CartAbandonment
+
+__all__ = ["clean_environment"]  # the CLI tests' fixture: no KAERU_ variable leaks in
 
 KINDS = ("cart-abandonment", "cart", "welcome")
 CART_JOURNEY = "cart-abandonment-c-42"
@@ -325,3 +328,50 @@ async def test_every_client_connects_with_the_codec(
     off = await connect(make_settings(sqlite_url), address)
     assert isinstance(on.data_converter.payload_codec, CustomerCodec)
     assert off.data_converter.payload_codec is None
+
+
+# ---- kaeru codec rotate -----------------------------------------------------------------------
+
+
+def test_cli_rotate_rewraps_every_key(tmp_path: Path, clean_environment: None) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)
+    old, new = new_master_key(), new_master_key()
+    masters = master_keys(with_key(url, old))
+    assert masters is not None
+    for n in range(3):
+        KeyStore(url, masters).key_for(f"c-{n}")
+
+    result = kaeru(
+        "codec",
+        "rotate",
+        KAERU_DATABASE_URL=url,
+        KAERU_CODEC_MASTER_KEY=new,
+        KAERU_CODEC_MASTER_KEY_PREVIOUS=old,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Rewrapped 3 data key(s)" in result.stdout
+    renewed = master_keys(with_key(url, new))
+    assert renewed is not None
+    with session(url) as s:
+        assert {row.key_version for row in s.exec(select(CustomerKey))} == {renewed.version}
+    KeyStore(url, renewed).key_for("c-0")  # the new key alone unwraps them now
+
+
+def test_cli_rotate_needs_the_old_key(tmp_path: Path, clean_environment: None) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)
+    masters = master_keys(with_key(url, new_master_key()))
+    assert masters is not None
+    KeyStore(url, masters).key_for("c-0")
+
+    no_key = kaeru("codec", "rotate", KAERU_DATABASE_URL=url)
+    assert_clear_failure(no_key, "KAERU_CODEC_MASTER_KEY is unset")
+    wrong = kaeru(
+        "codec", "rotate", KAERU_DATABASE_URL=url, KAERU_CODEC_MASTER_KEY=new_master_key()
+    )
+    assert_clear_failure(wrong, "KAERU_CODEC_MASTER_KEY_PREVIOUS")
+    bad = kaeru("codec", "rotate", KAERU_DATABASE_URL=url, KAERU_CODEC_MASTER_KEY="short")
+    assert_clear_failure(bad, "KAERU_CODEC_MASTER_KEY", "32 bytes")
+    assert "short" not in bad.stderr  # a secret is never echoed

@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -25,8 +26,9 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.ads import AudienceActivities, email_sha256
 from activities.types import SweepInput
+from kaeru.cli import app
 from kaeru.codec import ENCODING, ERASED_METADATA, ERASED_TEXT, codec_for
-from kaeru.db import session
+from kaeru.db import migrate, session
 from kaeru.models import (
     AudienceJoin,
     AudienceMember,
@@ -51,6 +53,7 @@ from starter.app import create_app
 from starter.consent_changes import record_consent_change
 from starter.privacy import erase_customer, pseudonym, pseudonym_key
 from tests.conftest import make_settings
+from tests.kaeru.test_cli import assert_clear_failure, clean_environment, kaeru, runner
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client
 from tests.support.codec import CodecEnv, codec_client, history_payloads, new_master_key
 from tests.support.graph_api import BAD_TOKEN, GraphAPIServer
@@ -112,6 +115,8 @@ class Shop:
             query = select(model).where(model.customer_id == (customer_id or self.customer_id))
             return list(s.exec(query))
 
+
+__all__ = ["clean_environment"]  # the CLI tests' fixture: no KAERU_ variable leaks in
 
 #: Every table with a customer id: after an erase, none holds a row of theirs.
 PERSONAL = (
@@ -407,3 +412,66 @@ async def test_erase_in_process_reports_counts_only(shop: Shop) -> None:
     # identity merge it stored and the cart.
     assert report.rows["customers"] == 2 and report.rows["events"] == 4
     assert shop.rows(Order) == []
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+
+
+def cli_database(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)
+    with session(url) as s:
+        s.add(Customer(customer_id="dee", email="dee@example.com", traits={"first_name": "Dee"}))
+    record_consent_change(make_settings(url), "dee", "email", True, "api")
+    return url
+
+
+def test_cli_export_prints_json(tmp_path: Path, clean_environment: None) -> None:
+    url = cli_database(tmp_path)
+    result = kaeru("customers", "export", "dee", KAERU_DATABASE_URL=url)
+    assert result.exit_code == 0, result.output
+    export = json.loads(result.stdout)
+    assert export["profile"]["traits"] == {"first_name": "Dee"}
+    assert [c["state"] for c in export["consent"]] == ["subscribed"]
+
+    unknown = kaeru("customers", "export", "nobody", KAERU_DATABASE_URL=url)
+    assert_clear_failure(unknown, "nothing is stored about customer 'nobody'")
+
+
+def test_cli_erase_asks_first_then_erases(
+    tmp_path: Path, clean_environment: None, time_skipping_env: WorkflowEnvironment
+) -> None:
+    url = cli_database(tmp_path)
+    env = {
+        "KAERU_DATABASE_URL": url,
+        "KAERU_TEMPORAL_ADDRESS": time_skipping_env.client.service_client.config.target_host,
+    }
+    declined = runner.invoke(app, ["customers", "erase", "dee"], env=env, input="n\n")
+    assert_clear_failure(declined, "nothing was erased", "--yes")
+    with session(url) as s:
+        assert s.get(Customer, "dee") is not None
+
+    result = kaeru("customers", "erase", "dee", "--yes", **env)
+
+    assert result.exit_code == 0, result.output
+    assert "Erased: 0 journey(s) ended" in result.stdout and "customers 1" in result.stdout
+    assert "dee" not in result.stdout
+    with session(url) as s:
+        assert s.get(Customer, "dee") is None
+
+
+def test_cli_erase_without_temporal_is_one_clear_line(
+    tmp_path: Path, clean_environment: None
+) -> None:
+    url = cli_database(tmp_path)
+    result = kaeru(
+        "customers",
+        "erase",
+        "dee",
+        "--yes",
+        KAERU_DATABASE_URL=url,
+        KAERU_TEMPORAL_ADDRESS="127.0.0.1:1",
+    )
+    assert_clear_failure(result, "cannot reach Temporal at 127.0.0.1:1")
+    with session(url) as s:
+        assert s.get(Customer, "dee") is not None
