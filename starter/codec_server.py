@@ -3,10 +3,20 @@ Temporal UI and the ``temporal`` CLI.
 
 ``POST /codec/decode`` and ``POST /codec/encode`` take and answer ``{"payloads": [...]}``, each
 payload as protobuf JSON (metadata values and data base64), with the ``X-Namespace`` header.
-They need the operator token (``Authorization: Bearer <KAERU_OPERATOR_TOKEN>``): the CLI sends
-it with ``temporal workflow show --codec-endpoint http://localhost:8000/codec --codec-auth
-'Bearer <token>'``. Browsers call it from the origins of ``KAERU_CODEC_CORS_ORIGINS`` (the
-Temporal UI's); the preflight (``OPTIONS``) needs no token, as browsers send none.
+They need the operator token:
+
+- the ``temporal`` CLI sends it as a header: ``temporal workflow show --codec-endpoint
+  http://localhost:8000/codec --codec-auth 'Bearer <KAERU_OPERATOR_TOKEN>'``;
+- the Temporal UI cannot: it sends ``Authorization: Bearer`` only with the access token of its
+  own OIDC login (``passAccessToken``, and only to an https endpoint), never a static token. It
+  can send cookies (``includeCredentials``): an operator signs in once at ``/codec/login`` with
+  the token, which sets a signed, HttpOnly, SameSite=Lax cookie for :data:`SESSION_TTL`; then
+  the UI's codec endpoint is ``<KAERU_PUBLIC_URL>/codec/`` (with the trailing slash: the UI
+  resolves ``decode`` against it) with "include cross-origin credentials" on. Lax: the cookie
+  travels only from the same site (``localhost:8233`` and ``localhost:8000`` are one site).
+
+Browsers call it from the origins of ``KAERU_CODEC_CORS_ORIGINS`` (the Temporal UI's); the
+preflight (``OPTIONS``) needs no token, as browsers send none.
 
 Decoding needs no workflow id: each encrypted payload names its key. An erased customer's
 payloads decode to a placeholder that says so (kaeru/codec.py), never to their data. Encoding
@@ -15,23 +25,50 @@ has no workflow id either, so what the UI encodes (a signal typed there) goes in
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import html
 import json
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
 from kaeru.codec import CodecKeyError, CustomerCodec, codec_for
 from kaeru.settings import Settings
 from kaeru.temporal import journey_kinds
-from starter.deps import ApiError, error_response, require_operator
+from starter.deps import ApiError, error_response, key_matches, require_operator
 
 router = APIRouter(prefix="/codec", tags=["codec"])
 
 #: Headers the UI and the CLI send with a codec request.
-ALLOWED_HEADERS = "Authorization, Content-Type, X-Namespace"
+ALLOWED_HEADERS = "Authorization, Authorization-Extras, Content-Type, X-Namespace"
+#: The cookie of a browser signed in at /codec/login, and how long it lasts.
+SESSION_COOKIE = "kaeru_codec"
+SESSION_TTL = 8 * 3600
+
+
+def _session_mac(token: str, expires: int) -> str:
+    return hmac.new(token.encode(), f"kaeru-codec:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, now: float | None = None) -> str:
+    """The cookie value of a sign-in with ``token``: its expiry, signed with the token (so a new
+    operator token signs every browser out)."""
+    expires = int((now or time.time()) + SESSION_TTL)
+    return f"{expires}.{_session_mac(token, expires)}"
+
+
+def _signed_in(request: Request, settings: Settings) -> bool:
+    token = settings.operator_token.get_secret_value() if settings.operator_token else ""
+    expires, _, mac = request.cookies.get(SESSION_COOKIE, "").partition(".")
+    if not token or not expires.isdigit() or int(expires) < time.time():
+        return False
+    return key_matches(mac, _session_mac(token, int(expires)))
 
 
 def _origins(settings: Settings) -> set[str]:
@@ -88,7 +125,8 @@ async def _answer(request: Request, decode: bool) -> Response:
     settings: Settings = request.app.state.settings
     headers = _cors(request, settings)
     try:
-        await require_operator(request, settings)
+        if not _signed_in(request, settings):
+            await require_operator(request, settings)
         namespace = request.headers.get("x-namespace")
         if namespace is not None and namespace != settings.temporal_namespace:
             raise ApiError(
@@ -135,3 +173,56 @@ async def preflight(request: Request) -> Response:
     headers = _cors(request, settings)
     status = 204 if "Access-Control-Allow-Origin" in headers else 403
     return Response(status_code=status, headers=headers)
+
+
+_LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>kaeru codec server</title></head><body style="font-family:sans-serif;max-width:40em">
+<h1>Read kaeru's payloads in the Temporal UI</h1><p>{message}</p>
+<form method="post" action="login"><label>Operator token
+<input type="password" name="token" autocomplete="off" required></label>
+<button>Sign in for {hours} hours</button></form>
+<p>Then, in the Temporal UI's codec server settings, set the endpoint to
+<code>{endpoint}</code> and switch on <em>include cross-origin credentials</em>.</p>
+</body></html>"""
+
+
+def _login_page(settings: Settings, message: str, status: int = 200) -> HTMLResponse:
+    endpoint = settings.public_url.rstrip("/") + "/codec/"
+    return HTMLResponse(
+        _LOGIN.format(
+            message=html.escape(message), hours=SESSION_TTL // 3600, endpoint=html.escape(endpoint)
+        ),
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get("/login", include_in_schema=False)
+async def login_form(request: Request) -> Response:
+    """The sign-in page for browsers (the Temporal UI sends cookies, not a token)."""
+    return _login_page(request.app.state.settings, "Sign in with KAERU_OPERATOR_TOKEN.")
+
+
+@router.post("/login", include_in_schema=False)
+async def login(request: Request) -> Response:
+    """Check the operator token from the form and set the session cookie."""
+    settings: Settings = request.app.state.settings
+    token = settings.operator_token.get_secret_value() if settings.operator_token else ""
+    if not token:
+        return _login_page(
+            settings, "No operator token is set: set KAERU_OPERATOR_TOKEN and restart.", 503
+        )
+    given = parse_qs((await request.body()).decode("utf-8", "replace")).get("token", [""])[0]
+    if not key_matches(given.strip(), token):
+        return _login_page(settings, "That is not the operator token; try again.", 401)
+    answer = _login_page(settings, f"Signed in for {SESSION_TTL // 3600} hours.")
+    answer.set_cookie(
+        SESSION_COOKIE,
+        session_cookie(token),
+        max_age=SESSION_TTL,
+        path="/codec",
+        httponly=True,
+        samesite="lax",
+        secure=urlsplit(settings.public_url).scheme == "https",
+    )
+    return answer

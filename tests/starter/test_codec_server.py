@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -22,6 +23,7 @@ from kaeru.db import session
 from kaeru.settings import Settings
 from kaeru.temporal import journey_kinds
 from starter.app import create_app
+from starter.codec_server import SESSION_COOKIE, SESSION_TTL, session_cookie
 from tests.conftest import BIN, make_settings
 from tests.starter.conftest import OPERATOR, asgi_client, uvicorn_server
 from tests.support.codec import codec_client, new_master_key
@@ -258,3 +260,56 @@ def started_input(shown: str) -> tuple[bytes, Any]:
     encoding = base64.b64decode(payload["metadata"]["encoding"])
     data = base64.b64decode(payload["data"])
     return encoding, json.loads(data) if encoding == b"json/plain" else None
+
+
+# ---- the Temporal UI: a browser signs in once, then sends the cookie -----------------------------
+
+
+async def test_a_browser_signs_in_and_the_ui_decodes_with_the_cookie(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    payload = await sealed(settings, {"email": "cy@example.com"})
+    form = await api.get("/codec/login")
+    assert form.status_code == 200 and 'name="token"' in form.text
+    assert "http://kaeru.test/codec/" in form.text  # the endpoint to give the UI
+
+    wrong = await api.post("/codec/login", data={"token": "not-it"})
+    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    signed = await api.post("/codec/login", data={"token": TOKEN})
+    assert signed.status_code == 200
+    cookie = signed.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "path=/codec" in cookie
+    assert TOKEN not in signed.headers["set-cookie"]
+
+    # As the UI sends it: X-Namespace, its origin, credentials (the cookie), no token.
+    answer = await api.post(
+        "/codec/decode",
+        json=body_of(payload),
+        headers={"X-Namespace": "default", "Origin": UI},
+        cookies={SESSION_COOKIE: signed.cookies[SESSION_COOKIE]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert values(answer) == [{"email": "cy@example.com"}]
+    assert answer.headers["access-control-allow-credentials"] == "true"
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "123.abc",  # forged
+        session_cookie(TOKEN, now=time.time() - SESSION_TTL - 1),  # expired
+        session_cookie("an-older-operator-token"),  # signed with another token
+    ],
+)
+async def test_a_bad_or_old_cookie_opens_nothing(
+    api: httpx.AsyncClient, settings: Settings, cookie: str
+) -> None:
+    payload = await sealed(settings, "secret")
+    answer = await api.post(
+        "/codec/decode",
+        json=body_of(payload),
+        headers={"X-Namespace": "default"},
+        cookies={SESSION_COOKIE: cookie},
+    )
+    assert answer.status_code == 401
+    assert b"secret" not in answer.content
