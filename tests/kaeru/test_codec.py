@@ -17,8 +17,10 @@ import httpx
 import pytest
 from sqlmodel import select
 from temporalio.api.common.v1 import Payload
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import WorkflowHistory
 from temporalio.converter import WorkflowSerializationContext
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
@@ -375,3 +377,18 @@ def test_cli_rotate_needs_the_old_key(tmp_path: Path, clean_environment: None) -
     bad = kaeru("codec", "rotate", KAERU_DATABASE_URL=url, KAERU_CODEC_MASTER_KEY="short")
     assert_clear_failure(bad, "KAERU_CODEC_MASTER_KEY", "32 bytes")
     assert "short" not in bad.stderr  # a secret is never echoed
+
+
+async def test_a_failures_message_is_encrypted_too(sqlite_url: str) -> None:
+    """An activity's error may name the customer ("no email address for ..."): with the codec,
+    its message and stack trace travel encrypted in the failure's encoded attributes."""
+    converter_on = converter(with_key(sqlite_url, new_master_key()))
+    journey = converter_on.with_context(context(CART_JOURNEY))
+    failure = Failure()
+
+    await journey.encode_failure(ApplicationError("no email address for ann@shop.test"), failure)
+
+    assert "ann@shop.test" not in failure.message
+    assert failure.encoded_attributes.metadata["encoding"] == ENCODING
+    decoded = await journey.decode_failure(failure)
+    assert "ann@shop.test" in str(decoded)
