@@ -23,6 +23,8 @@ from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ads import AudienceActivities, email_sha256
 from activities.types import SweepInput
@@ -48,7 +50,7 @@ from kaeru.models import (
     TrackingLink,
 )
 from kaeru.settings import Settings
-from kaeru.temporal import journey_kinds
+from kaeru.temporal import converter, journey_kinds
 from starter.app import create_app
 from starter.consent_changes import record_consent_change
 from starter.privacy import erase_customer, pseudonym, pseudonym_key
@@ -59,7 +61,7 @@ from tests.support.codec import CodecEnv, codec_client, history_payloads, new_ma
 from tests.support.graph_api import BAD_TOKEN, GraphAPIServer
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SHOE, Shopper, reach_ad_audience
-from worker import build_worker
+from worker import PASSTHROUGH, build_worker, workflows
 
 
 class Customer42(Shopper):
@@ -236,6 +238,18 @@ async def test_erase_while_a_journey_sleeps(shop: Shop) -> None:
     assert b"Trail Shoe" not in served.content and shopper.email.encode() not in served.content
     # Nothing left to export.
     assert (await shop.api.get(f"/v1/customers/{cid}/export", headers=OPERATOR)).status_code == 404
+    # A worker that had to replay the erased journey fails that task, and says why.
+    replayer = Replayer(
+        workflows=list(workflows()),
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+        data_converter=converter(shop.settings),
+    )
+    replayed = await replayer.replay_workflow(
+        await raw.fetch_history(), raise_on_replay_failure=False
+    )
+    assert replayed.replay_failure is not None
 
 
 async def test_erase_parks_a_removal_the_ad_platform_refuses(shop: Shop) -> None:
