@@ -4,8 +4,13 @@ Temporal keeps workflow histories (inputs, signals, activity results: names, add
 until the namespace's retention. With ``KAERU_CODEC_MASTER_KEY`` set, every payload of a
 journey is encrypted with AES-256-GCM under its customer's data key before it leaves the
 process, and the data key lives only in our database (``customer_keys``), wrapped by the
-master key. Erasing a customer deletes that key (crypto-shredding): their payloads in
-Temporal can no longer be read by anyone.
+master key. Erasing a customer deletes that key (crypto-shredding, :func:`shred`): their
+payloads in Temporal can no longer be read by anyone. The row stays as a tombstone without
+key or customer id, so such a payload reads as "erased" rather than as an unknown key (which
+means another database: an error naming KAERU_DATABASE_URL).
+
+Memo, static summaries and failures' messages go through the codec too (encrypted);
+workflow ids and search attributes never do: they hold the customer id in clear.
 
 Which customer a payload belongs to comes from Temporal's serialization context: the
 workflow id, ``<kind>-<customer id>`` for a journey. Payloads of other workflows (the audience
