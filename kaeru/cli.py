@@ -8,6 +8,7 @@ print a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
@@ -27,7 +28,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import col, select
 from temporalio.client import Client
+from temporalio.service import RPCError
 
+from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
 from kaeru.models import AudienceMember
@@ -45,6 +48,7 @@ from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
 from starter.parking import drop_parked, parked_events, retry_parked
+from starter.privacy import erase_customer, export_customer
 from worker import run_worker
 
 T = TypeVar("T")
@@ -479,6 +483,98 @@ def events_drop(seqs: Seqs) -> None:
     """Drop parked events: they are never routed, and kept in the database for the record."""
     done = _parked_action(seqs, drop_parked)
     console.print(f"Dropped {done}.")
+
+
+# ---- kaeru customers: the shopper's rights (starter/privacy.py) -------------------------------
+
+customers_app = typer.Typer(
+    help="What is stored about a customer: export it, or erase it.", no_args_is_help=True
+)
+app.add_typer(customers_app, name="customers")
+
+CustomerIdArg = Annotated[str, typer.Argument(help="the customer's id (userId or anonymousId)")]
+
+
+@customers_app.command("export")
+def customers_export(customer_id: CustomerIdArg) -> None:
+    """Print everything stored about the customer as JSON (profile, consent and its history,
+    events, messages, touchpoints, audiences, orders)."""
+    settings = load_settings()
+    _, label = database_url_checked(settings)
+    with database_problems(label):
+        found = export_customer(settings, customer_id)
+    if found is None:
+        fail(f"nothing is stored about customer {customer_id!r} in {label}")
+    typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
+
+
+@customers_app.command("erase")
+def customers_erase(
+    customer_id: CustomerIdArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Erase without asking first.")] = False,
+) -> None:
+    """Erase the customer: end their journeys, take them out of every ad audience, delete
+    their personal data (anonymous counts stay) and shred their payload key. Cannot be undone."""
+    settings = load_settings()
+    _, label = database_url_checked(settings)
+    if not yes and not typer.confirm(
+        f"Erase customer {customer_id!r} for good (journeys, audiences, data, payload key)?"
+    ):
+        fail("nothing was erased", "Pass --yes to erase without this question.")
+
+    async def main() -> Any:
+        client = await connected(settings)
+        try:
+            return await erase_customer(settings, client, customer_id)
+        except RPCError as exc:
+            raise StackError(
+                f"Temporal refused to end a journey of the customer ({exc}); nothing was "
+                "deleted: run the same command again"
+            ) from exc
+
+    with database_problems(label):
+        report = run(main())
+    rows = ", ".join(f"{table} {n}" for table, n in sorted(report.rows.items())) or "none"
+    console.print(
+        f"Erased: {report.journeys_ended} journey(s) ended, {report.audiences_left} audience "
+        f"membership(s) left, {report.audiences_parked} removal(s) parked for the audience "
+        f"sweeper, {report.keys_shredded} payload key(s) shredded; rows changed: {rows}."
+    )
+    if report.keys_shredded:
+        console.print(
+            f"Other kaeru processes stop reading their payloads within {KEY_CACHE_TTL:.0f} s."
+        )
+
+
+# ---- kaeru codec: the payload codec's master key (kaeru/codec.py) -------------------------------
+
+codec_app = typer.Typer(help="The payload codec's keys.", no_args_is_help=True)
+app.add_typer(codec_app, name="codec")
+
+
+@codec_app.command("rotate")
+def codec_rotate() -> None:
+    """Rewrap every customer's data key with KAERU_CODEC_MASTER_KEY (the old one set as
+    KAERU_CODEC_MASTER_KEY_PREVIOUS); then the previous key can be unset."""
+    settings = load_settings()
+    masters = master_keys(settings)
+    if masters is None:
+        fail(
+            "KAERU_CODEC_MASTER_KEY is unset: the payload codec is off, there is nothing to rotate",
+            "Set the new key as KAERU_CODEC_MASTER_KEY and the old one as "
+            "KAERU_CODEC_MASTER_KEY_PREVIOUS, then run this again.",
+        )
+    url, label = database_url_checked(settings)
+    try:
+        with database_problems(label):
+            done = key_store(url, masters).rotate()
+    except CodecKeyError as exc:
+        fail(str(exc))
+    console.print(
+        f"Rewrapped {done} data key(s) with the current master key (version "
+        f"{masters.version}). Unset KAERU_CODEC_MASTER_KEY_PREVIOUS once every process runs "
+        "with the new key."
+    )
 
 
 # ---- the settings table of the README --------------------------------------------------------

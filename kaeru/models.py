@@ -440,3 +440,28 @@ class ConsentChange(SQLModel, table=True):
     source: str = Field(max_length=50)
     detail: str | None = Field(default=None, max_length=500)
     changed_at: datetime = _ts()
+
+
+# ---- Stream P: the shopper's rights (payload codec keys) --------------------------------------
+
+
+class CustomerKey(SQLModel, table=True):
+    """The data key of one customer's Temporal payloads (kaeru/codec.py), wrapped by the
+    master key ``KAERU_CODEC_MASTER_KEY``.
+
+    ``key_id`` names the key in each encrypted payload's metadata (``kaeru-key``), so a
+    payload is decrypted by it alone. Erase crypto-shreds the key: ``wrapped_key`` is removed,
+    ``customer_id`` becomes the customer's pseudonym and ``erased_at`` is set; the row stays so
+    that a payload of an erased customer decodes as "erased", not as an unknown key.
+    """
+
+    __tablename__ = "customer_keys"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    key_id: str = Field(sa_column=Column(String(32), unique=True, nullable=False))
+    #: base64 of nonce + AES-GCM(master key, data key); None once erased.
+    wrapped_key: str | None = Field(default=None, max_length=200)
+    #: Which master key wrapped it (a fingerprint, see kaeru/codec.py); None once erased.
+    key_version: str | None = Field(default=None, max_length=32)
+    created_at: datetime = _ts()
+    erased_at: datetime | None = _ts(nullable=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import timedelta
 from functools import lru_cache
 from ipaddress import ip_network
@@ -357,6 +359,39 @@ class Settings(BaseSettings):
     # ---- consent: machine opens settings ----
 
     # ---- consent: privacy (export, erase, codec) settings ----
+    codec_master_key: SecretStr | None = Field(
+        None,
+        description="base64 of 32 random bytes: switches the payload codec on (AES-256-GCM, "
+        "a data key per customer, crypto-shredded by `kaeru customers erase`); it wraps every "
+        "data key. Unset: payloads go to Temporal in clear. Generate one with `python -c "
+        "'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'`",
+    )
+    codec_master_key_previous: SecretStr | None = Field(
+        None,
+        description="the former KAERU_CODEC_MASTER_KEY during a rotation: still unwraps data "
+        "keys, never wraps; unset it after `kaeru codec rotate`",
+    )
+    codec_cors_origins: str = Field(
+        "http://localhost:8233",
+        description="comma-separated origins (the Temporal UI's) allowed to call the codec "
+        "server at /codec/encode and /codec/decode from a browser",
+    )
+
+    @field_validator("codec_master_key", "codec_master_key_previous")
+    @classmethod
+    def _codec_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        try:
+            raw = base64.b64decode(value.get_secret_value().strip(), validate=True)
+        except binascii.Error:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(
+                "must be base64 of exactly 32 bytes (AES-256): generate one with `python -c "
+                "'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'`"
+            )
+        return value
 
     # ---- stream C (identity, carts) settings ----
 

@@ -1,7 +1,8 @@
 """The one place that knows how to reach Temporal: client factory and search attributes.
 
-The API, the worker and the CLI all connect through :func:`connect`, so a data converter,
-interceptors or TLS added later apply everywhere at once.
+The API, the worker and the CLI all connect through :func:`connect`, so the data converter
+(with the payload codec of kaeru/codec.py when ``KAERU_CODEC_MASTER_KEY`` is set),
+interceptors or TLS apply everywhere at once.
 """
 
 from __future__ import annotations
@@ -14,10 +15,24 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
+from kaeru.codec import data_converter
+from kaeru.journeys import discover
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
+
+
+def journey_kinds(settings: Settings) -> list[str]:
+    """Every journey kind (switched on or off): the codec finds customers by them."""
+    return [journey.kind for journey in discover(settings.journey_modules)]
+
+
+def converter(settings: Settings) -> DataConverter:
+    """The data converter of every client: the payload codec when KAERU_CODEC_MASTER_KEY is
+    set (kaeru/codec.py), else Temporal's default."""
+    return data_converter(settings, journey_kinds(settings))
 
 
 async def connect(settings: Settings, address: str | None = None) -> Client:
@@ -34,6 +49,9 @@ async def connect(settings: Settings, address: str | None = None) -> Client:
             namespace=settings.temporal_namespace,
             api_key=api_key,
             tls=settings.temporal_tls or api_key is not None,
+            # The payload codec (kaeru/codec.py) when KAERU_CODEC_MASTER_KEY is set: the
+            # worker, the router (signal-with-start carries events) and the CLI all get it.
+            data_converter=converter(settings),
         )
     except RuntimeError as exc:
         raise RuntimeError(

@@ -28,7 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, limits, opens_and_clicks, unsubscribe
+from starter import admin, codec_server, limits, opens_and_clicks, privacy, unsubscribe
 from starter.deps import (
     SERVER,
     ApiError,
@@ -118,7 +118,10 @@ def create_app(
     app.include_router(_ingestion_routes())
     app.include_router(opens_and_clicks.router)
     app.include_router(unsubscribe.router)
+    # Before admin: its GET /v1/customers/{id:path} would swallow .../export.
+    app.include_router(privacy.router)
     app.include_router(admin.router)
+    app.include_router(codec_server.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:
@@ -232,7 +235,7 @@ def _install_openapi(app: FastAPI) -> None:
         schema["security"] = [{"writeKey": []}]
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
-                if "admin" in operation.get("tags", ()):
+                if {"admin", "codec"} & set(operation.get("tags", ())):
                     operation["security"] = [{"operatorToken": []}]
         app.openapi_schema = schema
         return schema
