@@ -4,10 +4,18 @@ link scanner) never moves the cart journey on to its audience step, unless
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import re
+from pathlib import Path
 from typing import Any
 
+from kaeru.tracking_tokens import OPEN
+from starter.opens_and_clicks import load_signing_key, record_hit, verifying_keys
+from starter.router import fetch_unrouted
+from tests.conftest import make_settings
 from tests.workflows.conftest import DAY, SHOE, Shopper
-from workflows.kit import EMAIL_LINK_CLICKED, EMAIL_OPENED
+from workflows.kit import EMAIL_LINK_CLICKED, EMAIL_OPENED, EVENT_SIGNAL
 
 
 async def at_cart_email(shopper: Shopper) -> None:
@@ -135,3 +143,55 @@ async def test_a_message_with_one_link_counts_its_open_at_once(shopper: Shopper)
     await at_cart_email(shopper)
     await fetched(shopper, machine=False, links=1)
     assert any("opened the cart email" in line for line in await story(shopper))
+
+
+# ---- through the tracking endpoint's own recording, delivered as the router delivers -------
+
+APPLE = "172.224.226.5"
+SAFARI = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+)
+
+
+async def fetch_pixel(shopper: Shopper, tmp_path: Path, address: str, agent: str) -> None:
+    """The cart email's open pixel fetched from ``address`` with ``agent``: recorded by the
+    endpoint's :func:`record_hit`, and what it stored delivered to the journey."""
+    ranges = tmp_path / "apple.csv"
+    ranges.write_text("172.224.226.0/27,GB,GB-EN,London,\n")
+    settings = make_settings(shopper.db, apple_ranges_file=ranges)
+    (email,) = shopper.emails()
+    body = email.get_body(("html",))
+    assert body is not None
+    (token,) = re.findall(r"/t/o/([A-Za-z0-9_\-]+)", str(body.get_content()))
+    keys = verifying_keys(load_signing_key(settings), settings)
+    hit = await asyncio.to_thread(
+        record_hit, settings, keys, OPEN, token, address=address, user_agent=agent
+    )
+    assert hit is not None and hit.new_event
+    for stored in fetch_unrouted(settings.resolved_database_url, 100):
+        if stored.name == EMAIL_OPENED and stored.customer_id == shopper.customer_id:
+            shopper.seq += 1  # the test's own numbering of the events it delivered
+            event = dataclasses.replace(stored.journey_event(), seq=shopper.seq)
+            await shopper.handle.signal(EVENT_SIGNAL, event)
+
+
+async def test_an_mpp_open_recorded_by_the_endpoint_does_not_move_the_journey(
+    shopper: Shopper, tmp_path: Path
+) -> None:
+    await at_cart_email(shopper)
+    await fetch_pixel(shopper, tmp_path, APPLE, "Mozilla/5.0")
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+    (touch,) = shopper.touchpoints("email_opened")
+    assert touch.detail["machine_reason"] == "apple_mpp"
+
+
+async def test_safari_from_the_same_address_moves_it_to_the_audience_step(
+    shopper: Shopper, tmp_path: Path
+) -> None:
+    await at_cart_email(shopper)
+    await fetch_pixel(shopper, tmp_path, APPLE, SAFARI)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("ad_audience")
+    assert shopper.audience() == [shopper.customer_id]
