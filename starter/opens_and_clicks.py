@@ -43,6 +43,7 @@ from sqlmodel import Session, col, select
 from kaeru.db import session as db_session
 from kaeru.machine_opens import (
     ALL_LINKS_SAME_SECOND,
+    BURST,
     Ranges,
     burst_of,
     classify,
@@ -87,12 +88,11 @@ def verifying_keys(signing: bytes, settings: Settings) -> list[bytes]:
 @dataclass(frozen=True)
 class Hit:
     """What a valid tracking hit found. ``url`` is set for a click; ``expired`` hits record
-    nothing; ``machine`` is why the hit was judged a machine's (None: a person's)."""
+    nothing."""
 
     new_event: bool
     url: str | None = None
     expired: bool = False
-    machine: str | None = None
 
 
 def _event_row(
@@ -271,6 +271,8 @@ def record_hit(
             return Hit(new_event=False, url=settings.shop_url if url else None, expired=True)
         first_of_token = count_hit(s, link_row)
         reason = classify(address, user_agent, apple_ranges(settings))
+        if reason is None and not first_of_token and _burst_again(s, link_row):
+            reason = ALL_LINKS_SAME_SECOND
         opened = kind == OPEN
         name = EMAIL_OPENED if opened else EMAIL_LINK_CLICKED
         detail: dict[str, Any] = {} if opened else {"url": url, "link": link_row.link}
@@ -306,7 +308,18 @@ def record_hit(
             s.flush()
             s.refresh(message)
             new_event = _judge_burst(s, message, settings) or new_event
-        return Hit(new_event=new_event, url=url, machine=reason)
+        return Hit(new_event=new_event, url=url)
+
+
+def _burst_again(s: Session, row: TrackingLink) -> bool:
+    """Whether this hit is the scanner of a burst found in ``row``'s message fetching again
+    while the burst still runs (a person cannot click within it either)."""
+    s.refresh(row)
+    return (
+        row.machine_reason == ALL_LINKS_SAME_SECOND
+        and row.first_hit_at is not None
+        and utcnow() - row.first_hit_at < 2 * BURST
+    )
 
 
 def _first_human(s: Session, row: TrackingLink) -> bool:

@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from kaeru.commerce import ORDER_COMPLETED as ORDER_COMPLETED
     from kaeru.commerce import order_total_of
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
+    from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
     from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
 
 T = TypeVar("T")
@@ -74,9 +75,9 @@ MACHINE_OPENS_NOT_COUNTED = "machine-opens-not-counted"
 MACHINE_VERDICT_WAIT = timedelta(seconds=10)
 #: Who fetched, for the story, by the tracking endpoint's reason (kaeru/machine_opens.py).
 MACHINE_REASONS = {
-    "apple_mpp": "Apple Mail Privacy Protection",
-    "scanner_ua": "a link scanner",
-    "all_links_same_second": "a scanner following every link at once",
+    APPLE_MPP: "Apple Mail Privacy Protection",
+    SCANNER_UA: "a link scanner",
+    ALL_LINKS_SAME_SECOND: "a scanner following every link at once",
 }
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
@@ -524,7 +525,7 @@ class Journey(Generic[S]):
         kind = "open" if event.name == EMAIL_OPENED else "click"
         if machine:
             reason = props.get("machine_reason")
-            if reason == "all_links_same_second":
+            if reason == ALL_LINKS_SAME_SECOND:
                 vetoed = ["click"] + (["open"] if props.get("burst_open") is True else [])
                 for veto in vetoed:
                     key = f"{message_key} {veto}"

@@ -485,14 +485,22 @@ async def test_every_link_in_one_second_makes_the_clicks_and_the_open_machine(
     assert verdict.payload["properties"]["burst_open"] is True
     assert flag(machine_settings) == (False, False)
 
+    # The scanner fetches a link again while its burst runs: still a machine.
+    await tracker.get(clicked(1), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert len(told(machine_settings)) == 4
+    assert told(machine_settings)[3] == ("Email Link Clicked", True, "all_links_same_second")
+    assert flag(machine_settings) == (False, False)
+
     # The shopper reads it later: their open and click are told, under new message ids.
+    for path in (opened(), clicked(0), clicked(1)):
+        first_hit_ago(machine_settings, path, timedelta(minutes=30))
     await tracker.get(opened(), headers=fetch_from(ELSEWHERE, SAFARI))
     await tracker.get(clicked(0), headers=fetch_from(ELSEWHERE, SAFARI))
-    assert told(machine_settings)[3:] == [
+    assert told(machine_settings)[4:] == [
         ("Email Opened", False, None),
         ("Email Link Clicked", False, None),
     ]
-    assert [e.message_id.split("-")[2] for e in events(machine_settings)[3:]] == ["after", "after"]
+    assert [e.message_id.split("-")[2] for e in events(machine_settings)[4:]] == ["after", "after"]
     assert judged(machine_settings)[3:] == [
         ("email_opened", False, None),
         ("email_clicked", False, None),
