@@ -244,6 +244,7 @@ def record_hit(
     *,
     address: str | None = None,
     user_agent: str | None = None,
+    at: datetime | None = None,
 ) -> Hit | None:
     """Record an open or a click in one transaction. None: no such token, message or link.
     Blocking.
@@ -251,12 +252,16 @@ def record_hit(
     Args:
         address: the client's address (or its IPv6 /64), to tell Apple's proxy.
         user_agent: the request's ``User-Agent``.
+        at: when the request arrived (default now): a scanner's burst is judged by when its
+            fetches came, not by when a busy server got round to them.
     """
     with db_session(settings.resolved_database_url) as s:
         link_row = find(s, keys, kind, text)
         if link_row is None:
             return None
-        message = s.get(EmailMessage, link_row.message_key)
+        # Locked (PostgreSQL) so the hits of one message take turns: a scanner fetches every
+        # link at once, and each hit must see the others to find the burst.
+        message = s.get(EmailMessage, link_row.message_key, with_for_update=True)
         if message is None:
             return None
         url: str | None = None
@@ -269,9 +274,9 @@ def record_hit(
         if expired(message, settings.tracking_ttl):
             s.rollback()  # an old-format token's first hit made its row: keep nothing
             return Hit(new_event=False, url=settings.shop_url if url else None, expired=True)
-        first_of_token = count_hit(s, link_row)
+        first_of_token = count_hit(s, link_row, at)
         reason = classify(address, user_agent, apple_ranges(settings))
-        if reason is None and not first_of_token and _burst_again(s, link_row):
+        if reason is None and not first_of_token and _burst_again(s, link_row, at or utcnow()):
             reason = ALL_LINKS_SAME_SECOND
         opened = kind == OPEN
         name = EMAIL_OPENED if opened else EMAIL_LINK_CLICKED
@@ -311,14 +316,14 @@ def record_hit(
         return Hit(new_event=new_event, url=url)
 
 
-def _burst_again(s: Session, row: TrackingLink) -> bool:
+def _burst_again(s: Session, row: TrackingLink, at: datetime) -> bool:
     """Whether this hit is the scanner of a burst found in ``row``'s message fetching again
     while the burst still runs (a person cannot click within it either)."""
     s.refresh(row)
     return (
         row.machine_reason == ALL_LINKS_SAME_SECOND
         and row.first_hit_at is not None
-        and utcnow() - row.first_hit_at < 2 * BURST
+        and at - row.first_hit_at < 2 * BURST
     )
 
 
@@ -333,6 +338,7 @@ def _first_human(s: Session, row: TrackingLink) -> bool:
 
 
 async def _hit(request: Request, settings: Settings, token_text: str, kind: str) -> Hit:
+    arrived = utcnow()
     keys = verifying_keys(request.app.state.signing_key, settings)
     hit = None
     if len(token_text) <= _MAX_TOKEN:
@@ -344,6 +350,7 @@ async def _hit(request: Request, settings: Settings, token_text: str, kind: str)
             token_text,
             address=limits_of(request).client(request.scope),
             user_agent=request.headers.get("user-agent"),
+            at=arrived,
         )
     if hit is None:
         raise ApiError(404, "not_found", "no such tracking link")

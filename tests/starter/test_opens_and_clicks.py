@@ -547,3 +547,37 @@ async def test_a_missing_ranges_file_never_breaks_the_pixel(
     assert answer.status_code == 200 and answer.content == PIXEL
     assert [machine for _, machine, _ in told(settings)] == [False]
     assert "KAERU_APPLE_RANGES_FILE" in caplog.text
+
+
+async def test_a_scanner_fetching_every_link_at_once_is_caught(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    """Scanners fetch links in parallel: each hit sees the others, however they interleave."""
+    keys = [f"cart-abandonment-u1/run-{n}/cart_email" for n in range(2, 10)]
+    with session(machine_settings.resolved_database_url) as s:
+        for key in keys:
+            s.add(
+                EmailMessage(
+                    key=key,
+                    message_id=f"<{key}@kaeru>",
+                    customer_id="u1",
+                    journey_id="cart-abandonment-u1",
+                    step="cart_email",
+                    to_address="u1@example.com",
+                    subject="Your cart",
+                    status="sent",
+                    links=LINKS,
+                    sent_at=utcnow(),
+                )
+            )
+            register_tokens(s, KEY, key, len(LINKS))
+    answers = await asyncio.gather(
+        *(
+            tracker.get(clicked(n, key), headers=fetch_from(ELSEWHERE, SAFARI))
+            for key in keys
+            for n in (0, 1)
+        )
+    )
+    assert {a.status_code for a in answers} == {302}
+    verdicts = [e for e in events(machine_settings) if "-burst-" in e.message_id]
+    assert len(verdicts) == len(keys)
