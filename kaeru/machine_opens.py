@@ -79,8 +79,9 @@ class Ranges:
         return cls(starts, ends, len(networks))
 
     def __contains__(self, address: object) -> bool:
-        """Whether ``address`` (an address, or a network such as an IPv6 ``/64`` bucket) lies
-        wholly inside one range. Anything that is not an address is outside."""
+        """Whether ``address`` lies in a range. A network (the rate limiter's IPv6 ``/64`` of a
+        client, which one host holds whole) is in when any part of it is: Apple lists some
+        egress prefixes longer than /64. Anything that is not an address is outside."""
         if not isinstance(address, str):
             return False
         try:
@@ -91,8 +92,8 @@ class Ranges:
             net = ip_network(f"{net.network_address.ipv4_mapped}/32")
         first, last = int(net.network_address), int(net.broadcast_address)
         starts, ends = self.starts[net.version], self.ends[net.version]
-        i = bisect_right(starts, first) - 1
-        return i >= 0 and last <= ends[i]
+        i = bisect_right(starts, last) - 1  # the last range starting at or before ``last``
+        return i >= 0 and ends[i] >= first
 
 
 def parse_ranges(text: str) -> Ranges:

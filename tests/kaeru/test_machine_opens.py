@@ -34,6 +34,7 @@ RANGES = parse_ranges(
     "172.224.226.64/26,GB,GB-EN,London,\n"
     "2a02:26f7:b3c0:4000::/64,GB,GB-EN,London,\n"
     "2a02:26f7:b000::/40,US,US-CA,Los Angeles,\n"
+    "2a02:26f7:b3c5:7700:0:1::/80,GB,GB-EN,London,\n"
 )
 MPP = "Mozilla/5.0"
 SAFARI = (
@@ -65,7 +66,9 @@ T0 = datetime(2026, 12, 2, 9, 0, 0, 900_000, tzinfo=UTC)
         ("2a02:26f7:b100::1", False),
         ("2001:db8::1", False),
         ("2a02:26f7:b3c0:4000::/64", True),  # the rate limiter's IPv6 bucket of a client
-        ("2a02:26f7:b3c0::/48", False),  # wider than the range: not wholly inside
+        ("2a02:26f7:b3c5:7700::/64", True),  # a bucket holding the /80 below
+        ("2a02:26f7:b3c5:7701::/64", False),
+        ("2a02:26f7:b3c5:7700:1:2::9", False),  # beside the /80 in its /64, as an address
         ("unknown", False),
         ("", False),
     ],
