@@ -33,6 +33,7 @@ from temporalio.service import RPCError
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
+from kaeru.machine_opens import RangeFileError, write_ranges
 from kaeru.models import AudienceMember
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.serving import (
@@ -575,6 +576,67 @@ def codec_rotate() -> None:
         f"{masters.version}). Unset KAERU_CODEC_MASTER_KEY_PREVIOUS once every process runs "
         "with the new key."
     )
+
+
+# ---- kaeru opens: machine opens (kaeru/machine_opens.py) ------------------------------------
+
+opens_app = typer.Typer(
+    help="Machine opens: the Apple Mail Privacy Protection ranges opens are judged by.",
+    no_args_is_help=True,
+)
+app.add_typer(opens_app, name="opens")
+
+
+@opens_app.command("refresh-ranges")
+def opens_refresh_ranges(
+    url: Annotated[
+        str | None, typer.Option(help="Download from here (default KAERU_APPLE_RANGES_URL).")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="Read this local copy of Apple's CSV instead of downloading."),
+    ] = None,
+) -> None:
+    """Replace the Apple egress ranges with Apple's current list, after checking every line.
+
+    The list goes to KAERU_APPLE_RANGES_FILE (default: the starter list in the package), which
+    the API reads at its next open; a bad download is refused and the old list kept.
+    """
+    settings = load_settings()
+    target = settings.resolved_apple_ranges_file
+    if file is not None and url is not None:
+        fail("give --url or --file, not both", "--file reads a local copy; --url downloads.")
+    if file is not None:
+        source = str(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {file}: {exc}", "Give --file the path of Apple's CSV.")
+    else:
+        source = url or settings.apple_ranges_url
+        try:
+            answer = httpx.get(source, timeout=60.0, follow_redirects=True)
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            fail(
+                f"cannot download the ranges from {source}: {exc}; the old list is kept",
+                "Check the address (--url or KAERU_APPLE_RANGES_URL) or download it yourself "
+                "and pass --file PATH.",
+            )
+        text = answer.text
+    try:
+        ranges = write_ranges(text, target)
+    except RangeFileError as exc:
+        fail(
+            f"{source} is not a list of address ranges: {exc}; the old list is kept",
+            "Apple's file has lines 'prefix,country,region,city,' (see KAERU_APPLE_RANGES_URL).",
+        )
+    except OSError as exc:
+        fail(
+            f"cannot write {target}: {exc}; the old list is kept",
+            "Set KAERU_APPLE_RANGES_FILE to a writable path (the API must read the same one).",
+        )
+    console.print(f"Wrote {ranges.networks} ranges from {source} to {target}.", soft_wrap=True)
 
 
 # ---- the settings table of the README --------------------------------------------------------

@@ -296,6 +296,11 @@ class TrackingLink(SQLModel, table=True):
     created_at: datetime = _ts()
     first_hit_at: datetime | None = _ts(nullable=True)
     last_hit_at: datetime | None = _ts(nullable=True)
+    #: Why the token's first hit was a machine's (kaeru/machine_opens.py: ``apple_mpp``,
+    #: ``scanner_ua``, ``all_links_same_second``); None: a person's, or no hit yet.
+    machine_reason: str | None = Field(default=None, max_length=30)
+    #: The token's first hit judged a person's (open rates count these rows).
+    first_human_at: datetime | None = _ts(nullable=True)
 
 
 # ---- stream B (issue 13): journey exactness ----------------------------------------------------

@@ -357,6 +357,30 @@ class Settings(BaseSettings):
         return self.dkim_private_key is not None
 
     # ---- consent: machine opens settings ----
+    machine_opens_count: bool = Field(
+        False,
+        description="true: opens and clicks judged machine (Apple Mail Privacy Protection, link "
+        "scanners) move journeys on like a person's; false: only human ones do (all are "
+        "recorded either way)",
+    )
+    apple_ranges_url: str = Field(
+        "https://mask-api.icloud.com/egress-ip-ranges.csv",
+        description="where `kaeru opens refresh-ranges` downloads Apple's iCloud Private Relay "
+        "egress ranges (CSV)",
+    )
+    apple_ranges_file: Path | None = Field(
+        None,
+        description="the Apple egress ranges file the API reads and `kaeru opens "
+        "refresh-ranges` writes; unset: the starter list in the package "
+        "(kaeru/data/apple_egress_ranges.csv)",
+    )
+
+    @property
+    def resolved_apple_ranges_file(self) -> Path:
+        """The Apple egress ranges file in use (the packaged starter list by default)."""
+        from kaeru.machine_opens import PACKAGED_RANGES
+
+        return self.apple_ranges_file or PACKAGED_RANGES
 
     # ---- consent: privacy (export, erase, codec) settings ----
     codec_master_key: SecretStr | None = Field(

@@ -191,10 +191,10 @@ def expired(message: EmailMessage, ttl: timedelta, now: datetime | None = None) 
     return (now or utcnow()) >= (message.sent_at or message.created_at) + ttl
 
 
-def count_hit(session: Session, row: TrackingLink) -> bool:
-    """Count one hit of ``row``'s token; True for its first (a compare-and-set, so of two
-    first hits at once exactly one is first)."""
-    now = utcnow()
+def count_hit(session: Session, row: TrackingLink, at: datetime | None = None) -> bool:
+    """Count one hit of ``row``'s token, made ``at`` (default now); True for its first (a
+    compare-and-set, so of two first hits at once exactly one is first)."""
+    now = at or utcnow()
     first = session.execute(
         update(TrackingLink)
         .where(col(TrackingLink.digest) == row.digest, col(TrackingLink.hits) == 0)

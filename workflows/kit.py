@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from kaeru.commerce import ORDER_COMPLETED as ORDER_COMPLETED
     from kaeru.commerce import order_total_of
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
+    from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
     from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
 
 T = TypeVar("T")
@@ -65,6 +66,19 @@ PURCHASE_WINS = "purchase-always-wins"
 HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
 #: A removal from an audience that fails for good is parked for the audience sweeper.
 PARK_FAILED_REMOVALS = "park-failed-audience-removals"
+#: Opens and clicks the tracking endpoint judged a machine's are not counted, and a human one
+#: of a message with two or more links is counted once no burst verdict came.
+MACHINE_OPENS_NOT_COUNTED = "machine-opens-not-counted"
+#: How long after a human open or click of a message with two or more links the journey
+#: counts it: the verdict on a scanner's burst (every link within one second) is stored at
+#: its last link and routed right behind the first, well within this.
+MACHINE_VERDICT_WAIT = timedelta(seconds=10)
+#: Who fetched, for the story, by the tracking endpoint's reason (kaeru/machine_opens.py).
+MACHINE_REASONS = {
+    APPLE_MPP: "Apple Mail Privacy Protection",
+    SCANNER_UA: "a link scanner",
+    ALL_LINKS_SAME_SECOND: "a scanner following every link at once",
+}
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
 IDENTIFY = "identify"
@@ -363,6 +377,9 @@ class Journey(Generic[S]):
         self._exit_still: Callable[[], bool] | None = None
         self.purchase: Purchase | None = None
         self.engaged: set[str] = set()
+        #: Burst verdicts per ``"<message key> open|click"``: a human open or click waiting
+        #: to be counted is not counted if one came meanwhile.
+        self._vetoes: dict[str, int] = {}
         self.audiences: dict[str, str] = {}
         self.ad_clicks = 0
         self.waiting_for: str | None = None
@@ -465,10 +482,9 @@ class Journey(Generic[S]):
             elif not message_key.startswith(self.key("")):
                 return  # an email of an earlier journey of this customer, opened late
             step = str(event.properties.get("step", ""))
-            if step and step not in self.engaged:
-                self.engaged.add(step)
-                verb = "opened" if event.name == EMAIL_OPENED else "clicked a link in"
-                self.tell(f"the shopper {verb} {message_name(step)}")
+            if isinstance(message_key, str) and self._judged_machine(event, message_key, step):
+                return
+            self._engage(event.name, step)
         elif event.name == AD_CLICKED:
             if self.audiences:
                 self.ad_clicks += 1
@@ -481,6 +497,57 @@ class Journey(Generic[S]):
             self.exit_with(self.exits_on[event.name])
         else:
             self.on_event(event)
+
+    def _engage(self, name: str, step: str) -> None:
+        """Count an open or click of the ``step`` email: the journey's "opened" branches."""
+        if step and step not in self.engaged:
+            self.engaged.add(step)
+            verb = "opened" if name == EMAIL_OPENED else "clicked a link in"
+            self.tell(f"the shopper {verb} {message_name(step)}")
+
+    def _judged_machine(self, event: JourneyEvent, message_key: str, step: str) -> bool:
+        """Handle an open or click the tracking endpoint judged (starter/opens_and_clicks.py);
+        True when it is not to be counted now.
+
+        A machine's is not counted (unless the event says ``machine_counts``, the shop's
+        ``KAERU_MACHINE_OPENS_COUNT``). A human one of a message with two or more links is
+        counted :data:`MACHINE_VERDICT_WAIT` later, unless a verdict that every link was fetched
+        in one second (a scanner's burst, seen only at its last link) arrives first. Events
+        stored before the endpoint judged them, and journeys whose history took one before
+        this patch, count every open at once, as they did.
+        """
+        props = event.properties
+        machine = props.get("machine")
+        if not isinstance(machine, bool) or props.get("machine_counts") is True:
+            return False
+        if not workflow.patched(MACHINE_OPENS_NOT_COUNTED):
+            return False
+        kind = "open" if event.name == EMAIL_OPENED else "click"
+        if machine:
+            reason = props.get("machine_reason")
+            if reason == ALL_LINKS_SAME_SECOND:
+                vetoed = ["click"] + (["open"] if props.get("burst_open") is True else [])
+                for veto in vetoed:
+                    key = f"{message_key} {veto}"
+                    self._vetoes[key] = self._vetoes.get(key, 0) + 1
+            who = MACHINE_REASONS.get(str(reason), "a machine")
+            self.tell(f"{who} fetched {message_name(step)} ({kind}): not counted")
+            return True
+        links = props.get("links")
+        if not isinstance(links, int) or links < 2 or step in self.engaged:
+            return False
+        veto = f"{message_key} {kind}"
+        seen = self._vetoes.get(veto, 0)
+
+        async def judge() -> None:
+            await workflow.sleep(MACHINE_VERDICT_WAIT, summary=f"is this {kind} a scanner's?")
+            if self._vetoes.get(veto, 0) == seen:
+                self._engage(event.name, step)
+
+        task = asyncio.create_task(judge())
+        self._timers.add(task)  # a reference, so the task is not collected while it sleeps
+        task.add_done_callback(self._timers.discard)
+        return True
 
     def on_event(self, event: JourneyEvent) -> None:
         """Journey-specific events; the kit handled purchases, opens, clicks and ad clicks."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from kaeru.models import EmailMessage, Touchpoint, TrackingLink, utcnow
 from kaeru.settings import Settings
 from kaeru.tracking_tokens import TrackingToken, digest_of, make_token, register_tokens, token_for
 from starter.app import create_app
+from starter.opens_and_clicks import PIXEL
 from tests.conftest import make_settings
 from tests.starter.conftest import asgi_client, events
 
@@ -91,6 +94,17 @@ def sent_ago(settings: Settings, age: timedelta) -> None:
         s.add(row)
 
 
+def first_hit_ago(settings: Settings, path: str, age: timedelta) -> None:
+    """Move the first hit of ``path``'s token ``age`` into the past (its human hit too)."""
+    with session(settings.resolved_database_url) as s:
+        row = s.get(TrackingLink, digest_of(path.rsplit("/", 1)[1]))
+        assert row is not None and row.first_hit_at is not None
+        row.first_hit_at -= age
+        if row.first_human_at is not None:
+            row.first_human_at -= age
+        s.add(row)
+
+
 def altered(path: str) -> str:
     """The same old-format token with the message key in its payload changed, signature kept."""
     prefix, token = path.rsplit("/", 1)
@@ -126,6 +140,10 @@ async def test_pixel_is_a_transparent_gif_and_one_open_event(
         "journey_id": "cart-abandonment-u1",
         "step": "cart_email",
         "message_key": MESSAGE_KEY,
+        "links": 2,
+        "machine": False,
+        "machine_reason": None,
+        "machine_counts": False,
     }
     assert event.message_id.startswith("kaeru-open-")
     assert event.routed_at is None  # the router delivers it to the journey
@@ -175,6 +193,7 @@ async def test_click_redirects_to_the_stored_link_and_emits_one_event(
         answer = await api.get(clicked(1))
         assert answer.status_code == 302
         assert answer.headers["location"] == LINKS[1]
+    first_hit_ago(settings, clicked(1), timedelta(seconds=20))  # a person, reading on
     answer = await api.get(clicked(0))
     assert answer.headers["location"] == LINKS[0]
     assert [(t.kind, t.detail["url"]) for t in touchpoints(settings)] == [
@@ -321,3 +340,244 @@ async def test_concurrent_first_hits_make_one_touchpoint_and_one_event(
     assert {a.status_code for a in answers} == {200}
     assert len(touchpoints(settings)) == 1 and len(events(settings)) == 1
     assert hits(settings, opened()) == 8
+
+
+# ---- machine opens (kaeru/machine_opens.py) ------------------------------------------------
+
+APPLE = "172.224.226.5"  # inside the test's Apple egress ranges
+ELSEWHERE = "203.0.113.9"
+SAFARI = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+)
+
+
+@pytest.fixture
+def machine_settings(database_url: str, tmp_path: Path) -> Settings:
+    ranges = tmp_path / "apple.csv"
+    ranges.write_text("172.224.226.0/27,GB,GB-EN,London,\n2a02:26f7:b3c0:4000::/64,GB,,,\n")
+    # The test client talks from 127.0.0.1: as a proxy there, it says who the client is.
+    return make_settings(database_url, apple_ranges_file=ranges, trusted_proxies="127.0.0.1")
+
+
+@pytest.fixture
+async def tracker(machine_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(create_app(machine_settings, run_router=False)) as client:
+        yield client
+
+
+def fetch_from(address: str, agent: str) -> dict[str, str]:
+    return {"X-Forwarded-For": address, "User-Agent": agent}
+
+
+def tracked(settings: Settings) -> dict[tuple[str, int | None], TrackingLink]:
+    with session(settings.resolved_database_url) as s:
+        rows = s.exec(select(TrackingLink).where(TrackingLink.message_key == MESSAGE_KEY))
+        return {(r.kind, r.link): r for r in rows}
+
+
+def judged(settings: Settings) -> list[tuple[str, bool, str | None]]:
+    """Each touchpoint's kind, whether it is machine, and why."""
+    return [
+        (t.kind, t.detail["machine"], t.detail.get("machine_reason")) for t in touchpoints(settings)
+    ]
+
+
+def told(settings: Settings) -> list[tuple[str, bool, str | None]]:
+    """Each stored event's name, and whether (and why) it tells the journey of a machine."""
+    return [
+        (
+            e.name or "",
+            e.payload["properties"]["machine"],
+            e.payload["properties"]["machine_reason"],
+        )
+        for e in events(settings)
+    ]
+
+
+async def test_an_mpp_open_is_recorded_as_machine_and_the_shoppers_own_is_human(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    answer = await tracker.get(opened(), headers=fetch_from(APPLE, "Mozilla/5.0"))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/gif"
+    assert tracked(machine_settings)[("o", None)].machine_reason == "apple_mpp"
+    assert tracked(machine_settings)[("o", None)].first_human_at is None
+    assert judged(machine_settings) == [("email_opened", True, "apple_mpp")]
+    assert told(machine_settings) == [("Email Opened", True, "apple_mpp")]
+    assert events(machine_settings)[0].message_id.startswith("kaeru-open-machine-")
+    assert flag(machine_settings) == (False, False)  # no human open was routed yet
+
+    # Another proxy fetch is counted, not told again; then the shopper opens it in Safari.
+    await tracker.get(opened(), headers=fetch_from(APPLE, "Mozilla/5.0"))
+    await tracker.get(opened(), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert hits(machine_settings, opened()) == 3
+    assert judged(machine_settings) == [
+        ("email_opened", True, "apple_mpp"),
+        ("email_opened", False, None),
+    ]
+    assert told(machine_settings) == [
+        ("Email Opened", True, "apple_mpp"),
+        ("Email Opened", False, None),
+    ]
+    assert flag(machine_settings) == (True, False)
+
+
+async def test_safari_through_private_relay_is_a_human_open(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    await tracker.get(opened(), headers=fetch_from(APPLE, SAFARI))
+    assert judged(machine_settings) == [("email_opened", False, None)]
+    assert told(machine_settings) == [("Email Opened", False, None)]
+
+
+async def test_an_ordinary_open_one_second_after_delivery_stays_human(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    sent_ago(machine_settings, timedelta(seconds=1))
+    await tracker.get(opened(), headers=fetch_from(ELSEWHERE, SAFARI))
+    await tracker.get(clicked(0), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert judged(machine_settings) == [
+        ("email_opened", False, None),
+        ("email_clicked", False, None),
+    ]
+    assert [machine for _, machine, _ in told(machine_settings)] == [False, False]
+
+
+async def test_a_scanner_click_redirects_is_machine_and_the_shoppers_click_still_counts(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    answer = await tracker.get(clicked(1), headers=fetch_from(ELSEWHERE, "Barracuda Sentinel"))
+    assert answer.status_code == 302 and answer.headers["location"] == LINKS[1]
+    assert told(machine_settings) == [("Email Link Clicked", True, "scanner_ua")]
+    # The shopper clicks the same link later: its first human hit is told to the journey.
+    await tracker.get(clicked(1), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert judged(machine_settings) == [
+        ("email_clicked", True, "scanner_ua"),
+        ("email_clicked", False, None),
+    ]
+    assert told(machine_settings)[1] == ("Email Link Clicked", False, None)
+    assert flag(machine_settings) == (False, True)
+
+
+async def test_every_link_in_one_second_makes_the_clicks_and_the_open_machine(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    """A scanner with a browser's user agent fetches the pixel and every link at once."""
+    for path in (opened(), clicked(0), clicked(1)):
+        await tracker.get(path, headers=fetch_from(ELSEWHERE, SAFARI))
+    rows = tracked(machine_settings)
+    assert {r.machine_reason for r in rows.values()} == {"all_links_same_second"}
+    assert all(r.first_human_at is None for r in rows.values())
+    # Judged human as they came, then corrected: the touchpoints say machine now.
+    assert judged(machine_settings) == [
+        ("email_opened", True, "all_links_same_second"),
+        ("email_clicked", True, "all_links_same_second"),
+        ("email_clicked", True, "all_links_same_second"),
+    ]
+    # The journey is told the verdict after the first open and click it was told of.
+    assert told(machine_settings) == [
+        ("Email Opened", False, None),
+        ("Email Link Clicked", False, None),
+        ("Email Link Clicked", True, "all_links_same_second"),
+    ]
+    verdict = events(machine_settings)[-1]
+    assert verdict.message_id.startswith("kaeru-click-burst-")
+    assert verdict.payload["properties"]["burst_open"] is True
+    assert flag(machine_settings) == (False, False)
+
+    # The scanner fetches a link again while its burst runs: still a machine.
+    await tracker.get(clicked(1), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert len(told(machine_settings)) == 4
+    assert told(machine_settings)[3] == ("Email Link Clicked", True, "all_links_same_second")
+    assert flag(machine_settings) == (False, False)
+
+    # The shopper reads it later: their open and click are told, under new message ids.
+    for path in (opened(), clicked(0), clicked(1)):
+        first_hit_ago(machine_settings, path, timedelta(minutes=30))
+    await tracker.get(opened(), headers=fetch_from(ELSEWHERE, SAFARI))
+    await tracker.get(clicked(0), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert told(machine_settings)[4:] == [
+        ("Email Opened", False, None),
+        ("Email Link Clicked", False, None),
+    ]
+    assert [e.message_id.split("-")[2] for e in events(machine_settings)[4:]] == ["after", "after"]
+    assert judged(machine_settings)[3:] == [
+        ("email_opened", False, None),
+        ("email_clicked", False, None),
+    ]
+
+
+async def test_links_a_second_apart_are_a_person(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    await tracker.get(opened(), headers=fetch_from(ELSEWHERE, SAFARI))
+    await tracker.get(clicked(0), headers=fetch_from(ELSEWHERE, SAFARI))
+    first_hit_ago(machine_settings, clicked(0), timedelta(seconds=1))
+    await tracker.get(clicked(1), headers=fetch_from(ELSEWHERE, SAFARI))
+    assert {r.machine_reason for r in tracked(machine_settings).values()} == {None}
+    assert [machine for _, machine, _ in told(machine_settings)] == [False, False]
+
+
+async def test_the_setting_tells_journeys_to_count_machine_opens(
+    database_url: str, tmp_path: Path
+) -> None:
+    ranges = tmp_path / "apple.csv"
+    ranges.write_text("172.224.226.0/27,GB,GB-EN,London,\n")
+    settings = make_settings(
+        database_url,
+        apple_ranges_file=ranges,
+        trusted_proxies="127.0.0.1",
+        machine_opens_count=True,
+    )
+    async with asgi_client(create_app(settings, run_router=False)) as client:
+        await client.get(opened(), headers=fetch_from(APPLE, "Mozilla/5.0"))
+    (event,) = events(settings)
+    assert event.payload["properties"]["machine"] is True
+    assert event.payload["properties"]["machine_counts"] is True
+
+
+async def test_a_missing_ranges_file_never_breaks_the_pixel(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(
+        database_url, apple_ranges_file=tmp_path / "nowhere.csv", trusted_proxies="127.0.0.1"
+    )
+    async with asgi_client(create_app(settings, run_router=False)) as client:
+        answer = await client.get(opened(), headers=fetch_from(APPLE, "Mozilla/5.0"))
+    assert answer.status_code == 200 and answer.content == PIXEL
+    assert [machine for _, machine, _ in told(settings)] == [False]
+    assert "KAERU_APPLE_RANGES_FILE" in caplog.text
+
+
+async def test_a_scanner_fetching_every_link_at_once_is_caught(
+    tracker: httpx.AsyncClient, machine_settings: Settings
+) -> None:
+    """Scanners fetch links in parallel: each hit sees the others, however they interleave."""
+    keys = [f"cart-abandonment-u1/run-{n}/cart_email" for n in range(2, 10)]
+    with session(machine_settings.resolved_database_url) as s:
+        for key in keys:
+            s.add(
+                EmailMessage(
+                    key=key,
+                    message_id=f"<{key}@kaeru>",
+                    customer_id="u1",
+                    journey_id="cart-abandonment-u1",
+                    step="cart_email",
+                    to_address="u1@example.com",
+                    subject="Your cart",
+                    status="sent",
+                    links=LINKS,
+                    sent_at=utcnow(),
+                )
+            )
+            register_tokens(s, KEY, key, len(LINKS))
+    answers = await asyncio.gather(
+        *(
+            tracker.get(clicked(n, key), headers=fetch_from(ELSEWHERE, SAFARI))
+            for key in keys
+            for n in (0, 1)
+        )
+    )
+    assert {a.status_code for a in answers} == {302}
+    verdicts = [e for e in events(machine_settings) if "-burst-" in e.message_id]
+    assert len(verdicts) == len(keys)
