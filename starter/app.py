@@ -28,7 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, limits, opens_and_clicks
+from starter import admin, consent_api, limits, opens_and_clicks
 from starter.deps import (
     SERVER,
     ApiError,
@@ -117,6 +117,8 @@ def create_app(
     _install_docs(app)
     app.include_router(_ingestion_routes())
     app.include_router(opens_and_clicks.router)
+    # Before the admin routes: their /v1/customers/{id:path} would take .../consent.
+    app.include_router(consent_api.router)
     app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"])
