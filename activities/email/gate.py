@@ -70,10 +70,10 @@ def topic_sent(s: Session, email: SendEmailInput, window: timedelta) -> EmailMes
     ).first()
 
 
-def journey_kind(email: SendEmailInput) -> str:
-    """The kind of the journey sending ``email`` (its id is ``<kind>-<customer id>``)."""
-    suffix = f"-{email.customer_id}"
-    return email.journey_id.removesuffix(suffix) if email.journey_id.endswith(suffix) else ""
+def journey_kind(journey_id: str, customer_id: str) -> str:
+    """The kind of journey ``journey_id`` (``<kind>-<customer id>``); empty if it is not one."""
+    suffix = f"-{customer_id}"
+    return journey_id.removesuffix(suffix) if journey_id.endswith(suffix) else ""
 
 
 def may_send(
@@ -99,7 +99,10 @@ def may_send(
         )
     if email.marketing and (
         why := refusal(
-            s, email.customer_id, kind=journey_kind(email), unknown_is_yes=unknown_consent_is_yes
+            s,
+            email.customer_id,
+            kind=journey_kind(email.journey_id, email.customer_id),
+            unknown_is_yes=unknown_consent_is_yes,
         )
     ):
         return Verdict(CONSENT, f"{CONSENT_SKIP}: the {email.step} email is not sent: {why}")
