@@ -28,7 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, consent_api, limits, opens_and_clicks
+from starter import admin, consent_api, feedback, limits, opens_and_clicks
 from starter.deps import (
     SERVER,
     ApiError,
@@ -119,6 +119,7 @@ def create_app(
     app.include_router(opens_and_clicks.router)
     # Before the admin routes: their /v1/customers/{id:path} would take .../consent.
     app.include_router(consent_api.router)
+    app.include_router(feedback.router)
     app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"])

@@ -246,6 +246,7 @@ class MessageLog:
                         email=normalise_address(out.to_address),
                         reason="bounce",
                         detail=answer,
+                        source="smtp",
                     )
                 )
             if not bounced:

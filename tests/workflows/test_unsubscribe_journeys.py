@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from email.mime.base import MIMEBase
+from email.mime.message import MIMEMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from typing import Any
 
 import httpx
@@ -270,3 +275,71 @@ async def test_an_unsubscribe_through_the_api_or_an_identify_ends_a_sleeping_jou
         result = await asyncio.wait_for(handle.result(), 30)
         assert result.outcome == "unsubscribed"
         assert smtp.messages == []
+
+
+# ---- complaints and bounces while a journey sleeps ----------------------------------------------
+
+
+def ses_notification(kind: str, address: str, detail: dict[str, Any]) -> dict[str, Any]:
+    """An SES notification in its SNS envelope (tests/starter/test_feedback.py has the shapes)."""
+    body = {
+        "notificationType": kind,
+        "mail": {"messageId": "ses-id", "destination": [address], "headers": []},
+        kind.lower(): {"feedbackId": f"fb-{uuid.uuid4()}", **detail},
+    }
+    return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "Message": json.dumps(body)}
+
+
+async def test_a_hard_bounce_while_asleep_stops_the_next_email(shopper: Shopper) -> None:
+    await shopper.cart("Product Added", **SHOE)
+    bounce = ses_notification(
+        "Bounce",
+        shopper.email,
+        {"bounceType": "Permanent", "bouncedRecipients": [{"emailAddress": shopper.email}]},
+    )
+    settings = make_settings(shopper.db)
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        answer = await api.post("/v1/feedback/webhook", json=bounce, auth=AUTH)
+        assert answer.status_code == 200, answer.text
+
+    await shopper.skip(DAY + 60)
+
+    assert await shopper.outcome() == "undeliverable"
+    assert shopper.emails() == []
+    story = (await shopper.status()).story
+    assert any("suppression list (reason: hard_bounce)" in line for line in story)
+
+
+async def test_a_complaint_after_the_cart_email_keeps_the_shopper_out_of_the_audience(
+    shopper: Shopper,
+) -> None:
+    """The complaint's withdrawal is not routed here (no router): the next marketing step,
+    the ad audience, is refused on its own."""
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    [cart_email] = await shopper.wait_for_emails(1)
+    await shopper.opened()
+    report = MIMEMultipart("report", report_type="feedback-report")
+    report.attach(MIMEText("An abuse report"))
+    fields = MIMEBase("message", "feedback-report")
+    fields.set_payload("Feedback-Type: abuse\r\nUser-Agent: Mailbox/1\r\nVersion: 1\r\n")
+    report.attach(fields)
+    report.attach(MIMEMessage(cart_email))
+    settings = make_settings(shopper.db)
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        answer = await api.post(
+            "/v1/feedback/arf",
+            content=report.as_bytes(),
+            headers={"Content-Type": "message/rfc822"},
+            auth=AUTH,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["matched"] is True
+
+    await shopper.skip(DAY + 60)
+
+    assert await shopper.outcome() == "unsubscribed"
+    assert shopper.audience() == []
+    assert shopper.touchpoints("audience_joined") == []
+    story = (await shopper.status()).story
+    assert any("not added to the" in line for line in story)
