@@ -14,12 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import inspect
 from sqlmodel import select
 from typer.testing import CliRunner
 
 from kaeru.cli import app as cli
 from kaeru.consent import CONSENT_WITHDRAWN, set_consent, state_of
-from kaeru.db import session
+from kaeru.db import MIGRATIONS, get_engine, migrate, session
 from kaeru.models import Customer, EmailMessage, Suppression
 from kaeru.settings import Settings
 from tests.starter.conftest import AUTH, BROWSER_AUTH, events
@@ -341,3 +344,20 @@ def test_suppressions_add_list_remove(settings: Settings) -> None:
     assert suppressions(settings) == []
     gone = runner.invoke(cli, ["suppressions", "remove", "bob@example.com"], env=env)
     assert gone.exit_code == 1 and "not on the suppression list" in gone.output
+
+
+def test_the_feedback_migration_downgrades_and_upgrades_again(settings: Settings) -> None:
+    url = settings.resolved_database_url
+    with session(url) as s:
+        s.add(Suppression(email="old@example.com", reason="bounce"))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = get_engine(url)
+
+    command.downgrade(config, "0010")
+    found = inspect(get_engine(url))
+    assert "feedback_reports" not in found.get_table_names()
+    assert "source" not in {c["name"] for c in found.get_columns("suppressions")}
+    migrate(url)
+    assert "feedback_reports" in inspect(get_engine(url)).get_table_names()
+    assert suppressions(settings) == [("old@example.com", "bounce", None)]

@@ -29,6 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.ads import email_sha256
 from kaeru.consent import CONSENT_WITHDRAWN, set_consent
 from kaeru.db import session
+from kaeru.journeys import deliveries
 from kaeru.models import Customer, EmailMessage
 from kaeru.settings import Settings
 from starter.app import create_app
@@ -70,6 +71,15 @@ async def cart_shopper(
 def consent(url: str, customer_id: str, subscribed: bool, kind: str | None = None) -> None:
     with session(url) as s:
         set_consent(s, customer_id, "email", subscribed, "api", kind=kind)
+
+
+@pytest.mark.journeys("*")
+def test_a_withdrawal_reaches_live_marketing_journeys_only_and_starts_none() -> None:
+    targets = deliveries(CONSENT_WITHDRAWN, "u1", {"channel": "email", "kind": None})
+    kinds = {target.route.kind for target in targets}
+    assert "cart-abandonment" in kinds and "welcome" in kinds
+    assert "order-confirmation" not in kinds  # transactional: consent is not its business
+    assert not any(target.start for target in targets)
 
 
 async def test_a_withdrawal_while_asleep_ends_the_journey_and_it_leaves_its_audience(
