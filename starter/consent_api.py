@@ -33,6 +33,7 @@ from starter.deps import (
     source_of_key,
     unauthorized,
 )
+from starter.events import ErrorBody
 
 #: Most history rows ``GET`` answers (the newest).
 MAX_HISTORY = 500
@@ -57,7 +58,16 @@ async def require_server_key(request: Request, settings: SettingsDep) -> None:
 
 ServerKey = Depends(require_server_key)
 
-router = APIRouter(prefix="/v1", tags=["consent"], dependencies=[ServerKey])
+router = APIRouter(
+    prefix="/v1",
+    tags=["consent"],
+    dependencies=[ServerKey],
+    responses={
+        400: {"model": ErrorBody, "description": "a bad body: the message names the field"},
+        401: {"model": ErrorBody, "description": "missing or wrong write key"},
+        403: {"model": ErrorBody, "description": "the browser write key may not do this"},
+    },
+)
 
 
 class ConsentUpdate(BaseModel):

@@ -49,6 +49,7 @@ from kaeru.settings import Settings
 from starter.consent_api import ServerKey
 from starter.consent_changes import change_consent
 from starter.deps import ApiError, SettingsDep, router_of
+from starter.events import ErrorBody
 from starter.outbox import insert_statement, table_of
 
 COMPLAINT = "complaint"
@@ -56,7 +57,42 @@ HARD_BOUNCE = "hard_bounce"
 #: Largest report accepted: providers send the original message, attachments cut.
 MAX_REPORT_BYTES = 1_000_000
 
-router = APIRouter(prefix="/v1/feedback", tags=["feedback"], dependencies=[ServerKey])
+router = APIRouter(
+    prefix="/v1/feedback",
+    tags=["feedback"],
+    dependencies=[ServerKey],
+    responses={
+        400: {"model": ErrorBody, "description": "not a report kaeru can read"},
+        401: {"model": ErrorBody, "description": "missing or wrong write key"},
+        403: {"model": ErrorBody, "description": "the browser write key may not do this"},
+        413: {"model": ErrorBody, "description": "over 1 MB"},
+    },
+)
+
+#: The bodies, for /openapi.json (the endpoints read them by hand).
+_ARF_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/report": {"schema": {"type": "string", "format": "binary"}},
+            "message/rfc822": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_SES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/plain": {
+                "schema": {
+                    "type": "object",
+                    "description": "an SNS notification whose Message is an SES one",
+                }
+            },
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
 
 
 class FeedbackError(Exception):
@@ -369,7 +405,12 @@ async def _act(request: Request, settings: Settings, feedback: Feedback) -> Feed
     return result
 
 
-@router.post("/arf", response_model=FeedbackResult)
+@router.post(
+    "/arf",
+    response_model=FeedbackResult,
+    openapi_extra=_ARF_BODY,
+    responses={404: {"model": ErrorBody, "description": "no message kaeru sent matches"}},
+)
 async def arf_report(request: Request, settings: SettingsDep) -> FeedbackResult:
     """An ARF feedback-loop report (RFC 5965): an ``abuse`` report suppresses the address and
     unsubscribes the customer; other feedback types are acknowledged and ignored."""
@@ -400,7 +441,7 @@ async def arf_report(request: Request, settings: SettingsDep) -> FeedbackResult:
     return result
 
 
-@router.post("/webhook", response_model=FeedbackResult)
+@router.post("/webhook", response_model=FeedbackResult, openapi_extra=_SES_BODY)
 async def provider_webhook(request: Request, settings: SettingsDep) -> FeedbackResult:
     """Amazon SES bounce and complaint notifications (through SNS, or raw)."""
     body = await read_limited(request, MAX_REPORT_BYTES)

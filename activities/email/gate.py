@@ -93,9 +93,9 @@ def may_send(
         return Verdict(
             SUPPRESSED,
             f"{mask_address(address)} is on the suppression list (reason: "
-            f"{suppressed.reason}), so the {email.step} email is not sent; delete its row from "
-            "the suppressions table only if the shopper asked for email again or the address "
-            "works again",
+            f"{suppressed.reason}), so the {email.step} email is not sent; take it off "
+            "(`kaeru suppressions remove`) only if the shopper asked for email again or the "
+            "address works again",
         )
     if email.marketing and (
         why := refusal(

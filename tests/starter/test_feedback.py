@@ -179,6 +179,16 @@ async def test_arf_that_is_not_a_complaint_or_not_ours_changes_nothing(
     assert "RFC 5965" in garbage.json()["message"]
 
 
+async def test_openapi_documents_the_feedback_and_consent_routes(api: httpx.AsyncClient) -> None:
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    arf_body = paths["/v1/feedback/arf"]["post"]["requestBody"]["content"]
+    assert {"multipart/report", "message/rfc822"} <= set(arf_body)
+    assert "404" in paths["/v1/feedback/arf"]["post"]["responses"]
+    assert "/v1/feedback/webhook" in paths
+    consent_put = paths["/v1/customers/{customer_id}/consent"]["put"]
+    assert "ConsentUpdate" in str(consent_put["requestBody"])
+
+
 async def test_feedback_needs_the_server_key(api: httpx.AsyncClient, settings: Settings) -> None:
     body = carried(arf())
     assert (await post_arf(api, body, auth=None)).status_code == 401
