@@ -173,7 +173,7 @@ async def read_consent(customer_id: str, settings: SettingsDep) -> ConsentPublic
 
 
 @router.put("/customers/{customer_id:path}/consent", response_model=ConsentChanged)
-async def change_consent(
+async def update_consent(
     customer_id: str, body: ConsentUpdate, request: Request, settings: SettingsDep
 ) -> ConsentChanged:
     """Subscribe or unsubscribe the customer (source ``api``); an unsubscribe ends their
