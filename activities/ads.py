@@ -10,6 +10,11 @@ not the one of the customer's address today (they may have changed it meanwhile)
 that fails for good is parked there with its reason; ``retry_audience_removals``, run by the
 audience sweeper's Temporal Schedule, tries parked removals again with backoff, and closes
 one as superseded instead when a later journey has added the same member again.
+
+Consent: a customer without email marketing consent (:func:`kaeru.consent.refusal`, with
+``KAERU_UNKNOWN_CONSENT_IS_YES``) or with a suppressed address never joins an audience: the add
+fails with ``NotConsented`` before the platform is asked, and the journey ends
+``unsubscribed`` (it leaves every audience it joined before, as every journey's end does).
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.email.addresses import recipient_address
+from activities.email.addresses import mask_address, recipient_address
+from activities.email.gate import journey_kind, suppression_of
 from activities.types import (
     AUDIENCE_REJECTED,
+    NOT_CONSENTED,
     AudienceChange,
     AudienceResult,
     ParkRemoval,
     SweepInput,
     SweepResult,
 )
+from kaeru.consent import refusal
 from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
@@ -75,10 +83,11 @@ class AudienceActivities:
         """Add the customer to ``change.audience`` (idempotent), and keep what was added.
 
         Raises:
-            ApplicationError: ``NoEmailAddress`` or ``AudienceRejected`` (non-retryable), or a
-                retryable one when the ad platform is busy or unreachable.
+            ApplicationError: ``NoEmailAddress``, ``NotConsented`` (no marketing consent, or a
+                suppressed address) or ``AudienceRejected`` (non-retryable), or a retryable
+                one when the ad platform is busy or unreachable.
         """
-        hashed = email_sha256(await asyncio.to_thread(self._email, change))
+        hashed = email_sha256(await asyncio.to_thread(self._consented_email, change))
         target = self._target(change.audience)
         await self._send(target, hashed, joining=True)
         await asyncio.to_thread(self._record, change, hashed, target, True)
@@ -166,6 +175,27 @@ class AudienceActivities:
         if not address:
             raise no_email_address(
                 change.customer_id, f"they cannot join or leave the {change.audience} audience"
+            )
+        return address
+
+    def _consented_email(self, change: AudienceChange) -> str:
+        """The address to add, if the customer may be marketed to (else ``NotConsented``)."""
+        address = self._email(change)
+        with session(self.settings.resolved_database_url) as s:
+            why = refusal(
+                s,
+                change.customer_id,
+                kind=journey_kind_of(change),
+                unknown_is_yes=self.settings.unknown_consent_is_yes,
+            )
+            suppressed = suppression_of(s, address)
+        if why is None and suppressed is not None:
+            why = f"{mask_address(address)} is on the suppression list ({suppressed.reason})"
+        if why is not None:
+            raise ApplicationError(
+                f"the shopper is not added to the {change.audience} audience: {why}",
+                type=NOT_CONSENTED,
+                non_retryable=True,
             )
         return address
 
@@ -372,6 +402,11 @@ class AudienceActivities:
             type=AUDIENCE_REJECTED,
             non_retryable=True,
         )
+
+
+def journey_kind_of(change: AudienceChange) -> str:
+    """The kind of the journey making ``change`` (its id is ``<kind>-<customer id>``)."""
+    return journey_kind(change.journey_id, change.customer_id)
 
 
 def _join_of(s: Session, change: AudienceChange) -> AudienceJoin | None:

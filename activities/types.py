@@ -19,6 +19,9 @@ AUDIENCE_REJECTED = "AudienceRejected"  # the ad platform refused the request fo
 #: The customer has a stored order placed at or after ``SendEmailInput.ordered_since``: the
 #: message was not sent (an order that overtook the journey's events, or one not yet routed).
 ALREADY_PURCHASED = "AlreadyPurchased"
+#: The customer may not get marketing (no consent, unsubscribed, a suppressed address): a
+#: marketing message is not sent, an ad audience not joined; the journey ends unsubscribed.
+NOT_CONSENTED = "NotConsented"
 
 
 @dataclass

@@ -30,11 +30,15 @@ from sqlmodel import col, select
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.email.addresses import mask_address, normalise_address
+from activities.email.gate import suppression_of
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
+from kaeru.db import write_session as db_write_session
+from kaeru.identity import email_problem
 from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
 from kaeru.machine_opens import RangeFileError, write_ranges
-from kaeru.models import AudienceMember
+from kaeru.models import AudienceMember, Suppression
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.serving import (
     DEV_WRITE_KEY,
@@ -48,6 +52,7 @@ from kaeru.serving import (
 from kaeru.settings import Settings
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
+from starter.feedback import suppress
 from starter.parking import drop_parked, parked_events, retry_parked
 from starter.privacy import erase_customer, export_customer
 from worker import run_worker
@@ -637,6 +642,93 @@ def opens_refresh_ranges(
             "Set KAERU_APPLE_RANGES_FILE to a writable path (the API must read the same one).",
         )
     console.print(f"Wrote {ranges.networks} ranges from {source} to {target}.", soft_wrap=True)
+
+
+# ---- kaeru suppressions: addresses kaeru never emails -------------------------------------------
+
+suppressions_app = typer.Typer(
+    help="The suppression list: addresses kaeru never emails (bounces, complaints, manual).",
+    no_args_is_help=True,
+)
+app.add_typer(suppressions_app, name="suppressions")
+
+#: Reasons an operator may give by hand (the others come from bounces and complaints).
+MANUAL_REASONS = ("manual", "complaint", "hard_bounce")
+
+
+def _address_or_fail(address: str) -> str:
+    cleaned = normalise_address(address)
+    if (problem := email_problem(cleaned)) is not None:
+        fail(
+            f"{address!r} is not an email address ({problem})", "Give one address: ann@example.com"
+        )
+    return cleaned
+
+
+@suppressions_app.command("add")
+def suppressions_add(
+    email: Annotated[str, typer.Argument(help="The address never to email again.")],
+    reason: Annotated[
+        str, typer.Option(help=f"Why: one of {', '.join(MANUAL_REASONS)}.")
+    ] = "manual",
+) -> None:
+    """Suppress an address: no journey emails it again (transactional messages neither)."""
+    if reason not in MANUAL_REASONS:
+        fail(f"--reason {reason!r} is not one of {', '.join(MANUAL_REASONS)}")
+    address = _address_or_fail(email)
+    url, label = database_url_checked(load_settings())
+    with database_problems(label), db_write_session(url) as s:
+        added = suppress(s, address, reason, "cli", "added with kaeru suppressions add")
+    shown = mask_address(address)
+    console.print(f"Suppressed {shown} ({reason})." if added else f"{shown} already is suppressed.")
+
+
+@suppressions_app.command("remove")
+def suppressions_remove(
+    email: Annotated[str, typer.Argument(help="The address to email again.")],
+) -> None:
+    """Take an address off the list: only if the shopper asked for email again, or the address
+    works again. Their marketing consent is not changed."""
+    address = _address_or_fail(email)
+    url, label = database_url_checked(load_settings())
+    with database_problems(label), db_write_session(url) as s:
+        row = suppression_of(s, address)
+        if row is not None:
+            s.delete(row)
+    if row is None:
+        fail(
+            f"{mask_address(address)} is not on the suppression list; nothing was changed",
+            "List it with `kaeru suppressions list`.",
+        )
+    console.print(f"Removed {mask_address(address)} from the suppression list ({row.reason}).")
+
+
+@suppressions_app.command("list")
+def suppressions_list(
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")] = 100,
+) -> None:
+    """List suppressed addresses (masked), newest first, with why and where from."""
+    url, label = database_url_checked(load_settings())
+    with database_problems(label), db_session(url) as s:
+        total = s.exec(select(func.count()).select_from(Suppression)).one()
+        rows = s.exec(
+            select(Suppression).order_by(col(Suppression.created_at).desc()).limit(limit)
+        ).all()
+    if not rows:
+        console.print("No address is suppressed.")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("address", "reason", "source", "since (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            mask_address(row.email),
+            row.reason,
+            row.source or "-",
+            f"{row.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} of {total} shown." if total > len(rows) else f"{total} in all.")
 
 
 # ---- the settings table of the README --------------------------------------------------------

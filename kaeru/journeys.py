@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import workflows
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
+    CONSENT_WITHDRAWN,
     EMAIL_LINK_CLICKED,
     EMAIL_OPENED,
     IDENTIFY,
@@ -333,6 +334,7 @@ def load_registry(settings: Settings) -> Registry:
             | journey.starts_on
             | frozenset(journey.exits_on)
             | {IDENTITY_MERGED}
+            | (frozenset() if journey.transactional else {CONSENT_WITHDRAWN})
             | ({ORDER_COMPLETED} if journey.ends_on_purchase else frozenset())
             | ({IDENTIFY} if journey.starts_on_traits else frozenset())
         )

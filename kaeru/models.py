@@ -219,6 +219,9 @@ class Suppression(SQLModel, table=True):
     reason: str = Field(max_length=50)
     detail: str | None = None
     created_at: datetime = _ts()
+    #: Where it came from: ``smtp`` (a 5xx), ``arf`` (a feedback-loop report), ``ses`` (the
+    #: provider webhook), ``cli``; None for rows older than the column.
+    source: str | None = Field(default=None, max_length=50)
 
 
 class Touchpoint(SQLModel, table=True):
@@ -470,3 +473,21 @@ class CustomerKey(SQLModel, table=True):
     key_version: str | None = Field(default=None, max_length=32)
     created_at: datetime = _ts()
     erased_at: datetime | None = _ts(nullable=True)
+
+
+# ---- Stream C: consent feedback (complaints and bounces) -------------------------------------
+
+
+class FeedbackReport(SQLModel, table=True):
+    """One complaint or bounce report kaeru acted on, kept so the same report twice (a
+    provider's retry) has one effect. No address: ``message_id`` names the kaeru message."""
+
+    __tablename__ = "feedback_reports"
+
+    #: ``arf:<sha-256 of the report>`` or ``ses:<feedbackId>``.
+    report_id: str = Field(primary_key=True, max_length=200)
+    #: ``complaint`` or ``hard_bounce``.
+    kind: str = Field(max_length=20)
+    message_id: str | None = Field(default=None, max_length=400)
+    customer_id: str | None = Field(default=None, max_length=200)
+    received_at: datetime = _ts()

@@ -28,7 +28,16 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from starter import admin, codec_server, limits, opens_and_clicks, privacy, unsubscribe
+from starter import (
+    admin,
+    codec_server,
+    consent_api,
+    feedback,
+    limits,
+    opens_and_clicks,
+    privacy,
+    unsubscribe,
+)
 from starter.deps import (
     SERVER,
     ApiError,
@@ -120,6 +129,9 @@ def create_app(
     app.include_router(unsubscribe.router)
     # Before admin: its GET /v1/customers/{id:path} would swallow .../export.
     app.include_router(privacy.router)
+    # Before the admin routes: their /v1/customers/{id:path} would take .../consent.
+    app.include_router(consent_api.router)
+    app.include_router(feedback.router)
     app.include_router(admin.router)
     app.include_router(codec_server.router)
 

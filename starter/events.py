@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kaeru.commerce import CART_EVENTS, MAX_ID_LENGTH, ORDER_COMPLETED, clean_product_name
+from kaeru.consent import CONSENT_WITHDRAWN, ConsentValueError, consent_from_traits
 from kaeru.identity import IDENTITY_MERGED, MERGE_ID_PREFIX, email_problem, normalise_email
 from kaeru.models import utcnow
 from starter.deps import BROWSER, SERVER, Source
@@ -81,6 +82,10 @@ PROTECTED_TRAIT_PARTS = (
     "permission",
     "suppress",
 )
+
+#: How the message ids of the withdrawal events kaeru stores begin (``consent:<change id>``,
+#: :mod:`starter.consent_changes`); reserved, like the event's name.
+CONSENT_ID_PREFIX = "consent:"
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
@@ -377,6 +382,13 @@ def read_event(
             "kaeru stores when an identify merges an anonymousId into a userId: send that "
             "identify (userId and anonymousId) instead",
         )
+    if name == CONSENT_WITHDRAWN or message_id.startswith(CONSENT_ID_PREFIX):
+        raise EventError(
+            "not_allowed",
+            f"{CONSENT_WITHDRAWN} events and messageIds starting {CONSENT_ID_PREFIX!r} are what "
+            "kaeru stores when a customer unsubscribes: send an identify with traits."
+            "marketing_consent: false, or PUT /v1/customers/{id}/consent, instead",
+        )
     received = now or utcnow()
     timestamp = _timestamp(raw, received)
     notes: dict[str, Any] = {}
@@ -400,6 +412,8 @@ def read_event(
                 notes["withheld"] = withheld
     else:
         _check_emails(payload, event_type)
+        if event_type == "identify":
+            _check_consent(payload)
     if imported:
         notes["imported"] = True
     if notes:
@@ -499,6 +513,14 @@ def _check_emails(payload: dict[str, Any], event_type: str) -> None:
                 f"{where} is not an email address kaeru can send to ({problem}); send a "
                 "single address such as ann@example.com, or leave the trait out",
             )
+
+
+def _check_consent(payload: dict[str, Any]) -> None:
+    """Refuse an identify whose consent traits are neither true nor false (the trait named)."""
+    try:
+        consent_from_traits(_object(payload.get("traits")))
+    except ConsentValueError as exc:
+        raise EventError("invalid_consent", str(exc)) from exc
 
 
 def encoded_size(value: Any) -> int:

@@ -11,6 +11,11 @@ Trust (README, "Trust model"): only server-key events write the shared catalogue
 name stored; a browser ``Order Completed`` is stored as an order (and redeems its coupon) only
 with KAERU_TRUST_BROWSER_ORDERS; a coupon is redeemed only by an order of its own customer.
 Events of ``/v1/import`` are history: stored (profiles, orders) and marked routed at once.
+
+Consent (kaeru/consent.py): the consent traits of a server-key ``identify`` set the customer's
+consent (source ``identify``) in the same transaction; one that unsubscribes also stores the
+``Marketing Consent Withdrawn`` event after it (:func:`starter.consent_changes.change_consent`).
+The customer's time zone comes from ``traits.timezone`` or ``context.timezone``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Table, bindparam, select, text
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -44,27 +50,30 @@ from kaeru.commerce import (
     order_total_of,
     product_id_of,
 )
+from kaeru.consent import consent_from_traits
 from kaeru.coupons import redeem_coupon
 from kaeru.db import write_session
 from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
-from kaeru.journeys import deliveries
 from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
+from starter.consent_changes import change_consent
 from starter.events import (
     PRODUCT_EVENTS,
     EventError,
     IncomingEvent,
     encoded_size,
-    journey_properties,
     stated_email,
 )
+from starter.outbox import OUTBOX_LOCK as OUTBOX_LOCK
+from starter.outbox import insert_events as insert_events
+from starter.outbox import insert_statement as _insert
+from starter.outbox import outbox_row as outbox_row
+from starter.outbox import table_of as _table
 
 log = logging.getLogger("kaeru.ingest")
 
-#: PostgreSQL advisory lock held while events are inserted, so ``seq`` order is commit order:
-#: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
-#: the journey (which ignores seq <= the last it saw) would drop seq 10.
-OUTBOX_LOCK = 0x6B61657275
+#: Longest time zone name kept (``customers.timezone``); IANA names are far shorter.
+MAX_TIMEZONE_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -76,84 +85,6 @@ class StoreResult:
     #: Events refused at store time (a customer's traits over the caps): position in the
     #: request's events, and why. They are not stored.
     rejected: tuple[tuple[int, EventError], ...] = ()
-
-
-def _insert(session: Session, table: Any) -> Any:
-    """``INSERT`` with ``ON CONFLICT`` support for the session's database."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
-def _table(model: Any) -> Table:
-    table: Table = model.__table__
-    return table
-
-
-def needs_routing(
-    event_type: str, name: str | None, customer_id: str, payload: dict[str, Any]
-) -> bool:
-    """Whether some journey could use the event: asked with the name journeys see it by (an
-    ``identify`` by ``identify``) and its journey properties."""
-    return bool(
-        deliveries(name or event_type, customer_id, journey_properties(event_type, payload))
-    )
-
-
-def insert_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert outbox rows in order; a ``message_id`` already stored is skipped.
-
-    Returns:
-        The message ids this call stored.
-    """
-    if not rows:
-        return set()
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": OUTBOX_LOCK})
-    # One statement with the rows as parameters (executemany), not ``.values(rows)``: SQLAlchemy
-    # sends it as batched multi-row INSERTs in row order either way, but only this form is
-    # compiled once and cached; a multi-VALUES statement is compiled again on every call.
-    statement = (
-        _insert(session, _table(Event))
-        .on_conflict_do_nothing(index_elements=["message_id"])
-        .returning(_table(Event).c.message_id)
-    )
-    return {row[0] for row in session.execute(statement, list(rows))}
-
-
-def outbox_row(
-    *,
-    message_id: str,
-    customer_id: str,
-    event_type: str,
-    name: str | None,
-    payload: dict[str, Any],
-    timestamp: datetime,
-    received_at: datetime,
-    source: str = "server",
-    imported: bool = False,
-    facts: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """An ``events`` row. Events no journey listens to, and imported history, are marked
-    routed at once (``payload.kaeru.imported`` says why). ``facts`` (what ingestion learnt:
-    ``cart``, ``changed_traits``) join the payload's ``kaeru`` notes."""
-    if facts:
-        notes = payload.get("kaeru")
-        payload = {**payload, "kaeru": {**(notes if isinstance(notes, dict) else {}), **facts}}
-    routed = not imported and needs_routing(event_type, name, customer_id, payload)
-    return {
-        "message_id": message_id,
-        "customer_id": customer_id,
-        "type": event_type,
-        "name": name,
-        "payload": payload,
-        "timestamp": timestamp,
-        "received_at": received_at,
-        "routed_at": None if routed else received_at,
-        "route_attempts": 0,
-        "route_error": None,
-        "source": source,
-    }
 
 
 def store_events(settings: Settings, events: Sequence[IncomingEvent]) -> StoreResult:
@@ -211,6 +142,8 @@ def store_requests(
             for event in new
         ]
         inserted = insert_events(session, rows)
+        # After the identifies' rows, so a withdrawal's event comes after its identify.
+        withdrew = _store_consent(session, [e for e in new if e.message_id in inserted])
     stored = [0] * len(requests)
     to_route = [False] * len(requests)
     derived = {event.message_id: event for event in new if event.derived}
@@ -223,6 +156,8 @@ def store_requests(
                 index = owner[row["message_id"]]
                 stored[index] += 1
             to_route[index] = to_route[index] or row["routed_at"] is None
+    for message_id in withdrew:
+        to_route[owner[message_id]] = True
     rejected: list[list[tuple[int, EventError]]] = [[] for _ in requests]
     for index, events in enumerate(requests):
         for position, event in enumerate(events):
@@ -391,12 +326,15 @@ def _store_customers(
         ],
     )
     updates: dict[str, list[tuple[IncomingEvent, str | None]]] = {}
+    zones: dict[str, str] = {}
     for event in events:
         email = stated_email(event)
         if (event.type == "identify" and event.traits) or email:
             updates.setdefault(event.customer_id, []).append((event, email))
         elif event.type == "identify":
             updates.setdefault(event.customer_id, []).append((event, None))
+        if not event.imported and (zone := timezone_of(event)) is not None:
+            zones[event.customer_id] = zone  # the newest event's zone wins
     refused: dict[str, EventError] = {}
     changed: dict[str, list[str]] = {}
     # Sorted, so two requests updating the same customers lock them in the same order.
@@ -426,11 +364,86 @@ def _store_customers(
             customer.traits, customer.email, customer.updated_at = traits, address, now
             session.add(customer)
     session.flush()
+    if zones:
+        # One statement for every customer (almost every event of a browser carries
+        # context.timezone): no row is read, and only a changed zone is written.
+        session.execute(
+            _ZONE_UPDATE,
+            [{"id": c, "zone": zones[c], "now": now} for c in sorted(zones)],
+        )
     return refused, changed
+
+
+_CUSTOMERS = _table(Customer)
+#: Built once: the customer's time zone, when it changed.
+_ZONE_UPDATE = (
+    _CUSTOMERS.update()
+    .where(_CUSTOMERS.c.customer_id == bindparam("id"))
+    .where(or_(_CUSTOMERS.c.timezone.is_(None), _CUSTOMERS.c.timezone != bindparam("zone")))
+    .values(timezone=bindparam("zone"), updated_at=bindparam("now"))
+)
 
 
 #: Stands for a trait the customer does not have (``None`` is a value a trait can hold).
 _NO_VALUE = object()
+
+
+def timezone_of(event: IncomingEvent) -> str | None:
+    """The customer's IANA time zone an event states (an identify's ``traits.timezone``, else
+    ``context.timezone``), or None.
+
+    A name zoneinfo does not know is ignored with a warning, never refused: Segment's
+    libraries fill ``context.timezone`` from the device on every event, so an odd value from
+    an old browser must not cost the event, and quiet hours then fall back to the shop's zone.
+    """
+    stated = [event.traits.get("timezone")] if event.type == "identify" else []
+    stated.append(event.context.get("timezone"))
+    for value in stated:
+        if value is None or value == "":
+            continue
+        if isinstance(value, str) and len(value) <= MAX_TIMEZONE_LENGTH:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                pass
+            else:
+                return value
+        # The message id, not the value or the customer: neither belongs in a log.
+        log.warning(
+            "event %s names a time zone zoneinfo does not know; it is ignored (send an IANA "
+            "name such as Europe/Berlin)",
+            event.message_id,
+        )
+    return None
+
+
+def _store_consent(session: Session, events: Sequence[IncomingEvent]) -> set[str]:
+    """Set consent from the consent traits of each stored identify of the server key, in order
+    (``kaeru.consent.consent_from_traits``; read_event refused bad values). Imported history
+    sets none: an old ``true`` must not undo a later unsubscribe.
+
+    Returns:
+        The message ids of the identifies that unsubscribed a channel: the withdrawal event
+        each stored needs the router.
+    """
+    withdrawn: set[str] = set()
+    now = utcnow()
+    for event in events:
+        if event.type != "identify" or not event.trusted or event.derived or event.imported:
+            continue
+        for channel, subscribed in consent_from_traits(event.traits).items():
+            change = change_consent(
+                session,
+                event.customer_id,
+                channel,
+                subscribed,
+                "identify",
+                detail=f"identify {event.message_id}",
+                at=now,
+            )
+            if change is not None and not subscribed:
+                withdrawn.add(event.message_id)
+    return withdrawn
 
 
 # ---- products --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import (
         ALREADY_PURCHASED,
         NO_EMAIL_ADDRESS,
+        NOT_CONSENTED,
         UNDELIVERABLE,
         AudienceChange,
         AudienceResult,
@@ -44,6 +45,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from kaeru.commerce import ORDER_COMPLETED as ORDER_COMPLETED
     from kaeru.commerce import order_total_of
+    from kaeru.consent import CONSENT_WITHDRAWN as CONSENT_WITHDRAWN
+    from kaeru.consent import EMAIL as EMAIL_CHANNEL
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
     from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
     from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
@@ -79,6 +82,11 @@ MACHINE_REASONS = {
     SCANNER_UA: "a link scanner",
     ALL_LINKS_SAME_SECOND: "a scanner following every link at once",
 }
+#: A ``Marketing Consent Withdrawn`` for the journey's channel (email) and kind ends a
+#: marketing journey ``unsubscribed``; before this patch the kit left the event to the journey.
+CONSENT_ENDS_JOURNEYS = "consent-withdrawal-ends-marketing-journeys"
+#: The outcome of a marketing journey whose customer unsubscribed (or may not be marketed to).
+UNSUBSCRIBED = "unsubscribed"
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
 IDENTIFY = "identify"
@@ -281,6 +289,9 @@ class Journey(Generic[S]):
     enabled_by_default: ClassVar[bool] = True
     #: Its re-entry rule; None: a customer may enter again as soon as the last one ended.
     reentry: ClassVar[Reentry | None] = None
+    #: Sends only transactional messages (an order confirmation): marketing consent does not
+    #: apply, and a withdrawal of consent neither reaches nor ends it.
+    transactional: ClassVar[bool] = False
 
     settings: S
 
@@ -489,6 +500,10 @@ class Journey(Generic[S]):
             if self.audiences:
                 self.ad_clicks += 1
                 self.tell("the shopper clicked the retargeting ad")
+        elif event.name == CONSENT_WITHDRAWN and workflow.patched(CONSENT_ENDS_JOURNEYS):
+            if not self.transactional and self._withdrawn_from_me(event.properties):
+                self.tell("the shopper unsubscribed: no marketing step runs after it")
+                self.exit_with(UNSUBSCRIBED)
         elif event.name == IDENTITY_MERGED:
             self.tell("the shopper was identified: their journeys go on as the known customer")
             self.exit_with("merged")
@@ -548,6 +563,11 @@ class Journey(Generic[S]):
         self._timers.add(task)  # a reference, so the task is not collected while it sleeps
         task.add_done_callback(self._timers.discard)
         return True
+
+    def _withdrawn_from_me(self, properties: Mapping[str, Any]) -> bool:
+        """A withdrawal for this journey's channel (email), of every kind or of its own."""
+        kind = properties.get("kind")
+        return properties.get("channel") == EMAIL_CHANNEL and kind in (None, self.kind)
 
     def on_event(self, event: JourneyEvent) -> None:
         """Journey-specific events; the kit handled purchases, opens, clicks and ad clicks."""
@@ -856,7 +876,13 @@ class Journey(Generic[S]):
         # Recorded first: if the add fails for good after reaching the platform, finish()
         # still removes the shopper (removing a non-member is harmless).
         self.audiences[audience] = step
-        result = await self.call("add_to_audience", change, AudienceResult, step)
+        try:
+            result = await self.call("add_to_audience", change, AudienceResult, step)
+        except JourneyExit as exit_:
+            if exit_.outcome == UNSUBSCRIBED:
+                # Refused before the platform was asked: there is nothing to remove.
+                del self.audiences[audience]
+            raise
         self.done(step, f"added the shopper to the {audience} audience ({result.provider})")
         return result
 
@@ -923,6 +949,9 @@ class Journey(Generic[S]):
                 # Its event may never reach this journey: convert on the order it was told of.
                 self.purchase = _found_order(cause)
             return JourneyExit("purchased")
+        if isinstance(cause, ApplicationError) and cause.type == NOT_CONSENTED:
+            self.tell(f"did not go on at {step}: {cause.message}")
+            return JourneyExit(UNSUBSCRIBED)
         if isinstance(cause, ApplicationError) and cause.type == NO_EMAIL_ADDRESS:
             self.tell("the shopper has no known email address")
             return JourneyExit("no_email_address")

@@ -136,6 +136,7 @@ class OrderConfirmation(Journey[OrderConfirmationSettings]):
     label = "Order confirmation"
     starts_on = frozenset({ORDER_COMPLETED})
     ends_on_purchase = False
+    transactional = True
     settings_class = OrderConfirmationSettings
     #: Order ids this journey and its earlier generations confirmed (the newest ones).
     confirmed: tuple[str, ...] = ()

@@ -31,7 +31,7 @@ from activities.email.addresses import (
     scrub,
     unusable_because,
 )
-from activities.email.gate import SUPPRESSED, TOPIC_SKIP, may_send
+from activities.email.gate import CONSENT, CONSENT_SKIP, SUPPRESSED, TOPIC_SKIP, may_send
 from activities.email.message_log import (
     BOUNCED,
     DATA,
@@ -43,6 +43,7 @@ from activities.email.message_log import (
     MessageLog,
     Outgoing,
     already_purchased,
+    not_consented,
     purchase_reason,
     purchase_since,
     undeliverable,
@@ -88,7 +89,8 @@ class EmailActivities:
 
         Raises:
             ApplicationError: ``NoEmailAddress``, ``Undeliverable`` (suppressed address, hard
-                bounce), ``AlreadyPurchased`` (an order at or after ``ordered_since``,
+                bounce), ``NotConsented`` (a marketing message to a customer without
+                consent), ``AlreadyPurchased`` (an order at or after ``ordered_since``,
                 checked before SMTP and again as DATA is claimed) or ``TemplateMissing``, all
                 non-retryable; retryable ones for 4xx answers, connection trouble, broken
                 templates and settings to fix.
@@ -141,6 +143,8 @@ class EmailActivities:
             raise undeliverable(f"{mask_address(row.to_address)} bounced earlier: {row.error}")
         if row.status == SKIPPED and (row.error or "").startswith(TOPIC_SKIP):
             return Outgoing(row.message_id, row.to_address, status=SKIPPED)
+        if row.status == SKIPPED and (row.error or "").startswith(CONSENT_SKIP):
+            raise not_consented(row.error or CONSENT_SKIP)
         return None
 
     def _try_prepare(self, email: SendEmailInput) -> Outgoing | None:
@@ -167,9 +171,20 @@ class EmailActivities:
             address = recipient_address(s, email.customer_id)
             if not address:
                 raise no_email_address(email.customer_id, f"the {email.step} email cannot be sent")
-            verdict = may_send(s, email, address, self.settings.topic_window)
+            verdict = may_send(
+                s,
+                email,
+                address,
+                self.settings.topic_window,
+                unknown_consent_is_yes=self.settings.unknown_consent_is_yes,
+            )
             if verdict is not None and verdict.rule == SUPPRESSED:
                 raise undeliverable(verdict.reason)
+            if verdict is not None and verdict.rule == CONSENT:
+                if not self.log.skip(s, email, row, verdict.reason):
+                    return None
+                s.commit()  # the log row must outlive the error raised next
+                raise not_consented(verdict.reason)
             if verdict is not None:  # the topic rule: skipped, and the journey goes on
                 if not self.log.skip(s, email, row, verdict.reason):
                     return None

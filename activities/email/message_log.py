@@ -12,8 +12,9 @@ Its ``status`` moves:
 - ``unconfirmed``: the message went out after the ``354`` and no answer came (a broken line,
   a timeout, a worker that died), so its fate is unknown and it is never resent;
 - ``skipped``: never sent and never will be: the customer bought at or after
-  ``SendEmailInput.ordered_since`` (``AlreadyPurchased``), or a marketing message on the same
-  topic already went to them (:mod:`activities.email.gate`; the send answers ``skipped``).
+  ``SendEmailInput.ordered_since`` (``AlreadyPurchased``), a marketing message on the same
+  topic already went to them (:mod:`activities.email.gate`; the send answers ``skipped``), or
+  the customer has no marketing consent (``NotConsented``; ``error`` says why).
 
 A retry resends from ``pending`` or ``sending`` (the server provably holds nothing: a hang-up
 before the ``354`` is one of these), returns ``already_sent`` from ``sent``, and never resends
@@ -47,7 +48,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.email.addresses import message_id_for, normalise_address, scrub
 from activities.email.gate import TOPIC_SKIP, suppression_of, topic_sent
-from activities.types import ALREADY_PURCHASED, UNDELIVERABLE, SendEmailInput
+from activities.types import ALREADY_PURCHASED, NOT_CONSENTED, UNDELIVERABLE, SendEmailInput
 from kaeru.db import session
 from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.settings import Settings
@@ -245,6 +246,7 @@ class MessageLog:
                         email=normalise_address(out.to_address),
                         reason="bounce",
                         detail=answer,
+                        source="smtp",
                     )
                 )
             if not bounced:
@@ -262,6 +264,12 @@ class MessageLog:
 
 def undeliverable(message: str) -> ApplicationError:
     return ApplicationError(scrub(message), type=UNDELIVERABLE, non_retryable=True)
+
+
+def not_consented(message: str) -> ApplicationError:
+    """``NotConsented``: a marketing message to a customer without consent (not retried:
+    the journey ends ``unsubscribed``). ``message`` names no personal data."""
+    return ApplicationError(scrub(message), type=NOT_CONSENTED, non_retryable=True)
 
 
 def purchase_since(s: Session, email: SendEmailInput) -> Order | None:

@@ -431,7 +431,9 @@ class DemoShopper:
 
     def identify(self) -> dict[str, Any]:
         return self.event(
-            userId=self.customer_id, traits={"email": SHOPPER_EMAIL, "name": SHOPPER_NAME}
+            userId=self.customer_id,
+            # Marketing goes only to customers who said yes (KAERU_UNKNOWN_CONSENT_IS_YES).
+            traits={"email": SHOPPER_EMAIL, "name": SHOPPER_NAME, "marketing_consent": True},
         )
 
     def product_viewed(self, p: DemoProduct) -> dict[str, Any]:

@@ -236,9 +236,13 @@ class _Player:
         token = await asyncio.to_thread(acquire_lease, url, _HOLDER, 365 * 86400.0)
         assert token is not None, "a fresh database has no other router"
         self.fence = Fence(_HOLDER, token)
-        traits = {
+        traits: dict[str, Any] = {
             k: v for k, v in (("email", self.customer.email), ("name", self.customer.name)) if v
         }
+        # The simulated customer said yes to marketing, or no journey would email them
+        # (KAERU_UNKNOWN_CONSENT_IS_YES is off by default); a timeline's identify line with
+        # marketing_consent: false plays an unsubscribe.
+        traits["marketing_consent"] = True
         before = self.timeline.start - timedelta(days=1)
         for n, (line, order) in enumerate(self.timeline.shop_orders, start=1):
             shopper = f"{_SHOPPER}-{n}"

@@ -18,14 +18,16 @@ from activities.ads import AUDIENCE_UNAVAILABLE, AudienceActivities, email_sha25
 from activities.types import (
     AUDIENCE_REJECTED,
     NO_EMAIL_ADDRESS,
+    NOT_CONSENTED,
     AudienceChange,
     AudienceResult,
     ParkRemoval,
     SweepInput,
     SweepResult,
 )
+from kaeru.consent import set_consent
 from kaeru.db import session
-from kaeru.models import AudienceJoin, AudienceMember, Customer, utcnow
+from kaeru.models import AudienceJoin, AudienceMember, Customer, Suppression, utcnow
 from kaeru.settings import Settings
 from tests.activities.factories import add_customer, touchpoints
 from tests.conftest import make_settings
@@ -153,6 +155,66 @@ async def test_customer_without_email_cannot_join(
         assert (caught.value.type, caught.value.non_retryable) == (NO_EMAIL_ADDRESS, True)
         assert "identify" in caught.value.message
     assert members(database_url) == [] and touchpoints(database_url) == []
+
+
+# ---- consent ---------------------------------------------------------------------------------
+
+
+def consent_to(url: str, customer_id: str, subscribed: bool, kind: str | None = None) -> None:
+    with session(url) as s:
+        set_consent(s, customer_id, "email", subscribed, "api", kind=kind)
+
+
+@pytest.mark.parametrize(
+    ("said", "why"),
+    [
+        (None, "never consented"),
+        (False, "unsubscribed from email marketing"),
+        ("kind", "opted out of cart-abandonment"),
+        ("suppressed", "suppression list (complaint)"),
+    ],
+)
+async def test_a_customer_without_consent_never_joins_an_audience(
+    database_url: str,
+    http: httpx.AsyncClient,
+    graph_api: GraphAPIServer,
+    said: object,
+    why: str,
+) -> None:
+    add_customer(database_url, "c1", "alice@example.com")
+    if said is False:
+        consent_to(database_url, "c1", False)
+    elif said == "kind":
+        consent_to(database_url, "c1", True)
+        consent_to(database_url, "c1", False, kind="cart-abandonment")
+    elif said == "suppressed":
+        consent_to(database_url, "c1", True)
+        with session(database_url) as s:
+            s.add(Suppression(email="alice@example.com", reason="complaint"))
+    settings = meta_settings(database_url, graph_api, unknown_consent_is_yes=False)
+
+    with pytest.raises(ApplicationError) as caught:
+        await add(settings, http, change())
+
+    assert (caught.value.type, caught.value.non_retryable) == (NOT_CONSENTED, True)
+    assert why in caught.value.message
+    assert "alice@" not in caught.value.message  # masked: the error lands in the history
+    assert graph_api.requests == [] and graph_api.member_hashes() == set()
+    assert touchpoints(database_url) == []
+
+
+async def test_a_subscribed_customer_joins_and_unknown_joins_only_when_it_counts_as_yes(
+    sqlite_url: str, http: httpx.AsyncClient, graph_api: GraphAPIServer
+) -> None:
+    add_customer(sqlite_url, "c1", "alice@example.com")
+    add_customer(sqlite_url, "c2", "bob@example.com")
+    consent_to(sqlite_url, "c1", True)
+    strict = meta_settings(sqlite_url, graph_api, unknown_consent_is_yes=False)
+    await add(strict, http, change())
+    assert graph_api.member_hashes() == {ALICE_HASH}
+    lenient = meta_settings(sqlite_url, graph_api, unknown_consent_is_yes=True)
+    await add(lenient, http, change(customer_id="c2"))
+    assert len(graph_api.member_hashes()) == 2
 
 
 # ---- Meta Custom Audiences -------------------------------------------------------------------

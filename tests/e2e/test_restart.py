@@ -92,6 +92,8 @@ def stack(
         "KAERU_SECRET_KEY": "restart-test-0123456789abcdef-kaeru",
         "KAERU_PUBLIC_URL": "http://kaeru.test",
         "KAERU_LOG_LEVEL": "INFO",
+        # Its shoppers said nothing about consent: this test is about restarts, not consent.
+        "KAERU_UNKNOWN_CONSENT_IS_YES": "true",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     worker = WorkerProcess(env, tmp_path)
