@@ -28,7 +28,12 @@ NO_QUIET = {"quiet_start": "00:00", "quiet_end": "00:00"}
 
 
 def gate(url: str, **overrides: Any) -> SendGateActivities:
-    values: dict[str, Any] = {"unknown_consent_is_yes": False, **NO_QUIET}
+    values: dict[str, Any] = {
+        "unknown_consent_is_yes": False,
+        "cap_per_day": 1,
+        "cap_per_week": 3,
+        **NO_QUIET,
+    }
     values.update(overrides)
     return SendGateActivities(make_settings(url, **values))
 
