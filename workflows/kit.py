@@ -750,7 +750,9 @@ class Journey(Generic[S]):
                 customer_id=self.customer_id,
                 priority=self.send_priority,
                 wanted_at=wanted_at,
-                stale_after_seconds=stale_after.total_seconds() if stale_after else None,
+                stale_after_seconds=(
+                    stale_after.total_seconds() if stale_after is not None else None
+                ),
                 asked_at=workflow.now(),
             )
             answer = await self.call("reserve_send", ask, ReserveSendResult, step)
