@@ -295,19 +295,23 @@ async def test_a_message_that_would_wait_past_its_stale_limit_is_dropped(
 
 
 @pytest.mark.journeys("welcome", "order-confirmation")
-async def test_a_transactional_message_ignores_the_cap(
+async def test_a_transactional_message_ignores_the_cap_and_quiet_hours(
     time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
 ) -> None:
-    async with open_shop(time_skipping_env, sqlite_url, smtp) as shop:
+    now = (await time_skipping_env.get_current_time()).astimezone(UTC)
+    quiet = {"quiet_start": f"{now - HOUR:%H:%M}", "quiet_end": f"{now + 2 * HOUR:%H:%M}"}
+    async with open_shop(time_skipping_env, sqlite_url, smtp, **quiet) as shop:
         c = shop.customer()
+        await shop.took_the_slot_now(c)  # and it is quiet hours
         await shop.signed_up(c)
-        await shop.wait_for_emails(c, 1)
+        await shop.waiting_for_a_slot("welcome", c)  # a marketing message waits
         await shop.route(c, "Order Completed", **ORDER)
         result = await shop.handle("order-confirmation", c).result()
         assert result.outcome == "confirmed"
-        await shop.wait_for_emails(c, 2)
+        [confirmation] = await shop.wait_for_emails(c, 1)
+        assert confirmation["X-Kaeru-Step"] == "confirmation_email"
         assert "reserve_send" not in await shop.activities("order-confirmation", c)
-        assert len(shop.granted(c)) == 1  # the welcome's only
+        assert len(shop.granted(c)) == 1  # the other journey's only
 
 
 @pytest.mark.journeys("cart-abandonment", "win-back")
