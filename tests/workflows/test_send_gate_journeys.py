@@ -299,8 +299,13 @@ async def test_a_transactional_message_ignores_the_cap_and_quiet_hours(
     time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
 ) -> None:
     now = (await time_skipping_env.get_current_time()).astimezone(UTC)
-    quiet = {"quiet_start": f"{now - HOUR:%H:%M}", "quiet_end": f"{now + 2 * HOUR:%H:%M}"}
-    async with open_shop(time_skipping_env, sqlite_url, smtp, **quiet) as shop:
+    async with open_shop(
+        time_skipping_env,
+        sqlite_url,
+        smtp,
+        quiet_start=f"{now - HOUR:%H:%M}",
+        quiet_end=f"{now + 2 * HOUR:%H:%M}",
+    ) as shop:
         c = shop.customer()
         await shop.took_the_slot_now(c)  # and it is quiet hours
         await shop.signed_up(c)
