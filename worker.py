@@ -33,6 +33,7 @@ from activities.coupons import CouponActivities
 from activities.email import EmailActivities
 from activities.entries import EntryActivities
 from activities.recommendations import RecommendationActivities
+from activities.send_gate import SendGateActivities
 from activities.types import SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
@@ -73,6 +74,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         recommendations.look_up_products,
         ConversionActivities(settings).record_conversion,
         EntryActivities(settings).claim_journey_entry,
+        SendGateActivities(settings).reserve_send,
     ]
 
 

@@ -198,3 +198,50 @@ class EntryClaimResult:
     granted: bool
     #: When the earlier entry that refused this one began (epoch seconds), if refused.
     previous_at: float | None = None
+
+
+# ---- Consent stream G: the send gate ---------------------------------------------------------
+
+#: ``ReserveSendResult.verdict``: send now (the slot is this message's).
+SEND = "send"
+#: Not now: ask again at ``until`` (capped, a higher priority message first, quiet hours).
+WAIT = "wait"
+#: Never: the next free slot is past the message's stale limit. The journey goes on.
+DROP = "drop"
+#: Never: the customer's consent says no, or the address is suppressed. The journey ends.
+REFUSED = "refused"
+
+
+@dataclass
+class ReserveSendInput:
+    """Ask for a send slot for one marketing message (the kit's step before ``send_email``).
+
+    ``key`` is the message's own key (``SendEmailInput.key``): asking again (a retry, the
+    journey waking from a wait) finds the same reservation.
+    """
+
+    key: str
+    journey_id: str
+    kind: str
+    step: str
+    customer_id: str
+    #: Lower number first (cart abandonment 10 ... win-back 40): ``Journey.priority``.
+    priority: int
+    #: When the journey first wanted to send (the workflow's clock); the stale limit counts
+    #: from here.
+    wanted_at: datetime
+    channel: str = "email"
+    #: Past ``wanted_at`` + this, the message is dropped instead of sent; None: never stale.
+    stale_after_seconds: float | None = None
+    #: When the journey asks (the workflow's clock, which a time-skipping test server moves
+    #: and a replay repeats); None: the gate's own clock.
+    asked_at: datetime | None = None
+
+
+@dataclass
+class ReserveSendResult:
+    verdict: str  # SEND, WAIT, DROP or REFUSED
+    #: WAIT: ask again then (the next moment the message is neither capped nor quiet).
+    until: datetime | None = None
+    #: Why (for the story and the send slot's row; no personal data).
+    reason: str = ""

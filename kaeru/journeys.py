@@ -33,6 +33,7 @@ import workflows
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
     CONSENT_WITHDRAWN,
+    DEFAULT_PRIORITY,
     EMAIL_LINK_CLICKED,
     EMAIL_OPENED,
     IDENTIFY,
@@ -74,6 +75,8 @@ class JourneyRoute:
     listens_to: frozenset[str]
     enabled: bool
     journey_settings: Any
+    #: Its send priority (``KAERU_<PREFIX>_PRIORITY``, else the class's ``priority``).
+    priority: int = DEFAULT_PRIORITY
 
     @property
     def kind(self) -> str:
@@ -84,8 +87,14 @@ class JourneyRoute:
 
     def make_input(self, customer_id: str, settings: Settings) -> Any:
         """The input the router starts this journey with (``settings``: the process's global
-        settings; the journey's own were read when the registry loaded)."""
-        return self.journey.start_input(customer_id, self.journey_settings)
+        settings; the journey's own were read when the registry loaded). An input with a
+        ``priority`` field carries the kind's send priority, so a later change of
+        ``KAERU_<PREFIX>_PRIORITY`` reaches only journeys started after it."""
+        start = self.journey.start_input(customer_id, self.journey_settings)
+        if dataclasses.is_dataclass(start) and not isinstance(start, type):
+            if "priority" in {f.name for f in dataclasses.fields(start)}:
+                start = dataclasses.replace(start, priority=self.priority)
+        return start
 
     def starts(self, name: str, properties: Mapping[str, Any]) -> bool:
         """Whether an event ``name`` with ``properties`` starts this journey."""
@@ -237,6 +246,15 @@ def setting_infos(journey: type[Journey[Any]]) -> list[SettingInfo]:
             duration=False,
         )
     ]
+    infos.append(
+        SettingInfo(
+            f"KAERU_{prefix_of(journey)}_PRIORITY",
+            journey.priority,
+            "its marketing messages' place when they compete with other journeys' for the "
+            "customer's frequency cap: lower goes first",
+            duration=False,
+        )
+    )
     for f, variable in _setting_fields(journey):
         default = _default_of(f)
         duration = bool(f.metadata.get("duration"))
@@ -311,6 +329,28 @@ def read_settings(journey: type[Journey[Any]]) -> tuple[bool, Any]:
     return enabled, built
 
 
+def read_priority(journey: type[Journey[Any]]) -> int:
+    """Read ``KAERU_<PREFIX>_PRIORITY`` (an integer), else the class's ``priority``.
+
+    Raises:
+        JourneyError: not an integer; the message names the variable.
+    """
+    variable = f"KAERU_{prefix_of(journey)}_PRIORITY"
+    model = create_model(
+        f"{journey.__name__}Priority",
+        __base__=_JourneySettingsBase,
+        priority=(int, Field(journey.priority, validation_alias=variable)),
+    )
+    try:
+        return int(model().model_dump()["priority"])
+    except ValidationError as exc:
+        value = exc.errors()[0].get("input")
+        raise JourneyError(
+            f"{variable}={value!r} is not valid (it must be a whole number, lower goes "
+            "first, e.g. 10). Fix it in the environment or in .env"
+        ) from None
+
+
 class _JourneySettingsBase(BaseSettings):
     """Reads like :class:`~kaeru.settings.Settings`: the environment, then ``.env``."""
 
@@ -348,6 +388,7 @@ def load_registry(settings: Settings) -> Registry:
                 listens_to=listens,
                 enabled=enabled,
                 journey_settings=journey_settings,
+                priority=read_priority(journey),
             )
         )
     return Registry(tuple(routes))

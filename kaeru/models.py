@@ -491,3 +491,37 @@ class FeedbackReport(SQLModel, table=True):
     message_id: str | None = Field(default=None, max_length=400)
     customer_id: str | None = Field(default=None, max_length=200)
     received_at: datetime = _ts()
+
+
+# ---- Consent stream G: the send gate (frequency caps, priority, quiet hours) -------------------
+
+
+class SendSlot(SQLModel, table=True):
+    """One marketing message's reservation of a send slot (``activities/send_gate.py``).
+
+    ``key`` is the message's idempotency key (``SendEmailInput.key``): a journey that asks
+    again finds its own row. ``granted`` rows are what the frequency caps count (by
+    ``granted_at``, the gate's clock); a ``waiting`` row of a higher ``priority`` (lower number)
+    makes lower ones wait; ``dropped`` rows say why (``reason``) a message never went.
+    """
+
+    __tablename__ = "send_slots"
+    __table_args__ = (Index("ix_send_slots_customer", "customer_id", "state", "granted_at"),)
+
+    key: str = Field(primary_key=True, max_length=400)
+    customer_id: str = Field(max_length=200)
+    kind: str = Field(max_length=100)
+    step: str = Field(max_length=100)
+    priority: int
+    channel: str = Field(max_length=20)
+    #: ``waiting``, ``granted`` or ``dropped``.
+    state: str = Field(max_length=20)
+    wanted_at: datetime = _ts()
+    granted_at: datetime | None = _ts(nullable=True)
+    #: A waiting message's next free slot (when its journey asks again).
+    until: datetime | None = _ts(nullable=True)
+    #: Past it, the message is stale: dropped rather than sent (None: never stale).
+    stale_at: datetime | None = _ts(nullable=True)
+    #: Why the slot waits or was dropped (no personal data).
+    reason: str | None = Field(default=None, max_length=500)
+    updated_at: datetime = _ts()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import timedelta
+from datetime import time, timedelta
 from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,27 @@ def positive_duration(value: object) -> object:
     if isinstance(value, timedelta) and value.total_seconds() <= 0:
         raise ValueError("must be a positive duration, e.g. 86400 or P1D")
     return value
+
+
+def known_timezone(name: str) -> ZoneInfo | None:
+    """The IANA time zone ``name`` (``Asia/Tokyo``), or None when it is not one."""
+    try:
+        return ZoneInfo(name.strip()) if name and name.strip() else None
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def clock_time(value: str) -> time:
+    """``HH:MM`` (24-hour) as a time of day.
+
+    Raises:
+        ValueError: not ``HH:MM``.
+    """
+    hours, colon, minutes = value.strip().partition(":")
+    if colon and hours.isdigit() and minutes.isdigit() and len(minutes) == 2:
+        if int(hours) < 24 and int(minutes) < 60:
+            return time(int(hours), int(minutes))
+    raise ValueError(f"{value!r} is not a time of day as HH:MM (24-hour), e.g. 21:00 or 08:30")
 
 
 class Settings(BaseSettings):
@@ -274,6 +296,47 @@ class Settings(BaseSettings):
     )
 
     # ---- consent: gate (caps, priority, quiet hours) settings ----
+    cap_per_day: int = Field(
+        1,
+        ge=1,
+        description="most marketing emails a customer gets in any 24 hours, across all "
+        "journeys (a capped one waits for the next free slot); transactional ones don't count",
+    )
+    cap_per_week: int = Field(
+        3,
+        ge=1,
+        description="most marketing emails a customer gets in any 7 days, across all journeys",
+    )
+    shop_timezone: str = Field(
+        "UTC",
+        description="IANA time zone (e.g. Europe/Berlin) of quiet hours for customers whose own "
+        "time zone is unknown",
+    )
+    quiet_start: str = Field(
+        "21:00",
+        description="local time (HH:MM, the customer's time zone) from which no marketing "
+        "email goes out; equal to KAERU_QUIET_END: no quiet hours",
+    )
+    quiet_end: str = Field(
+        "08:00", description="local time (HH:MM) at which marketing emails may go out again"
+    )
+
+    @field_validator("shop_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if known_timezone(value) is None:
+            raise ValueError(
+                f"{value!r} is not an IANA time zone name, e.g. UTC, Europe/Berlin or "
+                "America/New_York (if every name is refused, this system has no time-zone "
+                "data: install the tzdata package)"
+            )
+        return value
+
+    @field_validator("quiet_start", "quiet_end")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        clock_time(value)
+        return value
 
     # ---- consent: unsubscribe and DKIM settings ----
     shop_address: str = Field(

@@ -162,6 +162,13 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         # count as yes here. tests/kaeru/test_consent.py and the gate's tests set it False,
         # the product's default (tests/kaeru/test_settings.py).
         "unknown_consent_is_yes": True,
+        # Nor about the send gate: no quiet hours (the time-skipping server starts at the real
+        # time of day) and caps no journey test reaches. tests/activities/test_send_gate.py and
+        # tests/workflows/test_send_gate_journeys.py set the product's defaults.
+        "quiet_start": "00:00",
+        "quiet_end": "00:00",
+        "cap_per_day": 1000,
+        "cap_per_week": 1000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -130,6 +130,7 @@ def _url(value: Any) -> str | None:
 @workflow.defn(name="BrowseAbandonment")
 class BrowseAbandonment(Journey[BrowseSettings]):
     kind = "browse-abandonment"
+    priority = 20  # the send gate's order when caps compete (lower first)
     label = "Browse abandonment"
     starts_on = frozenset({PRODUCT_VIEWED})
     exits_on = dict.fromkeys(CART_EVENTS, "carted")

@@ -159,6 +159,9 @@ class CartJourneyInput:
     #: the events that came as it ended (``pending``) to.
     generation: int = 0
     pending: list[JourneyEvent] = field(default_factory=list)
+    #: The send priority when the router started it (``KAERU_CART_PRIORITY``); None: the
+    #: class's ``priority``.
+    priority: int | None = None
 
 
 def _product(props: dict[str, Any], currency: str = "USD") -> ProductInfo | None:
@@ -246,6 +249,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
     listens_to = frozenset({AD_CLICKED})
     settings_class = CartJourneySettings
     settings_prefix = "CART"
+    priority = 10  # the send gate's order when caps compete (lower first)
 
     @workflow.init
     def __init__(self, start: CartJourneyInput) -> None:
@@ -258,6 +262,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             started_at=carried.started_at if carried else None,
             pending=start.pending,
             orders_until=carried.orders_until if carried else None,
+            priority=start.priority,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []
@@ -314,6 +319,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             ),
             generation=self.generation + 1,
             pending=events,
+            priority=self.send_priority,
         )
 
     # ---- the cart ---------------------------------------------------------------------------
@@ -435,6 +441,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
                             self.orders_until,
                         ),
                         generation=self.generation,
+                        priority=self.send_priority,
                     )
                 )
 

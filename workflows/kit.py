@@ -40,9 +40,14 @@ with workflow.unsafe.imports_passed_through():
         EntryClaimResult,
         IssueCouponInput,
         ParkRemoval,
+        ReserveSendInput,
+        ReserveSendResult,
         SendEmailInput,
         SendEmailResult,
     )
+    from activities.types import DROP as DROP
+    from activities.types import REFUSED as REFUSED
+    from activities.types import SEND as SEND
     from kaeru.commerce import ORDER_COMPLETED as ORDER_COMPLETED
     from kaeru.commerce import order_total_of
     from kaeru.consent import CONSENT_WITHDRAWN as CONSENT_WITHDRAWN
@@ -87,6 +92,9 @@ MACHINE_REASONS = {
 CONSENT_ENDS_JOURNEYS = "consent-withdrawal-ends-marketing-journeys"
 #: The outcome of a marketing journey whose customer unsubscribed (or may not be marketed to).
 UNSUBSCRIBED = "unsubscribed"
+#: A marketing message asks the send gate (``reserve_send``: consent, frequency caps,
+#: priority, quiet hours) for a slot before ``send_email``.
+SEND_GATE = "send-gate"
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
 IDENTIFY = "identify"
@@ -107,6 +115,14 @@ RETRY = RetryPolicy(
 SEND_DEADLINE = timedelta(hours=12)
 #: A worker that dies mid-activity is noticed within this, and the activity runs again.
 HEARTBEAT = timedelta(seconds=10)
+#: How long a marketing message may wait for a send slot (frequency caps, quiet hours) before
+#: it is dropped, unless the journey says otherwise (``send_message(stale_after=...)``). Two
+#: days: with the default caps (1 a day, 3 a week) a message waits at most a day and a night
+#: when one other journey took the day's slot, and what the shopper did two days ago is the
+#: oldest thing a reminder may still be about.
+STALE_AFTER = timedelta(days=2)
+#: The priority of a journey kind that declares none (``Journey.priority``).
+DEFAULT_PRIORITY = 50
 #: How long the journey's end tries to take the shopper out of an audience before it parks
 #: the removal for the audience sweeper (which retries it later): short, so a platform that
 #: is down does not keep the events that came meanwhile from the customer's next journey.
@@ -211,6 +227,9 @@ class JourneyInput:
     orders_until: float | None = None
     #: What the journey carries over a continue-as-new (:meth:`Journey.carry`), as a dict.
     carried: dict[str, Any] | None = None
+    #: The kind's send priority when the router started it (``KAERU_<PREFIX>_PRIORITY``);
+    #: None: the class's ``priority``.
+    priority: int | None = None
 
 
 def message_name(step: str) -> str:
@@ -293,6 +312,11 @@ class Journey(Generic[S]):
     #: apply, and a withdrawal of consent neither reaches nor ends it.
     transactional: ClassVar[bool] = False
 
+    #: Its place when the customer's marketing messages compete for the frequency cap: a
+    #: lower number goes first. ``KAERU_<PREFIX>_PRIORITY`` overrides it (kaeru/journeys.py),
+    #: for journeys started after the change (it travels in the journey's input).
+    priority: ClassVar[int] = DEFAULT_PRIORITY
+
     settings: S
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -324,6 +348,7 @@ class Journey(Generic[S]):
             started_at=start.started_at,
             pending=start.pending,
             orders_until=start.orders_until,
+            priority=start.priority,
         )
         cls = type(self).settings_class
         self.settings = cast(S, cls(**start.settings) if cls is not None else None)
@@ -355,6 +380,7 @@ class Journey(Generic[S]):
         started_at: float | None = None,
         pending: list[JourneyEvent] | None = None,
         orders_until: float | None = None,
+        priority: int | None = None,
     ) -> None:
         """Set up the kit's state. Call it from the journey's ``@workflow.init``.
 
@@ -369,6 +395,7 @@ class Journey(Generic[S]):
                 before any other.
             orders_until: when the newest order an earlier generation converted happened
                 (epoch seconds): orders until then do not stop this journey's emails.
+            priority: the send priority its input carries; None: the class's ``priority``.
         """
         self.customer_id = customer_id
         self.last_seq = last_seq
@@ -378,6 +405,8 @@ class Journey(Generic[S]):
         self.held: list[JourneyEvent] = []
         self._pending: list[JourneyEvent] = list(pending or [])
         self.orders_until = orders_until
+        #: What this journey's marketing messages ask the send gate with (lower goes first).
+        self.send_priority = priority if priority is not None else type(self).priority
         self._exit_timers = 0
         self._timers: set[asyncio.Task[None]] = set()
         self.step = "started"
@@ -687,6 +716,7 @@ class Journey(Generic[S]):
                 started_at=self.started_at,
                 orders_until=self.orders_until,
                 carried=self.carry(),
+                priority=self.send_priority,
             )
         )
 
@@ -751,8 +781,15 @@ class Journey(Generic[S]):
             raise self._exit_for(err, step) from err
         return cast(T, result)
 
-    async def send_email(self, step: str, email: SendEmailInput) -> SendEmailResult:
-        """Send one message step; a bounce or a missing address ends the journey."""
+    async def send_email(
+        self, step: str, email: SendEmailInput, *, stale_after: timedelta | None = STALE_AFTER
+    ) -> SendEmailResult:
+        """Send one message step; a bounce or a missing address ends the journey.
+
+        A marketing message first gets its slot from the send gate (:meth:`reserve_slot`):
+        it may wait (one timer), be dropped when stale (``skipped``, the journey goes on) or
+        be refused (the journey ends ``unsubscribed``).
+        """
         self.check_exit()
         self.enter(step)
         if email.ordered_since is None and self.started_at is not None:
@@ -765,6 +802,9 @@ class Journey(Generic[S]):
             # ...but not on the order an earlier generation converted: a browser clock a few
             # minutes slow dates the next cart before it.
             email.ordered_since = max(email.ordered_since, self.orders_until + ORDER_AFTER)
+        if email.marketing and workflow.patched(SEND_GATE):
+            if not await self.reserve_slot(step, email, stale_after):
+                return SendEmailResult(message_id="", to_address="", status=SKIPPED)
         result = await self.call(
             "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
         )
@@ -778,6 +818,48 @@ class Journey(Generic[S]):
         self.done(step, f"sent {message_name(step)} to the shopper{outcome}")
         return result
 
+    async def reserve_slot(
+        self, step: str, email: SendEmailInput, stale_after: timedelta | None
+    ) -> bool:
+        """Ask the send gate for ``email``'s slot until it is granted (True) or the message
+        is dropped as stale (False). Each wait is one timer, raced against every exit.
+
+        Raises:
+            JourneyExit: ``unsubscribed`` (consent says no, or the address is suppressed), or
+                the journey must end meanwhile (a purchase during the wait).
+        """
+        wanted_at = workflow.now()
+        while True:
+            ask = ReserveSendInput(
+                key=email.key,
+                journey_id=email.journey_id,
+                kind=self.kind,
+                step=step,
+                customer_id=self.customer_id,
+                priority=self.send_priority,
+                wanted_at=wanted_at,
+                stale_after_seconds=(
+                    stale_after.total_seconds() if stale_after is not None else None
+                ),
+                asked_at=workflow.now(),
+            )
+            answer = await self.call("reserve_send", ask, ReserveSendResult, step)
+            if answer.verdict == SEND:
+                return True
+            if answer.verdict == DROP:
+                self.tell(f"did not send {message_name(step)} (stale): {answer.reason}")
+                return False
+            if answer.verdict == REFUSED:
+                self.tell(f"did not send {message_name(step)}: {answer.reason}")
+                raise JourneyExit("unsubscribed")
+            until = answer.until or workflow.now()
+            self.tell(
+                f"{message_name(step)} is waiting for a send slot until "
+                f"{until:%Y-%m-%d %H:%M} UTC: {answer.reason}"
+            )
+            seconds = (until - workflow.now()).total_seconds()
+            await self.pause(max(seconds, 1.0), "a send slot")
+
     async def send_message(
         self,
         step: str,
@@ -786,6 +868,7 @@ class Journey(Generic[S]):
         *,
         marketing: bool = True,
         topic: str | None = None,
+        stale_after: timedelta | None = STALE_AFTER,
     ) -> SendEmailResult:
         """Send the message ``template`` rendered with ``context``, a dataclass the journey
         defines (its fields are the template's variables).
@@ -797,6 +880,8 @@ class Journey(Generic[S]):
             marketing: False for a transactional message (an order confirmation).
             topic: what it is about (``cart:<fingerprint>``): a customer never gets two
                 marketing messages on one topic, from whichever journey.
+            stale_after: how long a marketing message may wait for a send slot (caps, quiet
+                hours) before it is dropped (``skipped``); None: it never goes stale.
         """
         email = SendEmailInput(
             key=self.key(step),
@@ -808,7 +893,7 @@ class Journey(Generic[S]):
             marketing=marketing,
             topic=topic,
         )
-        return await self.send_email(step, email)
+        return await self.send_email(step, email, stale_after=stale_after)
 
     async def issue_coupon(
         self, step: str, amount_minor: int, currency: str, ttl: float
@@ -1022,6 +1107,7 @@ class Journey(Generic[S]):
             last_seq=self.last_seq,
             story=self.story,
             orders_until=self.converted_until(),
+            priority=self.send_priority,
         )
 
     async def finish(self, outcome: str) -> JourneyResult:

@@ -127,6 +127,7 @@ def order_items(props: dict[str, Any]) -> list[OrderItem]:
 @workflow.defn(name="PostPurchase")
 class PostPurchase(Journey[PostPurchaseSettings]):
     kind = "post-purchase"
+    priority = 35  # the send gate's order when caps compete (lower first)
     label = "Post-purchase follow-up"
     starts_on = frozenset({ORDER_COMPLETED})
     #: The order starts it; a newer order ends it and starts it over (see :meth:`on_event`).

@@ -105,6 +105,7 @@ class PriceDropAlert(Journey[PriceDropSettings]):
     """Watches what the shopper viewed and sends one email when a price falls far enough."""
 
     kind = "price-drop"  # workflow id price-drop-<customer id>; settings KAERU_PRICE_DROP_*
+    priority = 25  # the send gate's order when caps compete (lower first)
     label = "Price-drop alert"
     starts_on = frozenset({"Product Viewed"})  # later views reach the live journey too
     settings_class = PriceDropSettings

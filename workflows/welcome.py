@@ -115,6 +115,7 @@ def _days(seconds: float) -> int:
 @workflow.defn(name="Welcome")
 class Welcome(Journey[WelcomeSettings]):
     kind = "welcome"
+    priority = 30  # the send gate's order when caps compete (lower first)
     label = "Welcome series"
     starts_on_traits = frozenset({"email"})
     settings_class = WelcomeSettings

@@ -115,6 +115,7 @@ def _spoken(seconds: float) -> str:
 @workflow.defn(name="WinBack")
 class WinBack(Journey[WinBackSettings]):
     kind = "win-back"
+    priority = 40  # the send gate's order when caps compete (lower first)
     label = "Win-back"
     starts_on = frozenset({ORDER_COMPLETED})
     ends_on_purchase = False

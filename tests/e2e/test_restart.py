@@ -92,8 +92,11 @@ def stack(
         "KAERU_SECRET_KEY": "restart-test-0123456789abcdef-kaeru",
         "KAERU_PUBLIC_URL": "http://kaeru.test",
         "KAERU_LOG_LEVEL": "INFO",
-        # Its shoppers said nothing about consent: this test is about restarts, not consent.
+        # This test is about restarts, not the send gate: its shopper said nothing about
+        # consent, and quiet hours would follow the wall clock (tests/conftest.make_settings).
         "KAERU_UNKNOWN_CONSENT_IS_YES": "true",
+        "KAERU_QUIET_START": "00:00",
+        "KAERU_QUIET_END": "00:00",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     worker = WorkerProcess(env, tmp_path)
