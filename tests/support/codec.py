@@ -64,11 +64,13 @@ def _payloads(message: Message, path: str) -> Iterator[tuple[str, Payload]]:
 
 def history_payloads(history: WorkflowHistory) -> list[tuple[str, Payload]]:
     """Every payload of ``history`` with where it is, but search attributes (never encoded:
-    the server indexes them)."""
+    the server indexes them) and the patch markers' data (the SDK's core writes a
+    ``workflow.patched`` marker itself, outside the payload codec: it holds the patch id, a name
+    in kaeru's code, never customer data)."""
     found: list[tuple[str, Payload]] = []
     for index, event in enumerate(history.events):
         for path, payload in _payloads(event, f"event[{index}]"):
-            if ".search_attributes." not in path:
+            if ".search_attributes." not in path and "details[patch-data]" not in path:
                 found.append((path, payload))
     return found
 
