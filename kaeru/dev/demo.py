@@ -48,7 +48,7 @@ from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.browse_abandonment import BrowseAbandonment
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
-from workflows.kit import Journey, JourneyResult, JourneyStatus
+from workflows.kit import MACHINE_VERDICT_WAIT, Journey, JourneyResult, JourneyStatus
 from workflows.order_confirmation import OrderConfirmation
 from workflows.post_purchase import PostPurchase, PostPurchaseSettings
 from workflows.welcome import Welcome
@@ -65,6 +65,14 @@ DEMO_WAITS: dict[str, str] = {
     "KAERU_CART_OFFER_DELAY": "5",
     "KAERU_CART_OFFER_WAIT": "120",
 }
+#: The send gate's settings for a demo of minutes: one shopper gets seven journeys' emails
+#: within a minute, at whatever hour the demo runs, so no caps and no quiet hours.
+DEMO_GATE: dict[str, int | str] = {
+    "KAERU_CAP_PER_DAY": 100,
+    "KAERU_CAP_PER_WEEK": 100,
+    "KAERU_QUIET_START": "00:00",
+    "KAERU_QUIET_END": "00:00",
+}
 
 SHOPPER_EMAIL = "demo-shopper@example.com"
 SHOPPER_NAME = "Demo Shopper"
@@ -77,15 +85,22 @@ OPEN_PIXEL = re.compile(r"""src=["']([^"']+/t/o/[^"']+)["']""")
 
 
 def with_demo_waits(settings: Settings) -> Settings:
-    """Give the cart journey the demo's short waits wherever the person did not set one in
-    the environment or ``.env`` (journey settings are read from them: kaeru/journeys.py); returns
-    ``settings`` unchanged."""
+    """Give the cart journey the demo's short waits, and the send gate no caps and no quiet
+    hours, wherever the person did not set them in the environment or ``.env`` (journey
+    settings are read from there: kaeru/journeys.py); returns the settings with the gate's."""
     in_file = {name.upper() for name in dotenv_values(".env")}
     for variable, value in DEMO_WAITS.items():
         if variable not in in_file:
             os.environ.setdefault(variable, value)
     registry.cache_clear()
-    return settings
+    gate = {
+        variable.removeprefix("KAERU_").lower(): value
+        for variable, value in DEMO_GATE.items()
+        if variable not in in_file and variable not in os.environ
+    }
+    # A copy, not a new validation: what was set stays told apart from defaults (plan_dev
+    # fills in what was not set, such as the public URL).
+    return settings.model_copy(update=gate)
 
 
 def in_words(seconds: float) -> str:
@@ -290,7 +305,11 @@ class DemoShopper:
         self.say(f"opened the email (its open pixel answered {answer.status_code})")
 
         ad_delay = s.ad_delay
-        self.say(f"waiting to join the {self.audience!r} ad audience (after {ad_delay:.0f}s)")
+        verdict = MACHINE_VERDICT_WAIT.total_seconds()
+        self.say(
+            f"waiting to join the {self.audience!r} ad audience (after {ad_delay:.0f}s, once the "
+            f"open counts as a person's: {verdict:.0f}s, the time a link scanner is given away)"
+        )
         await self.until(self.in_audience, ad_delay + 45, "join the ad audience")
         self.say(f"is in the {self.audience!r} audience: the retargeting ad can show")
         await self.post("/v1/page", self.ad_click())

@@ -9,8 +9,11 @@ seconds. Events go the way production sends them: stored by ingestion
 code from the tokens in the emails the customer received, and each stored event delivered by
 the router's table (signal-with-start for an event that starts the journey).
 
-The server's clock starts at the real "now"; the timeline is played at the same offsets from
-its ``start``, and every time printed is translated back to the timeline's calendar.
+The server's clock starts at the real "now" and can only move forward, so the timeline is
+played shifted by whole 52-week years (none when it starts in the future): its weekdays and
+times of day stay what they are, so the send gate's quiet hours and a customer's local time
+read as in the timeline, and the season within a few days (daylight saving time). Every time
+printed is translated back to the timeline's calendar.
 """
 
 from __future__ import annotations
@@ -174,6 +177,18 @@ def _test_server() -> str:
     return path
 
 
+#: A shift of whole 52-week years keeps weekdays and times of day.
+_YEAR_OF_WEEKS = timedelta(weeks=52)
+
+
+def _calendar_shift(start: datetime, now: datetime) -> timedelta:
+    """How far to shift a timeline that starts at ``start`` so it plays at or after ``now``
+    (the test server's clock) on the same weekday and time of day."""
+    if start >= now:
+        return timedelta(0)
+    return _YEAR_OF_WEEKS * -((start - now) // _YEAR_OF_WEEKS)
+
+
 def simulator_settings(state_dir: Path, smtp_port: int) -> Settings:
     """Today's settings (journey waits, templates, coupon value from KAERU_* and .env), with
     every outside system replaced by the throwaway one: nothing leaves this machine."""
@@ -231,7 +246,8 @@ class _Player:
 
     async def play(self) -> None:
         now = aware(await self.env.get_current_time())
-        self.offset = now - self.timeline.start
+        self.offset = _calendar_shift(self.timeline.start, now)
+        await self.advance_to(self.timeline.start)
         url = self.settings.resolved_database_url
         token = await asyncio.to_thread(acquire_lease, url, _HOLDER, 365 * 86400.0)
         assert token is not None, "a fresh database has no other router"

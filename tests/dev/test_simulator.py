@@ -84,6 +84,24 @@ async def test_json_timeline_not_opened(tmp_path: Path) -> None:
     assert result.audience == []
 
 
+async def test_quiet_hours_read_the_timelines_clock(tmp_path: Path) -> None:
+    """A cart left at 23:00 in Tokyo: the reminder a day later falls in the customer's quiet
+    hours (the defaults, 21:00-08:00 local), and goes at 08:00 their time, whatever the real
+    clock says while the preview runs."""
+    path = timeline(
+        tmp_path,
+        """{"customer": {"id": "yu", "email": "yu@example.com"},
+ "start": "2026-03-02T13:00:00Z",
+ "events": [{"at": "+1m", "identify": {"timezone": "Asia/Tokyo"}},
+            {"at": "+1h", "track": "Product Added",
+             "properties": {"product_id": "belt-1", "name": "Leather belt", "price": 20}}]}""",
+        "timeline.json",
+    )
+    result: Simulation = await simulate("cart-abandonment", path, tmp_path / "out")
+    # Added Mon 14:01 UTC (23:01 in Tokyo); due Tue 14:01 UTC, quiet until 08:00 Wed in Tokyo.
+    assert [(m.step, f"{m.at:%a %H:%M}") for m in result.messages] == [("cart_email", "Tue 23:00")]
+
+
 def test_the_cli_prints_what_the_customer_receives(tmp_path: Path) -> None:
     out = tmp_path / "out"
     printed = invoke("cart-abandonment", EXAMPLE, "--out", out)
