@@ -208,18 +208,21 @@ async def test_with_the_codec_off_the_server_says_so(database_url: str) -> None:
 
 
 async def test_the_temporal_cli_reads_payloads_through_the_codec_server(
-    time_skipping_env: WorkflowEnvironment, sqlite_url: str
+    dev_server_env: WorkflowEnvironment, sqlite_url: str
 ) -> None:
     """`temporal workflow show --codec-endpoint ... --codec-auth 'Bearer ...'` as documented:
-    a journey's input is encrypted in Temporal and readable through the codec server."""
+    a journey's input is encrypted in Temporal and readable through the codec server.
+
+    On the dev server: a journey started on the shared time-skipping server with no worker
+    left its clock stuck for every later test ("Timeout expired"), even once terminated."""
     settings = make_settings(sqlite_url, codec_master_key=new_master_key())
-    client = codec_client(time_skipping_env.client, settings)
+    client = codec_client(dev_server_env.client, settings)
     journey_id = f"welcome-c-{uuid.uuid4().hex[:8]}"
     # No worker needed: the start event holds the encrypted input.
     handle = await client.start_workflow(
         "Welcome", {"customer_id": "cy@example.com"}, id=journey_id, task_queue="nobody"
     )
-    address = time_skipping_env.client.service_client.config.target_host
+    address = dev_server_env.client.service_client.config.target_host
     try:
         async with uvicorn_server(create_app(settings, run_router=False)) as base:
 
