@@ -43,6 +43,10 @@ from kaeru.db import write_session
 from kaeru.models import Customer, SendSlot, utcnow
 from kaeru.settings import Settings, clock_time, known_timezone
 
+#: How a journey ends when the gate refuses its message (``ReserveSendResult.outcome``).
+UNSUBSCRIBED = "unsubscribed"
+UNDELIVERABLE_OUTCOME = "undeliverable"
+
 WAITING = "waiting"
 GRANTED = "granted"
 DROPPED = "dropped"
@@ -173,10 +177,11 @@ class SendGateActivities:
             row = s.get(SendSlot, wanted.key)
             refused = self._refusal(s, wanted)
             if refused is not None:
+                outcome, why = refused
                 if row is not None and row.state == WAITING:
-                    self._settle(row, DROPPED, now, f"refused: {refused}")
+                    self._settle(row, DROPPED, now, f"refused: {why}")
                     s.add(row)
-                return ReserveSendResult(REFUSED, None, refused)
+                return ReserveSendResult(REFUSED, None, why, outcome)
             if row is not None and row.state == GRANTED:
                 return ReserveSendResult(SEND, None, "the slot was granted earlier")
             if row is not None and row.state == DROPPED:
@@ -201,7 +206,8 @@ class SendGateActivities:
             s.add(row)
         return result
 
-    def _refusal(self, s: Session, wanted: ReserveSendInput) -> str | None:
+    def _refusal(self, s: Session, wanted: ReserveSendInput) -> tuple[str, str] | None:
+        """How the journey ends and why, when the message may not go at all; else None."""
         said_no = refusal(
             s,
             wanted.customer_id,
@@ -210,11 +216,11 @@ class SendGateActivities:
             unknown_is_yes=self.settings.unknown_consent_is_yes,
         )
         if said_no is not None:
-            return said_no
+            return UNSUBSCRIBED, said_no
         address = recipient_address(s, wanted.customer_id)
         suppressed = suppression_of(s, address) if address else None
         if suppressed is not None:
-            return (
+            return UNDELIVERABLE_OUTCOME, (
                 f"{mask_address(address)} is on the suppression list (reason: {suppressed.reason})"
             )
         return None

@@ -245,3 +245,6 @@ class ReserveSendResult:
     until: datetime | None = None
     #: Why (for the story and the send slot's row; no personal data).
     reason: str = ""
+    #: REFUSED: how the journey ends, ``unsubscribed`` (no consent) or ``undeliverable``
+    #: (a suppressed address: a hard bounce, a complaint, a manual entry).
+    outcome: str = ""

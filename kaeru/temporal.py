@@ -19,19 +19,26 @@ from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
 from kaeru.codec import data_converter
-from kaeru.journeys import discover
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
 
 
 def journey_kinds(settings: Settings) -> list[str]:
-    """Every journey kind (switched on or off): the codec finds customers by them."""
+    """Every journey kind (switched on or off): the codec finds customers by them.
+
+    The registry is imported here, not at the top: it imports the journeys and their kit,
+    which only the codec needs (to tell a payload's customer by its workflow id).
+    """
+    from kaeru.journeys import discover
+
     return [journey.kind for journey in discover(settings.journey_modules)]
 
 
 def converter(settings: Settings) -> DataConverter:
     """The data converter of every client: the payload codec when KAERU_CODEC_MASTER_KEY is
     set (kaeru/codec.py), else Temporal's default."""
+    if settings.codec_master_key is None:
+        return DataConverter.default
     return data_converter(settings, journey_kinds(settings))
 
 

@@ -60,15 +60,21 @@ def signing_key(session: Session, configured: SecretStr | None) -> bytes:
     """The link-signing key: ``KAERU_SECRET_KEY`` if set, else one generated once and stored."""
     if configured is not None and configured.get_secret_value():
         return configured.get_secret_value().encode()
-    row = session.get(AppSecret, SECRET_NAME)
+    return generated_secret(session, SECRET_NAME)
+
+
+def generated_secret(session: Session, name: str) -> bytes:
+    """The app secret ``name``: generated once (32 random bytes, url-safe) and kept in
+    ``app_secrets``; every process uses the first one stored. May commit: call it first."""
+    row = session.get(AppSecret, name)
     if row is None:
         # 43 characters: over Settings.min_secret_key_bytes, like a configured key must be.
-        session.add(AppSecret(name=SECRET_NAME, value=secrets.token_urlsafe(32)))
+        session.add(AppSecret(name=name, value=secrets.token_urlsafe(32)))
         try:
             session.commit()
         except Exception:  # another process stored one first: use theirs
             session.rollback()
-        row = session.get(AppSecret, SECRET_NAME)
+        row = session.get(AppSecret, name)
         assert row is not None
     return row.value.encode()
 

@@ -33,7 +33,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -54,7 +53,6 @@ from kaeru.codec import KEY_CACHE_TTL, codec_for, shred
 from kaeru.consent import CHANNELS, consent_of, set_consent
 from kaeru.db import session as db_session
 from kaeru.models import (
-    AppSecret,
     AudienceJoin,
     AudienceMember,
     CartItem,
@@ -77,6 +75,7 @@ from kaeru.models import (
 from kaeru.search_attributes import CUSTOMER_ID
 from kaeru.settings import Settings
 from kaeru.temporal import connect, journey_kinds
+from kaeru.tracking_tokens import generated_secret
 from starter.deps import ApiError, Operator, SettingsDep, router_of
 
 log = logging.getLogger("kaeru.privacy")
@@ -96,16 +95,7 @@ ERASED_NOTE = "not routed: the customer was erased"
 
 def pseudonym_key(s: Session) -> bytes:
     """The key of erase's pseudonyms, generated once and kept in ``app_secrets``."""
-    row = s.get(AppSecret, PSEUDONYM_SECRET)
-    if row is None:
-        s.add(AppSecret(name=PSEUDONYM_SECRET, value=secrets.token_urlsafe(32)))
-        try:
-            s.commit()
-        except Exception:  # another process stored one first: use theirs
-            s.rollback()
-        row = s.get(AppSecret, PSEUDONYM_SECRET)
-        assert row is not None
-    return row.value.encode()
+    return generated_secret(s, PSEUDONYM_SECRET)
 
 
 def pseudonym(key: bytes, customer_id: str) -> str:

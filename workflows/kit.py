@@ -851,7 +851,7 @@ class Journey(Generic[S]):
                 return False
             if answer.verdict == REFUSED:
                 self.tell(f"did not send {message_name(step)}: {answer.reason}")
-                raise JourneyExit(UNSUBSCRIBED)
+                raise JourneyExit(answer.outcome or UNSUBSCRIBED)
             until = answer.until or workflow.now()
             self.tell(
                 f"{message_name(step)} is waiting for a send slot until "

@@ -42,6 +42,7 @@ from activities.email.render import Catalogue
 from activities.types import (
     ALREADY_PURCHASED,
     NO_EMAIL_ADDRESS,
+    NOT_CONSENTED,
     UNDELIVERABLE,
     CartLine,
     CouponInfo,
@@ -49,6 +50,7 @@ from activities.types import (
     SendEmailInput,
     SendEmailResult,
 )
+from kaeru.consent import set_consent
 from kaeru.db import session
 from kaeru.models import EmailMessage, Order, Product, Suppression, TrackingLink
 from kaeru.settings import Settings
@@ -599,6 +601,31 @@ async def test_suppressed_address_is_refused_without_contacting_smtp(
     assert_masked(error)
     assert smtp_server.connections == 0
     assert logged(database_url) is None
+
+
+async def test_the_send_refuses_marketing_to_a_customer_who_unsubscribed_after_the_gate(
+    database_url: str, smtp_server: SMTPTestServer
+) -> None:
+    """The backstop: the send gate granted a slot, then the customer unsubscribed before the
+    send. The message is not sent, its row says why, and a retry refuses it again; a
+    transactional message to the same customer still goes."""
+    add_customer(database_url, "c1", ADDRESS)
+    with session(database_url) as s:
+        set_consent(s, "c1", "email", True, "api")
+        set_consent(s, "c1", "email", False, "one_click")
+    settings = make_settings(database_url, smtp_port=smtp_server.port, unknown_consent_is_yes=False)
+
+    for _ in range(2):  # the first attempt, and a retry
+        error = await refused(settings, request())
+        assert (error.type, error.non_retryable) == (NOT_CONSENTED, True)
+    row = logged(database_url)
+    assert row is not None and row.status == "skipped"
+    assert row.error is not None and row.error.startswith("no marketing consent")
+    assert "unsubscribed from email marketing (one_click" in row.error
+    assert smtp_server.messages == []
+
+    receipt = await send(settings, replace(request(), key="c1/run/receipt", marketing=False))
+    assert receipt.status == "sent"
 
 
 @pytest.mark.parametrize(

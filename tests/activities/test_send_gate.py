@@ -224,7 +224,7 @@ def test_an_unsubscribed_or_unknown_customer_or_a_suppressed_address_is_refused(
     g = gate(database_url)
     said_no = customer(database_url, consent=False)
     refused = g.reserve(ask(said_no, "a/r/one", T0))
-    assert refused.verdict == REFUSED
+    assert (refused.verdict, refused.outcome) == (REFUSED, "unsubscribed")
     assert "unsubscribed from email marketing" in refused.reason
     unknown = customer(database_url, consent=None)
     assert g.reserve(ask(unknown, "b/r/one", T0)).verdict == REFUSED
@@ -235,7 +235,7 @@ def test_an_unsubscribed_or_unknown_customer_or_a_suppressed_address_is_refused(
     with session(database_url) as s:
         s.add(Suppression(email=f"{suppressed}@X.test".upper(), reason="complaint"))
     blocked = g.reserve(ask(suppressed, "c/r/one", T0))
-    assert blocked.verdict == REFUSED
+    assert (blocked.verdict, blocked.outcome) == (REFUSED, "undeliverable")
     assert "suppression list (reason: complaint)" in blocked.reason
     assert "@x.test" in blocked.reason and suppressed not in blocked.reason  # masked
 
