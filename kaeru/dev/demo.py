@@ -619,10 +619,10 @@ class DemoShopper:
         return row is not None
 
     async def outcome(self) -> JourneyResult:
-        handle = self.client.get_workflow_handle_for(CartAbandonment.run, self.journey_id)
+        handle = self.client.get_workflow_handle(self.journey_id, result_type=JourneyResult)
         remaining = max(self.deadline - time.monotonic(), 5.0)
         try:
-            result = await asyncio.wait_for(handle.result(), remaining)
+            result: JourneyResult = await asyncio.wait_for(handle.result(), remaining)
         except TimeoutError:
             raise StackError(
                 f"the journey did not end after the purchase; see {self.journey_link(None)}"
