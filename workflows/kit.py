@@ -825,8 +825,8 @@ class Journey(Generic[S]):
         is dropped as stale (False). Each wait is one timer, raced against every exit.
 
         Raises:
-            JourneyExit: ``unsubscribed`` (consent says no, or the address is suppressed), or
-                the journey must end meanwhile (a purchase during the wait).
+            JourneyExit: ``unsubscribed`` (consent says no), ``undeliverable`` (the address
+                is suppressed), or the journey must end meanwhile (a purchase during the wait).
         """
         wanted_at = workflow.now()
         while True:
