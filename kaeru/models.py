@@ -242,7 +242,15 @@ class Touchpoint(SQLModel, table=True):
     journey_id: str | None = Field(default=None, index=True, max_length=400)
     step: str | None = Field(default=None, max_length=100)
     kind: str = Field(index=True, max_length=50)
-    occurred_at: datetime = _ts()
+    occurred_at: datetime = _ts(index=True)
+    #: The kind of the journey of ``journey_id`` (``cart``, ``win-back``...), so reports group
+    #: by kind without parsing ids; NULL for a touch outside any journey (a purchase).
+    journey_kind: str | None = Field(default=None, index=True, max_length=100)
+    #: The experiment variant this touch belongs to (``holdout`` for the holdout group).
+    variant: str | None = Field(default=None, max_length=100)
+    #: Where the touch happened: ``email``, ``ads``, ``web``, or an offline channel (``pos``,
+    #: ``call-centre``...) from ``context.channel`` or ``kaeru touchpoints import``.
+    channel: str | None = Field(default=None, max_length=50)
     order_id: str | None = Field(default=None, max_length=200)
     value_minor: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     currency: str | None = Field(default=None, max_length=3)

@@ -480,6 +480,18 @@ class Settings(BaseSettings):
             )
         return value
 
+    # ---- consent: pseudonyms (P) settings ----
+
+    # ---- analytics: touchpoints, online and offline (T) settings ----
+
+    # ---- analytics: funnel, attribution, routes, KPIs (A) settings ----
+
+    # ---- analytics: experiments and holdouts (X) settings ----
+
+    # ---- analytics: dashboard and weekly report (D) settings ----
+
+    # ---- connectors: Shopify in (S) settings ----
+
     # ---- stream C (identity, carts) settings ----
 
     # ---- stream D (dev stack, API) settings ----
