@@ -491,6 +491,19 @@ class Settings(BaseSettings):
     # ---- analytics: dashboard and weekly report (D) settings ----
 
     # ---- connectors: Shopify in (S) settings ----
+    shopify_webhook_secret: SecretStr | None = Field(
+        None,
+        description="the Shopify app's client secret (or the shop's webhook signing secret) "
+        "that signs `POST /v1/webhooks/shopify`; several comma-separated during a rotation; "
+        "unset: every Shopify webhook is refused (401)",
+    )
+    shopify_customer_prefix: str = Field(
+        "shopify-",
+        max_length=50,
+        description="the `userId` of a Shopify customer is this plus the customer's id "
+        "(`shopify-207119551`); empty if your Segment events already use the bare Shopify "
+        "customer id as `userId`",
+    )
 
     # ---- stream C (identity, carts) settings ----
 

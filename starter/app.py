@@ -36,6 +36,7 @@ from starter import (
     limits,
     opens_and_clicks,
     privacy,
+    shopify,
     unsubscribe,
 )
 from starter.deps import (
@@ -125,6 +126,8 @@ def create_app(
     _install_openapi(app)
     _install_docs(app)
     app.include_router(_ingestion_routes())
+    # Early, before any route with a catch-all path parameter could take /v1/webhooks/...
+    app.include_router(shopify.router)
     app.include_router(opens_and_clicks.router)
     app.include_router(unsubscribe.router)
     # Before admin: its GET /v1/customers/{id:path} would swallow .../export.
