@@ -533,3 +533,25 @@ class SendSlot(SQLModel, table=True):
     #: Why the slot waits or was dropped (no personal data).
     reason: str | None = Field(default=None, max_length=500)
     updated_at: datetime = _ts()
+
+
+# ---- Stream S: Shopify in (starter/shopify.py) ----------------------------------------------
+
+
+class ShopifyCheckout(SQLModel, table=True):
+    """The newest state of one Shopify checkout kaeru stored, and the order that completed it.
+
+    Shopify does not deliver webhooks in order: a ``checkouts/update`` older than the one
+    stored, or one delivered after the checkout's order, is not stored (it would undo the cart,
+    or refill the cart the order emptied and remind a buyer of it).
+    """
+
+    __tablename__ = "shopify_checkouts"
+
+    #: The checkout's ``id`` (an order's ``checkout_id``), else its ``token``.
+    checkout_id: str = Field(primary_key=True, max_length=200)
+    #: Shopify's ``updated_at`` of the newest state stored; None: only its order is known.
+    updated_at: datetime | None = _ts(nullable=True)
+    #: The order that completed the checkout; no later checkout webhook is stored.
+    order_id: str | None = Field(default=None, max_length=200)
+    seen_at: datetime = _ts()

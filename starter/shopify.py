@@ -9,7 +9,10 @@ store for it, through the same checks, dedupe and store (:mod:`starter.events`,
   items as ``products`` (the cart the cart journey starts on), the email as
   ``context.traits.email``, the recovery link as ``checkout_url``. A checkout that carries
   ``completed_at`` stores nothing: its order's webhook says it, and a cart event after the
-  order would refill the cart the order emptied.
+  order would refill the cart the order emptied. Shopify does not deliver in order, so the
+  newest state of each checkout and the order that completed it are kept
+  (``shopify_checkouts``): a checkout webhook older than the state stored, or delivered
+  after its order, stores nothing either (:func:`admit_checkout`).
 - ``orders/create`` / ``orders/paid`` → ``Order Completed`` (order id, total, currency,
   products, the first discount code as ``coupon``). Its message id is the order's
   (``shopify:order:<id>``), so an order delivered under both topics is one event and one order.
@@ -49,11 +52,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from sqlmodel import Session
 
 from kaeru.commerce import ORDER_COMPLETED, id_of
 from kaeru.consent import EMAIL, SMS, UNSUBSCRIBED, consent_of
 from kaeru.db import write_session
 from kaeru.identity import email_problem, normalise_email
+from kaeru.models import ShopifyCheckout, utcnow
 from kaeru.settings import Settings
 from starter.consent_changes import change_consent
 from starter.deps import SERVER, ApiError, SettingsDep, router_of
@@ -66,6 +71,7 @@ from starter.events import (
     value_problem,
 )
 from starter.ingest import EventStore
+from starter.outbox import insert_statement, table_of
 
 log = logging.getLogger("kaeru.shopify")
 
@@ -256,6 +262,12 @@ class Translation:
     customer_id: str | None = None
     consent: tuple[ShopifyConsent, ...] = ()
     note: str | None = None
+    #: The checkout a checkout's or an order's webhook is about (:class:`ShopifyCheckout`).
+    checkout_id: str | None = None
+    #: A checkout's ``updated_at``: which state of it this is.
+    checkout_updated_at: datetime | None = None
+    #: An order's id: it completes ``checkout_id``.
+    order_id: str | None = None
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -378,7 +390,13 @@ def translate(
             "timestamp": _text(payload.get("updated_at")) or _text(payload.get("created_at")),
             "properties": {k: v for k, v in properties.items() if v is not None},
         }
-        return Translation([track], customer_id, consent)
+        return Translation(
+            [track],
+            customer_id,
+            consent,
+            checkout_id=properties["checkout_id"],
+            checkout_updated_at=_time(payload.get("updated_at")),
+        )
     order_id = id_of(payload.get("id"))
     if order_id is None:
         return Translation([], customer_id, consent, note="the order has no id")
@@ -404,7 +422,8 @@ def translate(
         "timestamp": _text(payload.get("processed_at")) or _text(payload.get("created_at")),
         "properties": {k: v for k, v in properties.items() if v is not None},
     }
-    return Translation([track], customer_id, consent)
+    checkout_id = id_of(payload.get("checkout_id")) or id_of(payload.get("checkout_token"))
+    return Translation([track], customer_id, consent, checkout_id=checkout_id, order_id=order_id)
 
 
 def message_id_of(webhook_id: str | None, body: bytes) -> str:
@@ -413,6 +432,55 @@ def message_id_of(webhook_id: str | None, body: bytes) -> str:
     if webhook_id and webhook_id.strip():
         return f"{MESSAGE_ID_PREFIX}{webhook_id.strip()[:150]}"
     return f"{MESSAGE_ID_PREFIX}sha256:{hashlib.sha256(body).hexdigest()[:40]}"
+
+
+# ---- checkouts delivered out of order ---------------------------------------------------------
+
+
+def _checkout_row(s: Session, checkout_id: str) -> ShopifyCheckout:
+    """The checkout's row, locked for this transaction (made if it is new)."""
+    s.execute(
+        insert_statement(s, table_of(ShopifyCheckout)).on_conflict_do_nothing(
+            index_elements=["checkout_id"]
+        ),
+        {"checkout_id": checkout_id, "updated_at": None, "order_id": None, "seen_at": utcnow()},
+    )
+    row = s.get(ShopifyCheckout, checkout_id, with_for_update=True)
+    assert row is not None  # inserted above, or already there
+    return row
+
+
+def admit_checkout(settings: Settings, translation: Translation) -> str | None:
+    """Why a checkout's webhook must not be stored, or None (and its state is recorded).
+
+    Refused: a checkout its order already completed, and a state older than the one stored
+    (by Shopify's ``updated_at``; the same state again passes, and its message id dedupes).
+    An order's webhook records that it completed its checkout. Blocking: call from a thread.
+    """
+    checkout_id = translation.checkout_id
+    if checkout_id is None:
+        return None
+    with write_session(settings.resolved_database_url) as s:
+        row = _checkout_row(s, checkout_id)
+        row.seen_at = utcnow()
+        if translation.order_id is not None:
+            row.order_id = row.order_id or translation.order_id
+        elif row.order_id is not None:
+            return (
+                f"the checkout was completed by order {row.order_id}: a checkout webhook "
+                "delivered after its order is not stored"
+            )
+        else:
+            stated, stored = translation.checkout_updated_at, row.updated_at
+            if stated is not None and stored is not None and stated < stored:
+                return (
+                    f"an older state of the checkout (updated_at {stated:%Y-%m-%d %H:%M:%S} "
+                    f"UTC) than the one stored ({stored:%Y-%m-%d %H:%M:%S} UTC): not stored"
+                )
+            if stated is not None:
+                row.updated_at = stated
+        s.add(row)
+    return None
 
 
 # ---- the endpoint -----------------------------------------------------------------------------
@@ -495,6 +563,9 @@ async def shopify_webhook(request: Request, settings: SettingsDep) -> WebhookAcc
         ]
     except EventError as exc:
         raise ApiError(400, exc.code, f"{topic} webhook: {exc.message}") from exc
+    note = translation.note
+    if events and (refusal := await asyncio.to_thread(admit_checkout, settings, translation)):
+        note, events = refusal, []
     stored = await _store(request, events)
     if translation.customer_id is not None and translation.consent:
         withdrew = await asyncio.to_thread(
@@ -506,7 +577,6 @@ async def shopify_webhook(request: Request, settings: SettingsDep) -> WebhookAcc
         )
         if withdrew:
             router_of(request).wake()
-    note = translation.note
     if note is None and stored == 0 and events:
         note = "a repeat of a webhook (or an order) already stored: nothing new"
     return WebhookAccepted(stored=stored, note=note)

@@ -407,6 +407,35 @@ async def test_a_completed_checkout_stores_nothing_its_order_does(
     assert count(settings, Event) == 0
 
 
+async def test_a_checkout_update_delivered_after_its_order_stores_nothing(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Shopify does not deliver in order: an update sent before the purchase but delivered
+    after the order must not refill the cart and start a cart journey for a buyer."""
+    await deliver(api, "checkouts/create", checkout(), "wh-c1")
+    await deliver(api, "orders/create", order(), "wh-order")
+    late = checkout(updated_at="2026-12-02T05:09:00-05:00")
+    answer = await deliver(api, "checkouts/update", late, "wh-late")
+    assert answer.status_code == 200
+    assert answer.json()["stored"] == 0 and "820982911946154508" in answer.json()["note"]
+    assert [e.name for e in events(settings)] == ["Checkout Started", "Order Completed"]
+    assert count(settings, CartItem) == 0
+
+
+async def test_an_older_checkout_state_delivered_late_does_not_undo_a_newer_one(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    newer = checkout(line_items=[POT], updated_at="2026-12-02T05:05:00-05:00")
+    await deliver(api, "checkouts/update", newer, "wh-new")
+    answer = await deliver(api, "checkouts/create", checkout(), "wh-old")
+    assert answer.json()["stored"] == 0 and "older" in answer.json()["note"]
+    with session(settings.resolved_database_url) as s:
+        assert [c.product_id for c in s.exec(select(CartItem)).all()] == ["921728736"]
+    # The same state again (Shopify's retry) is no older: it passes, and its id dedupes it.
+    again = await deliver(api, "checkouts/update", newer, "wh-new")
+    assert again.json()["stored"] == 0 and "repeat" in again.json()["note"]
+
+
 async def test_a_guest_checkout_is_the_email_and_one_without_anybody_stores_nothing(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
