@@ -11,7 +11,8 @@ Where consent comes from (``source``):
 - ``identify``: the traits ``marketing_consent`` (every channel) and
   ``marketing_consent_<channel>`` (``marketing_consent_email``), ``true`` or ``false``;
   a trait beats the general one for its channel;
-- ``shopify``: the customer's ``email_marketing_consent.state`` (the connectors issue);
+- ``shopify``: a Shopify customer's ``email_marketing_consent`` / ``sms_marketing_consent``
+  (starter/shopify.py, ``POST /v1/webhooks/shopify``);
 - ``preference_page`` and ``one_click`` (the unsubscribe link and ``List-Unsubscribe``);
 - ``api``: ``PUT /v1/customers/{id}/consent``;
 - ``complaint``: a spam complaint unsubscribes as well as suppressing the address.

@@ -715,3 +715,15 @@ async def test_a_shopify_checkout_drives_a_cart_journey_to_its_email(
         stored = s.exec(select(Event)).all()
     assert {e.customer_id for e in stored} == {SHOPPER}, "the forged webhook stored nothing"
     assert datetime.now(UTC) - timedelta(minutes=5) < stored[0].received_at
+
+
+async def test_the_webhook_is_documented_without_the_write_key(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    operation = schema["paths"][PATH]["post"]
+    assert operation["security"] == []
+    headers_documented = {p["name"] for p in operation["parameters"]}
+    assert {
+        "X-Shopify-Hmac-Sha256",
+        "X-Shopify-Topic",
+        "X-Shopify-Webhook-Id",
+    } <= headers_documented
