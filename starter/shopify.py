@@ -226,15 +226,17 @@ def apply_consent(
     """Record what Shopify says (source ``shopify``) in one transaction; True if a channel was
     unsubscribed (its withdrawal event waits for the router). Blocking: call from a thread.
 
-    A "no" always counts. A "yes" counts unless kaeru holds a "no" that is newer than
-    Shopify's time for it, or Shopify gives no time: a ``customers/update`` for a new address
-    still carries the ``subscribed`` the shopper withdrew through kaeru's link since.
+    A "no" always counts. A "yes" counts unless kaeru holds a "no" (to the channel, or to
+    journey kinds on the preference page, which a subscribe clears) that is newer than
+    Shopify's time for the yes, or Shopify gives no time: a ``customers/update`` for a new
+    address still carries the ``subscribed`` the shopper withdrew through kaeru's link since.
     """
     withdrew = False
     with write_session(settings.resolved_database_url) as s:
         for consent in said:
             row = consent_of(s, customer_id, consent.channel)
-            if consent.subscribed and row is not None and row.state == UNSUBSCRIBED:
+            said_no = row is not None and (row.state == UNSUBSCRIBED or bool(row.kinds_off))
+            if consent.subscribed and row is not None and said_no:
                 if consent.at is None or consent.at <= row.changed_at:
                     continue
             change = change_consent(

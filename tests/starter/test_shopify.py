@@ -656,6 +656,21 @@ async def test_a_shopify_yes_never_undoes_a_later_no(
     assert states(settings)[0] == "subscribed"
 
 
+async def test_a_shopify_yes_keeps_a_later_opt_out_of_one_journey_kind(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """On the preference page the shopper left one kind only; Shopify's older yes, repeated
+    with every customers/update, must not subscribe them to it again."""
+    with write_session(settings.resolved_database_url) as s:
+        at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+        change_consent(s, SHOPPER, EMAIL, False, "preference_page", kind="win-back", at=at)
+    stale = customer(email_marketing_consent=consent("subscribed", "2026-11-30T10:00:00-05:00"))
+    await deliver(api, "customers/update", stale, "wh-1")
+    with session(settings.resolved_database_url) as s:
+        row = s.get(Consent, (SHOPPER, EMAIL))
+    assert row is not None and row.kinds_off == ["win-back"]
+
+
 async def test_a_checkouts_customer_consent_counts_too(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
