@@ -497,6 +497,13 @@ class Settings(BaseSettings):
         "that signs `POST /v1/webhooks/shopify`; several comma-separated during a rotation; "
         "unset: every Shopify webhook is refused (401)",
     )
+    shopify_shop_domains: str = Field(
+        "",
+        description="the shops whose Shopify webhooks are read (`X-Shopify-Shop-Domain`, e.g. "
+        "`tea-house.myshopify.com`), comma-separated; empty: any shop whose webhook the "
+        "secret verifies (an app's client secret signs the webhooks of every shop it is "
+        "installed on)",
+    )
     shopify_customer_prefix: str = Field(
         "shopify-",
         max_length=50,

@@ -31,7 +31,9 @@ boolean when it is absent), ``sms_marketing_consent.state`` for SMS; see
 
 Trust: a webhook is Shopify's only when ``X-Shopify-Hmac-Sha256`` is the base64 HMAC-SHA256
 of the raw body under one of the secrets of ``KAERU_SHOPIFY_WEBHOOK_SECRET`` (compared in
-constant time); anything else is a 401 and stores nothing. Its events are server events
+constant time); anything else is a 401 and stores nothing. An app's client secret signs the
+webhooks of every shop the app is installed on: ``KAERU_SHOPIFY_SHOP_DOMAINS`` names the
+shops this kaeru serves (another shop's webhook is a 403). Its events are server events
 (trusted), as Shopify's servers send them. A repeated ``X-Shopify-Webhook-Id`` (Shopify's
 retries) has one effect: it names the events' message ids. Another topic is answered 200 with
 nothing stored, so Shopify does not retry it for two days and then drop the subscription.
@@ -153,6 +155,24 @@ def verify(settings: Settings, body: bytes, header: str | None) -> None:
             "X-Shopify-Hmac-Sha256 does not match the body under any secret of "
             "KAERU_SHOPIFY_WEBHOOK_SECRET: the webhook is forged, altered, or signed with a "
             "secret that is not configured (add the new one, comma-separated, during a rotation)"
+        )
+
+
+def check_shop(settings: Settings, domain: str | None) -> None:
+    """Refuse a (verified) webhook of a shop ``KAERU_SHOPIFY_SHOP_DOMAINS`` does not name.
+
+    Raises:
+        ApiError: 403 naming the shop and the setting (no list set: every shop passes).
+    """
+    allowed = {d.strip().lower() for d in settings.shopify_shop_domains.split(",") if d.strip()}
+    shop = (domain or "").strip().lower()
+    if allowed and shop not in allowed:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"webhooks of the shop {shop[:100]!r} are not read here: KAERU_SHOPIFY_SHOP_DOMAINS "
+            "names the shops this kaeru serves (add it there, or remove the subscription in "
+            "that shop)",
         )
 
 
@@ -491,6 +511,7 @@ def admit_checkout(settings: Settings, translation: Translation) -> str | None:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "signed, but the body is not a JSON object kaeru can read"},
     401: {"description": "unsigned, forged, or KAERU_SHOPIFY_WEBHOOK_SECRET is unset"},
+    403: {"description": "a shop KAERU_SHOPIFY_SHOP_DOMAINS does not name"},
     413: {"description": f"the body is over {MAX_BODY_BYTES} bytes"},
 }
 
@@ -534,6 +555,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def shopify_webhook(request: Request, settings: SettingsDep) -> WebhookAccepted:
     body = await _raw_body(request)
     verify(settings, body, request.headers.get("x-shopify-hmac-sha256"))
+    check_shop(settings, request.headers.get("x-shopify-shop-domain"))
     topic = (request.headers.get("x-shopify-topic") or "").strip()
     webhook_id = request.headers.get("x-shopify-webhook-id")
     if topic not in TOPICS:

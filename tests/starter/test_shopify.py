@@ -337,6 +337,24 @@ async def test_during_a_rotation_both_secrets_verify(database_url: str) -> None:
     assert len(events(settings)) == 2
 
 
+async def test_only_the_shops_named_are_read(database_url: str) -> None:
+    """One app secret signs every shop the app is installed on."""
+    settings = make_settings(
+        database_url,
+        shopify_webhook_secret=SECRET,
+        shopify_shop_domains="other.myshopify.com, Tea-House.myshopify.com",
+    )
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        ours = await deliver(api, "customers/create", customer(), "wh-ours")
+        body = encoded(customer(id=1))
+        theirs = headers("customers/create", body, "wh-theirs")
+        theirs["X-Shopify-Shop-Domain"] = "someone-else.myshopify.com"
+        refused = await api.post(PATH, content=body, headers=theirs)
+    assert ours.status_code == 200
+    assert refused.status_code == 403 and "KAERU_SHOPIFY_SHOP_DOMAINS" in refused.json()["message"]
+    assert [e.customer_id for e in events(settings)] == [SHOPPER]
+
+
 async def test_the_signature_is_over_the_raw_body_as_sent(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
