@@ -365,7 +365,9 @@ def translate(
     else:
         customer = _object(payload.get("customer"))
         email = _usable_email(payload.get("email")) or _usable_email(customer.get("email"))
-    customer_id = customer_id_of(customer, email, prefix)
+    # Checkouts of older API versions name their customer by ``customer_id`` alone.
+    known = customer if "id" in customer else {"id": payload.get("customer_id")}
+    customer_id = customer_id_of(known, email, prefix)
     if customer_id is None:
         return Translation(
             [], note="no customer: the webhook names neither a Shopify customer nor an email"

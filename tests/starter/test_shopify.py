@@ -460,11 +460,14 @@ async def test_a_guest_checkout_is_the_email_and_one_without_anybody_stores_noth
     guest = checkout(customer=None, email="Guest@Example.com")
     assert (await deliver(api, "checkouts/create", guest, "wh-guest")).status_code == 200
     assert [e.customer_id for e in events(settings)] == ["Guest@example.com"]
+    by_id = checkout(customer=None, customer_id=207119551, email="Bob@Example.com")
+    assert (await deliver(api, "checkouts/create", by_id, "wh-by-id")).status_code == 200
+    assert [e.customer_id for e in events(settings)] == ["Guest@example.com", "shopify-207119551"]
     nobody = checkout(customer=None, email=None)
     answer = await deliver(api, "checkouts/create", nobody, "wh-nobody")
     assert answer.status_code == 200 and answer.json()["stored"] == 0
     assert "no customer" in answer.json()["note"]
-    assert len(events(settings)) == 1
+    assert len(events(settings)) == 2
 
 
 async def test_an_order_becomes_order_completed_and_empties_the_cart(
