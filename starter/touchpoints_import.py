@@ -127,8 +127,11 @@ def read_rows(text: str, settings: Settings, now: datetime | None = None) -> lis
     reader.fieldnames = header
     unknown = [name for name in header if name not in COLUMNS]
     missing = [name for name in REQUIRED if name not in header]
-    if unknown or missing:
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if unknown or missing or twice:
         said = []
+        if twice:
+            said.append(f"column(s) {', '.join(twice)} named twice")
         if unknown:
             said.append(f"unknown column(s) {', '.join(map(repr, unknown))}")
         if missing:

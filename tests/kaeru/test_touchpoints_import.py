@@ -146,6 +146,9 @@ def test_a_wrong_header_or_encoding_is_said_with_the_fix(database_url: str, tmp_
     assert "line 1: unknown column(s) 'custmer_id' and missing column(s) customer_id" in out
     assert f"e.g. {HEADER}" in out
 
+    twice = written(tmp_path, f"{HEADER},kind", "u1,visit,2026-11-29Z,store,,,,,,x", name="2.csv")
+    assert "line 1: column(s) kind named twice" in import_file(database_url, twice).output
+
     empty = written(tmp_path, "", name="empty.csv")
     assert "the file is empty" in import_file(database_url, empty).output
 
