@@ -173,3 +173,17 @@ def test_a_store_channel_that_is_no_channel_name_is_refused_with_an_example() ->
         "pos",
         "kiosk",
     }
+
+
+def test_the_example_file_imports(database_url: str) -> None:
+    example = Path(__file__).parents[2] / "examples" / "store-touchpoints.csv"
+    result = import_file(database_url, example)
+    assert result.exit_code == 0, result.output
+    assert "2 purchase(s) and 2 visit(s) or contact(s)" in result.output
+    touches = stored(database_url)[0]
+    assert sorted((t.kind, t.channel, t.value_minor, t.currency) for t in touches) == [
+        ("contact", "call-centre", None, None),
+        ("purchase", "pos", 2480, "JPY"),
+        ("purchase", "pos", 3600, "USD"),
+        ("visit", "store", None, None),
+    ]
