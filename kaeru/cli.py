@@ -757,9 +757,12 @@ def touchpoints_import(
         ),
     ],
 ) -> None:
-    """Import offline touchpoints from a CSV file: every row is checked first (one bad row
-    imports nothing), and importing the same rows again stores nothing twice. Purchases are
-    stored as Order Completed events, so they end journeys and count as conversions."""
+    """Import store purchases, visits and call-centre contacts from a CSV file.
+
+    Every row is checked first (one bad row imports nothing), and importing the same rows
+    again stores nothing twice. Purchases are stored as Order Completed events, so they end
+    journeys and count as conversions.
+    """
     settings = load_settings()
     try:
         text = file.read_text(encoding="utf-8-sig")
