@@ -42,6 +42,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from activities.email.addresses import normalise_address
@@ -425,6 +426,13 @@ def apply_feedback(settings: Settings, feedback: Feedback) -> FeedbackResult:
 def apply_delivery(settings: Settings, feedback: Feedback) -> FeedbackResult:
     """Record the delivered message's ``email_delivered`` touchpoint, once per message (its
     key is the message's). Blocking: call from a thread."""
+    try:
+        return _record_delivery(settings, feedback)
+    except IntegrityError:  # the same delivery, recorded concurrently (SNS sent it twice)
+        return FeedbackResult(kind=DELIVERED, repeated=True, matched=True)
+
+
+def _record_delivery(settings: Settings, feedback: Feedback) -> FeedbackResult:
     with write_session(settings.resolved_database_url) as s:
         message = find_message(s, feedback)
         if message is None:

@@ -6,7 +6,9 @@ each once however often it is redelivered. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from kaeru.models import EmailMessage, Touchpoint, utcnow
 from kaeru.settings import Settings
 from kaeru.tracking_tokens import register_tokens, token_for
 from starter.app import create_app
+from starter.feedback import FeedbackResult, apply_delivery, read_ses
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client
 
@@ -304,3 +307,23 @@ def test_a_journey_kind_is_the_longest_registered_kind_prefixing_the_id(
     assert kind_of_workflow_id("win-back-u-7") == "win-back"  # switched off, still a kind
     assert kind_of_workflow_id("cart-abandonment-") is None  # no customer
     assert kind_of_workflow_id("audience-sweeper") is None
+
+
+def test_the_same_delivery_recorded_at_once_by_many_requests_is_one_touch(
+    settings: Settings,
+) -> None:
+    sent(settings)
+    feedback = read_ses(delivery())
+    assert feedback is not None
+    start = threading.Barrier(8)
+
+    def deliver() -> FeedbackResult:
+        start.wait()
+        return apply_delivery(settings, feedback)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: deliver(), range(8)))
+    # None failed (a loser of the race for the key is answered as a repeat, not a 500).
+    assert all(r.matched and r.kind == "delivered" for r in results)
+    assert len(touches(settings, "email_delivered")) == 1
+    assert any(r.repeated for r in results)
