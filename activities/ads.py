@@ -45,7 +45,7 @@ from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.settings import Settings
-from kaeru.touchpoints import record_touchpoint
+from kaeru.touchpoints import ADS, record_touchpoint
 
 LOCAL = "local"
 META = "meta"
@@ -234,6 +234,7 @@ class AudienceActivities:
                 key=change.key,
                 journey_id=change.journey_id,
                 step=change.step,
+                channel=ADS,
                 detail={
                     "audience": change.audience,
                     "provider": result.provider,
@@ -334,6 +335,7 @@ class AudienceActivities:
                 key=f"{join.key}/swept",
                 journey_id=join.journey_id,
                 step=f"leave-{join.audience}",
+                channel=ADS,
                 detail={
                     "audience": join.audience,
                     "provider": join.provider,

@@ -25,10 +25,7 @@ from activities.types import ConversionInput
 from kaeru.db import session
 from kaeru.models import Order, Touchpoint
 from kaeru.settings import Settings
-from kaeru.touchpoints import record_touchpoint
-
-#: Length of ``touchpoints.coupon_code``.
-COUPON_CODE_MAX = 64
+from kaeru.touchpoints import COUPON_CODE_MAX, WEB, purchase_key, record_touchpoint
 
 
 class ConversionActivities:
@@ -71,6 +68,14 @@ class ConversionActivities:
                 stored = s.get(Order, conversion.order_id)
                 if stored is not None and stored.customer_id == conversion.customer_id:
                     value_minor, currency = stored.total_minor, stored.currency
+            # Where the shopper bought (``pos`` for a store purchase after the email): the
+            # channel ingestion gave the customer's stored order; a browser order is ``web``.
+            purchase = s.exec(
+                select(Touchpoint).where(Touchpoint.key == purchase_key(conversion.order_id))
+            ).first()
+            channel = WEB
+            if purchase is not None and purchase.customer_id == conversion.customer_id:
+                channel = purchase.channel or WEB
             row = record_touchpoint(
                 s,
                 customer_id=conversion.customer_id,
@@ -78,6 +83,7 @@ class ConversionActivities:
                 key=conversion.key,
                 journey_id=conversion.journey_id,
                 step=conversion.after_step,
+                channel=channel,
                 occurred_at=occurred_at,
                 order_id=conversion.order_id,
                 value_minor=value_minor,

@@ -18,7 +18,7 @@ from kaeru.coupons import new_code
 from kaeru.db import session
 from kaeru.models import Coupon, utcnow
 from kaeru.settings import Settings
-from kaeru.touchpoints import record_touchpoint
+from kaeru.touchpoints import EMAIL, record_touchpoint
 
 #: ApplicationError type of a coupon request that no retry can fix.
 INVALID_COUPON = "InvalidCoupon"
@@ -80,6 +80,8 @@ class CouponActivities:
                 key=request.key,
                 journey_id=request.journey_id,
                 step=request.step,
+                # A journey's coupon goes out in its offer email.
+                channel=EMAIL,
                 occurred_at=now,
                 value_minor=coupon.amount_minor,
                 currency=coupon.currency,

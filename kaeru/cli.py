@@ -55,6 +55,7 @@ from starter.app import create_app
 from starter.feedback import suppress
 from starter.parking import drop_parked, parked_events, retry_parked
 from starter.privacy import erase_customer, export_customer
+from starter.touchpoints_import import ImportFileError, import_rows, read_rows
 from worker import run_worker
 
 T = TypeVar("T")
@@ -729,6 +730,70 @@ def suppressions_list(
         )
     console.print(table)
     console.print(f"{len(rows)} of {total} shown." if total > len(rows) else f"{total} in all.")
+
+
+# ---- kaeru touchpoints: offline touches (starter/touchpoints_import.py) -------------------------
+
+touchpoints_app = typer.Typer(
+    help="Touchpoints: offline ones (store purchases, visits, call-centre contacts) in.",
+    no_args_is_help=True,
+)
+app.add_typer(touchpoints_app, name="touchpoints")
+
+#: Problems shown of a bad file (the rest are counted).
+SHOWN_PROBLEMS = 20
+
+
+@touchpoints_app.command("import")
+def touchpoints_import(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with a header: customer_id,kind,occurred_at,channel,order_id,value,"
+            "currency,coupon_code,key (kind: purchase, visit or contact).",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ],
+) -> None:
+    """Import store purchases, visits and call-centre contacts from a CSV file.
+
+    Every row is checked first (one bad row imports nothing), and importing the same rows
+    again stores nothing twice. Purchases are stored as Order Completed events, so they end
+    journeys and count as conversions.
+    """
+    settings = load_settings()
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        fail(f"{file} is not UTF-8 text", "Save the CSV as UTF-8 and import it again.")
+    try:
+        rows = read_rows(text, settings)
+    except ImportFileError as exc:
+        for problem in exc.problems[:SHOWN_PROBLEMS]:
+            errors.print(Text(f"{file}:{problem}"), soft_wrap=True)
+        more = len(exc.problems) - SHOWN_PROBLEMS
+        fail(
+            f"{file} has {len(exc.problems)} bad line(s)"
+            + (f" ({more} more not shown)" if more > 0 else "")
+            + ": nothing was imported",
+            "Fix those lines and import the file again.",
+        )
+    _, label = database_url_checked(settings)
+    with database_problems(label):
+        done = import_rows(settings, rows)
+    console.print(
+        f"Imported {file}: {done.purchases} purchase(s) and {done.touches} visit(s) or "
+        f"contact(s); {done.purchases_known + done.touches_known} already imported before.",
+        soft_wrap=True,
+    )
+    if done.purchases:
+        console.print(
+            "The purchases reach their customers' journeys through the running API's router "
+            "(kaeru api or kaeru dev).",
+            soft_wrap=True,
+        )
 
 
 # ---- the settings table of the README --------------------------------------------------------

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from kaeru.models import Coupon
-from kaeru.touchpoints import record_touchpoint
+from kaeru.models import Coupon, Touchpoint
+from kaeru.touchpoints import WEB, record_touchpoint
 
 PREFIX = "KAERU-"
 #: No 0/O, 1/I/L: a code read aloud or typed from a phone is typed right the first time.
@@ -32,7 +32,7 @@ def normalise_code(code: str) -> str:
 
 
 def redeem_coupon(
-    s: Session, code: str, order_id: str, at: datetime, *, customer_id: str
+    s: Session, code: str, order_id: str, at: datetime, *, customer_id: str, channel: str = WEB
 ) -> Coupon | None:
     """Mark coupon ``code`` redeemed by ``order_id`` of ``customer_id``, in ``s``'s transaction.
 
@@ -41,7 +41,8 @@ def redeem_coupon(
     update is conditional, so exactly one of them wins. Only an order of the customer the
     coupon was issued to redeems it: another customer's order leaves it unredeemed and is
     recorded as a ``coupon_refused`` touchpoint of the ordering customer (once per order), so
-    operators see who tried whose code.
+    operators see who tried whose code. A redemption is a ``coupon_redeemed`` touchpoint (once
+    per coupon: it is single-use) of the journey and step that issued the coupon.
 
     Args:
         s: the caller's session; the caller commits.
@@ -49,6 +50,7 @@ def redeem_coupon(
         order_id: the order that used it.
         at: when the order was completed (timezone-aware).
         customer_id: the customer whose order it is.
+        channel: where the order was placed (``web``, ``pos``...), for the touchpoints.
 
     Returns:
         The redeemed coupon, or None if no such code exists, it had expired at ``at``, it
@@ -77,11 +79,37 @@ def redeem_coupon(
             kind="coupon_refused",
             key=f"coupon_refused/{order_id}/{coupon.code}",
             occurred_at=at,
+            channel=channel,
             order_id=order_id,
             coupon_code=coupon.code,
             detail={"reason": "issued to another customer", "owner": coupon.customer_id},
         )
         return None
     if claimed.rowcount == 1 or coupon.redeemed_order_id == order_id:
+        _record_redemption(s, coupon, order_id, at, channel)
         return coupon
     return None
+
+
+def _record_redemption(
+    s: Session, coupon: Coupon, order_id: str, at: datetime, channel: str
+) -> None:
+    """The ``coupon_redeemed`` touchpoint: the journey, step and variant of the coupon's
+    ``coupon_issued`` touch (same key as the issue), the coupon's value, the order."""
+    issued = s.exec(select(Touchpoint).where(Touchpoint.key == coupon.idempotency_key)).first()
+    record_touchpoint(
+        s,
+        customer_id=coupon.customer_id,
+        kind="coupon_redeemed",
+        key=f"coupon_redeemed/{coupon.code}",
+        journey_id=coupon.journey_id,
+        journey_kind=issued.journey_kind if issued is not None else None,
+        step=issued.step if issued is not None else None,
+        variant=issued.variant if issued is not None else None,
+        channel=channel,
+        occurred_at=at,
+        order_id=order_id,
+        value_minor=coupon.amount_minor,
+        currency=coupon.currency,
+        coupon_code=coupon.code,
+    )

@@ -409,3 +409,18 @@ def registry() -> Registry:
 def deliveries(name: str | None, customer_id: str, properties: Mapping[str, Any]) -> list[Delivery]:
     """Where an event goes, by the process's registry (see :meth:`Registry.deliveries`)."""
     return registry().deliveries(name, customer_id, properties)
+
+
+def kind_of_workflow_id(workflow_id: str) -> str | None:
+    """The journey kind of ``workflow_id`` (``<kind>-<customer id>``), by the process's
+    registry; None for a workflow that is no journey (the audience sweeper, a typo).
+
+    The longest registered kind wins: with ``cart`` and ``cart-abandonment`` both
+    registered, ``cart-abandonment-u1`` is a ``cart-abandonment`` journey. Kinds switched off
+    count too: their journeys may still be running.
+    """
+    kinds = sorted((route.kind for route in registry().routes), key=len, reverse=True)
+    for kind in kinds:
+        if workflow_id.startswith(f"{kind}-") and len(workflow_id) > len(kind) + 1:
+            return kind
+    return None

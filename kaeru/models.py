@@ -225,7 +225,9 @@ class Suppression(SQLModel, table=True):
 
 
 class Touchpoint(SQLModel, table=True):
-    """Append-only record of every touch: sent, opened, clicked, audience, coupon, conversion."""
+    """Append-only record of every touch, online and offline: its kinds are listed in
+    kaeru/touchpoints.py (email sent, delivered, opened, clicked; audience joined and left; ad
+    clicked; coupon issued and redeemed; purchase, conversion; store visit, contact)."""
 
     __tablename__ = "touchpoints"
     __table_args__ = (

@@ -483,6 +483,38 @@ class Settings(BaseSettings):
     # ---- consent: pseudonyms (P) settings ----
 
     # ---- analytics: touchpoints, online and offline (T) settings ----
+    offline_channels: str = Field(
+        "pos,store,call-centre",
+        description="comma-separated store channels: a server-key event whose context.channel "
+        "names one is an offline touch of that channel, and so is each row of `kaeru "
+        "touchpoints import` (whose channel must be one of them)",
+    )
+
+    #: What a channel name may hold (``context.channel``, the import's ``channel`` column).
+    CHANNEL_CHARACTERS: ClassVar[frozenset[str]] = frozenset(
+        "abcdefghijklmnopqrstuvwxyz0123456789-_"
+    )
+
+    @staticmethod
+    def is_channel_name(name: str) -> bool:
+        """A channel name: lower-case letters, digits, ``-`` and ``_``, 1 to 50 of them."""
+        return 0 < len(name) <= 50 and set(name) <= Settings.CHANNEL_CHARACTERS
+
+    @field_validator("offline_channels")
+    @classmethod
+    def _offline_channels(cls, value: str) -> str:
+        for name in (part.strip() for part in value.split(",")):
+            if name and not cls.is_channel_name(name):
+                raise ValueError(
+                    f"{name!r} is not a channel name: lower-case letters, digits, - and _, "
+                    "at most 50, e.g. pos,store,call-centre"
+                )
+        return value
+
+    @property
+    def offline_channel_set(self) -> frozenset[str]:
+        """``offline_channels`` as a set (empty entries dropped)."""
+        return frozenset(part.strip() for part in self.offline_channels.split(",") if part.strip())
 
     # ---- analytics: funnel, attribution, routes, KPIs (A) settings ----
 

@@ -15,6 +15,8 @@ or ``Complaint``), as SNS delivers them to an HTTPS subscription (the SNS envelo
 ``Message`` the notification) or raw: subscribe it as
 ``https://<KAERU_WRITE_KEY>:@<host>/v1/feedback/webhook``. A ``Permanent`` bounce suppresses
 the bounced addresses (``hard_bounce``); other bounces are ignored (the next send will tell).
+A ``Delivery`` notification is the message's ``email_delivered`` touchpoint (once per message,
+however often SNS delivers it); it changes nothing else.
 
 A complaint suppresses the address (``complaint``) and unsubscribes the customer (consent
 source ``complaint``), which ends their running marketing journeys. The kaeru message is found
@@ -30,6 +32,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage as Mime
 from email.message import Message
@@ -39,13 +42,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from activities.email.addresses import normalise_address
 from activities.email.gate import suppression_of
 from kaeru.db import write_session
-from kaeru.models import Customer, EmailMessage, FeedbackReport, Suppression, utcnow
+from kaeru.models import Customer, EmailMessage, FeedbackReport, Suppression, Touchpoint, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import EMAIL, record_touchpoint
 from starter.consent_api import ServerKey
 from starter.consent_changes import change_consent
 from starter.deps import ApiError, SettingsDep, router_of
@@ -54,6 +59,8 @@ from starter.outbox import insert_statement, table_of
 
 COMPLAINT = "complaint"
 HARD_BOUNCE = "hard_bounce"
+#: A provider delivered the message (``Feedback.kind``): a touchpoint, nothing to suppress.
+DELIVERED = "delivered"
 #: Largest report accepted: providers send the original message, attachments cut.
 MAX_REPORT_BYTES = 1_000_000
 
@@ -117,12 +124,17 @@ class Feedback:
     step: str | None = None
     #: The addresses the report names (a webhook's recipients); the message's own is added.
     addresses: tuple[str, ...] = ()
+    #: When the provider says it happened (a delivery's ``timestamp``).
+    at: datetime | None = None
 
 
 class FeedbackResult(BaseModel):
     """What kaeru did with a report."""
 
-    kind: str | None = Field(description="complaint, hard_bounce, or null: nothing to act on")
+    kind: str | None = Field(
+        description="complaint, hard_bounce, delivered (recorded as the message's "
+        "email_delivered touchpoint), or null: nothing to act on"
+    )
     repeated: bool = Field(False, description="a report seen before: nothing done again")
     matched: bool = Field(False, description="the kaeru message it is about was found")
     suppressed: int = Field(0, description="addresses put on the suppression list")
@@ -224,7 +236,7 @@ def _recipients(items: Any) -> tuple[str, ...]:
 
 def read_ses(data: Any) -> Feedback | None:
     """Read an Amazon SES notification, in its SNS envelope or raw; None: nothing to act on
-    (a delivery, a transient bounce, an SNS subscription confirmation).
+    (a transient bounce, an SNS subscription confirmation, a notification of another kind).
 
     Raises:
         FeedbackError: not an SES notification.
@@ -254,6 +266,8 @@ def read_ses(data: Any) -> Feedback | None:
     }
     common = _object(mail.get("commonHeaders"))
     message_id = _one_line(common.get("messageId") or headers.get("message-id"))
+    if kind == "Delivery":
+        return _delivery(envelope, mail, headers, message_id)
     detail = _object(envelope.get("bounce" if kind == "Bounce" else "complaint"))
     if kind == "Bounce" and detail.get("bounceType") == "Permanent":
         feedback_kind, addresses = HARD_BOUNCE, _recipients(detail.get("bouncedRecipients"))
@@ -274,6 +288,35 @@ def read_ses(data: Any) -> Feedback | None:
         step=_one_line(headers.get("x-kaeru-step")),
         addresses=addresses,
     )
+
+
+def _delivery(
+    envelope: dict[str, Any], mail: dict[str, Any], headers: dict[str, Any], message_id: str | None
+) -> Feedback:
+    """A ``Delivery`` notification, named by SES's own message id (SNS redelivers it alike)."""
+    ses_id = mail.get("messageId")
+    if not isinstance(ses_id, str) or not ses_id:
+        raise FeedbackError("not_ses", "the Delivery notification has no mail.messageId")
+    return Feedback(
+        report_id=f"ses:{DELIVERED}:{ses_id[:150]}",
+        kind=DELIVERED,
+        source="ses",
+        message_id=message_id,
+        journey_id=_one_line(headers.get("x-kaeru-journey")),
+        step=_one_line(headers.get("x-kaeru-step")),
+        at=_timestamp(_object(envelope.get("delivery")).get("timestamp")),
+    )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An SES timestamp (``2026-12-01T10:00:01.184Z``); None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 # ---- acting on a report -----------------------------------------------------------------------
@@ -380,6 +423,41 @@ def apply_feedback(settings: Settings, feedback: Feedback) -> FeedbackResult:
         )
 
 
+def apply_delivery(settings: Settings, feedback: Feedback) -> FeedbackResult:
+    """Record the delivered message's ``email_delivered`` touchpoint, once per message (its
+    key is the message's). Blocking: call from a thread."""
+    try:
+        return _record_delivery(settings, feedback)
+    except IntegrityError:  # the same delivery, recorded concurrently (SNS sent it twice)
+        return FeedbackResult(kind=DELIVERED, repeated=True, matched=True)
+
+
+def _record_delivery(settings: Settings, feedback: Feedback) -> FeedbackResult:
+    with write_session(settings.resolved_database_url) as s:
+        message = find_message(s, feedback)
+        if message is None:
+            return FeedbackResult(
+                kind=DELIVERED,
+                note="no kaeru message matches the delivery's Message-ID or X-Kaeru-Journey: "
+                "nothing recorded",
+            )
+        key = f"{message.key}/email_delivered"
+        known = s.exec(select(Touchpoint.id).where(Touchpoint.key == key)).first()
+        if known is None:
+            record_touchpoint(
+                s,
+                customer_id=message.customer_id,
+                kind="email_delivered",
+                key=key,
+                journey_id=message.journey_id,
+                step=message.step,
+                channel=EMAIL,
+                occurred_at=feedback.at or utcnow(),
+                detail={"message_key": message.key, "provider": feedback.source},
+            )
+        return FeedbackResult(kind=DELIVERED, repeated=known is not None, matched=True)
+
+
 # ---- the endpoints ------------------------------------------------------------------------------
 
 
@@ -443,7 +521,7 @@ async def arf_report(request: Request, settings: SettingsDep) -> FeedbackResult:
 
 @router.post("/webhook", response_model=FeedbackResult, openapi_extra=_SES_BODY)
 async def provider_webhook(request: Request, settings: SettingsDep) -> FeedbackResult:
-    """Amazon SES bounce and complaint notifications (through SNS, or raw)."""
+    """Amazon SES bounce, complaint and delivery notifications (through SNS, or raw)."""
     body = await read_limited(request, MAX_REPORT_BYTES)
     try:
         data = json.loads(body)
@@ -459,6 +537,10 @@ async def provider_webhook(request: Request, settings: SettingsDep) -> FeedbackR
                 note="an SNS subscription confirmation: kaeru fetches no URL it is sent; "
                 "open the SubscribeURL of this message (SNS console or its log) to confirm",
             )
-        return FeedbackResult(kind=None, note="neither a complaint nor a permanent bounce")
+        return FeedbackResult(
+            kind=None, note="neither a complaint, a permanent bounce nor a delivery"
+        )
+    if feedback.kind == DELIVERED:
+        return await asyncio.to_thread(apply_delivery, settings, feedback)
     result = await _act(request, settings, feedback)
     return result

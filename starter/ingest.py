@@ -54,8 +54,10 @@ from kaeru.consent import consent_from_traits
 from kaeru.coupons import redeem_coupon
 from kaeru.db import write_session
 from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
+from kaeru.journeys import kind_of_workflow_id
 from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
+from kaeru.touchpoints import ADS, channel_of, record_purchase, record_touchpoint
 from starter.consent_changes import change_consent
 from starter.events import (
     PRODUCT_EVENTS,
@@ -69,6 +71,7 @@ from starter.outbox import insert_events as insert_events
 from starter.outbox import insert_statement as _insert
 from starter.outbox import outbox_row as outbox_row
 from starter.outbox import table_of as _table
+from workflows.kit import AD_CLICKED
 
 log = logging.getLogger("kaeru.ingest")
 
@@ -118,7 +121,7 @@ def store_requests(
             refused, changed = _store_customers(session, new, settings)
             new = [event for event in new if event.message_id not in refused]
             _store_products(session, [e for e in new if e.trusted and not e.derived])
-            _store_orders(session, new)
+            _store_orders(session, new, settings.offline_channel_set)
             carts, dropped = _store_carts(session, new)
             new = [event for event in new if event.message_id not in dropped]
             for message_id, names in changed.items():
@@ -142,6 +145,7 @@ def store_requests(
             for event in new
         ]
         inserted = insert_events(session, rows)
+        _store_ad_clicks(session, [e for e in new if e.message_id in inserted])
         # After the identifies' rows, so a withdrawal's event comes after its identify.
         withdrew = _store_consent(session, [e for e in new if e.message_id in inserted])
     stored = [0] * len(requests)
@@ -733,11 +737,22 @@ class OrderFacts:
     coupon: str | None
     lines: dict[str, int]
     completed_at: datetime
+    #: Where it was placed: ``web``, or the channel its ``context.channel`` names.
+    channel: str = "web"
+    #: ``channel`` is a store channel (KAERU_OFFLINE_CHANNELS).
+    offline: bool = False
+    #: The event that reported it.
+    message_id: str = ""
 
 
-def order_of(event: IncomingEvent) -> OrderFacts | None:
+def order_of(
+    event: IncomingEvent, offline_channels: frozenset[str] = frozenset()
+) -> OrderFacts | None:
     """The order an ``Order Completed`` event reports (read as the journeys read it); None for
-    another event, or a browser order that does not count (KAERU_TRUST_BROWSER_ORDERS)."""
+    another event, or a browser order that does not count (KAERU_TRUST_BROWSER_ORDERS).
+
+    Its channel is the event's ``context.channel`` (:func:`kaeru.touchpoints.channel_of`:
+    ``web`` by default, a store channel of ``offline_channels`` from the server key only)."""
     if event.type != "track" or event.name != ORDER_COMPLETED or not event.counts_as_order:
         return None
     props = event.properties
@@ -746,6 +761,9 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
     if len(order_id) > MAX_ID_LENGTH:
         log.warning("order id of event %s is too long to store; order skipped", event.message_id)
         return None
+    channel = channel_of(
+        event.context.get("channel"), trusted=event.trusted, offline=offline_channels
+    )
     total = order.total_minor
     if total is None:
         log.warning("order %s has an unreadable total; stored as 0", order_id)
@@ -761,14 +779,20 @@ def order_of(event: IncomingEvent) -> OrderFacts | None:
         coupon=coupon_code,
         lines=lines,
         completed_at=event.timestamp,
+        channel=channel,
+        offline=channel in offline_channels,
+        message_id=event.message_id,
     )
 
 
-def _store_orders(session: Session, events: Iterable[IncomingEvent]) -> None:
-    """Store each new order with its lines and redeem its coupon; a known order is kept as is."""
+def _store_orders(
+    session: Session, events: Iterable[IncomingEvent], offline_channels: frozenset[str]
+) -> None:
+    """Store each new order with its lines, its ``purchase`` touchpoint, and redeem its
+    coupon; a known order is kept as is (and so is its one purchase touch)."""
     orders: dict[str, OrderFacts] = {}
     for event in events:
-        if (facts := order_of(event)) is not None:
+        if (facts := order_of(event, offline_channels)) is not None:
             orders.setdefault(facts.order_id, facts)
     for order_id in sorted(orders):
         facts = orders[order_id]
@@ -790,6 +814,18 @@ def _store_orders(session: Session, events: Iterable[IncomingEvent]) -> None:
         for product_id, quantity in sorted(facts.lines.items()):
             session.add(OrderLine(order_id=order_id, product_id=product_id, quantity=quantity))
         session.flush()
+        record_purchase(
+            session,
+            customer_id=facts.customer_id,
+            order_id=facts.order_id,
+            value_minor=facts.total_minor,
+            currency=facts.currency,
+            coupon_code=facts.coupon,
+            channel=facts.channel,
+            occurred_at=facts.completed_at,
+            offline=facts.offline,
+            detail={"message_id": facts.message_id},
+        )
         if facts.coupon:
             _redeem(session, facts)
 
@@ -804,6 +840,7 @@ def _redeem(session: Session, facts: OrderFacts) -> None:
                 facts.order_id,
                 facts.completed_at,
                 customer_id=facts.customer_id,
+                channel=facts.channel,
             )
     except Exception:
         log.exception(
@@ -818,4 +855,33 @@ def _redeem(session: Session, facts: OrderFacts) -> None:
             "used or expired",
             facts.order_id,
             facts.coupon,
+        )
+
+
+# ---- ad clicks ---------------------------------------------------------------------------------
+
+
+def _store_ad_clicks(session: Session, events: Iterable[IncomingEvent]) -> None:
+    """One ``ad_clicked`` touchpoint per stored ``Ad Clicked`` (the track event, or a page
+    call from the retargeting campaign). Its journey is the one ``properties.journey_id``
+    names, if that is a journey of the same customer (a forged id names none)."""
+    for event in events:
+        if event.name != AD_CLICKED:
+            continue
+        named = event.properties.get("journey_id")
+        journey_id = None
+        if isinstance(named, str) and (kind := kind_of_workflow_id(named)) is not None:
+            journey_id = named if named == f"{kind}-{event.customer_id}" else None
+        campaign = event.context.get("campaign")
+        name = campaign.get("name") if isinstance(campaign, dict) else None
+        record_touchpoint(
+            session,
+            customer_id=event.customer_id,
+            kind="ad_clicked",
+            key=f"ad_clicked/{event.message_id}",
+            journey_id=journey_id,
+            channel=ADS,
+            occurred_at=event.timestamp,
+            detail={"message_id": event.message_id}
+            | ({"campaign": name[:200]} if isinstance(name, str) else {}),
         )

@@ -52,7 +52,7 @@ from kaeru.machine_opens import (
 )
 from kaeru.models import EmailMessage, Touchpoint, TrackingLink, utcnow
 from kaeru.settings import Settings
-from kaeru.touchpoints import record_touchpoint
+from kaeru.touchpoints import EMAIL, record_touchpoint
 from kaeru.tracking_tokens import CLICK, OPEN, count_hit, expired, find, signing_key
 from starter.deps import ApiError, SettingsDep, router_of
 from starter.ingest import insert_events, outbox_row
@@ -170,6 +170,7 @@ def _touch(
         kind="email_opened" if kind == OPEN else "email_clicked",
         journey_id=message.journey_id,
         step=message.step,
+        channel=EMAIL,
         detail={"message_key": message.key, **detail, "machine": reason is not None}
         | ({"machine_reason": reason} if reason else {}),
     )

@@ -52,7 +52,7 @@ from activities.types import ALREADY_PURCHASED, NOT_CONSENTED, UNDELIVERABLE, Se
 from kaeru.db import session
 from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.settings import Settings
-from kaeru.touchpoints import record_touchpoint
+from kaeru.touchpoints import EMAIL, record_touchpoint
 
 PENDING = "pending"
 SENDING = "sending"
@@ -225,6 +225,7 @@ class MessageLog:
                 key=f"{email.key}/email_sent",
                 journey_id=email.journey_id,
                 step=email.step,
+                channel=EMAIL,
                 detail={"message_id": out.message_id, "template": email.template},
             )
 
@@ -258,6 +259,7 @@ class MessageLog:
                 key=f"{email.key}/email_bounced",
                 journey_id=email.journey_id,
                 step=email.step,
+                channel=EMAIL,
                 detail={"message_id": out.message_id, "phase": phase, "answer": answer},
             )
 

@@ -96,7 +96,10 @@ async def test_customer_profile_with_orders_and_touchpoints(
         {"email": "u@x.io"},
     )
     assert [o["order_id"] for o in body["orders"]] == ["o9"]
-    assert [(t["kind"], t["step"]) for t in body["touchpoints"]] == [("email_opened", "cart_email")]
+    assert [(t["kind"], t["step"]) for t in body["touchpoints"]] == [
+        ("email_opened", "cart_email"),
+        ("purchase", None),  # every stored order is a purchase touch
+    ]
     missing = await api.get("/v1/customers/nobody", headers=OPERATOR)
     assert missing.status_code == 404
     assert missing.json()["code"] == "not_found"
