@@ -22,7 +22,6 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
@@ -92,17 +91,23 @@ class Touch:
     coupon_code: str | None
     detail: Mapping[str, Any]
     key: str | None
+    #: The message this touch belongs to (:func:`message_of`).
+    message: str
+    #: An open or click that counts as a person's (every other touch: True).
+    human: bool
 
-    @cached_property
-    def message(self) -> str:
-        """The message this touch belongs to (its email's idempotency key)."""
-        stated = self.detail.get("message_key")
-        if isinstance(stated, str) and stated:
-            return stated
-        suffix = f"/{self.kind}"
-        if self.key is not None and self.key.endswith(suffix):
-            return self.key.removesuffix(suffix)
-        return f"{self.journey_id}|{self.step}"
+
+def message_of(
+    kind: str, key: str | None, journey_id: str | None, step: str | None, detail: Mapping[str, Any]
+) -> str:
+    """The message of a touch: its email's idempotency key (see the module docstring)."""
+    stated = detail.get("message_key")
+    if isinstance(stated, str) and stated:
+        return stated
+    suffix = f"/{kind}"
+    if key is not None and key.endswith(suffix):
+        return key.removesuffix(suffix)
+    return f"{journey_id}|{step}"
 
 
 @dataclass
@@ -195,13 +200,19 @@ class History:
                 coupon_code=row[12],
                 detail=row[13] or {},
                 key=row[14],
+                message=message_of(row[2], row[14], row[4], row[6], row[13] or {}),
+                human=settings.machine_opens_count or not (row[13] or {}).get("machine"),
             )
             for row in rows
         ]
         shop_zone = known_timezone(settings.shop_timezone) or ZoneInfo("UTC")
+        # Only the customers of these rows: a shop's whole customer table can be far larger.
+        touched = select(Touchpoint.customer_id).where(
+            col(Touchpoint.occurred_at) >= start, col(Touchpoint.occurred_at) < end
+        )
         zones = session.exec(
             select(Customer.customer_id, Customer.timezone).where(
-                col(Customer.timezone).is_not(None)
+                col(Customer.timezone).is_not(None), col(Customer.customer_id).in_(touched)
             )
         ).all()
         timezones = {cid: zone for cid, name in zones if (zone := known_timezone(name or ""))}
@@ -218,10 +229,6 @@ class History:
     def zone_of(self, customer_id: str) -> ZoneInfo:
         """The customer's own time zone, else the shop's."""
         return self.timezones.get(customer_id, self.shop_zone)
-
-    def human(self, touch: Touch) -> bool:
-        """Whether an open or click counts as a person's."""
-        return self.settings.machine_opens_count or not touch.detail.get("machine")
 
     def remembered(self, key: Hashable, compute: Callable[[], T]) -> T:
         """``compute()``, once per ``key`` for these rows."""
@@ -258,7 +265,7 @@ class History:
                 message.attempted_at = min(message.attempted_at or touch.at, touch.at)
             elif touch.kind == DELIVERED:
                 message.delivered_at = message.delivered_at or touch.at
-            elif self.human(touch):
+            elif touch.human:
                 if touch.kind == OPENED:
                     message.opened_at = message.opened_at or touch.at
                 else:

@@ -146,11 +146,7 @@ def _credits(history: History, period: Period) -> list[Credit]:
                 touches[message.customer_id].append((at, sent.id, sent, message))
     else:
         for touch in history.touches:
-            if (
-                touch.kind in (OPENED, CLICKED)
-                and touch.journey_kind is not None
-                and history.human(touch)
-            ):
+            if touch.kind in (OPENED, CLICKED) and touch.journey_kind is not None and touch.human:
                 message = messages.get(touch.message) or _loose(touch)
                 touches[touch.customer_id].append((touch.at, touch.id, touch, message))
     first = settings.attribution_model == "first-touch"
@@ -367,7 +363,7 @@ def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
                 reach(kind, touch.journey_id, touch.at, "delivered", touch.customer_id)
         if touch.kind in (SENT, BOUNCED):
             first_sent.setdefault((kind, touch.step or ""), touch.at)
-        stage = _stage_of(touch, history)
+        stage = _stage_of(touch)
         if stage is not None:
             reach(kind, touch.journey_id, touch.at, stage, touch.customer_id)
     for c in credits(history, period):
@@ -402,13 +398,13 @@ def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
     return tuple(found)
 
 
-def _stage_of(touch: Touch, history: History) -> str | None:
+def _stage_of(touch: Touch) -> str | None:
     if touch.kind == ENTERED:
         return "entered"
     if touch.kind in (SENT, BOUNCED):
         return f"sent: {touch.step or ''}"
     if touch.kind in (OPENED, CLICKED):
-        if not history.human(touch):
+        if not touch.human:
             return None
         return "opened" if touch.kind == OPENED else "clicked"
     return {AUDIENCE_JOINED: "audience", AD_CLICKED: "ad click", COUPON_ISSUED: "offer"}.get(
@@ -472,9 +468,7 @@ def routes_of(history: History, period: Period) -> tuple[Route, ...]:
     walks: dict[str, list[tuple[tuple[str, ...], Touch | None]]] = defaultdict(list)
     for touches in history.by_customer.values():
         inside = [
-            t
-            for t in touches
-            if period.start <= t.at < period.end and _is_step(t, purchases, history)
+            t for t in touches if period.start <= t.at < period.end and _is_step(t, purchases)
         ]
         kinds = {t.journey_kind for t in inside if t.journey_kind is not None}
         walks[ALL].extend(_walk(inside, None, history.settings.route_steps))
@@ -487,11 +481,11 @@ def routes_of(history: History, period: Period) -> tuple[Route, ...]:
     return tuple(found)
 
 
-def _is_step(touch: Touch, purchases: set[int], history: History) -> bool:
+def _is_step(touch: Touch, purchases: set[int]) -> bool:
     if touch.kind in (PURCHASE, CONVERSION):
         return touch.id in purchases
     if touch.kind in (OPENED, CLICKED):
-        return history.human(touch)
+        return touch.human
     return touch.kind not in _NOT_STEPS
 
 
@@ -575,7 +569,7 @@ def heatmap_of(history: History, period: Period) -> Heatmap:
     customer's own time zone (else ``KAERU_SHOP_TIMEZONE``)."""
     grids = {OPENED: [[0] * 24 for _ in range(7)], CLICKED: [[0] * 24 for _ in range(7)]}
     for touch in history.touches:
-        if touch.kind in grids and period.start <= touch.at < period.end and history.human(touch):
+        if touch.kind in grids and period.start <= touch.at < period.end and touch.human:
             local = touch.at.astimezone(history.zone_of(touch.customer_id))
             grids[touch.kind][local.weekday()][local.hour] += 1
     return Heatmap(
