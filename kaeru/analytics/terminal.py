@@ -251,8 +251,34 @@ def render(report: Report, console: Console) -> None:
         for column in table.columns[1:]:
             column.no_wrap = True
         console.print(table)
-    title = "Send time: a person's opens and clicks by hour (each customer's time zone)"
-    console.print(_table(title, HEATMAP_COLUMNS, heatmap_rows(report)))
+    console.print(
+        "[bold]Send time[/bold]: a person's opens and clicks by weekday and hour (each "
+        "customer's time zone)"
+    )
+    for what, grid in (("opens", report.heatmap.opens), ("clicks", report.heatmap.clicks)):
+        console.print(shades(what, grid))
+
+
+#: Darker for more: a cell's share of the busiest hour, in quarters (blank: none).
+SHADES = "░▒▓█"
+
+
+def shades(what: str, grid: tuple[tuple[int, ...], ...]) -> str:
+    """``grid`` as a block of shades that fits 80 columns, and its busiest hour (the exact
+    numbers are in ``--json`` and ``--csv``)."""
+    busiest = max(
+        ((n, day, hour) for day, hours in enumerate(grid) for hour, n in enumerate(hours)),
+        key=lambda cell: (cell[0], -cell[1], -cell[2]),  # the earliest of equals
+    )
+    if busiest[0] == 0:
+        return f"{what}: none"
+    lines = [f"{what:<7}" + "".join(f"{hour:<3}" for hour in range(0, 24, 3))]
+    for name, hours in zip(WEEKDAYS, grid, strict=True):
+        cells = (SHADES[min(3, (4 * n - 1) // busiest[0])] if n else "·" for n in hours)
+        lines.append(f"{name:<7}" + "".join(cells) + f"  {sum(hours)}")
+    n, day, hour = busiest
+    lines.append(f"busiest: {WEEKDAYS[day]} {hour:02d}:00, {n} {what}")
+    return "\n".join(lines)
 
 
 def write_csv(report: Report, directory: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner, Result
 from kaeru.analytics.model import ALL, Period
 from kaeru.analytics.report import build_report
 from kaeru.analytics.serialise import report_to_json
-from kaeru.analytics.terminal import PeriodError, period_of
+from kaeru.analytics.terminal import PeriodError, period_of, shades
 from kaeru.cli import app
 from kaeru.db import migrate, session
 from kaeru.dev.history import Truth, generate
@@ -176,3 +176,16 @@ def test_an_unknown_attribution_model_names_the_ones_there_are(history: tuple[st
     assert result.exit_code == 1, result.output
     assert "KAERU_ATTRIBUTION_MODEL='linear' is not valid" in result.stderr
     assert "'last-touch', 'first-touch' or 'delivery'" in result.stderr
+
+
+def test_the_heatmap_prints_as_shades_that_fit_a_terminal() -> None:
+    grid = [[0] * 24 for _ in range(7)]
+    grid[0][9], grid[0][10], grid[6][23] = 4, 1, 4
+
+    lines = shades("opens", tuple(map(tuple, grid))).splitlines()
+
+    assert lines[1] == "Mon    " + "·" * 9 + "█░" + "·" * 13 + "  5"
+    assert lines[7] == "Sun    " + "·" * 23 + "█  4"
+    assert lines[-1] == "busiest: Mon 09:00, 4 opens"
+    assert max(map(len, lines)) <= 80
+    assert shades("clicks", tuple((0,) * 24 for _ in range(7))) == "clicks: none"
