@@ -63,6 +63,11 @@ class PeriodTruth:
     credited: dict[tuple[str, str, str | None], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter)
     )
+    #: The same with ``KAERU_ATTRIBUTION_MODEL=first-touch``.
+    first_orders: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
+    first_credited: dict[tuple[str, str, str | None], Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
     #: Per (journey kind, version or None): stage name -> the customers who reached it.
     funnel: dict[tuple[str, str | None], dict[str, set[str]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(set))
@@ -169,6 +174,7 @@ class _Story:
         self.labels: list[tuple[str | None, str]] = []
         #: The last person's open or click: when, and what it credits.
         self.last_human: tuple[datetime, str, str, str | None, str | None] | None = None
+        self.first_human: tuple[datetime, str, str, str | None, str | None] | None = None
         self.coupon: str | None = None
         self.unsubscribed = False
 
@@ -285,21 +291,25 @@ class _Story:
         grid[local.weekday()][local.hour] += 1
         self.labels.append((kind, "email opened" if what == OPENED else "email clicked"))
         self.last_human = (at, kind, step, variant, version)
+        self.first_human = self.first_human or self.last_human
         if not again:
             self.truth.count(kind, "opens" if what == OPENED else "clicks")
             self.reach(kind, version, "opened" if what == OPENED else "clicked")
 
     def purchase(self) -> None:
-        credit = None
+        credit = first = None
         roll = self.rng.random()
         if self.last_human is not None and roll < 0.15:
-            at = self.last_human[0] + WINDOW  # exactly at the window's edge: credited
-            credit = self.last_human
+            # Exactly at the window's edge: credited, and every earlier touch is outside it.
+            at = self.last_human[0] + WINDOW
+            credit = first = self.last_human
         elif self.last_human is not None and roll < 0.3:
             at = self.last_human[0] + WINDOW + timedelta(seconds=1)  # just too late
         else:
+            # At most two days after the last touch, a story of at most 30 hours: every
+            # person's open and click of the story is within the window.
             at = self.clock + timedelta(minutes=self.rng.uniform(1, 2 * 24 * 60))
-            credit = self.last_human  # at most a day and two later: within the window
+            credit, first = self.last_human, self.first_human
         channel = "pos" if self.rng.random() < 0.3 else "web"
         if self.rng.random() < 0.2:
             self.touch("visit", self.clock + (at - self.clock) / 2, channel="pos")
@@ -322,6 +332,10 @@ class _Story:
             self.touch("coupon_redeemed", at, coupon_code=coupon, order_id=order)
         self.labels.append((None, f"purchase ({channel})"))
         self.truth.walks.append((self.labels, True, {currency: value}))
+        if first is not None:
+            _, kind, step, variant, _ = first
+            self.truth.first_orders[(kind, step, variant)] += 1
+            self.truth.first_credited[(kind, step, variant)][currency] += value
         if credit is None:
             return
         _, kind, step, variant, version = credit

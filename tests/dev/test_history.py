@@ -110,6 +110,16 @@ def test_the_report_matches_the_generated_truth(database_url: str, seed: int) ->
     assert everyone["conversions"] > 0 and everyone["bounces"] > 0 and everyone["entered"] > 0
     assert_matches(current, truth.current, truth.previous)
     assert current.kpis[ALL].previous == before.kpis[ALL].current
+    first_touch = settings.model_copy(update={"attribution_model": "first-touch"})
+    with session(database_url) as s:
+        first = build_report(s, first_touch, truth.current.period)
+    assert {
+        (a.journey_kind, a.step, a.variant): (a.orders, a.revenue) for a in first.attribution
+    } == {
+        key: (orders, dict(truth.current.first_credited[key]))
+        for key, orders in truth.current.first_orders.items()
+    }
+    assert first.attribution != current.attribution  # the seeds have stories of two touches
 
 
 def test_the_history_is_the_same_for_the_same_seed(sqlite_url: str, tmp_path: Path) -> None:
