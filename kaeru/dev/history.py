@@ -63,9 +63,13 @@ class PeriodTruth:
     credited: dict[tuple[str, str, str | None], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter)
     )
-    #: The same with ``KAERU_ATTRIBUTION_MODEL=first-touch``.
+    #: The same with ``KAERU_ATTRIBUTION_MODEL=first-touch``, and ``delivery``.
     first_orders: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
     first_credited: dict[tuple[str, str, str | None], Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
+    delivery_orders: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
+    delivery_credited: dict[tuple[str, str, str | None], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter)
     )
     #: Per (journey kind, version or None): stage name -> the customers who reached it.
@@ -175,6 +179,8 @@ class _Story:
         #: The last person's open or click: when, and what it credits.
         self.last_human: tuple[datetime, str, str, str | None, str | None] | None = None
         self.first_human: tuple[datetime, str, str, str | None, str | None] | None = None
+        #: Every message delivered (the provider's report, else its send), in time order.
+        self.deliveries: list[tuple[datetime, str, str, str | None, str | None]] = []
         self.coupon: str | None = None
         self.unsubscribed = False
 
@@ -258,8 +264,11 @@ class _Story:
         self.labels.append((kind, "email sent"))
         self.truth.count(kind, "delivered")
         self.reach(kind, version, "delivered")
+        delivered = sent
         if self.rng.random() < 0.5:  # a provider that reports deliveries
-            self.touch(DELIVERED, self.later(0, 1), key=f"{key}/{DELIVERED}", **fields)
+            delivered = self.later(0, 1)
+            self.touch(DELIVERED, delivered, key=f"{key}/{DELIVERED}", **fields)
+        self.deliveries.append((delivered, kind, step, variant, version))
         hit = {"message_key": key}
         if self.rng.random() < 0.2:  # Apple Mail Privacy Protection fetches the pixel
             machine = {**hit, "machine": True, "machine_reason": "apple_mpp"}
@@ -336,6 +345,12 @@ class _Story:
             _, kind, step, variant, _ = first
             self.truth.first_orders[(kind, step, variant)] += 1
             self.truth.first_credited[(kind, step, variant)][currency] += value
+        # Counted from delivery: the last message delivered at most a window before.
+        received = [d for d in self.deliveries if timedelta(0) <= at - d[0] <= WINDOW]
+        if received:
+            _, kind, step, variant, _ = received[-1]
+            self.truth.delivery_orders[(kind, step, variant)] += 1
+            self.truth.delivery_credited[(kind, step, variant)][currency] += value
         if credit is None:
             return
         _, kind, step, variant, version = credit

@@ -120,6 +120,15 @@ def test_the_report_matches_the_generated_truth(database_url: str, seed: int) ->
         for key, orders in truth.current.first_orders.items()
     }
     assert first.attribution != current.attribution  # the seeds have stories of two touches
+    by_delivery = settings.model_copy(update={"attribution_model": "delivery"})
+    with session(database_url) as s:
+        delivered = build_report(s, by_delivery, truth.current.period)
+    assert {
+        (a.journey_kind, a.step, a.variant): (a.orders, a.revenue) for a in delivered.attribution
+    } == {
+        key: (orders, dict(truth.current.delivery_credited[key]))
+        for key, orders in truth.current.delivery_orders.items()
+    }
 
 
 def test_the_history_is_the_same_for_the_same_seed(sqlite_url: str, tmp_path: Path) -> None:
