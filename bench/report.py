@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from sqlmodel import col, select  # noqa: E402
 
-from kaeru.analytics.history import _COLUMNS  # noqa: E402
 from kaeru.analytics.model import Period  # noqa: E402
 from kaeru.analytics.report import build_report  # noqa: E402
+from kaeru.analytics.rows import _COLUMNS  # noqa: E402
 from kaeru.db import migrate, session  # noqa: E402
 from kaeru.dev.history import generate  # noqa: E402
 from kaeru.models import Touchpoint  # noqa: E402

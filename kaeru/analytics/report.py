@@ -3,7 +3,7 @@
 Every part is a function of a :class:`~sqlmodel.Session`, the settings and a
 :class:`~kaeru.analytics.model.Period` (``kpis``, ``funnels``, ``attribution``, ``routes``,
 ``heatmap``), and :func:`build_report` computes them all from one read of the touchpoints.
-The rows are read once (:class:`~kaeru.analytics.history.History`, which also says what each
+The rows are read once (:class:`~kaeru.analytics.rows.Rows`, which also says what each
 row means) and counted in Python: the rules (which message a purchase is credited to, where a
 route ends) read plainly there and are the same on SQLite and PostgreSQL.
 
@@ -21,22 +21,6 @@ from datetime import date, datetime
 
 from sqlmodel import Session
 
-from kaeru.analytics.history import (
-    AD_CLICKED,
-    AUDIENCE_JOINED,
-    BOUNCED,
-    CLICKED,
-    CONVERSION,
-    COUPON_ISSUED,
-    DELIVERED,
-    ENTERED,
-    OPENED,
-    PURCHASE,
-    SENT,
-    History,
-    Message,
-    Touch,
-)
 from kaeru.analytics.model import (
     ALL,
     Attribution,
@@ -49,6 +33,22 @@ from kaeru.analytics.model import (
     Report,
     Route,
 )
+from kaeru.analytics.rows import (
+    AD_CLICKED,
+    AUDIENCE_JOINED,
+    BOUNCED,
+    CLICKED,
+    CONVERSION,
+    COUPON_ISSUED,
+    DELIVERED,
+    ENTERED,
+    OPENED,
+    PURCHASE,
+    SENT,
+    Message,
+    Rows,
+    Touch,
+)
 from kaeru.settings import Settings
 
 #: A route's group of every route beyond the top ones.
@@ -57,22 +57,22 @@ OTHER = ("other",)
 
 def build_report(session: Session, settings: Settings, period: Period) -> Report:
     """The whole report of ``period`` (its KPIs also of the period before); experiments ``()``."""
-    history = load(session, settings, period)
+    rows = load(session, settings, period)
     return Report(
         period=period,
-        kpis=kpis_of(history, period),
-        funnels=funnels_of(history, period),
-        attribution=attribution_of(credits(history, period)),
-        routes=routes_of(history, period),
-        heatmap=heatmap_of(history, period),
+        kpis=kpis_of(rows, period),
+        funnels=funnels_of(rows, period),
+        attribution=attribution_of(credits(rows, period)),
+        routes=routes_of(rows, period),
+        heatmap=heatmap_of(rows, period),
     )
 
 
-def load(session: Session, settings: Settings, period: Period) -> History:
+def load(session: Session, settings: Settings, period: Period) -> Rows:
     """The rows every part of ``period``'s report needs: from the start of the period before,
     less one attribution window (an open just before a period credits a purchase in it)."""
     start = period.previous().start - settings.attribution_window
-    return History.load(session, settings, start, period.end)
+    return Rows.load(session, settings, start, period.end)
 
 
 # ---- the parts, each on its own ---------------------------------------------------------------
@@ -90,8 +90,8 @@ def funnels(session: Session, settings: Settings, period: Period) -> tuple[Funne
 
 def attribution(session: Session, settings: Settings, period: Period) -> tuple[Attribution, ...]:
     """The orders and revenue of ``period`` credited to each journey kind, step and variant."""
-    history = load(session, settings, period)
-    return attribution_of(credits(history, period))
+    rows = load(session, settings, period)
+    return attribution_of(credits(rows, period))
 
 
 def routes(session: Session, settings: Settings, period: Period) -> tuple[Route, ...]:
@@ -118,7 +118,7 @@ class Credit:
     variant: str | None
 
 
-def credits(history: History, period: Period) -> list[Credit]:
+def credits(rows: Rows, period: Period) -> list[Credit]:
     """Every purchase of ``period`` and what it is credited to (``KAERU_ATTRIBUTION_MODEL``).
 
     ``last-touch`` (the default): the customer's last human open or click of a journey's
@@ -129,29 +129,29 @@ def credits(history: History, period: Period) -> list[Credit]:
     purchase is credited at most once, whatever its channel (a store purchase after an email
     counts), and carries the journey kind, step and variant of the message.
     """
-    return history.remembered(("credits", period), lambda: _credits(history, period))
+    return rows.remembered(("credits", period), lambda: _credits(rows, period))
 
 
-def _credits(history: History, period: Period) -> list[Credit]:
-    settings = history.settings
+def _credits(rows: Rows, period: Period) -> list[Credit]:
+    settings = rows.settings
     window = settings.attribution_window
-    messages = history.messages(period.end)
+    messages = rows.messages(period.end)
     touches: dict[str, list[tuple[datetime, int, Touch, Message]]] = defaultdict(list)
     if settings.attribution_model == "delivery":
-        by_key = {touch.message: touch for touch in history.touches if touch.kind in (SENT,)}
+        by_key = {touch.message: touch for touch in rows.touches if touch.kind in (SENT,)}
         for message in messages.values():
             at = message.delivery_at
             sent = by_key.get(message.key)
             if at is not None and sent is not None and message.journey_kind is not None:
                 touches[message.customer_id].append((at, sent.id, sent, message))
     else:
-        for touch in history.touches:
+        for touch in rows.touches:
             if touch.kind in (OPENED, CLICKED) and touch.journey_kind is not None and touch.human:
                 message = messages.get(touch.message) or _loose(touch)
                 touches[touch.customer_id].append((touch.at, touch.id, touch, message))
     first = settings.attribution_model == "first-touch"
     found = []
-    for purchase in history.purchases():
+    for purchase in rows.purchases():
         if not period.start <= purchase.at < period.end:
             continue
         fitting = [
@@ -218,10 +218,10 @@ def _add_money(total: Counter[str], purchase: Touch) -> None:
 # ---- KPIs -------------------------------------------------------------------------------------
 
 
-def kpis_of(history: History, period: Period) -> dict[str, KpiComparison]:
+def kpis_of(rows: Rows, period: Period) -> dict[str, KpiComparison]:
     """Each kind's :func:`kpis_in` in ``period`` and the period before (kinds seen in either)."""
     before = period.previous()
-    now, then = kpis_in(history, period), kpis_in(history, before)
+    now, then = kpis_in(rows, period), kpis_in(rows, before)
     kinds = sorted((set(now) | set(then)) - {ALL})
     return {
         kind: KpiComparison(
@@ -231,7 +231,7 @@ def kpis_of(history: History, period: Period) -> dict[str, KpiComparison]:
     }
 
 
-def kpis_in(history: History, period: Period) -> dict[str, Kpis]:
+def kpis_in(rows: Rows, period: Period) -> dict[str, Kpis]:
     """The KPIs of one period, per journey kind and :data:`ALL`.
 
     Counts:
@@ -263,10 +263,10 @@ def kpis_in(history: History, period: Period) -> dict[str, Kpis]:
         if kind is not None:
             counts[kind][what] += 1
 
-    for touch in history.touches:
+    for touch in rows.touches:
         if touch.kind == ENTERED and period.start <= touch.at < period.end:
             count(touch.journey_kind, "entered")
-    for message in history.messages(period.end).values():
+    for message in rows.messages(period.end).values():
         if message.attempted_at is None or message.attempted_at < period.start:
             continue
         count(message.journey_kind, "sent")
@@ -278,10 +278,10 @@ def kpis_in(history: History, period: Period) -> dict[str, Kpis]:
             count(message.journey_kind, "opens")
         if message.clicked_at is not None:
             count(message.journey_kind, "clicks")
-    for unsubscribe in history.unsubscribes:
+    for unsubscribe in rows.unsubscribes:
         if period.start <= unsubscribe.at < period.end:
             count(unsubscribe.journey_kind, "unsubscribes")
-    for c in credits(history, period):
+    for c in credits(rows, period):
         if c.journey_kind is not None:
             count(c.journey_kind, "conversions")
             _add_money(revenue[ALL], c.purchase)
@@ -326,7 +326,7 @@ def rate(numerator: int, denominator: int) -> float | None:
 LATER_STAGES = ("delivered", "opened", "clicked", "audience", "ad click", "offer", "purchased")
 
 
-def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
+def funnels_of(rows: Rows, period: Period) -> tuple[Funnel, ...]:
     """Each journey kind's funnel: customers who reached each stage in the period.
 
     Stages: ``entered`` (``journey_entered``), ``sent: <step>`` for each message step (in the
@@ -342,8 +342,8 @@ def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
     """
     stages: dict[tuple[str, str | None, date | None, str], set[str]] = defaultdict(set)
     first_sent: dict[tuple[str, str], datetime] = {}
-    versions = _versions(history)
-    zone = history.shop_zone
+    versions = _versions(rows)
+    zone = rows.shop_zone
 
     def reach(kind: str, journey_id: str | None, at: datetime, stage: str, customer: str) -> None:
         version = versions.get(journey_id) if journey_id else None
@@ -351,8 +351,8 @@ def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
         for v, d in ((None, None), (None, day), *(((version, None),) if version else ())):
             stages[(kind, v, d, stage)].add(customer)
 
-    messages = history.messages(period.end)
-    for touch in history.touches:
+    messages = rows.messages(period.end)
+    for touch in rows.touches:
         kind = touch.journey_kind
         if kind is None or not period.start <= touch.at < period.end:
             continue
@@ -366,7 +366,7 @@ def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
         stage = _stage_of(touch)
         if stage is not None:
             reach(kind, touch.journey_id, touch.at, stage, touch.customer_id)
-    for c in credits(history, period):
+    for c in credits(rows, period):
         if c.journey_kind is not None and c.touch is not None:
             reach(
                 c.journey_kind,
@@ -424,9 +424,9 @@ def _stages(reached_by_stage: list[set[str]], names: list[str]) -> tuple[FunnelS
     return tuple(found)
 
 
-def _versions(history: History) -> dict[str, str]:
+def _versions(rows: Rows) -> dict[str, str]:
     found = {}
-    for touch in history.touches:
+    for touch in rows.touches:
         version = touch.detail.get("version") if touch.kind == ENTERED else None
         if touch.journey_id is not None and version is not None:
             found[touch.journey_id] = str(version)
@@ -451,7 +451,7 @@ _NOT_STEPS = frozenset(
 )
 
 
-def routes_of(history: History, period: Period) -> tuple[Route, ...]:
+def routes_of(rows: Rows, period: Period) -> tuple[Route, ...]:
     """The routes of ``period`` across journeys (:data:`ALL`) and per journey kind.
 
     A customer's route is their touches of the period in time order as steps (``cart: email
@@ -464,20 +464,20 @@ def routes_of(history: History, period: Period) -> tuple[Route, ...]:
     outcome); the ``KAERU_ROUTE_TOP`` most taken are kept, the rest summed as ``("other",)``.
     ``customers`` counts routes taken: a customer who bought twice took two routes.
     """
-    purchases = {p.id for p in history.purchases()}
+    purchases = {p.id for p in rows.purchases()}
     walks: dict[str, list[tuple[tuple[str, ...], Touch | None]]] = defaultdict(list)
-    for touches in history.by_customer.values():
+    for touches in rows.by_customer.values():
         inside = [
             t for t in touches if period.start <= t.at < period.end and _is_step(t, purchases)
         ]
         kinds = {t.journey_kind for t in inside if t.journey_kind is not None}
-        walks[ALL].extend(_walk(inside, None, history.settings.route_steps))
+        walks[ALL].extend(_walk(inside, None, rows.settings.route_steps))
         for kind in kinds:
             mine = [t for t in inside if t.journey_kind in (kind, None)]
-            walks[kind].extend(_walk(mine, kind, history.settings.route_steps))
+            walks[kind].extend(_walk(mine, kind, rows.settings.route_steps))
     found: list[Route] = []
     for kind in [ALL, *sorted(set(walks) - {ALL})]:
-        found.extend(_top(kind, walks[kind], history.settings.route_top))
+        found.extend(_top(kind, walks[kind], rows.settings.route_top))
     return tuple(found)
 
 
@@ -564,13 +564,13 @@ def _route(
 # ---- heatmap ----------------------------------------------------------------------------------
 
 
-def heatmap_of(history: History, period: Period) -> Heatmap:
+def heatmap_of(rows: Rows, period: Period) -> Heatmap:
     """A person's opens and clicks of ``period`` by weekday (0 = Monday) × hour in the
     customer's own time zone (else ``KAERU_SHOP_TIMEZONE``)."""
     grids = {OPENED: [[0] * 24 for _ in range(7)], CLICKED: [[0] * 24 for _ in range(7)]}
-    for touch in history.touches:
+    for touch in rows.touches:
         if touch.kind in grids and period.start <= touch.at < period.end and touch.human:
-            local = touch.at.astimezone(history.zone_of(touch.customer_id))
+            local = touch.at.astimezone(rows.zone_of(touch.customer_id))
             grids[touch.kind][local.weekday()][local.hour] += 1
     return Heatmap(
         opens=tuple(tuple(row) for row in grids[OPENED]),

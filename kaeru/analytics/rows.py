@@ -154,7 +154,7 @@ class Unsubscribe:
 
 
 @dataclass
-class History:
+class Rows:
     """Every touchpoint with ``start <= occurred_at < end``, in time order."""
 
     settings: Settings
@@ -174,7 +174,7 @@ class History:
             self.by_customer[touch.customer_id].append(touch)
 
     @classmethod
-    def load(cls, session: Session, settings: Settings, start: datetime, end: datetime) -> History:
+    def load(cls, session: Session, settings: Settings, start: datetime, end: datetime) -> Rows:
         """Read the touchpoints, unsubscribes and customers' time zones of ``[start, end)``."""
         kinds = [journey.kind for journey in discover(settings.journey_modules)]
         columns = [col(getattr(Touchpoint, name)) for name in _COLUMNS]
