@@ -277,9 +277,9 @@ def setting_infos(journey: type[Journey[Any]]) -> list[SettingInfo]:
         infos.append(
             SettingInfo(
                 f"KAERU_{prefix_of(journey)}_EXPERIMENTS",
-                ",".join(_default_experiments(journey)),
-                "the experiments that run (comma-separated, of "
-                f"{', '.join(journey.experiments)}; empty: none)",
+                ",".join(_default_experiments(journey)) or None,
+                "the experiments that run, comma-separated, of those it declares: "
+                f"{', '.join(journey.experiments)} (empty: none)",
                 duration=False,
             )
         )

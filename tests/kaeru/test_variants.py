@@ -127,3 +127,30 @@ def test_a_transactional_journey_never_holds_out(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KAERU_ORDER_CONFIRMATION_HOLDOUT_PERCENT", "10")
     with pytest.raises(JourneyError, match="transactional and never holds a customer out"):
         read_entry(OrderConfirmation)
+
+
+class Delayed(CartAbandonment):
+    """The cart journey with an experiment on a wait and on the whole template."""
+
+    experiments = {
+        "offer_timing": Experiment(
+            step="offer_email",
+            variants={"a_day": Variant(), "an_hour": Variant(delay=3600, template="cart_offer")},
+        )
+    }
+
+
+def test_a_journey_reads_its_arm_and_the_arms_delay() -> None:
+    journey = object.__new__(Delayed)  # no workflow needed: arm and delay read its arms only
+    journey.arms = None  # a journey that began before entries: every experiment's default
+    assert journey.arm("offer_email") is None
+    assert journey.delay("offer_email", 86400.0) == 86400.0
+    journey.arms = {"offer_timing": "an_hour"}
+    timing = Delayed.experiments["offer_timing"]
+    assert journey.arm("offer_email") == ("offer_timing", "an_hour", timing)
+    assert journey.arm("cart_email") is None
+    assert journey.delay("offer_email", 86400.0) == 3600.0
+    journey.arms = {"offer_timing": "a_day"}
+    assert journey.delay("offer_email", 86400.0) == 86400.0
+    journey.arms = {"offer_timing": "since_removed"}  # a carried arm the class no longer has
+    assert journey.arm("offer_email") is None
