@@ -254,6 +254,19 @@ class JourneyEntryResult:
     variant: str | None = None
 
 
+@dataclass
+class PromoteInput:
+    """One run of the experiment promoter: over journeys entered in the last ``days`` days."""
+
+    days: int = 90
+
+
+@dataclass
+class PromoteResult:
+    #: ``"<journey kind> <experiment>: <variant>"`` of each winner promoted in this run.
+    promoted: list[str] = field(default_factory=list)
+
+
 # ---- Consent stream G: the send gate ---------------------------------------------------------
 
 #: ``ReserveSendResult.verdict``: send now (the slot is this message's).

@@ -499,6 +499,12 @@ class Settings(BaseSettings):
         "conversion, every arm at KAERU_EXPERIMENT_MIN_SAMPLE): journeys that enter later "
         "give it to everyone; recorded with when and why",
     )
+    experiment_promote_every: timedelta = Field(
+        timedelta(days=1),
+        description="how often the promotion rule looks for winners, over journeys entered "
+        "in the last 90 days (a Temporal Schedule, there while KAERU_EXPERIMENT_AUTO_PROMOTE "
+        "is true)",
+    )
 
     # ---- analytics: dashboard and weekly report (D) settings ----
 
