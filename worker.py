@@ -32,13 +32,15 @@ from activities.conversions import ConversionActivities
 from activities.coupons import CouponActivities
 from activities.email import EmailActivities
 from activities.entries import EntryActivities
+from activities.experiments import ExperimentActivities
 from activities.recommendations import RecommendationActivities
 from activities.send_gate import SendGateActivities
-from activities.types import SweepInput
+from activities.types import PromoteInput, SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.settings import Settings
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
+from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 
 log = logging.getLogger("kaeru.worker")
 
@@ -54,8 +56,9 @@ PASSTHROUGH = (
 
 
 def workflows() -> Sequence[type]:
-    """Every journey the registry found (kaeru/journeys.py), and the audience sweeper."""
-    return [*registry().workflows, AudienceSweeper]
+    """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
+    experiment promoter."""
+    return [*registry().workflows, AudienceSweeper, ExperimentPromoter]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
@@ -63,6 +66,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
     email = EmailActivities(settings)
     ads = AudienceActivities(settings, http)
     recommendations = RecommendationActivities(settings)
+    entries = EntryActivities(settings)
     return [
         email.send_email,
         ads.add_to_audience,
@@ -73,7 +77,9 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         recommendations.recommend_products,
         recommendations.look_up_products,
         ConversionActivities(settings).record_conversion,
-        EntryActivities(settings).claim_journey_entry,
+        entries.claim_journey_entry,
+        entries.enter_journey,
+        ExperimentActivities(settings).promote_experiment_winners,
         SendGateActivities(settings).reserve_send,
     ]
 
@@ -146,6 +152,37 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
         )
 
 
+async def ensure_experiment_promoter(client: Client, settings: Settings) -> None:
+    """Create (or update, keeping its state: an operator's pause stays) the experiment
+    promoter's schedule while ``KAERU_EXPERIMENT_AUTO_PROMOTE`` is on. Off, nothing is asked
+    of the server; a schedule left from before runs but promotes nothing (the activity reads
+    the setting).
+
+    Raises:
+        RPCError: the server refused to create or update the schedule.
+    """
+    if not settings.experiment_auto_promote:
+        return
+    handle = client.get_schedule_handle(PROMOTER_ID)
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            ExperimentPromoter.run, PromoteInput(), id=PROMOTER_ID, task_queue=settings.task_queue
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=settings.experiment_promote_every)]
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(PROMOTER_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        await handle.update(
+            lambda current: ScheduleUpdate(
+                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
+            )
+        )
+
+
 async def run_worker(client: Client, settings: Settings) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
@@ -159,6 +196,19 @@ async def run_worker(client: Client, settings: Settings) -> None:
             "(frontend.enableSchedules) and let this worker's credentials create and update "
             "schedules, then restart a worker. Journeys run regardless",
             SWEEPER_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
+    try:
+        await ensure_experiment_promoter(client, settings)
+    except RPCError as err:
+        log.error(
+            "could not create or update the experiment promoter's schedule %r (%s: "
+            "%s), so KAERU_EXPERIMENT_AUTO_PROMOTE promotes no winner (`kaeru experiments "
+            "--promote` still does). Let this worker's credentials manage schedules on "
+            "namespace %r, then restart a worker. Journeys run regardless",
+            PROMOTER_ID,
             err.status.name if err.status is not None else "unknown status",
             err.message,
             client.namespace,

@@ -171,6 +171,7 @@ def _touch(
         journey_id=message.journey_id,
         step=message.step,
         channel=EMAIL,
+        variant=message.variant,
         detail={"message_key": message.key, **detail, "machine": reason is not None}
         | ({"machine_reason": reason} if reason else {}),
     )

@@ -86,6 +86,9 @@ PSEUDONYM_SECRET = "customer-pseudonym-key"
 #: answer may quote the address, a coupon's ``owner`` is a customer id).
 SAFE_DETAIL = frozenset(
     {"template", "phase", "audience", "provider", "audience_id", "swept", "expires_at", "reason"}
+    # An entry's journey version and experiment arms, and a message's experiment: the
+    # experiment results still count an erased customer's arm (their id is a pseudonym then).
+    | {"version", "arms", "experiment"}
 )
 ERASED_NOTE = "not routed: the customer was erased"
 

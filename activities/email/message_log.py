@@ -195,6 +195,7 @@ class MessageLog:
                     attempts=1,
                     marketing=email.marketing,
                     topic=email.topic,
+                    variant=email.variant,
                 )
             )
             s.flush()
@@ -226,7 +227,9 @@ class MessageLog:
                 journey_id=email.journey_id,
                 step=email.step,
                 channel=EMAIL,
-                detail={"message_id": out.message_id, "template": email.template},
+                variant=email.variant,
+                detail={"message_id": out.message_id, "template": email.template}
+                | ({"experiment": email.experiment} if email.experiment else {}),
             )
 
     def mark_bounced(
@@ -260,6 +263,7 @@ class MessageLog:
                 journey_id=email.journey_id,
                 step=email.step,
                 channel=EMAIL,
+                variant=email.variant,
                 detail={"message_id": out.message_id, "phase": phase, "answer": answer},
             )
 

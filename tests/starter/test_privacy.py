@@ -51,6 +51,7 @@ from kaeru.models import (
 )
 from kaeru.settings import Settings
 from kaeru.temporal import converter, journey_kinds
+from kaeru.touchpoints import record_touchpoint
 from starter.app import create_app
 from starter.consent_changes import record_consent_change
 from starter.privacy import erase_customer, pseudonym, pseudonym_key
@@ -427,6 +428,26 @@ async def test_erase_in_process_reports_counts_only(shop: Shop) -> None:
     # identity merge it stored and the cart.
     assert report.rows["customers"] == 2 and report.rows["events"] == 4
     assert shop.rows(Order) == []
+
+
+async def test_erase_keeps_what_an_entry_says_of_the_experiment(shop: Shop) -> None:
+    """The experiment results still count an erased customer in their arm (as a pseudonym)."""
+    await shop.arrives()
+    arms = {"cart_subject": "asks_a_question"}
+    with session(shop.settings.resolved_database_url) as s:
+        record_touchpoint(
+            s,
+            customer_id=shop.customer_id,
+            kind="journey_entered",
+            journey_kind="cart-abandonment",
+            variant="asks_a_question",
+            detail={"version": "1", "arms": arms, "note": f"about {shop.customer_id}"},
+        )
+    await erase_customer(shop.settings, shop.raw, shop.customer_id)
+    with session(shop.settings.resolved_database_url) as s:
+        [row] = s.exec(select(Touchpoint).where(Touchpoint.kind == "journey_entered")).all()
+    assert row.customer_id != shop.customer_id
+    assert (row.variant, row.detail) == ("asks_a_question", {"version": "1", "arms": arms})
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
