@@ -533,3 +533,30 @@ class SendSlot(SQLModel, table=True):
     #: Why the slot waits or was dropped (no personal data).
     reason: str | None = Field(default=None, max_length=500)
     updated_at: datetime = _ts()
+
+
+# ---- analytics: dashboard and weekly report (D) ----
+
+
+class StoredReport(SQLModel, table=True):
+    """One report the schedule built and emailed (``workflows/report.py``), kept for the record.
+
+    ``key`` is the idempotency key of the run (the schedule's action time): a retried or
+    repeated run finds its row, reuses the report it stored and sends no second email.
+    ``report`` is :class:`kaeru.analytics.model.Report` as JSON (``kaeru.reports.report_json``);
+    it holds counts and money only, no personal data.
+    """
+
+    __tablename__ = "reports"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    key: str = Field(sa_column=Column(String(400), unique=True, nullable=False))
+    period_start: datetime = _ts()
+    period_end: datetime = _ts()
+    created_at: datetime = _ts()
+    report: dict[str, Any] = _json()
+    #: When every operator's copy was accepted by the SMTP relay (None: not yet).
+    emailed_at: datetime | None = _ts(nullable=True)
