@@ -23,7 +23,7 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -33,12 +33,14 @@ from activities.coupons import CouponActivities
 from activities.email import EmailActivities
 from activities.entries import EntryActivities
 from activities.recommendations import RecommendationActivities
+from activities.reports import ReportActivities, ReportScheduleInput
 from activities.send_gate import SendGateActivities
 from activities.types import SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.settings import Settings
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
+from workflows.report import REPORT_SCHEDULE_ID, OperatorReport
 
 log = logging.getLogger("kaeru.worker")
 
@@ -54,8 +56,9 @@ PASSTHROUGH = (
 
 
 def workflows() -> Sequence[type]:
-    """Every journey the registry found (kaeru/journeys.py), and the audience sweeper."""
-    return [*registry().workflows, AudienceSweeper]
+    """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
+    operators' report."""
+    return [*registry().workflows, AudienceSweeper, OperatorReport]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
@@ -75,6 +78,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         ConversionActivities(settings).record_conversion,
         EntryActivities(settings).claim_journey_entry,
         SendGateActivities(settings).reserve_send,
+        ReportActivities(settings).send_report,
     ]
 
 
@@ -146,6 +150,59 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
         )
 
 
+#: Where interval schedules start counting: the Unix epoch was a Thursday, so a weekly
+#: report offset by 4 days runs on Mondays at 00:00 UTC and covers Monday to Sunday.
+_MONDAY = timedelta(days=4)
+
+
+async def ensure_report_schedule(client: Client, settings: Settings) -> None:
+    """Create the report's schedule, bring it in line with today's settings, or, with no
+    ``KAERU_REPORT_TO``, delete it (no recipients: no report; a failed delete is a warning).
+
+    Idempotent, like :func:`ensure_audience_sweeper`: the schedule id is fixed, and an update
+    keeps the schedule's state (an operator's pause).
+
+    Raises:
+        RPCError: the server refused to create, update or delete the schedule.
+    """
+    handle = client.get_schedule_handle(REPORT_SCHEDULE_ID)
+    if not settings.report_recipients:
+        try:
+            await handle.delete()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                # Nothing is wanted, so nothing is lost: a namespace without schedules has no
+                # old report schedule to remove either.
+                log.warning(
+                    "KAERU_REPORT_TO is empty, and a report schedule %r left by an earlier "
+                    "setting could not be removed (%s); delete it with `temporal schedule "
+                    "delete --schedule-id %s` if it exists",
+                    REPORT_SCHEDULE_ID,
+                    err.message,
+                    REPORT_SCHEDULE_ID,
+                )
+        return
+    every = settings.report_every
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            OperatorReport.run,
+            ReportScheduleInput(every_seconds=every.total_seconds(), to=settings.report_recipients),
+            id=REPORT_SCHEDULE_ID,
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every, offset=_MONDAY % every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(REPORT_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        await handle.update(
+            lambda current: ScheduleUpdate(
+                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
+            )
+        )
+
+
 async def run_worker(client: Client, settings: Settings) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
@@ -159,6 +216,19 @@ async def run_worker(client: Client, settings: Settings) -> None:
             "(frontend.enableSchedules) and let this worker's credentials create and update "
             "schedules, then restart a worker. Journeys run regardless",
             SWEEPER_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
+    try:
+        await ensure_report_schedule(client, settings)
+    except RPCError as err:
+        log.error(
+            "could not create, update or delete the report's schedule %r (%s: %s), so no "
+            "report is emailed to KAERU_REPORT_TO. Enable schedules on namespace %r and let "
+            "this worker's credentials manage schedules, then restart a worker. Journeys run "
+            "regardless",
+            REPORT_SCHEDULE_ID,
             err.status.name if err.status is not None else "unknown status",
             err.message,
             client.namespace,

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     true,
 )
@@ -558,5 +559,9 @@ class StoredReport(SQLModel, table=True):
     period_end: datetime = _ts()
     created_at: datetime = _ts()
     report: dict[str, Any] = _json()
-    #: When every operator's copy was accepted by the SMTP relay (None: not yet).
+    #: The email as rendered when the report was stored: a retry sends exactly this.
+    subject: str = Field(sa_column=Column(Text, nullable=False))
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    html: str = Field(sa_column=Column(Text, nullable=False))
+    #: When the SMTP relay accepted the email to every operator (None: not yet).
     emailed_at: datetime | None = _ts(nullable=True)

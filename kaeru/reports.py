@@ -10,12 +10,21 @@ and worst routes, the experiments' verdicts. :func:`report_json` is the stored f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from kaeru.analytics.model import ALL, KpiComparison, Kpis, Period, Report, Route
+from kaeru.analytics.model import (
+    ALL,
+    Estimate,
+    ExperimentResult,
+    KpiComparison,
+    Kpis,
+    Period,
+    Report,
+    Route,
+)
 from kaeru.db import session as db_session
 from kaeru.money import format_minor
 from kaeru.settings import Settings
@@ -27,6 +36,24 @@ ROUTES_NAMED = 3
 def report_period(end: datetime, every: timedelta) -> Period:
     """The period a scheduled report covers: the ``every`` just before ``end``."""
     return Period(end - every, end)
+
+
+def period_label(period: Period) -> str:
+    """``2026-11-01 to 2026-11-07``: the last day included, with times when not midnight."""
+
+    def at(moment: datetime) -> str:
+        if moment.time() == time():
+            return moment.strftime("%Y-%m-%d")
+        return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+    last = period.end - timedelta(days=1) if period.end.time() == time() else period.end
+    return f"{at(period.start)} to {at(last)}"
+
+
+def picker_dates(period: Period) -> tuple[str, str]:
+    """The dashboard's ``start`` and ``end`` (both days included) of ``period``."""
+    last = period.end - timedelta(days=1) if period.end.time() == time() else period.end
+    return period.start.date().isoformat(), last.date().isoformat()
 
 
 def money(revenue: Mapping[str, int]) -> list[str]:
@@ -170,6 +197,80 @@ def is_empty(report: Report) -> bool:
         c.current.entered == 0 and c.current.messages_sent == 0 and c.current.conversions == 0
         for c in report.kpis.values()
     )
+
+
+def _estimate(estimate: Estimate | None, scale: Callable[[float], str]) -> str:
+    if estimate is None:
+        return "–"
+    return f"{scale(estimate.difference)} [{scale(estimate.low)}, {scale(estimate.high)}]"
+
+
+def _pp(value: float) -> str:
+    return f"{value * 100:+.1f} pp"
+
+
+def _minor(currency: str) -> Callable[[float], str]:
+    def scale(value: float) -> str:
+        text = format_minor(round(value), currency)
+        return text if value < 0 else f"+{text}"
+
+    return scale
+
+
+@dataclass(frozen=True)
+class ArmRow:
+    """One arm of an experiment as shown: lifts as ``difference [low, high]`` (95 % CI)."""
+
+    name: str
+    control: bool
+    recipients: int
+    conversions: int
+    rate: str
+    #: Per currency, rounded to the currency's minor unit.
+    revenue_per_recipient: list[str]
+    lift: str
+    p: str
+    revenue_lift: list[str]
+
+
+def arm_rows(experiment: ExperimentResult) -> list[ArmRow]:
+    """The arms of ``experiment``, its control first as the experiment lists it."""
+    return [
+        ArmRow(
+            name=v.variant,
+            control=v.variant == experiment.control,
+            recipients=v.recipients,
+            conversions=v.conversions,
+            rate=percent(v.conversion_rate),
+            revenue_per_recipient=[
+                format_minor(round(amount), currency)
+                for currency, amount in sorted(v.revenue_per_recipient.items())
+            ],
+            lift=_estimate(v.conversion_lift, _pp),
+            p="–"
+            if v.conversion_lift is None or v.conversion_lift.p_value is None
+            else f"{v.conversion_lift.p_value:.3f}",
+            revenue_lift=[
+                f"{currency} {_estimate(e, _minor(currency))}"
+                for currency, e in sorted(v.revenue_lift.items())
+            ],
+        )
+        for v in experiment.variants
+    ]
+
+
+def experiment_title(experiment: ExperimentResult) -> str:
+    """``cart-abandonment: subject``."""
+    return f"{kind_label(experiment.journey_kind)}: {experiment.experiment}"
+
+
+def promoted_note(experiment: ExperimentResult) -> str | None:
+    """Why and when a promotion rule made a variant the winner, if one did."""
+    if not experiment.promoted:
+        return None
+    if experiment.promoted_at is None:
+        return experiment.promoted
+    return f"{experiment.promoted} ({experiment.promoted_at:%Y-%m-%d %H:%M UTC})"
 
 
 def _plain(value: Any) -> Any:

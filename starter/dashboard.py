@@ -42,7 +42,9 @@ from kaeru.db import session as db_session
 from kaeru.models import Customer, Touchpoint
 from kaeru.money import format_minor
 from kaeru.reports import (
+    arm_rows,
     best_and_worst_routes,
+    experiment_title,
     is_empty,
     kind_label,
     kinds_of,
@@ -50,6 +52,9 @@ from kaeru.reports import (
     load_report,
     money,
     percent,
+    period_label,
+    picker_dates,
+    promoted_note,
     route_label,
 )
 from kaeru.settings import Settings
@@ -126,18 +131,6 @@ def period_of(
             raise PeriodError(f"days={days!r}: give a whole number of days from 1 to {MAX_DAYS}")
         count = int(days)
     return Period(now - timedelta(days=count), now)
-
-
-def period_label(period: Period) -> str:
-    """``2026-11-01 to 2026-11-07`` (the last day included), with times when not midnight."""
-
-    def at(moment: datetime) -> str:
-        if moment.time() == time():
-            return moment.strftime("%Y-%m-%d")
-        return moment.strftime("%Y-%m-%d %H:%M UTC")
-
-    last = period.end - timedelta(days=1) if period.end.time() == time() else period.end
-    return f"{at(period.start)} to {at(last)}"
 
 
 def journey_url(settings: Settings, workflow_id: str) -> str:
@@ -289,12 +282,8 @@ class Page:
         period_query = ""
         extra: dict[str, Any] = {}
         if self.period is not None:
-            picked = {
-                "start": self.period.start.date().isoformat(),
-                "end": (self.period.end - timedelta(days=1)).date().isoformat()
-                if self.period.end.time() == time()
-                else self.period.end.date().isoformat(),
-            }
+            first, last = picker_dates(self.period)
+            picked = {"start": first, "end": last}
             period_query = "?" + urlencode(picked)
             extra = {
                 "period_start": picked["start"],
@@ -410,24 +399,6 @@ def routes_page(report: Report, kind: str = ALL) -> str:
     )
 
 
-def _estimate(estimate: Any, scale: Callable[[float], str]) -> str:
-    if estimate is None:
-        return "–"
-    return f"{scale(estimate.difference)} [{scale(estimate.low)}, {scale(estimate.high)}]"
-
-
-def _pp(value: float) -> str:
-    return f"{value * 100:+.1f} pp"
-
-
-def _minor(currency: str) -> Callable[[float], str]:
-    def scale(value: float) -> str:
-        text = format_minor(round(value), currency)
-        return text if value < 0 else f"+{text}"
-
-    return scale
-
-
 def experiments_page(report: Report) -> str:
     """Every experiment and holdout: each arm, its lift with the 95 % interval, the verdict."""
     page = Page("/dashboard/experiments", "Experiments", report.period)
@@ -435,38 +406,13 @@ def experiments_page(report: Report) -> str:
     for number, experiment in enumerate(report.experiments):
         chart = f"lift-{number}"
         page.charts[chart] = _lift_chart(experiment)
-        arms = [
-            {
-                "name": v.variant,
-                "control": v.variant == experiment.control,
-                "recipients": v.recipients,
-                "conversions": v.conversions,
-                "rate": percent(v.conversion_rate),
-                "revenue_per_recipient": [
-                    format_minor(round(amount), currency)
-                    for currency, amount in sorted(v.revenue_per_recipient.items())
-                ],
-                "lift": _estimate(v.conversion_lift, _pp),
-                "p": "–"
-                if v.conversion_lift is None or v.conversion_lift.p_value is None
-                else f"{v.conversion_lift.p_value:.3f}",
-                "revenue_lift": [
-                    f"{currency} {_estimate(e, _minor(currency))}"
-                    for currency, e in sorted(v.revenue_lift.items())
-                ],
-            }
-            for v in experiment.variants
-        ]
-        promoted = experiment.promoted
-        if promoted and experiment.promoted_at is not None:
-            promoted = f"{promoted} ({experiment.promoted_at:%Y-%m-%d %H:%M UTC})"
         experiments.append(
             {
                 "key": f"{experiment.journey_kind}/{experiment.experiment}",
-                "title": f"{kind_label(experiment.journey_kind)}: {experiment.experiment}",
+                "title": experiment_title(experiment),
                 "verdict": experiment.verdict,
-                "promoted": promoted,
-                "arms": arms,
+                "promoted": promoted_note(experiment),
+                "arms": arm_rows(experiment),
                 "chart": chart,
             }
         )
