@@ -8,7 +8,7 @@ from datetime import time, timedelta
 from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -485,6 +485,27 @@ class Settings(BaseSettings):
     # ---- analytics: touchpoints, online and offline (T) settings ----
 
     # ---- analytics: funnel, attribution, routes, KPIs (A) settings ----
+    attribution_window: timedelta = Field(
+        timedelta(days=5),
+        description="a purchase this long (seconds or ISO 8601) or less after a person's open "
+        "or click of a message (or its delivery, with KAERU_ATTRIBUTION_MODEL=delivery) is "
+        "credited to that message and its journey (Klaviyo's default: 5 days)",
+    )
+    attribution_model: Literal["last-touch", "first-touch", "delivery"] = Field(
+        "last-touch",
+        description="which message a purchase is credited to: `last-touch` (the last open or "
+        "click within the window), `first-touch` (the first one), or `delivery` (the last "
+        "message delivered within the window, opened or not, as Braze counts)",
+    )
+    route_steps: int = Field(
+        5, ge=1, description="route discovery keeps the first this many steps of each route"
+    )
+    route_top: int = Field(
+        10,
+        ge=1,
+        description="route discovery shows this many routes per journey kind (and across "
+        "journeys), the rest grouped as `other`",
+    )
 
     # ---- analytics: experiments and holdouts (X) settings ----
 
