@@ -66,6 +66,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
     email = EmailActivities(settings)
     ads = AudienceActivities(settings, http)
     recommendations = RecommendationActivities(settings)
+    entries = EntryActivities(settings)
     return [
         email.send_email,
         ads.add_to_audience,
@@ -76,7 +77,8 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         recommendations.recommend_products,
         recommendations.look_up_products,
         ConversionActivities(settings).record_conversion,
-        EntryActivities(settings).claim_journey_entry,
+        entries.claim_journey_entry,
+        entries.enter_journey,
         SendGateActivities(settings).reserve_send,
         ReportActivities(settings).send_report,
     ]

@@ -96,6 +96,11 @@ class SendEmailInput:
     #: What the message is about (for example ``cart:<fingerprint>``): one customer never gets
     #: two marketing messages on the same topic, from whichever journey.
     topic: str | None = None
+    #: The experiment arm this message is (``Journey.experiments``), stored on its message row
+    #: and every touchpoint of it (sent, opened, clicked); None: no experiment on its step.
+    variant: str | None = None
+    #: The experiment it is an arm of.
+    experiment: str | None = None
 
 
 @dataclass
@@ -198,6 +203,55 @@ class EntryClaimResult:
     granted: bool
     #: When the earlier entry that refused this one began (epoch seconds), if refused.
     previous_at: float | None = None
+
+
+# ---- Stream X: journey entry, variants and holdouts -------------------------------------------
+
+
+@dataclass
+class EntryPlan:
+    """What a journey does as it enters, fixed when the router starts it (a later change of
+    the settings reaches only journeys started after it).
+
+    A journey whose input has none (one started before entries were recorded, or a run that
+    a continue-as-new carried its arms into) records no entry.
+    """
+
+    #: ``KAERU_<PREFIX>_HOLDOUT_PERCENT``: the share of customers held out (0 to 100).
+    holdout_percent: float = 0.0
+    #: The experiments that run (``KAERU_<PREFIX>_EXPERIMENTS``); names the class declares.
+    experiments: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JourneyEntryInput:
+    """Record a journey's entry: one ``journey_entered`` touchpoint (``key``: workflow id, first
+    run id and generation, so a retry, a replay or a continue-as-new adds no second)."""
+
+    key: str
+    journey_id: str
+    kind: str
+    customer_id: str
+    #: ``Journey.version`` (funnels split by it).
+    version: str
+    #: Held out: the arm is ``holdout`` and the journey sends nothing.
+    held_out: bool
+    #: Experiment → the arm the hash gave (kaeru/variants.py).
+    arms: dict[str, str]
+    #: Experiment → its arms as the class declares them: a promoted winner that is not one
+    #: of them (an arm since removed) is not applied.
+    variants: dict[str, list[str]]
+    #: When the journey entered (epoch seconds, the workflow's clock).
+    at: float
+
+
+@dataclass
+class JourneyEntryResult:
+    """The arms the journey runs with: the hash's, or an experiment's promoted winner."""
+
+    arms: dict[str, str]
+    #: The touchpoint's variant: ``holdout``, the arm of a journey's one experiment, or None.
+    variant: str | None = None
 
 
 # ---- Consent stream G: the send gate ---------------------------------------------------------

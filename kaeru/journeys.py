@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, cr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import workflows
+from activities.types import EntryPlan
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
     CONSENT_WITHDRAWN,
@@ -77,6 +78,8 @@ class JourneyRoute:
     journey_settings: Any
     #: Its send priority (``KAERU_<PREFIX>_PRIORITY``, else the class's ``priority``).
     priority: int = DEFAULT_PRIORITY
+    #: How its journeys enter: ``KAERU_<PREFIX>_HOLDOUT_PERCENT`` and ``_EXPERIMENTS``.
+    entry: EntryPlan = dataclasses.field(default_factory=EntryPlan)
 
     @property
     def kind(self) -> str:
@@ -92,8 +95,13 @@ class JourneyRoute:
         ``KAERU_<PREFIX>_PRIORITY`` reaches only journeys started after it."""
         start = self.journey.start_input(customer_id, self.journey_settings)
         if dataclasses.is_dataclass(start) and not isinstance(start, type):
-            if "priority" in {f.name for f in dataclasses.fields(start)}:
+            names = {f.name for f in dataclasses.fields(start)}
+            if "priority" in names:
                 start = dataclasses.replace(start, priority=self.priority)
+            if "entry" in names:
+                # A copy: the input is encoded later, and no two journeys share one plan.
+                entry = EntryPlan(self.entry.holdout_percent, list(self.entry.experiments))
+                start = dataclasses.replace(start, entry=entry)
         return start
 
     def starts(self, name: str, properties: Mapping[str, Any]) -> bool:
@@ -255,6 +263,26 @@ def setting_infos(journey: type[Journey[Any]]) -> list[SettingInfo]:
             duration=False,
         )
     )
+    if not journey.transactional:
+        infos.append(
+            SettingInfo(
+                f"KAERU_{prefix_of(journey)}_HOLDOUT_PERCENT",
+                0.0,
+                "the share of customers (0 to 100, by a hash of their id) who enter it, are "
+                "recorded and get nothing: the holdout its lift is measured against",
+                duration=False,
+            )
+        )
+    if journey.experiments:
+        infos.append(
+            SettingInfo(
+                f"KAERU_{prefix_of(journey)}_EXPERIMENTS",
+                ",".join(_default_experiments(journey)),
+                "the experiments that run (comma-separated, of "
+                f"{', '.join(journey.experiments)}; empty: none)",
+                duration=False,
+            )
+        )
     for f, variable in _setting_fields(journey):
         default = _default_of(f)
         duration = bool(f.metadata.get("duration"))
@@ -351,6 +379,53 @@ def read_priority(journey: type[Journey[Any]]) -> int:
         ) from None
 
 
+def _default_experiments(journey: type[Journey[Any]]) -> list[str]:
+    return [n for n, e in journey.experiments.items() if e.enabled_by_default]
+
+
+def read_entry(journey: type[Journey[Any]]) -> EntryPlan:
+    """Read ``KAERU_<PREFIX>_HOLDOUT_PERCENT`` (0 to 100; transactional journeys have none)
+    and ``KAERU_<PREFIX>_EXPERIMENTS`` (names the class declares).
+
+    Raises:
+        JourneyError: a value is wrong; the message names the variable and the fix.
+    """
+    prefix = prefix_of(journey)
+    holdout_var = f"KAERU_{prefix}_HOLDOUT_PERCENT"
+    experiments_var = f"KAERU_{prefix}_EXPERIMENTS"
+    model = create_model(
+        f"{journey.__name__}Entry",
+        __base__=_JourneySettingsBase,
+        holdout=(float, Field(0.0, ge=0, le=100, validation_alias=holdout_var)),
+        experiments=(
+            str,
+            Field(",".join(_default_experiments(journey)), validation_alias=experiments_var),
+        ),
+    )
+    try:
+        values = model().model_dump()
+    except ValidationError as exc:
+        value = exc.errors()[0].get("input")
+        raise JourneyError(
+            f"{holdout_var}={value!r} is not valid (it must be a percentage from 0 to 100, "
+            "e.g. 10). Fix it in the environment or in .env"
+        ) from None
+    names = [n.strip() for n in str(values["experiments"]).split(",") if n.strip()]
+    unknown = [n for n in names if n not in journey.experiments]
+    if unknown:
+        declared = ", ".join(journey.experiments) or "none"
+        raise JourneyError(
+            f"{experiments_var} names {unknown}, which the {journey.kind} journey does not "
+            f"declare (it declares: {declared}). Fix it in the environment or in .env"
+        )
+    if journey.transactional and values["holdout"]:
+        raise JourneyError(
+            f"{holdout_var} is set, but the {journey.kind} journey is transactional and never "
+            "holds a customer out: remove it from the environment or .env"
+        )
+    return EntryPlan(holdout_percent=float(values["holdout"]), experiments=names)
+
+
 class _JourneySettingsBase(BaseSettings):
     """Reads like :class:`~kaeru.settings.Settings`: the environment, then ``.env``."""
 
@@ -389,6 +464,7 @@ def load_registry(settings: Settings) -> Registry:
                 enabled=enabled,
                 journey_settings=journey_settings,
                 priority=read_priority(journey),
+                entry=read_entry(journey),
             )
         )
     return Registry(tuple(routes))

@@ -208,6 +208,8 @@ class EmailMessage(SQLModel, table=True):
     )
     #: What the message is about (``cart:<fingerprint>``): one marketing message per topic.
     topic: str | None = Field(default=None, max_length=200)
+    #: The experiment arm it is (``SendEmailInput.variant``), for its opens and clicks.
+    variant: str | None = Field(default=None, max_length=100)
 
 
 class Suppression(SQLModel, table=True):
@@ -534,6 +536,33 @@ class SendSlot(SQLModel, table=True):
     #: Why the slot waits or was dropped (no personal data).
     reason: str | None = Field(default=None, max_length=500)
     updated_at: datetime = _ts()
+
+
+# ---- Stream X: experiments and holdouts ----------------------------------------------------
+
+
+class ExperimentPromotion(SQLModel, table=True):
+    """An experiment's winner, promoted by ``KAERU_EXPERIMENT_AUTO_PROMOTE`` once significant
+    (kaeru/experiments.py): journeys that enter later give every customer ``variant``.
+
+    One per journey kind and experiment, so a later reader sees when it happened and why
+    (``reason``: the numbers the verdict stood on).
+    """
+
+    __tablename__ = "experiment_promotions"
+    __table_args__ = (
+        UniqueConstraint("journey_kind", "experiment", name="uq_experiment_promotions"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    journey_kind: str = Field(max_length=100)
+    experiment: str = Field(max_length=100)
+    variant: str = Field(max_length=100)
+    promoted_at: datetime = _ts()
+    reason: str = Field(max_length=2000)
 
 
 # ---- analytics: dashboard and weekly report (D) ----

@@ -508,6 +508,18 @@ class Settings(BaseSettings):
     )
 
     # ---- analytics: experiments and holdouts (X) settings ----
+    experiment_min_sample: int = Field(
+        500,
+        ge=2,
+        description="recipients every arm of an experiment (or a holdout) needs before a "
+        "verdict; below it the result says `collecting` (Klaviyo waits for 500)",
+    )
+    experiment_auto_promote: bool = Field(
+        False,
+        description="promote an experiment's winner once significant (p < 0.05 on "
+        "conversion, every arm at KAERU_EXPERIMENT_MIN_SAMPLE): journeys that enter later "
+        "give it to everyone; recorded with when and why",
+    )
 
     # ---- analytics: dashboard and weekly report (D) settings ----
     temporal_ui_url: str = Field(

@@ -170,6 +170,7 @@ def _touch(
         kind="email_opened" if kind == OPEN else "email_clicked",
         journey_id=message.journey_id,
         step=message.step,
+        variant=message.variant,
         detail={"message_key": message.key, **detail, "machine": reason is not None}
         | ({"machine_reason": reason} if reason else {}),
     )

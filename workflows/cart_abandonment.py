@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import (
         CartLine,
         CouponInfo,
+        EntryPlan,
         ProductInfo,
         RecommendInput,
         RecommendResult,
@@ -33,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         product_id_of,
         quantity_of,
     )
+    from kaeru.variants import Experiment, Variant
     from workflows.kit import (
         AD_CLICKED,
         Journey,
@@ -148,6 +150,8 @@ class CartCarryOver:
     #: When the newest order an earlier generation converted happened (epoch seconds); see
     #: ``Journey.orders_until``.
     orders_until: float | None = None
+    #: The experiments' arms the journey entered with (``Journey.arms``).
+    arms: dict[str, str] | None = None
 
 
 @dataclass
@@ -162,6 +166,8 @@ class CartJourneyInput:
     #: The send priority when the router started it (``KAERU_CART_PRIORITY``); None: the
     #: class's ``priority``.
     priority: int | None = None
+    #: How the journey enters (holdout, experiments): see ``JourneyInput.entry``.
+    entry: EntryPlan | None = None
 
 
 def _product(props: dict[str, Any], currency: str = "USD") -> ProductInfo | None:
@@ -250,6 +256,15 @@ class CartAbandonment(Journey[CartJourneySettings]):
     settings_class = CartJourneySettings
     settings_prefix = "CART"
     priority = 10  # the send gate's order when caps compete (lower first)
+    #: The demo's experiment (off unless ``KAERU_CART_EXPERIMENTS=cart_subject``): the cart
+    #: email's subject names the product, or asks a question (cart_reminder.subject.j2).
+    experiments = {
+        "cart_subject": Experiment(
+            step="cart_email",
+            variants={"names_the_item": Variant(), "asks_a_question": Variant()},
+            enabled_by_default=False,
+        )
+    }
 
     @workflow.init
     def __init__(self, start: CartJourneyInput) -> None:
@@ -263,6 +278,8 @@ class CartAbandonment(Journey[CartJourneySettings]):
             pending=start.pending,
             orders_until=carried.orders_until if carried else None,
             priority=start.priority,
+            entry=start.entry,
+            arms=carried.arms if carried else None,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []
@@ -320,6 +337,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             generation=self.generation + 1,
             pending=events,
             priority=self.send_priority,
+            entry=self.entry_plan,
         )
 
     # ---- the cart ---------------------------------------------------------------------------
@@ -439,6 +457,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
                             self.story,
                             self.started_at,
                             self.orders_until,
+                            self.arms,
                         ),
                         generation=self.generation,
                         priority=self.send_priority,

@@ -38,7 +38,10 @@ with workflow.unsafe.imports_passed_through():
         CouponInfo,
         EntryClaim,
         EntryClaimResult,
+        EntryPlan,
         IssueCouponInput,
+        JourneyEntryInput,
+        JourneyEntryResult,
         ParkRemoval,
         ReserveSendInput,
         ReserveSendResult,
@@ -55,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
     from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
     from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
+    from kaeru.variants import HOLDOUT, Experiment, assign, held_out
 
 T = TypeVar("T")
 #: A journey's settings dataclass (see :func:`setting`).
@@ -90,6 +94,10 @@ MACHINE_REASONS = {
 #: A ``Marketing Consent Withdrawn`` for the journey's channel (email) and kind ends a
 #: marketing journey ``unsubscribed``; before this patch the kit left the event to the journey.
 CONSENT_ENDS_JOURNEYS = "consent-withdrawal-ends-marketing-journeys"
+#: A journey the router started records its entry (one ``journey_entered`` touchpoint with its
+#: version and arm), takes its experiments' arms (a promoted winner, if any) and, when the
+#: kind's holdout takes the customer, ends ``holdout`` at once having sent nothing.
+JOURNEY_ENTERED = "journey-entered"
 #: The outcome of a marketing journey whose customer unsubscribed (or may not be marketed to).
 UNSUBSCRIBED = "unsubscribed"
 #: A marketing message asks the send gate (``reserve_send``: consent, frequency caps,
@@ -230,6 +238,11 @@ class JourneyInput:
     #: The kind's send priority when the router started it (``KAERU_<PREFIX>_PRIORITY``);
     #: None: the class's ``priority``.
     priority: int | None = None
+    #: How the journey enters (holdout, experiments), set by the router and handed to the
+    #: next generation; None: it records no entry (a run a continue-as-new started).
+    entry: EntryPlan | None = None
+    #: The experiments' arms a continue-as-new carries (None: not entered in this way).
+    arms: dict[str, str] | None = None
 
 
 def message_name(step: str) -> str:
@@ -316,6 +329,12 @@ class Journey(Generic[S]):
     #: lower number goes first. ``KAERU_<PREFIX>_PRIORITY`` overrides it (kaeru/journeys.py),
     #: for journeys started after the change (it travels in the journey's input).
     priority: ClassVar[int] = DEFAULT_PRIORITY
+    #: The version of its behaviour, recorded with each entry so funnels split by it: bump it
+    #: when a change alters what the journey does (its messages, waits or branches).
+    version: ClassVar[str] = "1"
+    #: Its experiments (kaeru/variants.py): name → :class:`~kaeru.variants.Experiment` on one
+    #: message step each. ``KAERU_<PREFIX>_EXPERIMENTS`` names those that run.
+    experiments: ClassVar[Mapping[str, Experiment]] = {}
 
     settings: S
 
@@ -324,6 +343,15 @@ class Journey(Generic[S]):
         when the class is defined (the worker's import), not at a journey's end, where a
         missing method would fail every workflow task of a journey already running."""
         super().__init_subclass__(**kwargs)
+        steps: set[str] = set()
+        for name, experiment in cls.experiments.items():
+            experiment.check(name)
+            if experiment.step in steps:
+                raise TypeError(
+                    f"{cls.__name__} has two experiments on step {experiment.step!r}: one "
+                    "experiment per message step (give one experiment more variants instead)"
+                )
+            steps.add(experiment.step)
         if (
             (cls.starts_on or cls.starts_on_traits)
             and cls.next_journey is Journey.next_journey
@@ -349,6 +377,8 @@ class Journey(Generic[S]):
             pending=start.pending,
             orders_until=start.orders_until,
             priority=start.priority,
+            entry=start.entry,
+            arms=start.arms,
         )
         cls = type(self).settings_class
         self.settings = cast(S, cls(**start.settings) if cls is not None else None)
@@ -381,6 +411,8 @@ class Journey(Generic[S]):
         pending: list[JourneyEvent] | None = None,
         orders_until: float | None = None,
         priority: int | None = None,
+        entry: EntryPlan | None = None,
+        arms: dict[str, str] | None = None,
     ) -> None:
         """Set up the kit's state. Call it from the journey's ``@workflow.init``.
 
@@ -396,6 +428,8 @@ class Journey(Generic[S]):
             orders_until: when the newest order an earlier generation converted happened
                 (epoch seconds): orders until then do not stop this journey's emails.
             priority: the send priority its input carries; None: the class's ``priority``.
+            entry: how the journey enters (its input's ``entry``); None: no entry recorded.
+            arms: the experiments' arms a continue-as-new carried.
         """
         self.customer_id = customer_id
         self.last_seq = last_seq
@@ -407,6 +441,10 @@ class Journey(Generic[S]):
         self.orders_until = orders_until
         #: What this journey's marketing messages ask the send gate with (lower goes first).
         self.send_priority = priority if priority is not None else type(self).priority
+        self.entry_plan = entry
+        #: Experiment → this customer's arm; None: the journey did not enter with variants
+        #: (it began before they existed), so its messages are every experiment's default.
+        self.arms = dict(arms) if arms is not None else None
         self._exit_timers = 0
         self._timers: set[asyncio.Task[None]] = set()
         self.step = "started"
@@ -717,6 +755,7 @@ class Journey(Generic[S]):
                 orders_until=self.orders_until,
                 carried=self.carry(),
                 priority=self.send_priority,
+                arms=self.arms,
             )
         )
 
@@ -802,6 +841,10 @@ class Journey(Generic[S]):
             # ...but not on the order an earlier generation converted: a browser clock a few
             # minutes slow dates the next cart before it.
             email.ordered_since = max(email.ordered_since, self.orders_until + ORDER_AFTER)
+        found = self.arm(step)
+        if found is not None and email.variant is None:
+            email.experiment, email.variant, experiment = found
+            email.template = experiment.variants[email.variant].template or email.template
         if email.marketing and workflow.patched(SEND_GATE):
             if not await self.reserve_slot(step, email, stale_after):
                 return SendEmailResult(message_id="", to_address="", status=SKIPPED)
@@ -954,6 +997,57 @@ class Journey(Generic[S]):
             self.tell("did not start: the shopper had this journey too recently")
         return result.granted
 
+    async def _enter(self) -> bool:
+        """Record the journey's entry and take its arms (``enter_journey``); True when the
+        kind's holdout takes the customer (the journey then sends nothing)."""
+        plan = self.entry_plan
+        if plan is None or self.arms is not None or not workflow.patched(JOURNEY_ENTERED):
+            return False
+        held = not self.transactional and held_out(
+            self.customer_id, self.kind, plan.holdout_percent
+        )
+        running = {n: e for n, e in self.experiments.items() if n in plan.experiments}
+        arms = {n: assign(self.customer_id, self.kind, n, e) for n, e in running.items()}
+        entry = JourneyEntryInput(
+            key=self.key("entered"),
+            journey_id=workflow.info().workflow_id,
+            kind=self.kind,
+            customer_id=self.customer_id,
+            version=self.version,
+            held_out=held,
+            arms={} if held else arms,
+            variants={n: list(e.variants) for n, e in running.items()},
+            at=workflow.now().timestamp(),
+        )
+        result = await self.call("enter_journey", entry, JourneyEntryResult, "entry")
+        self.arms = dict(result.arms)
+        if held:
+            self.tell(f"held out (KAERU_{self._prefix()}_HOLDOUT_PERCENT): nothing is sent")
+        elif self.arms:
+            chosen = ", ".join(f"{n}: {a}" for n, a in sorted(self.arms.items()))
+            self.tell(f"entered version {self.version} with variants {chosen}")
+        return held
+
+    @classmethod
+    def _prefix(cls) -> str:
+        return cls.settings_prefix or cls.kind.upper().replace("-", "_")
+
+    def arm(self, step: str) -> tuple[str, str, Experiment] | None:
+        """The experiment on ``step`` and this customer's arm of it: (its name, the arm, the
+        experiment); None when none runs on it for this journey."""
+        for name, experiment in self.experiments.items():
+            if experiment.step == step and self.arms and name in self.arms:
+                arm = self.arms[name]
+                if arm in experiment.variants:
+                    return name, arm, experiment
+        return None
+
+    def delay(self, step: str, default: float) -> float:
+        """The wait before the ``step`` message: its variant's ``delay``, else ``default``."""
+        found = self.arm(step)
+        chosen = found[2].variants[found[1]].delay if found is not None else None
+        return chosen if chosen is not None else default
+
     async def join_audience(self, step: str, audience: str) -> AudienceResult:
         self.check_exit()
         self.enter(step)
@@ -1055,7 +1149,7 @@ class Journey(Generic[S]):
         try:
             if self.reentry is not None and not await self._claim_entry(self.reentry):
                 return await self.finish("not_reentered")
-            result = await steps()
+            result = await self.finish(HOLDOUT) if await self._enter() else await steps()
         except JourneyExit as exit_:
             result = await self.finish(exit_.outcome)
         except asyncio.CancelledError:
@@ -1108,6 +1202,7 @@ class Journey(Generic[S]):
             story=self.story,
             orders_until=self.converted_until(),
             priority=self.send_priority,
+            entry=self.entry_plan,
         )
 
     async def finish(self, outcome: str) -> JourneyResult:

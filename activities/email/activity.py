@@ -219,6 +219,7 @@ class EmailActivities:
                         attempts=attempt,
                         marketing=email.marketing,
                         topic=email.topic,
+                        variant=email.variant,
                     )
                 )
                 s.flush()

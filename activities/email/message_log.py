@@ -195,6 +195,7 @@ class MessageLog:
                     attempts=1,
                     marketing=email.marketing,
                     topic=email.topic,
+                    variant=email.variant,
                 )
             )
             s.flush()
@@ -225,7 +226,9 @@ class MessageLog:
                 key=f"{email.key}/email_sent",
                 journey_id=email.journey_id,
                 step=email.step,
-                detail={"message_id": out.message_id, "template": email.template},
+                variant=email.variant,
+                detail={"message_id": out.message_id, "template": email.template}
+                | ({"experiment": email.experiment} if email.experiment else {}),
             )
 
     def mark_bounced(
@@ -258,6 +261,7 @@ class MessageLog:
                 key=f"{email.key}/email_bounced",
                 journey_id=email.journey_id,
                 step=email.step,
+                variant=email.variant,
                 detail={"message_id": out.message_id, "phase": phase, "answer": answer},
             )
 

@@ -76,6 +76,7 @@ RESERVED = frozenset(
         "coupon_of",
         "unsubscribe_url",
         "shop_address",
+        "variant",
     }
 )
 #: The partials appended to every marketing message (each part): its unsubscribe link.
@@ -421,6 +422,8 @@ class Renderer:
             "coupon": _coupon_context(email.coupon) if email.coupon else None,
             **email.context,
             "shop": {"name": s.shop_name, "url": s.shop_url},
+            # The experiment arm (kaeru/variants.py): a template may word itself by it.
+            "variant": email.variant,
             "track": track,
             "link": lambda url: track(hosts.link(url) or s.shop_url),
             "image": hosts.image,

@@ -153,6 +153,8 @@ class ExperimentResult:
     #: Set when a promotion rule made a variant the winner: when, and why.
     promoted: str | None = None
     promoted_at: datetime | None = None
+    #: Why the promotion happened: the numbers its verdict stood on (stream X).
+    promotion_reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,22 @@ async def test_click_redirects_to_the_stored_link_and_emits_one_event(
     assert [e.name for e in events(settings)] == ["Email Link Clicked", "Email Opened"]
 
 
+async def test_opens_and_clicks_carry_the_messages_experiment_variant(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    with session(settings.resolved_database_url) as s:
+        row = s.get(EmailMessage, MESSAGE_KEY)
+        assert row is not None
+        row.variant = "asks_a_question"  # as the send stored it (SendEmailInput.variant)
+        s.add(row)
+    await api.get(opened())
+    await api.get(clicked(0))
+    assert [(t.kind, t.variant) for t in touchpoints(settings)] == [
+        ("email_opened", "asks_a_question"),
+        ("email_clicked", "asks_a_question"),
+    ]
+
+
 @pytest.mark.parametrize("link", [2, 99, -1])
 async def test_link_index_out_of_range_is_404(
     api: httpx.AsyncClient, settings: Settings, link: int

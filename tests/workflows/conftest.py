@@ -31,6 +31,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.types import EntryPlan
 from kaeru.db import session
 from kaeru.models import AudienceMember, Customer, Touchpoint
 from kaeru.settings import Settings
@@ -67,6 +68,9 @@ class Shopper:
     customer_id: str = field(default_factory=lambda: f"c-{uuid.uuid4().hex[:8]}")
     seq: int = 0
     settings: CartJourneySettings = field(default_factory=lambda: SETTINGS)
+    #: How the journey enters (holdout, experiments), as the router's input says; None: as
+    #: journeys started before entries were recorded (no entry).
+    entry: EntryPlan | None = None
 
     @property
     def journey_id(self) -> str:
@@ -92,7 +96,7 @@ class Shopper:
         """Signal-with-start ``event`` as it is (a router delivering it again)."""
         await self.env.client.start_workflow(
             CartAbandonment.run,
-            CartJourneyInput(self.customer_id, self.settings),
+            CartJourneyInput(self.customer_id, self.settings, entry=self.entry),
             id=self.journey_id,
             task_queue=self.task_queue,
             start_signal=EVENT_SIGNAL,
