@@ -25,7 +25,9 @@ from kaeru.analytics.model import (
     Report,
     Route,
 )
+from kaeru.analytics.report import build_report
 from kaeru.db import session as db_session
+from kaeru.experiments import experiment_results
 from kaeru.money import format_minor
 from kaeru.settings import Settings
 
@@ -292,9 +294,11 @@ def report_json(report: Report) -> dict[str, Any]:
 
 
 def load_report(settings: Settings, period: Period) -> Report:
-    """The report of ``period`` from the database, with the experiments' results."""
-    from kaeru.analytics.report import build_report  # type: ignore[import-not-found,unused-ignore]
-
+    """The report of ``period`` from the database: the analytics' numbers
+    (:func:`kaeru.analytics.report.build_report`) and the experiments' results
+    (:func:`kaeru.experiments.experiment_results`), read in one transaction."""
     with db_session(settings.resolved_database_url) as s:
-        report: Report = build_report(s, settings, period)
-    return report
+        report = build_report(s, settings, period)
+        return dataclasses.replace(
+            report, experiments=report.experiments or experiment_results(s, settings, period)
+        )
