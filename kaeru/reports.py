@@ -170,8 +170,8 @@ def best_and_worst_routes(
     """The routes across journeys with the highest and the lowest conversion rate.
 
     "other" (the grouped tail) is no route of its own, and a route nobody took has no rate:
-    both are left out. Ties go to the route more customers took. A route named best is not
-    named worst too.
+    both are left out. Only a route that led to a purchase is named best; ties go to the route
+    more customers took. A route named best is not named worst too.
     """
     ranked = sorted(
         (
@@ -181,8 +181,8 @@ def best_and_worst_routes(
         ),
         key=lambda r: (-(r.conversion_rate or 0.0), -r.customers, r.steps),
     )
-    best = ranked[:count]
-    rest = ranked[count:]
+    best = [r for r in ranked if r.converted][:count]
+    rest = [r for r in ranked if r not in best]
     worst = sorted(rest, key=lambda r: (r.conversion_rate or 0.0, -r.customers, r.steps))[:count]
     return best, worst
 
@@ -267,12 +267,15 @@ def experiment_title(experiment: ExperimentResult) -> str:
 
 
 def promoted_note(experiment: ExperimentResult) -> str | None:
-    """Why and when a promotion rule made a variant the winner, if one did."""
+    """Which variant a promotion rule made the winner, when, and why, if one did."""
     if not experiment.promoted:
         return None
-    if experiment.promoted_at is None:
-        return experiment.promoted
-    return f"{experiment.promoted} ({experiment.promoted_at:%Y-%m-%d %H:%M UTC})"
+    note = experiment.promoted
+    if experiment.promoted_at is not None:
+        note += f" on {experiment.promoted_at:%Y-%m-%d %H:%M UTC}"
+    if experiment.promotion_reason:
+        note += f": {experiment.promotion_reason}"
+    return note
 
 
 def _plain(value: Any) -> Any:

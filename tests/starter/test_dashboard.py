@@ -111,6 +111,9 @@ def test_best_and_worst_routes_leave_out_other_and_are_not_named_twice() -> None
         ("email_sent", "email_clicked"),
     ]
     assert [r.steps for r in worst] == [("ad_click", "purchase"), ("email_sent",)]
+    # A route nobody bought from is never "best", however few routes there are.
+    best, worst = best_and_worst_routes(known_report(), count=5)
+    assert len(best) == 3 and [r.steps for r in worst] == [("ad_click", "purchase")]
     html = dashboard.overview_page(known_report())
     assert row(html, "class", "best") == [
         "email_sent → email_opened → purchase",

@@ -8,6 +8,8 @@ Four shoppers enter the cart journey at ``start`` and each gets its reminder ema
 - ``c-3``'s open is a machine's (Apple Mail Privacy Protection): it must not count;
 - ``c-4`` opens it two hours later and buys in the store (channel ``pos``) two days later:
   12000 JPY, a currency never added to euros.
+
+Each arm of the ``cart_subject`` experiment has two of them and one buyer: no difference.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from kaeru.settings import Settings
 from kaeru.touchpoints import record_touchpoint
 
 KIND = "cart-abandonment"
+#: The cart journey's declared experiment: c-1 and c-3 ask a question, c-2 and c-4 name the item.
+EXPERIMENT = "cart_subject"
 
 #: What the report of a period holding the whole history says, for every journey together.
 KNOWN: dict[str, Any] = {
@@ -59,7 +63,14 @@ def seed_known_history(settings: Settings, start: datetime) -> None:
                 "step": "reminder",
                 "channel": "email",
             }
-            touch("journey_entered", timedelta(0), journey_id=journey, journey_kind=KIND)
+            arm = "asks_a_question" if number % 2 else "names_the_item"
+            touch(
+                "journey_entered",
+                timedelta(0),
+                journey_id=journey,
+                journey_kind=KIND,
+                detail={"arms": {EXPERIMENT: arm}},
+            )
             touch("email_sent", timedelta(minutes=1), detail=message, **on_email)
             if number == 1:
                 touch(
