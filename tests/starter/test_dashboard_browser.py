@@ -117,3 +117,16 @@ async def test_every_page_renders_the_known_numbers_in_a_browser(
         assert 'id="no-data"' in empty
     for name, shot in shots.items():
         assert shot.stat().st_size > 10_000, f"the {name} screenshot is blank"
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "failed"), ("", "skipped")])
+def test_a_machine_without_chromium_says_so_by_name_and_how_to_install_it(
+    ci: str, outcome: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser on it
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "failed" else pytest.skip.Exception
+    with pytest.raises(expected) as stopped:
+        chromium_or_skip()
+    assert "apt-get install -y chromium" in str(stopped.value)
+    assert "headless Chromium is missing" in str(stopped.value)
