@@ -46,6 +46,7 @@ def test_the_email_has_the_kpis_with_change_the_routes_and_the_verdicts() -> Non
     assert "ad_click → purchase: 0 of 4 bought (0.0 %)" in text  # the worst
     assert "cart-abandonment: subject: b wins" in text
     assert "b: 64 of 640 converted (10.0 %), lift +5.0 pp [+2.1 pp, +7.9 pp]" in text
+    assert "holdout (control): 30 of 600 converted (5.0 %)\n" in text
     assert "https://k.example/dashboard?start=2026-11-23&end=2026-11-29" in text
     assert '<td>Conversion rate</td><td align="right">20.0 %</td>' in html
     assert "b wins" in html
