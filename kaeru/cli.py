@@ -13,9 +13,10 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from zoneinfo import ZoneInfo
 
 import httpx
 import typer
@@ -32,6 +33,9 @@ from temporalio.service import RPCError
 
 from activities.email.addresses import mask_address, normalise_address
 from activities.email.gate import suppression_of
+from kaeru.analytics.report import build_report
+from kaeru.analytics.serialise import report_to_json
+from kaeru.analytics.terminal import PeriodError, period_of, render, write_csv
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.db import write_session as db_write_session
@@ -49,7 +53,7 @@ from kaeru.serving import (
     migrate_database,
     safe_url,
 )
-from kaeru.settings import Settings
+from kaeru.settings import Settings, known_timezone
 from kaeru.temporal import connect, ensure_search_attributes
 from starter.app import create_app
 from starter.feedback import suppress
@@ -421,6 +425,51 @@ def audience(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+# ---- kaeru report: what happened -----------------------------------------------------------------
+
+
+@app.command()
+def report(
+    since: Annotated[
+        str,
+        typer.Option(help="Start: an age (7d, 30d, 2w, 12h) or an ISO date or time."),
+    ] = "7d",
+    until: Annotated[
+        str | None,
+        typer.Option(help="End (not included), as --since; default: now. An age counts back."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON (for machines).")
+    ] = False,
+    csv_dir: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Write one CSV file per section into this directory."),
+    ] = None,
+) -> None:
+    """What happened: KPIs against the period before, funnels, revenue recovered, routes and
+    the send-time heatmap."""
+    settings = load_settings()
+    zone = known_timezone(settings.shop_timezone) or ZoneInfo("UTC")
+    try:
+        period = period_of(since, until, datetime.now(UTC), zone)
+    except PeriodError as exc:
+        fail(str(exc))
+    url, label = database_url_checked(settings)
+    with database_problems(label), db_session(url) as s:
+        built = build_report(s, settings, period)
+    if csv_dir is not None:
+        try:
+            written = write_csv(built, csv_dir)
+        except OSError as exc:
+            fail(f"cannot write the CSV files into {csv_dir} ({exc}): give a writable directory")
+        if not as_json:
+            console.print(f"Wrote {', '.join(p.name for p in written)} to {csv_dir}.")
+    if as_json:
+        typer.echo(json.dumps(report_to_json(built), indent=2, ensure_ascii=False))
+    elif csv_dir is None:
+        render(built, console)
 
 
 # ---- kaeru events: what the router parked ------------------------------------------------------

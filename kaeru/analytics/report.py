@@ -332,12 +332,13 @@ def funnels_of(history: History, period: Period, credit: Iterable[Credit]) -> tu
     """Each journey kind's funnel: customers who reached each stage in the period.
 
     Stages: ``entered`` (``journey_entered``), ``sent: <step>`` for each message step (in the
-    order the kind first sent them), ``delivered`` (see :func:`kpis_in`), ``opened`` and
-    ``clicked`` (a person's), ``audience`` (joined an ad audience), ``ad click``, ``offer``
-    (a coupon issued), ``purchased`` (a purchase credited to the kind, :func:`credits`). A
-    stage counts distinct customers whose touch of that stage happened in the period (for
-    ``day``: on that day in the shop's time zone); its ``dropoff`` is the share of the stage
-    before's customers who did not reach it. A journey's version is the ``detail["version"]``
+    order the kind first sent them; handed to the mail server, as ``messages_sent`` counts),
+    ``delivered`` (see :func:`kpis_in`), ``opened`` and ``clicked`` (a person's),
+    ``audience`` (joined an ad audience), ``ad click``, ``offer`` (a coupon issued),
+    ``purchased`` (a purchase credited to the kind, :func:`credits`). A stage counts
+    distinct customers whose touch of that stage happened in the period (for ``day``: on
+    that day in the shop's time zone); its ``dropoff`` is the share of the stage before's
+    customers who did not reach it. A journey's version is the ``detail["version"]``
     of its ``journey_entered`` row; touches of a journey with none count in no version's
     funnel (only in the one of all versions).
     """
@@ -362,7 +363,7 @@ def funnels_of(history: History, period: Period, credit: Iterable[Credit]) -> tu
             message = messages.get(touch.message)
             if message is not None and message.delivery_at == touch.at:
                 reach(kind, touch.journey_id, touch.at, "delivered", touch.customer_id)
-        if touch.kind == SENT:
+        if touch.kind in (SENT, BOUNCED):
             first_sent.setdefault((kind, touch.step or ""), touch.at)
         stage = _stage_of(touch, history)
         if stage is not None:
@@ -402,7 +403,7 @@ def funnels_of(history: History, period: Period, credit: Iterable[Credit]) -> tu
 def _stage_of(touch: Touch, history: History) -> str | None:
     if touch.kind == ENTERED:
         return "entered"
-    if touch.kind == SENT:
+    if touch.kind in (SENT, BOUNCED):
         return f"sent: {touch.step or ''}"
     if touch.kind in (OPENED, CLICKED):
         if not history.human(touch):
