@@ -33,16 +33,19 @@ from temporalio.service import RPCError
 
 from activities.email.addresses import mask_address, normalise_address
 from activities.email.gate import suppression_of
+from kaeru.analytics.model import Estimate, Period
 from kaeru.analytics.report import build_report
 from kaeru.analytics.serialise import report_to_json
 from kaeru.analytics.terminal import PeriodError, period_of, render, write_csv
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.db import write_session as db_write_session
+from kaeru.experiments import experiment_results, promote_winners
 from kaeru.identity import email_problem
 from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
 from kaeru.machine_opens import RangeFileError, write_ranges
 from kaeru.models import AudienceMember, Suppression
+from kaeru.money import format_minor
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.serving import (
     DEV_WRITE_KEY,
@@ -599,6 +602,84 @@ def customers_erase(
         console.print(
             f"Other kaeru processes stop reading their payloads within {KEY_CACHE_TTL:.0f} s."
         )
+
+
+# ---- kaeru experiments: variants and holdouts (kaeru/experiments.py) --------------------------
+
+
+def _estimate(estimate: Estimate | None, scale: float = 1.0, unit: str = "") -> str:
+    if estimate is None:
+        return "-"
+    p = f"p={estimate.p_value:.3g}" if estimate.p_value is not None else "p=n/a"
+    return (
+        f"{estimate.difference * scale:+.2f}{unit} "
+        f"[{estimate.low * scale:+.2f}, {estimate.high * scale:+.2f}] {p}"
+    )
+
+
+@app.command()
+def experiments(
+    days: Annotated[
+        int, typer.Option(min=1, help="Journeys entered in the last this many days.")
+    ] = 30,
+    promote: Annotated[
+        bool,
+        typer.Option(
+            help="Apply the promotion rule now: record each significant winner (needs "
+            "KAERU_EXPERIMENT_AUTO_PROMOTE=true)."
+        ),
+    ] = False,
+) -> None:
+    """Experiment and holdout results: recipients, conversion, revenue per recipient and the
+    difference against the control with its 95 % interval, and each verdict."""
+    settings = load_settings()
+    if promote and not settings.experiment_auto_promote:
+        fail(
+            "--promote needs the promotion rule switched on",
+            "Set KAERU_EXPERIMENT_AUTO_PROMOTE=true (in the environment or .env) and run again.",
+        )
+    url, label = database_url_checked(settings)
+    now = datetime.now(UTC)
+    period = Period(now - timedelta(days=days), now)
+    with database_problems(label), db_session(url) as s:
+        promoted = promote_winners(s, settings, period) if promote else []
+        results = experiment_results(s, settings, period)
+    if not results:
+        console.print(f"No journey entered in the last {days} days.")
+        return
+    for result in results:
+        table = Table(
+            title=f"{result.journey_kind} · {result.experiment}: {result.verdict}",
+            box=None,
+            header_style="bold",
+            title_justify="left",
+        )
+        for column in ("arm", "recipients", "conversions", "rate", "revenue / recipient"):
+            table.add_column(column)
+        table.add_column(f"conversion vs {result.control} (pts, 95% CI)")
+        for arm in result.variants:
+            revenue = ", ".join(
+                format_minor(round(v), c) for c, v in sorted(arm.revenue_per_recipient.items())
+            )
+            rate = arm.conversion_rate
+            table.add_row(
+                arm.variant,
+                str(arm.recipients),
+                str(arm.conversions),
+                f"{rate:.1%}" if rate is not None else "n/a",
+                revenue or "-",
+                _estimate(arm.conversion_lift, 100.0),
+            )
+        console.print(table)
+        if result.promoted is not None and result.promoted_at is not None:
+            console.print(
+                f"Promoted {result.promoted} on {result.promoted_at:%Y-%m-%d %H:%M} UTC: "
+                f"{result.promotion_reason}",
+                soft_wrap=True,
+            )
+        console.print()
+    for row in promoted:
+        console.print(f"Promoted {row.variant} in {row.journey_kind} {row.experiment} now.")
 
 
 # ---- kaeru codec: the payload codec's master key (kaeru/codec.py) -------------------------------

@@ -4,12 +4,15 @@ literal numbers from touchpoints on SQLite and PostgreSQL, and promotion recorde
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 
 from kaeru.analytics.model import Period
-from kaeru.db import session
+from kaeru.cli import app
+from kaeru.db import migrate, session
 from kaeru.experiments import (
     Sample,
     experiment_results,
@@ -176,9 +179,10 @@ def test_results_with_literal_numbers(database_url: str) -> None:
     assert subject.promoted is None
 
 
-def significant_history(url: str, control_buyers: int, question_buyers: int) -> None:
+def significant_history(
+    url: str, control_buyers: int, question_buyers: int, at: datetime = START + DAY
+) -> None:
     """100 customers per arm, no holdout: the first declared variant is the control."""
-    at = START + DAY
     with session(url) as s:
         for n in range(100):
             enter(s, f"a{n}", at, "names_the_item", {EXPERIMENT: "names_the_item"})
@@ -237,3 +241,25 @@ def test_the_winner_is_promoted_once_with_when_and_why(database_url: str) -> Non
 def test_no_entries_no_results(database_url: str) -> None:
     with session(database_url) as s:
         assert experiment_results(s, make_settings(database_url), PERIOD) == ()
+
+
+def test_kaeru_experiments_prints_the_results_and_promotes_on_request(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)
+    significant_history(url, 10, 30, at=datetime.now(UTC) - 2 * DAY)
+    env = {"KAERU_DATABASE_URL": url, "KAERU_EXPERIMENT_MIN_SAMPLE": "100", "COLUMNS": "200"}
+    shown = CliRunner().invoke(app, ["experiments", "--days", "7"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "cart-abandonment · cart_subject: asks_a_question wins" in shown.output
+    assert "10.0%" in shown.output and "30.0%" in shown.output
+    # Percentage points: 20 ± 1.96 × sqrt(0.1 × 0.9 / 100 + 0.3 × 0.7 / 100) × 100.
+    assert "+20.00 [+9.26, +30.74] p=0.000407" in shown.output
+    refused = CliRunner().invoke(app, ["experiments", "--promote"], env=env)
+    assert refused.exit_code == 1
+    assert "KAERU_EXPERIMENT_AUTO_PROMOTE=true" in refused.stderr
+    env["KAERU_EXPERIMENT_AUTO_PROMOTE"] = "true"
+    promoted = CliRunner().invoke(app, ["experiments", "--promote"], env=env)
+    assert promoted.exit_code == 0, promoted.output
+    assert "Promoted asks_a_question in cart-abandonment cart_subject now." in promoted.output
+    again = CliRunner().invoke(app, ["experiments", "--promote"], env=env)
+    assert "now." not in again.output and "Promoted asks_a_question on " in again.output

@@ -205,11 +205,14 @@ async def test_a_journey_a_purchase_starts_is_not_ended_by_it(subscriber: Subscr
     )
     assert (await receipt.result()).outcome == "sent"
     history = await receipt.fetch_history()
-    [send] = [
-        json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)
+    scheduled = [
+        e.activity_task_scheduled_event_attributes
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
+    # Its entry is recorded first (journey_entered), then the one message.
+    assert [a.activity_type.name for a in scheduled] == ["enter_journey", "send_email"]
+    send = json.loads(scheduled[1].input.payloads[0].data)
     assert send["context"] == {"order_id": "o-7"} and send["marketing"] is False
 
 
