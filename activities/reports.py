@@ -34,6 +34,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.email.signature import Signer
 from kaeru.analytics.model import Period, Report
+from kaeru.analytics.serialise import report_to_json
 from kaeru.db import session as db_session
 from kaeru.db import write_session
 from kaeru.models import StoredReport, utcnow
@@ -49,7 +50,6 @@ from kaeru.reports import (
     percent,
     period_label,
     picker_dates,
-    report_json,
     route_label,
 )
 from kaeru.settings import Settings
@@ -158,7 +158,7 @@ class ReportActivities:
             key=request.key,
             period_start=period.start,
             period_end=period.end,
-            report=report_json(report),
+            report=report_to_json(report),
             subject=subject,
             text=text,
             html=html,

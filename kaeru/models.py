@@ -573,7 +573,7 @@ class StoredReport(SQLModel, table=True):
 
     ``key`` is the idempotency key of the run (the schedule's action time): a retried or
     repeated run finds its row, reuses the report it stored and sends no second email.
-    ``report`` is :class:`kaeru.analytics.model.Report` as JSON (``kaeru.reports.report_json``);
+    ``report`` is :class:`kaeru.analytics.model.Report` as JSON (``report_to_json``);
     it holds counts and money only, no personal data.
     """
 

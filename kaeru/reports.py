@@ -3,8 +3,8 @@
 Both show the same :class:`~kaeru.analytics.model.Report` (built by
 ``kaeru.analytics.report.build_report``), so both read it through these helpers: a KPI with its
 change against the period before, money per currency (never summed across currencies), the best
-and worst routes, the experiments' verdicts. :func:`report_json` is the stored form (table
-``reports``).
+and worst routes, the experiments' verdicts. The stored form (table ``reports``) is
+:func:`kaeru.analytics.serialise.report_to_json`, as ``kaeru report --json`` prints it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
-from typing import Any
+from datetime import datetime, time, timedelta
 
 from kaeru.analytics.model import (
     ALL,
@@ -276,24 +275,6 @@ def promoted_note(experiment: ExperimentResult) -> str | None:
     if experiment.promotion_reason:
         note += f": {experiment.promotion_reason}"
     return note
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def report_json(report: Report) -> dict[str, Any]:
-    """The report as JSON-ready data (datetimes as ISO 8601, tuples as lists)."""
-    plain: dict[str, Any] = _plain(report)
-    return plain
 
 
 def load_report(settings: Settings, period: Period) -> Report:
