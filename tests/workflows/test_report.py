@@ -25,6 +25,7 @@ from tests.conftest import make_settings
 from tests.support.history import KNOWN, seed_known_history
 from tests.support.reports import known_report
 from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import record_histories
 from worker import build_worker, ensure_report_schedule
 from workflows.report import REPORT_SCHEDULE_ID, SCHEDULED_AT
 
@@ -131,7 +132,9 @@ async def test_the_schedule_runs_the_report_emails_operators_and_stores_it(
     assert message.message["Message-ID"] == message_id(settings, row.key)
     assert message.message["Subject"] == row.subject
     [run] = description.info.recent_actions
-    started = await client.get_workflow_handle(run.action.workflow_id).describe()  # type: ignore[attr-defined]
+    run_id = run.action.workflow_id  # type: ignore[attr-defined]
+    await record_histories(client, run_id)
+    started = await client.get_workflow_handle(run_id).describe()
     due = started.typed_search_attributes.get(SCHEDULED_AT)
     # The action time as the run carries it (whole seconds), whoever retries the run.
     assert due is not None and abs(due - run.scheduled_at) < timedelta(seconds=1)
