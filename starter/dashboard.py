@@ -307,7 +307,8 @@ class Page:
 
 
 def overview_page(report: Report) -> str:
-    """The KPIs of every journey kind against the period before, and the best and worst routes."""
+    """The KPIs of every journey kind against the period before, the revenue credited to each
+    message (journey, step, variant), and the best and worst routes."""
     page = Page("/dashboard", "Overview", report.period)
     kinds = []
     for number, kind in enumerate(kinds_of(report)):
@@ -323,7 +324,12 @@ def overview_page(report: Report) -> str:
         )
     best, worst = best_and_worst_routes(report)
     return page.render(
-        "overview.html.j2", empty=is_empty(report), kinds=kinds, best=best, worst=worst
+        "overview.html.j2",
+        empty=is_empty(report),
+        kinds=kinds,
+        attribution=report.attribution,
+        best=best,
+        worst=worst,
     )
 
 

@@ -98,6 +98,15 @@ def test_overview_shows_each_kpi_against_the_period_before_and_money_per_currenc
         "0 JPY",
         "+12000 JPY",
     ]
+    # Revenue credited per journey, step and variant, each currency on its own.
+    assert row(html, "data-step", "cart-abandonment/offer/b") == [
+        "cart-abandonment",
+        "offer",
+        "b",
+        "3",
+        "159.90 EUR, 12000 JPY",
+    ]
+    assert row(html, "data-step", "cart-abandonment/reminder/")[2:] == ["–", "5", "300.00 EUR"]
     assert "all journeys" in html and "2026-11-23 to 2026-11-29" in html
     assert "2026-11-16 to 2026-11-22" in html  # the period before
     assert 'src="/dashboard/static/plotly.min.js"' in html

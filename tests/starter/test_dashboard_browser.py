@@ -69,6 +69,11 @@ async def test_every_page_renders_the_known_numbers_in_a_browser(
         assert row(overview, "data-kpi", "Revenue recovered (EUR)")[1] == "45.99 EUR"
         assert row(overview, "data-kpi", "Revenue recovered (JPY)")[1] == "12000 JPY"
         assert "2026-11-23 to 2026-11-29" in overview
+        # Both purchases followed the reminder's open or click within the window: its revenue.
+        assert row(overview, "data-step", "cart-abandonment/reminder/")[3:] == [
+            "2",
+            "45.99 EUR, 12000 JPY",
+        ]
 
         funnels = await tab.open(f"{base}/dashboard/funnels?{WEEK}", DRAWN)
         shots["funnels"] = await tab.screenshot(tmp_path / "funnels.png")

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime
 
 from kaeru.analytics.model import (
     ALL,
+    Attribution,
     Estimate,
     ExperimentResult,
     Funnel,
@@ -106,7 +107,10 @@ def known_report() -> Report:
             Funnel("cart-abandonment", "2", None, stages),
             Funnel("cart-abandonment", None, date(2026, 11, 24), stages),
         ),
-        attribution=(),
+        attribution=(
+            Attribution("cart-abandonment", "reminder", None, 5, {"EUR": 30_000}),
+            Attribution("cart-abandonment", "offer", "b", 3, {"JPY": 12_000, "EUR": 15_990}),
+        ),
         routes=(
             Route(ALL, ("email_sent", "email_opened", "purchase"), 10, 6, 0.6, {"EUR": 30_000}),
             Route(ALL, ("email_sent",), 20, 1, 0.05, {"EUR": 1_990}),
