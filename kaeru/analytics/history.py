@@ -19,10 +19,11 @@ heatmap agree:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 from sqlmodel import Session, col, select
@@ -47,6 +48,8 @@ ENTERED = "journey_entered"
 #: ``consent_changes.detail`` of an unsubscribe through a message's link names the message
 #: (starter/unsubscribe.py), which names its journey.
 UNSUBSCRIBE_LINK_PREFIX = "unsubscribe link of message "
+
+T = TypeVar("T")
 
 
 #: The columns of ``touchpoints`` the analytics read, in :class:`Touch`'s order of reading.
@@ -90,7 +93,7 @@ class Touch:
     detail: Mapping[str, Any]
     key: str | None
 
-    @property
+    @cached_property
     def message(self) -> str:
         """The message this touch belongs to (its email's idempotency key)."""
         stated = self.detail.get("message_key")
@@ -157,6 +160,8 @@ class History:
     timezones: dict[str, ZoneInfo]
     shop_zone: ZoneInfo
     by_customer: dict[str, list[Touch]] = field(init=False)
+    #: What the parts of a report computed from these rows, kept for the next part.
+    memo: dict[Hashable, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_customer = defaultdict(list)
@@ -218,8 +223,17 @@ class History:
         """Whether an open or click counts as a person's."""
         return self.settings.machine_opens_count or not touch.detail.get("machine")
 
+    def remembered(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, once per ``key`` for these rows."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return cast(T, self.memo[key])
+
     def messages(self, until: datetime) -> dict[str, Message]:
-        """Every message, from its touchpoints before ``until``."""
+        """Every message, from its touchpoints before ``until`` (read-only: shared)."""
+        return self.remembered(("messages", until), lambda: self._messages(until))
+
+    def _messages(self, until: datetime) -> dict[str, Message]:
         found: dict[str, Message] = {}
         for touch in self.touches:
             if touch.at >= until:
@@ -253,6 +267,9 @@ class History:
 
     def purchases(self) -> list[Touch]:
         """Every purchase, once per customer and order id (see the module docstring)."""
+        return self.remembered("purchases", self._purchases)
+
+    def _purchases(self) -> list[Touch]:
         chosen: dict[tuple[str, str], Touch] = {}
         loose: list[Touch] = []
         for touch in self.touches:

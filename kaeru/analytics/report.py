@@ -58,12 +58,11 @@ OTHER = ("other",)
 def build_report(session: Session, settings: Settings, period: Period) -> Report:
     """The whole report of ``period`` (its KPIs also of the period before); experiments ``()``."""
     history = load(session, settings, period)
-    credit = credits(history, period)
     return Report(
         period=period,
         kpis=kpis_of(history, period),
-        funnels=funnels_of(history, period, credit),
-        attribution=attribution_of(credit),
+        funnels=funnels_of(history, period),
+        attribution=attribution_of(credits(history, period)),
         routes=routes_of(history, period),
         heatmap=heatmap_of(history, period),
     )
@@ -86,8 +85,7 @@ def kpis(session: Session, settings: Settings, period: Period) -> dict[str, KpiC
 
 def funnels(session: Session, settings: Settings, period: Period) -> tuple[Funnel, ...]:
     """The funnel of every journey kind: whole, per journey version and per day."""
-    history = load(session, settings, period)
-    return funnels_of(history, period, credits(history, period))
+    return funnels_of(load(session, settings, period), period)
 
 
 def attribution(session: Session, settings: Settings, period: Period) -> tuple[Attribution, ...]:
@@ -131,6 +129,10 @@ def credits(history: History, period: Period) -> list[Credit]:
     purchase is credited at most once, whatever its channel (a store purchase after an email
     counts), and carries the journey kind, step and variant of the message.
     """
+    return history.remembered(("credits", period), lambda: _credits(history, period))
+
+
+def _credits(history: History, period: Period) -> list[Credit]:
     settings = history.settings
     window = settings.attribution_window
     messages = history.messages(period.end)
@@ -328,7 +330,7 @@ def rate(numerator: int, denominator: int) -> float | None:
 LATER_STAGES = ("delivered", "opened", "clicked", "audience", "ad click", "offer", "purchased")
 
 
-def funnels_of(history: History, period: Period, credit: Iterable[Credit]) -> tuple[Funnel, ...]:
+def funnels_of(history: History, period: Period) -> tuple[Funnel, ...]:
     """Each journey kind's funnel: customers who reached each stage in the period.
 
     Stages: ``entered`` (``journey_entered``), ``sent: <step>`` for each message step (in the
@@ -368,7 +370,7 @@ def funnels_of(history: History, period: Period, credit: Iterable[Credit]) -> tu
         stage = _stage_of(touch, history)
         if stage is not None:
             reach(kind, touch.journey_id, touch.at, stage, touch.customer_id)
-    for c in credit:
+    for c in credits(history, period):
         if c.journey_kind is not None and c.touch is not None:
             reach(
                 c.journey_kind,

@@ -547,3 +547,23 @@ def test_the_heatmap_reads_each_customers_own_time_zone(settings: Settings, shop
     assert grid.opens[6][19] == 1  # Sunday 19:30 in New York, the shop's zone
     assert grid.clicks[0][9] == grid.clicks[6][19] == 1
     assert sum(map(sum, grid.opens)) == sum(map(sum, grid.clicks)) == 2
+
+
+def test_a_period_without_touchpoints_reports_zeros_and_n_a(settings: Settings) -> None:
+    report = report_of(settings)
+
+    assert list(report.kpis) == [ALL]
+    everyone = report.kpis[ALL].current
+    assert (everyone.messages_sent, everyone.conversions, everyone.revenue) == (0, 0, {})
+    assert (everyone.open_rate, everyone.conversion_rate, everyone.bounce_rate) == (
+        None,
+        None,
+        None,
+    )
+    assert (report.funnels, report.attribution, report.routes, report.experiments) == (
+        (),
+        (),
+        (),
+        (),
+    )
+    assert report.heatmap.opens == tuple((0,) * 24 for _ in range(7))

@@ -162,3 +162,17 @@ def test_periods_read_ages_dates_and_times() -> None:
     )
     with pytest.raises(PeriodError, match="--since '-3d'"):
         period_of("-3d", None, now, tokyo)
+
+
+def test_an_unknown_attribution_model_names_the_ones_there_are(history: tuple[str, Truth]) -> None:
+    url, _ = history
+
+    result = runner.invoke(
+        app,
+        ["report"],
+        env={"KAERU_DATABASE_URL": url, "KAERU_ATTRIBUTION_MODEL": "linear"},
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "KAERU_ATTRIBUTION_MODEL='linear' is not valid" in result.stderr
+    assert "'last-touch', 'first-touch' or 'delivery'" in result.stderr
