@@ -56,7 +56,8 @@ from workflows.win_back import WinBack, WinBackSettings
 
 T = TypeVar("T")
 
-#: The cart journey's waits during the demo (seconds), unless the person set them.
+#: The cart journey's waits during the demo (seconds), unless the person set them; and its
+#: subject experiment, so a newcomer's dashboard shows a running one.
 DEMO_WAITS: dict[str, str] = {
     "KAERU_CART_EMAIL_DELAY": "10",
     "KAERU_CART_OPEN_WAIT": "60",
@@ -64,6 +65,7 @@ DEMO_WAITS: dict[str, str] = {
     "KAERU_CART_AD_CLICK_WAIT": "60",
     "KAERU_CART_OFFER_DELAY": "5",
     "KAERU_CART_OFFER_WAIT": "120",
+    "KAERU_CART_EXPERIMENTS": "cart_subject",
 }
 #: The send gate's settings for a demo of minutes: one shopper gets seven journeys' emails
 #: within a minute, at whatever hour the demo runs, so no caps and no quiet hours.

@@ -231,11 +231,13 @@ def test_demo_waits_leave_what_the_person_set_alone(
     (tmp_path / ".env").write_text("KAERU_CART_AD_DELAY=PT3M\nKAERU_CAP_PER_WEEK=7\n")
     demo = with_demo_waits(settings(cap_per_week=7))
     cart = registry().route("cart-abandonment").journey_settings
+    entry = registry().route("cart-abandonment").entry
     registry.cache_clear()
 
     assert cart.offer_wait == 600 and cart.ad_delay == 180  # the environment, .env
     assert cart.email_delay == float(DEMO_WAITS["KAERU_CART_EMAIL_DELAY"]) == 10
     assert cart.ad_click_wait == float(DEMO_WAITS["KAERU_CART_AD_CLICK_WAIT"])
+    assert entry.experiments == ["cart_subject"]  # the demo runs the cart subject experiment
     # The send gate: no quiet hours and a day's cap a demo never reaches, but what was set.
     assert demo.quiet_start == demo.quiet_end and demo.cap_per_day == 100
     assert demo.cap_per_week == 7

@@ -3,13 +3,15 @@ real activities, real SQLite and a real SMTP server that shows what the shopper 
 
 from __future__ import annotations
 
+import uuid
+
 from sqlmodel import select
 
 from activities.types import EntryPlan
 from kaeru.db import session
 from kaeru.models import EmailMessage, ExperimentPromotion
 from kaeru.variants import assign
-from tests.workflows.conftest import DAY, SETTINGS, SHOE, SOCK, Shopper
+from tests.workflows.conftest import DAY, SETTINGS, SHOE, SOCK, Shopper, worker_with
 from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 
 EXPERIMENT = "cart_subject"
@@ -140,3 +142,22 @@ async def test_a_journey_started_without_an_entry_plan_records_none(shopper: Sho
     await shopper.skip(DAY + 60)
     await shopper.wait_for_emails(1)
     assert shopper.touchpoints("journey_entered") == []
+
+
+async def test_the_next_generation_records_its_own_entry_in_the_same_arm(shopper: Shopper) -> None:
+    """A cart that comes as the journey ends (its purchase in the same workflow task) starts
+    the next generation, which enters again: a second entry, its own key, the same arm."""
+    shopper.entry = EntryPlan(experiments=[EXPERIMENT])
+    arm = hashed_arm(shopper)
+    queue = f"generations-{uuid.uuid4().hex[:8]}"
+    shopper.task_queue = queue  # nothing polls it yet: the three events meet in one task
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.purchase("o-1")
+    await shopper.cart("Product Added", **SOCK)
+    async with worker_with(shopper, task_queue=queue):
+        await shopper.skip(DAY + 60)
+        [mail] = await shopper.wait_for_emails(1)
+    assert "Wool Socks" in str(mail["Subject"])
+    first, second = sorted(shopper.touchpoints("journey_entered"), key=lambda t: t.key or "")
+    assert (first.variant, second.variant) == (arm, arm)
+    assert second.key == (first.key or "").replace("/entered", "/g1/entered")
