@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.reports import ReportScheduleInput, SendReportInput, SendReportResult
@@ -27,6 +28,14 @@ SCHEDULED_AT = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
 class OperatorReport:
     @workflow.run
     async def run(self, start: ReportScheduleInput) -> SendReportResult:
+        if start.every_seconds <= 0 or not start.to:
+            raise ApplicationError(
+                f"a report needs a positive period and recipients, got {start.every_seconds} s "
+                f"and {len(start.to)} addresses: set KAERU_REPORT_EVERY and KAERU_REPORT_TO and "
+                "restart a worker, which updates the schedule",
+                type="InvalidReportInput",
+                non_retryable=True,
+            )
         # A run started by hand (not by the schedule) covers the period up to its own start.
         end = workflow.info().typed_search_attributes.get(SCHEDULED_AT)
         if end is None:

@@ -12,12 +12,18 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from sqlmodel import select
-from temporalio.client import Client, ScheduleIntervalSpec
+from temporalio.client import Client, ScheduleIntervalSpec, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.reports import ReportActivities, SendReportInput, message_id, render_email
+from activities.reports import (
+    ReportActivities,
+    ReportScheduleInput,
+    SendReportInput,
+    message_id,
+    render_email,
+)
 from kaeru.db import session
 from kaeru.models import StoredReport
 from kaeru.settings import Settings
@@ -27,7 +33,7 @@ from tests.support.reports import known_report
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import record_histories
 from worker import build_worker, ensure_report_schedule
-from workflows.report import REPORT_SCHEDULE_ID, SCHEDULED_AT
+from workflows.report import REPORT_SCHEDULE_ID, SCHEDULED_AT, OperatorReport
 
 OPERATORS = "ops@shop.example, owner@shop.example"
 
@@ -184,3 +190,25 @@ async def test_a_run_with_no_recipients_fails_for_good_with_the_fix(sqlite_url: 
         )
     assert caught.value.non_retryable
     assert await stored(make_settings(sqlite_url)) == []
+
+
+async def test_a_run_without_recipients_or_period_fails_at_once_with_the_fix(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str
+) -> None:
+    settings = make_settings(sqlite_url, task_queue=f"kaeru-report-{uuid.uuid4().hex[:6]}")
+    client = dev_server_env.client
+    async with report_worker(client, settings):
+        for bad in (
+            ReportScheduleInput(every_seconds=604800.0),
+            ReportScheduleInput(0, ["a@b.example"]),
+        ):
+            with pytest.raises(WorkflowFailureError) as failed:
+                await client.execute_workflow(
+                    OperatorReport.run,
+                    bad,
+                    id=f"report-{uuid.uuid4().hex[:6]}",
+                    task_queue=settings.task_queue,
+                    execution_timeout=timedelta(seconds=30),
+                )
+            assert "set KAERU_REPORT_EVERY and KAERU_REPORT_TO" in str(failed.value.cause)
+    assert await stored(settings) == []
