@@ -23,7 +23,7 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -34,6 +34,7 @@ from activities.email import EmailActivities
 from activities.entries import EntryActivities
 from activities.experiments import ExperimentActivities
 from activities.recommendations import RecommendationActivities
+from activities.reports import ReportActivities, ReportScheduleInput
 from activities.send_gate import SendGateActivities
 from activities.types import PromoteInput, SweepInput
 from kaeru.db import migrate
@@ -41,6 +42,7 @@ from kaeru.journeys import registry
 from kaeru.settings import Settings
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
+from workflows.report import REPORT_SCHEDULE_ID, OperatorReport
 
 log = logging.getLogger("kaeru.worker")
 
@@ -57,8 +59,8 @@ PASSTHROUGH = (
 
 def workflows() -> Sequence[type]:
     """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
-    experiment promoter."""
-    return [*registry().workflows, AudienceSweeper, ExperimentPromoter]
+    experiment promoter and the operators' report."""
+    return [*registry().workflows, AudienceSweeper, ExperimentPromoter, OperatorReport]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
@@ -81,6 +83,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         entries.enter_journey,
         ExperimentActivities(settings).promote_experiment_winners,
         SendGateActivities(settings).reserve_send,
+        ReportActivities(settings).send_report,
     ]
 
 
@@ -124,6 +127,25 @@ def build_worker(
     )
 
 
+async def put_schedule(client: Client, schedule_id: str, schedule: Schedule) -> None:
+    """Create ``schedule_id``, or bring it in line with ``schedule`` keeping its state: every
+    worker calls this at start, and one that restarts or scales out must not un-pause a
+    schedule an operator paused.
+
+    Raises:
+        RPCError: the server refused to create or update the schedule (schedules disabled,
+            a permission missing).
+    """
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(
+            lambda current: ScheduleUpdate(
+                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
+            )
+        )
+
+
 async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
     """Create the audience sweeper's schedule, or bring it in line with today's settings.
 
@@ -142,14 +164,7 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.audience_sweep_interval)]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
-    try:
-        await client.create_schedule(SWEEPER_ID, schedule)
-    except ScheduleAlreadyRunningError:
-        await client.get_schedule_handle(SWEEPER_ID).update(
-            lambda current: ScheduleUpdate(
-                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
-            )
-        )
+    await put_schedule(client, SWEEPER_ID, schedule)
 
 
 async def ensure_experiment_promoter(client: Client, settings: Settings) -> None:
@@ -163,7 +178,6 @@ async def ensure_experiment_promoter(client: Client, settings: Settings) -> None
     """
     if not settings.experiment_auto_promote:
         return
-    handle = client.get_schedule_handle(PROMOTER_ID)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             ExperimentPromoter.run, PromoteInput(), id=PROMOTER_ID, task_queue=settings.task_queue
@@ -173,14 +187,53 @@ async def ensure_experiment_promoter(client: Client, settings: Settings) -> None
         ),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
-    try:
-        await client.create_schedule(PROMOTER_ID, schedule)
-    except ScheduleAlreadyRunningError:
-        await handle.update(
-            lambda current: ScheduleUpdate(
-                schedule=dataclasses.replace(schedule, state=current.description.schedule.state)
-            )
-        )
+    await put_schedule(client, PROMOTER_ID, schedule)
+
+
+#: Where interval schedules start counting: the Unix epoch was a Thursday, so a weekly
+#: report offset by 4 days runs on Mondays at 00:00 UTC and covers Monday to Sunday.
+_MONDAY = timedelta(days=4)
+
+
+async def ensure_report_schedule(client: Client, settings: Settings) -> None:
+    """Create the report's schedule, bring it in line with today's settings, or, with no
+    ``KAERU_REPORT_TO``, delete it (no recipients: no report; a failed delete is a warning).
+
+    Idempotent, like :func:`ensure_audience_sweeper`: the schedule id is fixed, and an update
+    keeps the schedule's state (an operator's pause).
+
+    Raises:
+        RPCError: the server refused to create, update or delete the schedule.
+    """
+    handle = client.get_schedule_handle(REPORT_SCHEDULE_ID)
+    if not settings.report_recipients:
+        try:
+            await handle.delete()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                # Nothing is wanted, so nothing is lost: a namespace without schedules has no
+                # old report schedule to remove either.
+                log.warning(
+                    "KAERU_REPORT_TO is empty, and a report schedule %r left by an earlier "
+                    "setting could not be removed (%s); delete it with `temporal schedule "
+                    "delete --schedule-id %s` if it exists",
+                    REPORT_SCHEDULE_ID,
+                    err.message,
+                    REPORT_SCHEDULE_ID,
+                )
+        return
+    every = settings.report_every
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            OperatorReport.run,
+            ReportScheduleInput(every_seconds=every.total_seconds(), to=settings.report_recipients),
+            id=REPORT_SCHEDULE_ID,
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every, offset=_MONDAY % every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    await put_schedule(client, REPORT_SCHEDULE_ID, schedule)
 
 
 async def run_worker(client: Client, settings: Settings) -> None:
@@ -209,6 +262,19 @@ async def run_worker(client: Client, settings: Settings) -> None:
             "--promote` still does). Let this worker's credentials manage schedules on "
             "namespace %r, then restart a worker. Journeys run regardless",
             PROMOTER_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
+    try:
+        await ensure_report_schedule(client, settings)
+    except RPCError as err:
+        log.error(
+            "could not create, update or delete the report's schedule %r (%s: %s), so no "
+            "report is emailed to KAERU_REPORT_TO. Enable schedules on namespace %r and let "
+            "this worker's credentials manage schedules, then restart a worker. Journeys run "
+            "regardless",
+            REPORT_SCHEDULE_ID,
             err.status.name if err.status is not None else "unknown status",
             err.message,
             client.namespace,

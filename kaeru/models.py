@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     true,
 )
@@ -586,3 +587,34 @@ class ExperimentPromotion(SQLModel, table=True):
     variant: str = Field(max_length=100)
     promoted_at: datetime = _ts()
     reason: str = Field(max_length=2000)
+
+
+# ---- analytics: dashboard and weekly report (D) ----
+
+
+class StoredReport(SQLModel, table=True):
+    """One report the schedule built and emailed (``workflows/report.py``), kept for the record.
+
+    ``key`` is the idempotency key of the run (the schedule's action time): a retried or
+    repeated run finds its row, reuses the report it stored and sends no second email.
+    ``report`` is :class:`kaeru.analytics.model.Report` as JSON (``report_to_json``);
+    it holds counts and money only, no personal data.
+    """
+
+    __tablename__ = "reports"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    key: str = Field(sa_column=Column(String(400), unique=True, nullable=False))
+    period_start: datetime = _ts()
+    period_end: datetime = _ts()
+    created_at: datetime = _ts()
+    report: dict[str, Any] = _json()
+    #: The email as rendered when the report was stored: a retry sends exactly this.
+    subject: str = Field(sa_column=Column(Text, nullable=False))
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    html: str = Field(sa_column=Column(Text, nullable=False))
+    #: When the SMTP relay accepted the email to every operator (None: not yet).
+    emailed_at: datetime | None = _ts(nullable=True)

@@ -560,6 +560,45 @@ class Settings(BaseSettings):
     )
 
     # ---- analytics: dashboard and weekly report (D) settings ----
+    temporal_ui_url: str = Field(
+        "",
+        description="base URL of the Temporal UI the dashboard links each journey to (e.g. "
+        "https://cloud.temporal.io or http://temporal-ui:8080); empty: "
+        "http://localhost:<KAERU_TEMPORAL_UI_PORT>, the dev server's",
+    )
+    report_to: str = Field(
+        "",
+        description="comma-separated operator addresses the weekly report is emailed to (not "
+        "shoppers: no consent gate); empty: no report schedule",
+    )
+    report_every: timedelta = Field(
+        timedelta(days=7),
+        description="how often the report is built, emailed and stored, each covering the "
+        "period just ended (seconds or ISO 8601)",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_addresses(cls, value: str) -> str:
+        for address in (part.strip() for part in value.split(",")):
+            local, _, domain = address.partition("@")
+            odd = any(c in ' <>,;"' or ord(c) < 32 for c in address)
+            if address and (not local or "." not in domain or "@" in domain or odd):
+                raise ValueError(
+                    f"{address!r} is not an email address: give plain addresses separated by "
+                    "commas, e.g. ops@shop.example,owner@shop.example"
+                )
+        return value
+
+    @property
+    def report_recipients(self) -> list[str]:
+        """``report_to`` as a list (empty entries dropped)."""
+        return [part.strip() for part in self.report_to.split(",") if part.strip()]
+
+    @property
+    def resolved_temporal_ui_url(self) -> str:
+        """The Temporal UI's base URL, without a trailing slash."""
+        return (self.temporal_ui_url or f"http://localhost:{self.temporal_ui_port}").rstrip("/")
 
     # ---- connectors: Shopify in (S) settings ----
     shopify_webhook_secret: SecretStr | None = Field(

@@ -32,6 +32,7 @@ from starter import (
     admin,
     codec_server,
     consent_api,
+    dashboard,
     feedback,
     limits,
     opens_and_clicks,
@@ -137,6 +138,7 @@ def create_app(
     app.include_router(feedback.router)
     app.include_router(admin.router)
     app.include_router(codec_server.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:

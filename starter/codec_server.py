@@ -25,11 +25,8 @@ has no workflow id either, so what the UI encodes (a signal typed there) goes in
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
 import json
-import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +38,7 @@ from temporalio.api.common.v1 import Payloads
 from kaeru.codec import CodecKeyError, CustomerCodec, codec_for
 from kaeru.settings import Settings
 from kaeru.temporal import journey_kinds
+from starter import operator_session
 from starter.deps import ApiError, error_response, key_matches, require_operator
 
 router = APIRouter(prefix="/codec", tags=["codec"])
@@ -49,26 +47,19 @@ router = APIRouter(prefix="/codec", tags=["codec"])
 ALLOWED_HEADERS = "Authorization, Authorization-Extras, Content-Type, X-Namespace"
 #: The cookie of a browser signed in at /codec/login, and how long it lasts.
 SESSION_COOKIE = "kaeru_codec"
-SESSION_TTL = 8 * 3600
-
-
-def _session_mac(token: str, expires: int) -> str:
-    return hmac.new(token.encode(), f"kaeru-codec:{expires}".encode(), hashlib.sha256).hexdigest()
+SESSION_TTL = operator_session.SESSION_TTL
+#: What the cookie's signature is for (the dashboard signs its own with another purpose).
+_PURPOSE = "kaeru-codec"
 
 
 def session_cookie(token: str, now: float | None = None) -> str:
     """The cookie value of a sign-in with ``token``: its expiry, signed with the token (so a new
     operator token signs every browser out)."""
-    expires = int((now or time.time()) + SESSION_TTL)
-    return f"{expires}.{_session_mac(token, expires)}"
+    return operator_session.session_cookie(token, _PURPOSE, now)
 
 
 def _signed_in(request: Request, settings: Settings) -> bool:
-    token = settings.operator_token.get_secret_value() if settings.operator_token else ""
-    expires, _, mac = request.cookies.get(SESSION_COOKIE, "").partition(".")
-    if not token or not expires.isdigit() or int(expires) < time.time():
-        return False
-    return key_matches(mac, _session_mac(token, int(expires)))
+    return operator_session.signed_in(request, settings, SESSION_COOKIE, _PURPOSE)
 
 
 def _origins(settings: Settings) -> set[str]:

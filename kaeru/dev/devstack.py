@@ -285,7 +285,11 @@ def curl_example(api_url: str, write_key: str) -> str:
 def print_urls(console: Console, plan: DevPlan) -> None:
     """The block a person reads once the stack is up: every URL, the key, a first request."""
     s = plan.settings
-    rows = [("API", plan.api_url), ("API docs", f"{plan.api_url}/docs")]
+    rows = [
+        ("API", plan.api_url),
+        ("API docs", f"{plan.api_url}/docs"),
+        ("Dashboard", f"{plan.api_url}/dashboard   (sign in with the admin token)"),
+    ]
     if plan.temporal_ui_url:
         rows.append(("Temporal", f"{plan.temporal_dev_address}   (temporal --address)"))
         rows.append(("Temporal UI", plan.temporal_ui_url))

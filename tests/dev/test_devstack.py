@@ -188,6 +188,7 @@ def test_dev_prints_the_keys_and_the_admin_token_but_no_database_password(
     assert plan.settings.operator_token is not None
     assert f"Admin token  {plan.settings.operator_token.get_secret_value()}" in shown
     assert "KAERU_OPERATOR_TOKEN is unset" in shown
+    assert f"Dashboard    {plan.api_url}/dashboard   (sign in with the admin token)" in shown
     assert f"Write key    {DEV_WRITE_KEY}" in shown
     assert "Browser key  public-browser-key" in shown
     assert "db-password-0" not in shown and "db.internal" in shown
