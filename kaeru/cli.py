@@ -8,6 +8,7 @@ print a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -33,10 +34,16 @@ from temporalio.service import RPCError
 
 from activities.email.addresses import mask_address, normalise_address
 from activities.email.gate import suppression_of
-from kaeru.analytics.model import Estimate, Period
+from kaeru.analytics.model import Period
 from kaeru.analytics.report import build_report
 from kaeru.analytics.serialise import report_to_json
-from kaeru.analytics.terminal import PeriodError, period_of, render, write_csv
+from kaeru.analytics.terminal import (
+    PeriodError,
+    period_of,
+    render,
+    render_experiments,
+    write_csv,
+)
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.db import write_session as db_write_session
@@ -45,7 +52,6 @@ from kaeru.identity import email_problem
 from kaeru.journeys import JourneyError, discover, load_registry, setting_infos
 from kaeru.machine_opens import RangeFileError, write_ranges
 from kaeru.models import AudienceMember, Suppression
-from kaeru.money import format_minor
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.serving import (
     DEV_WRITE_KEY,
@@ -452,8 +458,8 @@ def report(
         typer.Option("--csv", help="Write one CSV file per section into this directory."),
     ] = None,
 ) -> None:
-    """What happened: KPIs against the period before, funnels, revenue recovered, routes and
-    the send-time heatmap."""
+    """What happened: KPIs against the period before, funnels, revenue recovered, routes,
+    experiments and the send-time heatmap."""
     settings = load_settings()
     zone = known_timezone(settings.shop_timezone) or ZoneInfo("UTC")
     try:
@@ -463,6 +469,7 @@ def report(
     url, label = database_url_checked(settings)
     with database_problems(label), db_session(url) as s:
         built = build_report(s, settings, period)
+        built = dataclasses.replace(built, experiments=experiment_results(s, settings, period))
     if csv_dir is not None:
         try:
             written = write_csv(built, csv_dir)
@@ -608,16 +615,6 @@ def customers_erase(
 # ---- kaeru experiments: variants and holdouts (kaeru/experiments.py) --------------------------
 
 
-def _estimate(estimate: Estimate | None, scale: float = 1.0, unit: str = "") -> str:
-    if estimate is None:
-        return "-"
-    p = f"p={estimate.p_value:.3g}" if estimate.p_value is not None else "p=n/a"
-    return (
-        f"{estimate.difference * scale:+.2f}{unit} "
-        f"[{estimate.low * scale:+.2f}, {estimate.high * scale:+.2f}] {p}"
-    )
-
-
 @app.command()
 def experiments(
     days: Annotated[
@@ -648,37 +645,7 @@ def experiments(
     if not results:
         console.print(f"No journey entered in the last {days} days.")
         return
-    for result in results:
-        table = Table(
-            title=f"{result.journey_kind} · {result.experiment}: {result.verdict}",
-            box=None,
-            header_style="bold",
-            title_justify="left",
-        )
-        for column in ("arm", "recipients", "conversions", "rate", "revenue / recipient"):
-            table.add_column(column)
-        table.add_column(f"conversion vs {result.control} (pts, 95% CI)")
-        for arm in result.variants:
-            revenue = ", ".join(
-                format_minor(round(v), c) for c, v in sorted(arm.revenue_per_recipient.items())
-            )
-            rate = arm.conversion_rate
-            table.add_row(
-                arm.variant,
-                str(arm.recipients),
-                str(arm.conversions),
-                f"{rate:.1%}" if rate is not None else "n/a",
-                revenue or "-",
-                _estimate(arm.conversion_lift, 100.0),
-            )
-        console.print(table)
-        if result.promoted is not None and result.promoted_at is not None:
-            console.print(
-                f"Promoted {result.promoted} on {result.promoted_at:%Y-%m-%d %H:%M} UTC: "
-                f"{result.promotion_reason}",
-                soft_wrap=True,
-            )
-        console.print()
+    render_experiments(results, console)
     for row in promoted:
         console.print(f"Promoted {row.variant} in {row.journey_kind} {row.experiment} now.")
 

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from rich.console import Console
 from rich.table import Table
 
-from kaeru.analytics.model import ALL, Kpis, Period, Report
+from kaeru.analytics.model import ALL, Estimate, ExperimentResult, Kpis, Period, Report
 from kaeru.money import format_minor
 
 _AGO = re.compile(r"^\s*(\d+)\s*([hdw])\s*$", re.IGNORECASE)
@@ -218,6 +218,76 @@ def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) ->
     return table
 
 
+EXPERIMENT_COLUMNS = (
+    "journey",
+    "experiment",
+    "verdict",
+    "arm",
+    "recipients",
+    "conversions",
+    "rate",
+    "revenue / recipient",
+    "conversion vs control (pts, 95% CI)",
+)
+
+
+def _estimate(estimate: Estimate | None, scale: float = 1.0) -> str:
+    if estimate is None:
+        return "-"
+    p = f"p={estimate.p_value:.3g}" if estimate.p_value is not None else "p=n/a"
+    return (
+        f"{estimate.difference * scale:+.2f} "
+        f"[{estimate.low * scale:+.2f}, {estimate.high * scale:+.2f}] {p}"
+    )
+
+
+def experiment_rows(results: Sequence[ExperimentResult], *, raw: bool = False) -> list[list[str]]:
+    """One row per arm of every experiment: its numbers and its difference with the control
+    (percentage points, the 95 % interval and the p-value)."""
+    rows = []
+    for result in results:
+        for arm in result.variants:
+            if raw:
+                revenue = " ".join(
+                    f"{c}:{v:.2f}" for c, v in sorted(arm.revenue_per_recipient.items())
+                )
+            else:
+                revenue = ", ".join(
+                    format_minor(round(v), c) for c, v in sorted(arm.revenue_per_recipient.items())
+                )
+            rate = arm.conversion_rate
+            rows.append(
+                [
+                    result.journey_kind,
+                    result.experiment,
+                    result.verdict,
+                    arm.variant,
+                    str(arm.recipients),
+                    str(arm.conversions),
+                    str(rate) if raw and rate is not None else percent(rate),
+                    revenue or "-",
+                    _estimate(arm.conversion_lift, 100.0),
+                ]
+            )
+    return rows
+
+
+def render_experiments(results: Sequence[ExperimentResult], console: Console) -> None:
+    """Print each experiment (and holdout) as a table with its verdict and any promotion."""
+    for result in results:
+        title = f"{_kind(result.journey_kind)} · {result.experiment}: {result.verdict}"
+        mine = [row[3:] for row in experiment_rows([result])]
+        columns = list(EXPERIMENT_COLUMNS[3:])
+        columns[-1] = f"conversion vs {result.control} (pts, 95% CI)"
+        console.print(_table(title, columns, mine))
+        if result.promoted is not None and result.promoted_at is not None:
+            console.print(
+                f"Promoted {result.promoted} on {result.promoted_at:%Y-%m-%d %H:%M} UTC: "
+                f"{result.promotion_reason}",
+                soft_wrap=True,
+            )
+
+
 def render(report: Report, console: Console) -> None:
     """Print ``report`` as tables."""
     period = report.period
@@ -251,6 +321,10 @@ def render(report: Report, console: Console) -> None:
         for column in table.columns[1:]:
             column.no_wrap = True
         console.print(table)
+    if report.experiments:
+        render_experiments(report.experiments, console)
+    else:
+        console.print("Experiments: none ran in this period.")
     console.print(
         "[bold]Send time[/bold]: a person's opens and clicks by weekday and hour (each "
         "customer's time zone)"
@@ -291,6 +365,7 @@ def write_csv(report: Report, directory: Path) -> list[Path]:
         "attribution.csv": (ATTRIBUTION_COLUMNS, attribution_rows(report, raw=True)),
         "routes.csv": (ROUTE_COLUMNS, route_rows(report, raw=True)),
         "heatmap.csv": (HEATMAP_COLUMNS, heatmap_rows(report)),
+        "experiments.csv": (EXPERIMENT_COLUMNS, experiment_rows(report.experiments, raw=True)),
     }
     written = []
     for name, (columns, rows) in sections.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from kaeru.analytics.terminal import PeriodError, period_of, shades
 from kaeru.cli import app
 from kaeru.db import migrate, session
 from kaeru.dev.history import Truth, generate
+from kaeru.experiments import experiment_results
 from kaeru.money import format_minor
 from tests.conftest import make_settings
 
@@ -83,11 +85,13 @@ def test_report_json_is_the_report_as_the_dashboard_reads_it(history: tuple[str,
     assert current["messages_sent"] == truth.current.counts[ALL]["sent"]
     assert current["revenue"] == dict(truth.current.revenue[ALL])
     assert data["kpis"][ALL]["previous"]["messages_sent"] == truth.previous.counts[ALL]["sent"]
-    assert data["experiments"] == []
+    assert data["experiments"], "the history's holdouts and arms are experiments"
     assert len(data["heatmap"]["opens"]) == 7 and len(data["heatmap"]["opens"][0]) == 24
     settings = make_settings(url)
     with session(url) as s:
-        built = build_report(s, settings, Period(START, START + timedelta(days=7)))
+        period = Period(START, START + timedelta(days=7))
+        built = build_report(s, settings, period)
+        built = dataclasses.replace(built, experiments=experiment_results(s, settings, period))
     assert data == json.loads(json.dumps(report_to_json(built)))
 
 
@@ -98,7 +102,14 @@ def test_report_csv_writes_one_file_per_section(history: tuple[str, Truth], tmp_
     result = kaeru(url, "--since", "7d", "--until", UNTIL, "--csv", str(out))
 
     assert result.exit_code == 0, result.output
-    names = ["attribution.csv", "funnels.csv", "heatmap.csv", "kpis.csv", "routes.csv"]
+    names = [
+        "attribution.csv",
+        "experiments.csv",
+        "funnels.csv",
+        "heatmap.csv",
+        "kpis.csv",
+        "routes.csv",
+    ]
     assert sorted(p.name for p in out.iterdir()) == names
     with (out / "kpis.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -114,6 +125,15 @@ def test_report_csv_writes_one_file_per_section(history: tuple[str, Truth], tmp_
     with (out / "heatmap.csv").open() as f:
         grid = list(csv.reader(f))
     assert len(grid) == 1 + 14 and len(grid[0]) == 26
+    with (out / "experiments.csv").open() as f:
+        arms = list(csv.DictReader(f))
+    with session(url) as s:
+        week = Period(START, START + timedelta(days=7))
+        results = experiment_results(s, make_settings(url), week)
+    assert [(a["experiment"], a["arm"], int(a["recipients"])) for a in arms] == [
+        (r.experiment, v.variant, v.recipients) for r in results for v in r.variants
+    ]
+    assert any(a["arm"] == "holdout" for a in arms)
 
 
 @pytest.mark.parametrize(
