@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, cr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import workflows
+from kaeru.pseudonyms import VisibleIds
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
     CONSENT_WITHDRAWN,
@@ -83,7 +84,16 @@ class JourneyRoute:
         return self.journey.kind
 
     def workflow_id(self, customer_id: str) -> str:
+        """``<kind>-<id>``: pass the customer's visible id (:mod:`kaeru.pseudonyms`) for a
+        journey the router starts."""
         return f"{self.kind}-{customer_id}"
+
+    def workflow_ids(self, customer_id: str, ids: VisibleIds | None) -> tuple[str, str | None]:
+        """``(new, before)``: where a new journey of ``customer_id`` runs, and the clear id
+        one started before its id was pseudonymised may still run under (None: the same)."""
+        if ids is None:
+            return self.workflow_id(customer_id), None
+        return ids.workflow_ids(self.kind, customer_id)
 
     def make_input(self, customer_id: str, settings: Settings) -> Any:
         """The input the router starts this journey with (``settings``: the process's global
@@ -110,11 +120,17 @@ class JourneyRoute:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One signal to send: to ``workflow_id``, starting ``route``'s journey if ``start``."""
+    """One signal to send: to ``workflow_id``, starting ``route``'s journey if ``start``.
+
+    ``before``: the workflow id the customer's journey had before its id was pseudonymised
+    (:mod:`kaeru.pseudonyms`). A journey running there gets the event instead, and none is
+    started under ``workflow_id`` while it runs.
+    """
 
     route: JourneyRoute
     workflow_id: str
     start: bool
+    before: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,13 +155,19 @@ class Registry:
         raise KeyError(kind)
 
     def deliveries(
-        self, name: str | None, customer_id: str, properties: Mapping[str, Any]
+        self,
+        name: str | None,
+        customer_id: str,
+        properties: Mapping[str, Any],
+        ids: VisibleIds | None = None,
     ) -> list[Delivery]:
         """Where an event goes, in order. Empty: no journey cares about it.
 
         An open or click goes only to a journey of the same customer: a ``journey_id`` naming
-        someone else's journey (a forged or mistaken event) is not delivered. A disabled
-        journey is never started, but its events still reach a live one.
+        someone else's journey (a forged or mistaken event) is not delivered; it may name the
+        journey under its pseudonymous id or its clear one. A disabled journey is never
+        started, but its events still reach a live one. ``ids``: how journeys show customer
+        ids (None: in clear).
         """
         if name is None:
             return []
@@ -154,14 +176,16 @@ class Registry:
             return [
                 Delivery(route, journey_id, start=False)
                 for route in self.routes
-                if isinstance(journey_id, str) and journey_id == route.workflow_id(customer_id)
+                if isinstance(journey_id, str)
+                and journey_id in route.workflow_ids(customer_id, ids)
             ]
         found: list[Delivery] = []
         for route in self.routes:
+            new, before = route.workflow_ids(customer_id, ids)
             if route.enabled and route.starts(name, properties):
-                found.append(Delivery(route, route.workflow_id(customer_id), start=True))
+                found.append(Delivery(route, new, start=True, before=before))
             elif name in route.listens_to:
-                found.append(Delivery(route, route.workflow_id(customer_id), start=False))
+                found.append(Delivery(route, new, start=False, before=before))
         return found
 
 
@@ -406,6 +430,11 @@ def registry() -> Registry:
     return load_registry(Settings())
 
 
-def deliveries(name: str | None, customer_id: str, properties: Mapping[str, Any]) -> list[Delivery]:
+def deliveries(
+    name: str | None,
+    customer_id: str,
+    properties: Mapping[str, Any],
+    ids: VisibleIds | None = None,
+) -> list[Delivery]:
     """Where an event goes, by the process's registry (see :meth:`Registry.deliveries`)."""
-    return registry().deliveries(name, customer_id, properties)
+    return registry().deliveries(name, customer_id, properties, ids)

@@ -488,8 +488,9 @@ class Settings(BaseSettings):
         "hex digits) of ids that look like an email address or a phone number, `always` of "
         "every id, `never` the id itself. Running journeys keep their ids and still get their "
         "events. Payloads still carry the id: only with the codec on (KAERU_CODEC_MASTER_KEY) "
-        "does an erase leave it readable nowhere in Temporal. Moving to fewer pseudonyms (always → auto, or never) leaves journeys "
-        "already running under one without new events",
+        "does an erase leave it readable nowhere in Temporal. Moving to fewer pseudonyms "
+        "(always → auto, or never) leaves journeys already running under one without new "
+        "events",
     )
 
     # ---- analytics: touchpoints, online and offline (T) settings ----
