@@ -30,7 +30,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, cr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import workflows
-from kaeru.pseudonyms import VisibleIds
+from kaeru.pseudonyms import VisibleIds, is_pseudonym
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
     CONSENT_WITHDRAWN,
@@ -167,17 +167,19 @@ class Registry:
         someone else's journey (a forged or mistaken event) is not delivered; it may name the
         journey under its pseudonymous id or its clear one. A disabled journey is never
         started, but its events still reach a live one. ``ids``: how journeys show customer
-        ids (None: in clear).
+        ids (None: in clear, and an open or click naming a pseudonymous journey is kept for
+        the router, which can tell whose it is).
         """
         if name is None:
             return []
         if name in TRACKING_EVENTS:
             journey_id = properties.get("journey_id")
+            if not isinstance(journey_id, str):
+                return []
             return [
                 Delivery(route, journey_id, start=False)
                 for route in self.routes
-                if isinstance(journey_id, str)
-                and journey_id in route.workflow_ids(customer_id, ids)
+                if _names_journey(route, journey_id, customer_id, ids)
             ]
         found: list[Delivery] = []
         for route in self.routes:
@@ -187,6 +189,22 @@ class Registry:
             elif name in route.listens_to:
                 found.append(Delivery(route, new, start=False, before=before))
         return found
+
+
+def _names_journey(
+    route: JourneyRoute, journey_id: str, customer_id: str, ids: VisibleIds | None
+) -> bool:
+    """Whether ``journey_id`` is ``customer_id``'s journey of ``route``'s kind.
+
+    Without ``ids`` (ingestion, which only asks whether to keep an event for the router), a
+    pseudonymous id of that kind may be the customer's: the router, which has the key, decides.
+    """
+    if ids is not None:
+        return journey_id in route.workflow_ids(customer_id, ids)
+    prefix = f"{route.kind}-"
+    return journey_id == route.workflow_id(customer_id) or (
+        journey_id.startswith(prefix) and is_pseudonym(journey_id[len(prefix) :])
+    )
 
 
 # ---- discovery --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ The workflow's input and payloads still carry the clear customer id (the codec e
 when it is on): the pseudonym only makes visibility unreadable, it does not hide payloads.
 
 :func:`visible_customer_id` and the rest of this module are pure (no I/O); only
-:func:`pseudonym_key` reads the key from the database.
+:func:`pseudonym_key` and :func:`read_visible_ids` read the key from the database.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Literal
 
 from sqlmodel import Session
 
+from kaeru.db import session as db_session
+from kaeru.settings import Settings
 from kaeru.tracking_tokens import generated_secret
 
 AUTO = "auto"
@@ -57,6 +59,13 @@ _SUFFIX = re.compile(rf"-{PREFIX}[0-9a-f]{{{DIGITS}}}\Z")
 def pseudonym_key(s: Session) -> bytes:
     """The app's pseudonym key: generated once and kept in ``app_secrets``. May commit."""
     return generated_secret(s, PSEUDONYM_SECRET)
+
+
+def read_visible_ids(settings: Settings) -> VisibleIds:
+    """How journeys show customer ids under ``settings`` (``KAERU_PSEUDONYMOUS_IDS``, the
+    pseudonym key from its database). Blocking; may commit (the key's first use)."""
+    with db_session(settings.resolved_database_url) as s:
+        return VisibleIds(pseudonym_key(s), settings.pseudonymous_ids)
 
 
 def is_pseudonym(value: str) -> bool:

@@ -57,7 +57,7 @@ from kaeru.db import session as db_session
 from kaeru.db import write_session
 from kaeru.journeys import Delivery, deliveries
 from kaeru.models import CustomerRouting, Event, Lease, Order, utcnow
-from kaeru.pseudonyms import VisibleIds, pseudonym_key
+from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.settings import Settings
 from kaeru.temporal import connect
 from starter.events import journey_properties
@@ -826,8 +826,7 @@ class Router:
     async def visible_ids(self) -> VisibleIds:
         """The pseudonym key (read once from the database) and ``KAERU_PSEUDONYMOUS_IDS``."""
         if self._ids is None:
-            key = await asyncio.to_thread(_read_pseudonym_key, self._url)
-            self._ids = VisibleIds(key, self.settings.pseudonymous_ids)
+            self._ids = await asyncio.to_thread(read_visible_ids, self.settings)
         return self._ids
 
     async def _deliver(self, client: Client, event: StoredEvent) -> str | None:
@@ -895,8 +894,3 @@ class Router:
             log.debug("no live %s for event seq %d", workflow_id, journey_event.seq)
             return False
         return True
-
-
-def _read_pseudonym_key(url: str) -> bytes:
-    with db_session(url) as s:
-        return pseudonym_key(s)

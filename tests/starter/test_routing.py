@@ -109,6 +109,12 @@ def test_an_open_reaches_the_customers_journey_under_either_id() -> None:
         )
     other = f"cart-abandonment-{visible_customer_id('bob@example.com', KEY, AUTO)}"
     assert deliveries("Email Opened", EMAIL, {"journey_id": other}, ids) == []
+    # Ingestion, without the key, keeps an open of a pseudonymous journey for the router (it
+    # cannot tell whose it is); the router, with the key, refuses someone else's.
+    for journey_id in (pseudo, other):
+        (kept,) = deliveries("Email Opened", EMAIL, {"journey_id": journey_id})
+        assert kept.workflow_id == journey_id
+    assert deliveries("Email Opened", EMAIL, {"journey_id": "cart-abandonment-p_x"}) == []
 
 
 def test_other_events_go_nowhere() -> None:
