@@ -8,7 +8,9 @@ erase ends journeys under either id and leaves nothing readable of the id in vis
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from kaeru.codec import ENCODING, ERASED_METADATA, codec_for
 from kaeru.db import session
+from kaeru.journeys import registry
 from kaeru.models import CustomerKey
 from kaeru.pseudonyms import pseudonym_key, visible_customer_id
 from kaeru.settings import Settings
@@ -31,6 +34,7 @@ from starter.app import create_app
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client
 from tests.support.codec import codec_client, history_payloads, new_master_key
+from tests.support.smtp import SMTPTestServer
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
 from workflows.kit import CUSTOMER_ID, JourneyResult, JourneyStatus
@@ -238,3 +242,57 @@ async def test_erase_leaves_nothing_readable_of_the_id_in_visibility(shop: Shop)
     memo = list(described.raw_description.workflow_execution_info.memo.fields.values())
     decoded = await codec.decode([*payloads, *memo])
     assert all(ERASED_METADATA in p.metadata for p in decoded)
+
+
+async def test_the_open_of_a_pseudonymous_journeys_email_reaches_it(
+    dev_server_env: WorkflowEnvironment, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cart email's pixel, loaded as a mail client does: ingestion keeps the open, the
+    router delivers it to the journey under the pseudonym, and the shopper joins the ad
+    audience (the step an open leads to)."""
+    for name, seconds in {"EMAIL_DELAY": 1, "OPEN_WAIT": 60, "AD_DELAY": 1}.items():
+        monkeypatch.setenv(f"KAERU_CART_{name}", str(seconds))
+    registry.cache_clear()
+    cid = email_id()
+    async with SMTPTestServer() as smtp:
+        settings = make_settings(database_url, smtp_port=smtp.port)
+        client = dev_server_env.client
+        app = create_app(settings, client)
+        async with (
+            httpx.AsyncClient() as http,
+            build_worker(client, settings, http),
+            asgi_client(app) as api,
+        ):
+            identify = {"type": "identify", "userId": cid, "traits": {"email": cid}}
+            answer = await api.post("/v1/batch", json={"batch": [identify, added(cid)]}, auth=AUTH)
+            assert answer.status_code == 200 and answer.json()["rejected"] == []
+            for _ in range(300):
+                if smtp.messages:
+                    break
+                await asyncio.sleep(0.1)
+            [email] = smtp.messages
+            assert email.rcpt_tos == [cid]
+            assert cid not in str(email.message["X-Kaeru-Journey"])
+            html = email.message.get_body(("html",))
+            assert html is not None
+            pixel = re.search(r'src="http://kaeru.test(/t/o/[^"]+)"', str(html.get_content()))
+            assert pixel is not None
+            assert (await api.get(pixel.group(1).replace("&amp;", "&"))).status_code == 200
+            await app.state.router.drain(timeout=30)
+
+            async def members() -> list[str]:
+                listed = await api.get("/v1/audiences/cart-retargeting", headers=OPERATOR)
+                return [m["customer_id"] for m in listed.json()["members"]]
+
+            for _ in range(300):
+                if await members():
+                    break
+                await asyncio.sleep(0.1)
+            assert await members() == [cid]
+            with session(settings.resolved_database_url) as s:
+                key = pseudonym_key(s)
+            workflow_id = f"{KIND}-{visible_customer_id(cid, key, 'auto')}"
+            listed = await api.get("/v1/audiences/cart-retargeting", headers=OPERATOR)
+            [joined] = listed.json()["members"]
+            assert joined["journey_id"] == workflow_id
+            await client.get_workflow_handle(workflow_id).terminate("test over")
