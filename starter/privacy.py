@@ -363,6 +363,67 @@ def _ids_and_key(settings: Settings, customer_id: str) -> tuple[list[str], bytes
         return ids_of(s, customer_id), pseudonym_key(s)
 
 
+def _quotable(value: str) -> bool:
+    """Whether ``value`` can go into a visibility query between double quotes."""
+    return '"' not in value and "\\" not in value
+
+
+async def workflows_of(
+    client: Client, ids: list[str], kinds: list[str], visible: VisibleIds
+) -> list[dict[str, Any]]:
+    """Every journey workflow Temporal keeps of ``ids`` (its latest run), under the clear id
+    and the pseudonym alike: ``workflow_id``, ``status``, ``started_at``, ``closed_at``.
+
+    The known ids (``<kind>-<id>``, ``<kind>-<pseudonym>``) are described; the visibility
+    store adds any other workflow with either as ``KaeruCustomerId`` where it can list.
+
+    Raises:
+        RPCError: Temporal refused a description for another reason than not knowing it.
+    """
+    shown = [each for customer_id in ids for each in visible.every_id(customer_id)]
+    targets = {f"{kind}-{each}" for kind in kinds for each in shown}
+    for each in filter(_quotable, shown):
+        try:
+            async for execution in client.list_workflows(f'{CUSTOMER_ID.name} = "{each}"'):
+                targets.add(execution.id)
+        except RPCError as exc:
+            log.info("cannot list workflows by customer (%s); describing the known ids", exc.status)
+
+    async def describe(workflow_id: str) -> dict[str, Any] | None:
+        try:
+            found = await client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return None
+        return {
+            "workflow_id": workflow_id,
+            "status": found.status.name if found.status is not None else "UNKNOWN",
+            "started_at": found.start_time.isoformat(),
+            "closed_at": found.close_time.isoformat() if found.close_time else None,
+        }
+
+    described = await asyncio.gather(*(describe(w) for w in sorted(targets)))
+    return [d for d in described if d is not None]
+
+
+async def workflows_part(request: Request, settings: Settings, customer_id: str) -> Any:
+    """The customer's journeys in Temporal for an API answer, or a note saying why not."""
+    client = router_of(request).client
+    try:
+        if client is None:
+            client = await connect(settings)
+        ids, key = await asyncio.to_thread(_ids_and_key, settings, customer_id)
+        return await workflows_of(
+            client, ids, journey_kinds(settings), VisibleIds(key, settings.pseudonymous_ids)
+        )
+    except (RuntimeError, RPCError) as exc:
+        return {
+            "unavailable": f"Temporal could not be asked for the customer's journeys ({exc}): "
+            "make sure it is reachable (KAERU_TEMPORAL_ADDRESS) and ask again"
+        }
+
+
 async def end_journeys(
     client: Client, ids: list[str], kinds: list[str], visible: VisibleIds
 ) -> int:
@@ -380,7 +441,7 @@ async def end_journeys(
     shown = [each for customer_id in ids for each in visible.every_id(customer_id)]
     targets = {f"{kind}-{each}" for kind in kinds for each in shown}
     for customer_id in shown:
-        if '"' in customer_id or "\\" in customer_id:
+        if not _quotable(customer_id):
             continue  # not safely quotable in a visibility query; the known ids still apply
         query = f'{CUSTOMER_ID.name} = "{customer_id}" AND ExecutionStatus = "Running"'
         try:
@@ -509,12 +570,17 @@ def report_public(report: EraseReport) -> EraseReportPublic:
 
 
 @router.get("/customers/{customer_id:path}/export", response_model=dict[str, Any])
-async def export(customer_id: CustomerIdPath, settings: SettingsDep) -> dict[str, Any]:
+async def export(
+    customer_id: CustomerIdPath, request: Request, settings: SettingsDep
+) -> dict[str, Any]:
     """Everything stored about the customer (and the anonymous ids merged into them): profile,
-    consent and its history, events, messages, touchpoints, audiences, orders, coupons, cart."""
+    consent and its history, events, messages, touchpoints, audiences, orders, coupons, cart,
+    and their journeys' workflows in Temporal (``workflows``, under their clear and their
+    pseudonymous ids)."""
     found = await run_in_threadpool(export_customer, settings, customer_id)
     if found is None:
         raise ApiError(404, "not_found", f"nothing is stored about customer {customer_id!r}")
+    found["workflows"] = await workflows_part(request, settings, customer_id)
     return found
 
 

@@ -296,3 +296,32 @@ async def test_the_open_of_a_pseudonymous_journeys_email_reaches_it(
             [joined] = listed.json()["members"]
             assert joined["journey_id"] == workflow_id
             await client.get_workflow_handle(workflow_id).terminate("test over")
+
+
+async def test_export_and_the_admin_api_find_journeys_under_both_ids(shop: Shop) -> None:
+    """One journey under the clear id (before the change, ended by the order) and the next
+    under the pseudonym: the export and the customer's admin page list both."""
+    cid = email_id()
+    await shop.events(
+        {"type": "identify", "userId": cid, "traits": {"email": cid}}, added(cid), mode="never"
+    )
+    await shop.events(ordered(cid))
+    clear_id = f"{KIND}-{cid}"
+    handle = shop.client.get_workflow_handle(clear_id, result_type=JourneyResult)
+    assert (await handle.result()).outcome == "purchased"
+    await shop.events(added(cid, "hat"))
+    pseudo_id = f"{KIND}-{shop.pseudonym(cid)}"
+    assert await shop.running(pseudo_id)
+
+    app = create_app(shop.settings, shop.client, run_router=False)
+    async with asgi_client(app) as api:
+        exported = await api.get(f"/v1/customers/{cid}/export", headers=OPERATOR)
+        profile = await api.get(f"/v1/customers/{cid}", headers=OPERATOR)
+
+    assert exported.status_code == 200 and profile.status_code == 200
+    for found in (exported.json()["workflows"], profile.json()["workflows"]):
+        assert {(w["workflow_id"], w["status"]) for w in found} == {
+            (clear_id, "COMPLETED"),
+            (pseudo_id, "RUNNING"),
+        }
+    await shop.erase(cid)
