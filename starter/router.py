@@ -28,9 +28,9 @@ Ingestion stores first and answers; this task delivers a moment later. The rules
 * New journeys show the customer's visible id (``KAERU_PSEUDONYMOUS_IDS``, kaeru/pseudonyms.py)
   in their workflow id, search attributes, memo and summary; their input keeps the clear id.
   A customer whose id is pseudonymised may still have a journey that started under the clear
-  id: an event that starts a journey is signalled to that one if it is running (one signal
-  that NOT_FOUND answers otherwise), and an event for a live journey tries the new id, then
-  the clear one. Ids that stay clear cost nothing more.
+  id: an event that starts a journey goes to that one if a describe finds it running (else
+  it starts one under the pseudonym), and an event for a live journey tries the new id, then
+  (one describe) the clear one. Ids that stay clear cost nothing more.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from sqlalchemy import bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -845,13 +845,10 @@ class Router:
             refused = self._no_start(event, journey.ends_on_purchase) if target.start else None
             if target.start and refused is None:
                 # A journey started under the clear id before it was pseudonymised goes on.
-                if target.before is None or not await self._signal(
-                    client, target.before, journey_event
-                ):
+                if not await self._signal_before(client, target, journey_event):
                     await self._signal_with_start(client, target, event, journey_event)
             elif not await self._signal(client, target.workflow_id, journey_event):
-                if target.before is not None:
-                    await self._signal(client, target.before, journey_event)
+                await self._signal_before(client, target, journey_event)
             if refused is not None:
                 notes.append(refused)
         return "; ".join(notes)[:500] if notes else None
@@ -881,6 +878,26 @@ class Router:
             start_signal_args=[journey_event],
             rpc_timeout=self.rpc_timeout,
         )
+
+    async def _signal_before(
+        self, client: Client, target: Delivery, journey_event: JourneyEvent
+    ) -> bool:
+        """Signal the journey running under ``target.before`` (the clear id of a customer
+        whose id is now pseudonymised); False if there is none. One describe first: a signal
+        would carry the event (encoded under the clear id's data key) for nothing."""
+        if target.before is None:
+            return False
+        try:
+            described = await client.get_workflow_handle(target.before).describe(
+                rpc_timeout=self.rpc_timeout
+            )
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return False
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        return await self._signal(client, target.before, journey_event)
 
     async def _signal(self, client: Client, workflow_id: str, journey_event: JourneyEvent) -> bool:
         """Signal the journey ``workflow_id``; False if none is running there."""
