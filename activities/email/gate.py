@@ -22,7 +22,7 @@ from activities.email.addresses import mask_address, normalise_address
 from activities.types import SendEmailInput
 from kaeru.consent import refusal
 from kaeru.models import EmailMessage, Suppression, utcnow
-from kaeru.pseudonyms import journey_kind
+from kaeru.pseudonyms import journey_kind as journey_kind
 
 #: Message-log statuses in which the SMTP server has, or may have, the message.
 MAY_HAVE_GONE_OUT = ("data", "sent", "unconfirmed")
