@@ -19,7 +19,17 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import col, select
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import (
+    Client,
+    DescribeWorkflowInput,
+    Interceptor,
+    OutboundInterceptor,
+    SignalWorkflowInput,
+    StartWorkflowInput,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
@@ -324,3 +334,56 @@ async def test_export_and_the_admin_api_find_journeys_under_both_ids(shop: Shop)
             (pseudo_id, "RUNNING"),
         }
     await shop.erase(cid)
+
+
+class CountCalls(Interceptor):
+    """Counts the router's Temporal calls, by kind."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        return _Counting(next, self.calls)
+
+
+class _Counting(OutboundInterceptor):
+    def __init__(self, next: OutboundInterceptor, calls: list[str]) -> None:
+        super().__init__(next)
+        self.calls = calls
+
+    async def describe_workflow(self, input: DescribeWorkflowInput) -> WorkflowExecutionDescription:
+        self.calls.append("describe")
+        return await super().describe_workflow(input)
+
+    async def signal_workflow(self, input: SignalWorkflowInput) -> None:
+        self.calls.append("signal")
+        await super().signal_workflow(input)
+
+    async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+        self.calls.append("start")
+        return await super().start_workflow(input)
+
+
+async def test_only_pseudonymised_ids_cost_a_describe(shop: Shop) -> None:
+    """Routing an ordinary id costs what it always did; a pseudonymised one the same calls
+    and at most one describe per journey it goes to (for a journey started before)."""
+    counter = CountCalls()
+    config = shop.client.config()
+    config["interceptors"] = [counter]
+    shop.client = Client(**config)
+
+    async def calls_of(customer_id: str) -> list[list[str]]:
+        seen = []
+        for event in (added(customer_id), ordered(customer_id)):
+            counter.calls.clear()
+            await shop.events(event)
+            seen.append(list(counter.calls))
+        return seen
+
+    clear = await calls_of(f"c-{uuid.uuid4().hex[:8]}")
+    pseudonymised = await calls_of(email_id())
+
+    assert "describe" not in str(clear)
+    for plain, more in zip(clear, pseudonymised, strict=True):
+        assert [c for c in more if c != "describe"] == plain
+        assert 1 <= more.count("describe") <= len(plain)
