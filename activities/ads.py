@@ -30,7 +30,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.email.addresses import mask_address, recipient_address
-from activities.email.gate import journey_kind, suppression_of
+from activities.email.gate import suppression_of
 from activities.types import (
     AUDIENCE_REJECTED,
     NOT_CONSENTED,
@@ -44,6 +44,7 @@ from kaeru.consent import refusal
 from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
+from kaeru.pseudonyms import journey_kind
 from kaeru.settings import Settings
 from kaeru.touchpoints import ADS, record_touchpoint
 

@@ -24,6 +24,7 @@ from temporalio import activity
 from activities.types import ConversionInput
 from kaeru.db import session
 from kaeru.models import Order, Touchpoint
+from kaeru.pseudonyms import journey_kind
 from kaeru.settings import Settings
 from kaeru.touchpoints import COUPON_CODE_MAX, WEB, purchase_key, record_touchpoint
 
@@ -98,5 +99,6 @@ class ConversionActivities:
 
 
 def journey_kind_of(conversion: ConversionInput) -> str:
-    """The journey's kind, from its id ``<kind>-<customer id>`` (the whole id otherwise)."""
-    return conversion.journey_id.removesuffix(f"-{conversion.customer_id}")
+    """The journey's kind, from its id ``<kind>-<customer id>`` or ``<kind>-<pseudonym>``
+    (the whole id otherwise)."""
+    return journey_kind(conversion.journey_id, conversion.customer_id) or conversion.journey_id

@@ -10,13 +10,16 @@ key or customer id, so such a payload reads as "erased" rather than as an unknow
 means another database: an error naming KAERU_DATABASE_URL).
 
 Memo, static summaries and failures' messages go through the codec too (encrypted);
-workflow ids and search attributes never do: they hold the customer id in clear.
+workflow ids and search attributes never do: they hold the customer's visible id in clear
+(the id itself, or a keyed pseudonym of an id that is personal data: kaeru/pseudonyms.py).
 
 Which customer a payload belongs to comes from Temporal's serialization context: the
-workflow id, ``<kind>-<customer id>`` for a journey. Payloads of other workflows (the audience
-sweeper) and those without a context go through in clear. Decoding needs only the payload:
-its metadata names the key (``kaeru-key``). A payload the codec did not encode (journeys that
-started before the codec was on, stored histories) is passed through untouched.
+workflow id, ``<kind>-<visible id>`` for a journey, so the data key of a pseudonymous journey
+is kept under the pseudonym (erase shreds the keys of the id and of its pseudonym). Payloads
+of other workflows (the audience sweeper) and those without a context go through in clear.
+Decoding needs only the payload: its metadata names the key (``kaeru-key``). A payload the
+codec did not encode (journeys that started before the codec was on, stored histories) is
+passed through untouched.
 
 A payload whose key was erased decodes to a readable placeholder (:data:`ERASED_TEXT`, a JSON
 string, metadata ``kaeru-erased``), so the Temporal UI shows "erased" instead of an error and

@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import workflows
 from activities.types import EntryPlan
+from kaeru.pseudonyms import VisibleIds, is_pseudonym
 from kaeru.settings import Settings, positive_duration, seconds_or_iso
 from workflows.kit import (
     CONSENT_WITHDRAWN,
@@ -86,7 +87,16 @@ class JourneyRoute:
         return self.journey.kind
 
     def workflow_id(self, customer_id: str) -> str:
+        """``<kind>-<id>``: pass the customer's visible id (:mod:`kaeru.pseudonyms`) for a
+        journey the router starts."""
         return f"{self.kind}-{customer_id}"
+
+    def workflow_ids(self, customer_id: str, ids: VisibleIds | None) -> tuple[str, str | None]:
+        """``(new, before)``: where a new journey of ``customer_id`` runs, and the clear id
+        one started before its id was pseudonymised may still run under (None: the same)."""
+        if ids is None:
+            return self.workflow_id(customer_id), None
+        return ids.workflow_ids(self.kind, customer_id)
 
     def make_input(self, customer_id: str, settings: Settings) -> Any:
         """The input the router starts this journey with (``settings``: the process's global
@@ -118,11 +128,17 @@ class JourneyRoute:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One signal to send: to ``workflow_id``, starting ``route``'s journey if ``start``."""
+    """One signal to send: to ``workflow_id``, starting ``route``'s journey if ``start``.
+
+    ``before``: the workflow id the customer's journey had before its id was pseudonymised
+    (:mod:`kaeru.pseudonyms`). A journey running there gets the event instead, and none is
+    started under ``workflow_id`` while it runs.
+    """
 
     route: JourneyRoute
     workflow_id: str
     start: bool
+    before: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,30 +163,56 @@ class Registry:
         raise KeyError(kind)
 
     def deliveries(
-        self, name: str | None, customer_id: str, properties: Mapping[str, Any]
+        self,
+        name: str | None,
+        customer_id: str,
+        properties: Mapping[str, Any],
+        ids: VisibleIds | None = None,
     ) -> list[Delivery]:
         """Where an event goes, in order. Empty: no journey cares about it.
 
         An open or click goes only to a journey of the same customer: a ``journey_id`` naming
-        someone else's journey (a forged or mistaken event) is not delivered. A disabled
-        journey is never started, but its events still reach a live one.
+        someone else's journey (a forged or mistaken event) is not delivered; it may name the
+        journey under its pseudonymous id or its clear one. A disabled journey is never
+        started, but its events still reach a live one. ``ids``: how journeys show customer
+        ids (None: in clear, and an open or click naming a pseudonymous journey is kept for
+        the router, which can tell whose it is).
         """
         if name is None:
             return []
         if name in TRACKING_EVENTS:
             journey_id = properties.get("journey_id")
+            if not isinstance(journey_id, str):
+                return []
             return [
                 Delivery(route, journey_id, start=False)
                 for route in self.routes
-                if isinstance(journey_id, str) and journey_id == route.workflow_id(customer_id)
+                if _names_journey(route, journey_id, customer_id, ids)
             ]
         found: list[Delivery] = []
         for route in self.routes:
+            new, before = route.workflow_ids(customer_id, ids)
             if route.enabled and route.starts(name, properties):
-                found.append(Delivery(route, route.workflow_id(customer_id), start=True))
+                found.append(Delivery(route, new, start=True, before=before))
             elif name in route.listens_to:
-                found.append(Delivery(route, route.workflow_id(customer_id), start=False))
+                found.append(Delivery(route, new, start=False, before=before))
         return found
+
+
+def _names_journey(
+    route: JourneyRoute, journey_id: str, customer_id: str, ids: VisibleIds | None
+) -> bool:
+    """Whether ``journey_id`` is ``customer_id``'s journey of ``route``'s kind.
+
+    Without ``ids`` (ingestion, which only asks whether to keep an event for the router), a
+    pseudonymous id of that kind may be the customer's: the router, which has the key, decides.
+    """
+    if ids is not None:
+        return journey_id in route.workflow_ids(customer_id, ids)
+    prefix = f"{route.kind}-"
+    return journey_id == route.workflow_id(customer_id) or (
+        journey_id.startswith(prefix) and is_pseudonym(journey_id[len(prefix) :])
+    )
 
 
 # ---- discovery --------------------------------------------------------------------------------
@@ -482,9 +524,14 @@ def registry() -> Registry:
     return load_registry(Settings())
 
 
-def deliveries(name: str | None, customer_id: str, properties: Mapping[str, Any]) -> list[Delivery]:
+def deliveries(
+    name: str | None,
+    customer_id: str,
+    properties: Mapping[str, Any],
+    ids: VisibleIds | None = None,
+) -> list[Delivery]:
     """Where an event goes, by the process's registry (see :meth:`Registry.deliveries`)."""
-    return registry().deliveries(name, customer_id, properties)
+    return registry().deliveries(name, customer_id, properties, ids)
 
 
 def kind_of_workflow_id(workflow_id: str) -> str | None:

@@ -481,6 +481,17 @@ class Settings(BaseSettings):
         return value
 
     # ---- consent: pseudonyms (P) settings ----
+    pseudonymous_ids: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="what new journeys show of the customer id in Temporal's workflow ids, "
+        "search attributes and memo (never encrypted): `auto` a keyed pseudonym (`p_` and 32 "
+        "hex digits) of ids that look like an email address or a phone number, `always` of "
+        "every id, `never` the id itself. Running journeys keep their ids and still get their "
+        "events. Payloads still carry the id: only with the codec on (KAERU_CODEC_MASTER_KEY) "
+        "does an erase leave it readable nowhere in Temporal. Moving to fewer pseudonyms "
+        "(always → auto, or never) leaves journeys already running under one without new "
+        "events",
+    )
 
     # ---- analytics: touchpoints, online and offline (T) settings ----
     offline_channels: str = Field(

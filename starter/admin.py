@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from kaeru.db import session as db_session
@@ -15,6 +15,7 @@ from kaeru.models import AudienceMember, Customer, Order, Touchpoint
 from kaeru.settings import Settings
 from starter.deps import ApiError, Operator, SettingsDep, router_of
 from starter.parking import drop_parked, parked_events, retry_parked
+from starter.privacy import workflows_part
 from starter.router import outbox_stats
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
@@ -60,6 +61,9 @@ class CustomerPublic(BaseModel):
     updated_at: datetime
     orders: list[OrderPublic]
     touchpoints: list[TouchpointPublic]
+    #: Their journeys in Temporal under the clear and the pseudonymous id (kaeru/pseudonyms.py),
+    #: or ``{"unavailable": why}`` when Temporal cannot be asked.
+    workflows: list[dict[str, Any]] | dict[str, str] = Field(default_factory=list)
 
 
 class OutboxPublic(BaseModel):
@@ -150,12 +154,17 @@ async def audience_members(
 
 @router.get("/customers/{customer_id:path}", response_model=CustomerPublic)
 async def customer_profile(
-    customer_id: str, settings: SettingsDep, recent: int = Query(50, ge=1, le=500)
+    customer_id: str,
+    request: Request,
+    settings: SettingsDep,
+    recent: int = Query(50, ge=1, le=500),
 ) -> CustomerPublic:
-    """A customer's profile, newest orders and newest touchpoints."""
+    """A customer's profile, newest orders and newest touchpoints, and their journeys'
+    workflows in Temporal (under their clear and their pseudonymous ids)."""
     found = await run_in_threadpool(_customer, settings, customer_id, recent)
     if found is None:
         raise ApiError(404, "not_found", f"no customer {customer_id!r} has sent an event")
+    found.workflows = await workflows_part(request, settings, customer_id)
     return found
 
 

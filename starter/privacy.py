@@ -6,9 +6,11 @@
 
 Erase, in this order:
 
-1. ends their journeys: terminates ``<kind>-<id>`` of every journey kind, and whatever running
-   workflow the visibility store lists with their ``KaeruCustomerId``; terminated, not
-   cancelled, so no step of theirs runs again (a cancelled journey's clean-up could still send);
+1. ends their journeys: terminates ``<kind>-<id>`` of every journey kind under both ids a
+   journey may show (the id itself and its pseudonym, kaeru/pseudonyms.py, whatever
+   ``KAERU_PSEUDONYMOUS_IDS`` was when it started), and whatever running workflow the
+   visibility store lists with either as ``KaeruCustomerId``; terminated, not cancelled, so no
+   step of theirs runs again (a cancelled journey's clean-up could still send);
 2. takes them out of every ad audience, here and now; a removal the platform refuses is
    parked for the audience sweeper (``audience_joins``), which retries it with backoff. Not a
    workflow of its own: an ``EraseCustomer`` history would hold the customer id in clear,
@@ -19,8 +21,9 @@ Erase, in this order:
    messages keep their status without address or subject; orders, coupons, touchpoints,
    consent history and journey entries keep their numbers under a keyed pseudonym
    (``anon-<HMAC>``) instead of the customer id;
-4. crypto-shreds their data key (kaeru/codec.py): their payloads in Temporal histories no
-   longer decrypt, anywhere, within the key cache's TTL;
+4. crypto-shreds their data keys (kaeru/codec.py), the one of their id and the one of its
+   pseudonym (the codec keys a journey's payloads by the id its workflow id shows): their
+   payloads in Temporal histories no longer decrypt, anywhere, within the key cache's TTL;
 5. ends again any journey the router started from their events while 1-4 ran.
 
 Suppressions stay: an address that bounced or complained must not be emailed again, and the
@@ -72,16 +75,14 @@ from kaeru.models import (
     TrackingLink,
     utcnow,
 )
+from kaeru.pseudonyms import VisibleIds, pseudonym_key
 from kaeru.search_attributes import CUSTOMER_ID
 from kaeru.settings import Settings
 from kaeru.temporal import connect, journey_kinds
-from kaeru.tracking_tokens import generated_secret
 from starter.deps import ApiError, Operator, SettingsDep, router_of
 
 log = logging.getLogger("kaeru.privacy")
 
-#: The app secret that keys the pseudonyms erase leaves in place of a customer id.
-PSEUDONYM_SECRET = "customer-pseudonym-key"
 #: A touchpoint's details that hold no personal data (the rest is dropped by erase: an SMTP
 #: answer may quote the address, a coupon's ``owner`` is a customer id).
 SAFE_DETAIL = frozenset(
@@ -94,11 +95,6 @@ ERASED_NOTE = "not routed: the customer was erased"
 
 
 # ---- pseudonyms and whose data is whose ---------------------------------------------------------
-
-
-def pseudonym_key(s: Session) -> bytes:
-    """The key of erase's pseudonyms, generated once and kept in ``app_secrets``."""
-    return generated_secret(s, PSEUDONYM_SECRET)
 
 
 def pseudonym(key: bytes, customer_id: str) -> str:
@@ -351,31 +347,104 @@ def scrub(
     settings: Settings, ids: list[str], kinds: list[str], report: EraseReport
 ) -> dict[str, str | None]:
     """Delete or pseudonymise the rows of every id in ``ids`` and shred their data keys, in one
-    transaction; each id's shredded key id (None: it had no key). Blocking."""
+    transaction: the key of each id and of each id's visible pseudonym (its journeys'
+    payloads). Returns the key id shredded per id the codec knew (None: it had no key).
+    Blocking."""
     with db_session(settings.resolved_database_url) as s:
         key = pseudonym_key(s)
-        return {i: _scrub_one(s, i, pseudonym(key, i), kinds, report) for i in ids}
+        shredded = {i: _scrub_one(s, i, pseudonym(key, i), kinds, report) for i in ids}
+        for i in ids:
+            for shown in VisibleIds(key).every_id(i)[1:]:
+                shredded[shown] = shred(s, shown)
+                if shredded[shown] is not None:
+                    report.keys_shredded += 1
+        return shredded
 
 
-def _ids(settings: Settings, customer_id: str) -> list[str]:
+def _ids_and_key(settings: Settings, customer_id: str) -> tuple[list[str], bytes]:
     with db_session(settings.resolved_database_url) as s:
-        return ids_of(s, customer_id)
+        return ids_of(s, customer_id), pseudonym_key(s)
 
 
-async def end_journeys(client: Client, ids: list[str], kinds: list[str]) -> int:
+def _quotable(value: str) -> bool:
+    """Whether ``value`` can go into a visibility query between double quotes."""
+    return '"' not in value and "\\" not in value
+
+
+async def workflows_of(
+    client: Client, ids: list[str], kinds: list[str], visible: VisibleIds
+) -> list[dict[str, Any]]:
+    """Every journey workflow Temporal keeps of ``ids`` (its latest run), under the clear id
+    and the pseudonym alike: ``workflow_id``, ``status``, ``started_at``, ``closed_at``.
+
+    The known ids (``<kind>-<id>``, ``<kind>-<pseudonym>``) are described; the visibility
+    store adds any other workflow with either as ``KaeruCustomerId`` where it can list.
+
+    Raises:
+        RPCError: Temporal refused a description for another reason than not knowing it.
+    """
+    shown = [each for customer_id in ids for each in visible.every_id(customer_id)]
+    targets = {f"{kind}-{each}" for kind in kinds for each in shown}
+    for each in filter(_quotable, shown):
+        try:
+            async for execution in client.list_workflows(f'{CUSTOMER_ID.name} = "{each}"'):
+                targets.add(execution.id)
+        except RPCError as exc:
+            log.info("cannot list workflows by customer (%s); describing the known ids", exc.status)
+
+    async def describe(workflow_id: str) -> dict[str, Any] | None:
+        try:
+            found = await client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return None
+        return {
+            "workflow_id": workflow_id,
+            "status": found.status.name if found.status is not None else "UNKNOWN",
+            "started_at": found.start_time.isoformat(),
+            "closed_at": found.close_time.isoformat() if found.close_time else None,
+        }
+
+    described = await asyncio.gather(*(describe(w) for w in sorted(targets)))
+    return [d for d in described if d is not None]
+
+
+async def workflows_part(request: Request, settings: Settings, customer_id: str) -> Any:
+    """The customer's journeys in Temporal for an API answer, or a note saying why not."""
+    client = router_of(request).client
+    try:
+        if client is None:
+            client = await connect(settings)
+        ids, key = await asyncio.to_thread(_ids_and_key, settings, customer_id)
+        return await workflows_of(
+            client, ids, journey_kinds(settings), VisibleIds(key, settings.pseudonymous_ids)
+        )
+    except (RuntimeError, RPCError) as exc:
+        return {
+            "unavailable": f"Temporal could not be asked for the customer's journeys ({exc}): "
+            "make sure it is reachable (KAERU_TEMPORAL_ADDRESS) and ask again"
+        }
+
+
+async def end_journeys(
+    client: Client, ids: list[str], kinds: list[str], visible: VisibleIds
+) -> int:
     """Terminate every running journey of ``ids``; how many were running.
 
-    The journeys' ids are known (``<kind>-<id>``); the visibility store adds any other running
-    workflow with their ``KaeruCustomerId`` (a kind no longer deployed). It is eventually
-    consistent and the time-skipping test server cannot list, so it only adds.
+    The journeys' ids are known (``<kind>-<id>`` and ``<kind>-<pseudonym>`` of each id:
+    ``visible``); the visibility store adds any other running workflow with either as its
+    ``KaeruCustomerId`` (a kind no longer deployed). It is eventually consistent and the
+    time-skipping test server cannot list, so it only adds.
 
     Raises:
         RPCError: Temporal refused a termination (nothing of the customer's data is deleted
             before this step, so the erase can simply be run again).
     """
-    targets = {f"{kind}-{customer_id}" for kind in kinds for customer_id in ids}
-    for customer_id in ids:
-        if '"' in customer_id or "\\" in customer_id:
+    shown = [each for customer_id in ids for each in visible.every_id(customer_id)]
+    targets = {f"{kind}-{each}" for kind in kinds for each in shown}
+    for customer_id in shown:
+        if not _quotable(customer_id):
             continue  # not safely quotable in a visibility query; the known ids still apply
         query = f'{CUSTOMER_ID.name} = "{customer_id}" AND ExecutionStatus = "Running"'
         try:
@@ -450,9 +519,10 @@ async def erase_customer(settings: Settings, client: Client, customer_id: str) -
         RPCError: Temporal refused to end a journey (before anything was deleted).
     """
     kinds = journey_kinds(settings)
-    ids = await asyncio.to_thread(_ids, settings, customer_id)
+    ids, key = await asyncio.to_thread(_ids_and_key, settings, customer_id)
+    visible = VisibleIds(key, settings.pseudonymous_ids)
     report = EraseReport(ids=len(ids))
-    report.journeys_ended = await end_journeys(client, ids, kinds)
+    report.journeys_ended = await end_journeys(client, ids, kinds, visible)
     await leave_audiences(settings, ids, report)
     shredded = await asyncio.to_thread(scrub, settings, ids, kinds, report)
     codec = codec_for(settings, kinds)
@@ -461,7 +531,7 @@ async def erase_customer(settings: Settings, client: Client, customer_id: str) -
             codec.keys.forget(customer, key_id)
     # The router may have started a journey from their events while the steps above ran.
     try:
-        report.journeys_ended += await end_journeys(client, ids, kinds)
+        report.journeys_ended += await end_journeys(client, ids, kinds, visible)
     except RPCError as exc:
         log.warning(
             "an erase could not end a journey started while it ran (%s): erase the same "
@@ -503,12 +573,17 @@ def report_public(report: EraseReport) -> EraseReportPublic:
 
 
 @router.get("/customers/{customer_id:path}/export", response_model=dict[str, Any])
-async def export(customer_id: CustomerIdPath, settings: SettingsDep) -> dict[str, Any]:
+async def export(
+    customer_id: CustomerIdPath, request: Request, settings: SettingsDep
+) -> dict[str, Any]:
     """Everything stored about the customer (and the anonymous ids merged into them): profile,
-    consent and its history, events, messages, touchpoints, audiences, orders, coupons, cart."""
+    consent and its history, events, messages, touchpoints, audiences, orders, coupons, cart,
+    and their journeys' workflows in Temporal (``workflows``, under their clear and their
+    pseudonymous ids)."""
     found = await run_in_threadpool(export_customer, settings, customer_id)
     if found is None:
         raise ApiError(404, "not_found", f"nothing is stored about customer {customer_id!r}")
+    found["workflows"] = await workflows_part(request, settings, customer_id)
     return found
 
 

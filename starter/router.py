@@ -25,6 +25,12 @@ Ingestion stores first and answers; this task delivers a moment later. The rules
   order completed at or after it) nor by one older than ``KAERU_MAX_START_EVENT_AGE``; such an
   event still reaches a live journey and is marked with the reason (``route_note``).
 * No database transaction is held across a Temporal call.
+* New journeys show the customer's visible id (``KAERU_PSEUDONYMOUS_IDS``, kaeru/pseudonyms.py)
+  in their workflow id, search attributes, memo and summary; their input keeps the clear id.
+  A customer whose id is pseudonymised may still have a journey that started under the clear
+  id: an event that starts a journey goes to that one if a describe finds it running (else
+  it starts one under the pseudonym), and an event for a live journey tries the new id, then
+  (one describe) the clear one. Ids that stay clear cost nothing more.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from sqlalchemy import bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -51,6 +57,7 @@ from kaeru.db import session as db_session
 from kaeru.db import write_session
 from kaeru.journeys import Delivery, deliveries
 from kaeru.models import CustomerRouting, Event, Lease, Order, utcnow
+from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.settings import Settings
 from kaeru.temporal import connect
 from starter.events import journey_properties
@@ -526,6 +533,7 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_call: asyncio.Future[int | None] | None = None
         self._marks = _Marks(self._url)
+        self._ids: VisibleIds | None = None
 
     # ---- control ----
 
@@ -815,21 +823,32 @@ class Router:
             )
         return None
 
+    async def visible_ids(self) -> VisibleIds:
+        """The pseudonym key (read once from the database) and ``KAERU_PSEUDONYMOUS_IDS``."""
+        if self._ids is None:
+            self._ids = await asyncio.to_thread(read_visible_ids, self.settings)
+        return self._ids
+
     async def _deliver(self, client: Client, event: StoredEvent) -> str | None:
         """Send ``event`` to its journeys; returns the note to store with its mark."""
         if event.seq <= event.last_routed_seq and not event.retried:
             return f"not sent again: seq {event.last_routed_seq} was already routed"
         journey_event = event.journey_event()
         notes: list[str] = []
+        ids = await self.visible_ids()
         # By the name journeys see it by (``identify`` for an identify), as ingestion asked.
-        for target in deliveries(journey_event.name, event.customer_id, journey_event.properties):
+        for target in deliveries(
+            journey_event.name, event.customer_id, journey_event.properties, ids
+        ):
             self._fence_now()
             journey = target.route.journey
             refused = self._no_start(event, journey.ends_on_purchase) if target.start else None
             if target.start and refused is None:
-                await self._signal_with_start(client, target, event, journey_event)
-            else:
-                await self._signal(client, target, journey_event)
+                # A journey started under the clear id before it was pseudonymised goes on.
+                if not await self._signal_before(client, target, journey_event):
+                    await self._signal_with_start(client, target, event, journey_event)
+            elif not await self._signal(client, target.workflow_id, journey_event):
+                await self._signal_before(client, target, journey_event)
             if refused is not None:
                 notes.append(refused)
         return "; ".join(notes)[:500] if notes else None
@@ -837,19 +856,22 @@ class Router:
     async def _signal_with_start(
         self, client: Client, target: Delivery, event: StoredEvent, journey_event: JourneyEvent
     ) -> None:
-        route, customer_id = target.route, event.customer_id
+        route = target.route
+        # What Temporal shows: the visible id (workflow ids are ``<kind>-<visible id>``); the
+        # input keeps the clear id, which the codec encrypts when it is on.
+        shown = target.workflow_id.removeprefix(f"{route.kind}-")
         await client.start_workflow(
             route.workflow_name,
-            route.make_input(customer_id, self.settings),
+            route.make_input(event.customer_id, self.settings),
             id=target.workflow_id,
             task_queue=self.settings.task_queue,
             # A journey that ended (purchase, no open...) may start again on a new cart.
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            search_attributes=TypedSearchAttributes(Journey.start_search_attributes(customer_id)),
-            memo={"customer_id": customer_id, "journey": route.label},
-            static_summary=f"{route.label} for {customer_id}",
+            search_attributes=TypedSearchAttributes(Journey.start_search_attributes(shown)),
+            memo={"customer_id": shown, "journey": route.label},
+            static_summary=f"{route.label} for {shown}",
             static_details=(
-                f"{route.label} journey of customer `{customer_id}`, started by the event "
+                f"{route.label} journey of customer `{shown}`, started by the event "
                 f"router on `{event.name}` (seq {event.seq}, messageId `{event.message_id}`)."
             ),
             start_signal=EVENT_SIGNAL,
@@ -857,12 +879,35 @@ class Router:
             rpc_timeout=self.rpc_timeout,
         )
 
-    async def _signal(self, client: Client, target: Delivery, journey_event: JourneyEvent) -> None:
-        handle = client.get_workflow_handle(target.workflow_id)
+    async def _signal_before(
+        self, client: Client, target: Delivery, journey_event: JourneyEvent
+    ) -> bool:
+        """Signal the journey running under ``target.before`` (the clear id of a customer
+        whose id is now pseudonymised); False if there is none. One describe first: a signal
+        would carry the event (encoded under the clear id's data key) for nothing."""
+        if target.before is None:
+            return False
+        try:
+            described = await client.get_workflow_handle(target.before).describe(
+                rpc_timeout=self.rpc_timeout
+            )
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return False
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        return await self._signal(client, target.before, journey_event)
+
+    async def _signal(self, client: Client, workflow_id: str, journey_event: JourneyEvent) -> bool:
+        """Signal the journey ``workflow_id``; False if none is running there."""
+        handle = client.get_workflow_handle(workflow_id)
         try:
             await handle.signal(EVENT_SIGNAL, journey_event, rpc_timeout=self.rpc_timeout)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             # No live journey: an order or a late open after the journey ended is normal.
-            log.debug("no live %s for event seq %d", target.workflow_id, journey_event.seq)
+            log.debug("no live %s for event seq %d", workflow_id, journey_event.seq)
+            return False
+        return True

@@ -1167,7 +1167,7 @@ class Journey(Generic[S]):
             workflow.continue_as_new(
                 next_input,
                 search_attributes=TypedSearchAttributes(
-                    self.start_search_attributes(self.customer_id)
+                    self.start_search_attributes(self.visible_customer_id)
                 ),
             )
         if self.held:
@@ -1312,9 +1312,19 @@ class Journey(Generic[S]):
         lines += ["", "Story:", *[f"1. {line}" for line in self.story[-15:]]]
         workflow.set_current_details("\n".join(lines))
 
+    @property
+    def visible_customer_id(self) -> str:
+        """The customer id this journey shows in Temporal (``KaeruCustomerId``): the one the
+        router started it with, a pseudonym when the customer id is personal data
+        (kaeru/pseudonyms.py), so a next generation keeps showing it; the clear id for a
+        journey started without it. Read from the run's own start, so replay agrees."""
+        shown = workflow.info().typed_search_attributes.get(CUSTOMER_ID)
+        return shown if shown else self.customer_id
+
     @staticmethod
     def start_search_attributes(customer_id: str) -> list[SearchAttributePair[str]]:
-        """Search attributes to give a journey when it starts (used by the router)."""
+        """Search attributes to give a journey when it starts (used by the router, with the
+        customer's visible id: kaeru/pseudonyms.py)."""
         return [
             SearchAttributePair(CUSTOMER_ID, customer_id),
             SearchAttributePair(STEP, "started"),

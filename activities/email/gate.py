@@ -22,6 +22,7 @@ from activities.email.addresses import mask_address, normalise_address
 from activities.types import SendEmailInput
 from kaeru.consent import refusal
 from kaeru.models import EmailMessage, Suppression, utcnow
+from kaeru.pseudonyms import journey_kind as journey_kind
 
 #: Message-log statuses in which the SMTP server has, or may have, the message.
 MAY_HAVE_GONE_OUT = ("data", "sent", "unconfirmed")
@@ -68,12 +69,6 @@ def topic_sent(s: Session, email: SendEmailInput, window: timedelta) -> EmailMes
         )
         .limit(1)
     ).first()
-
-
-def journey_kind(journey_id: str, customer_id: str) -> str:
-    """The kind of journey ``journey_id`` (``<kind>-<customer id>``); empty if it is not one."""
-    suffix = f"-{customer_id}"
-    return journey_id.removesuffix(suffix) if journey_id.endswith(suffix) else ""
 
 
 def may_send(

@@ -44,6 +44,7 @@ from kaeru.dev.plan import DevPlan, workflow_url
 from kaeru.journeys import prefix_of, registry
 from kaeru.models import AudienceMember
 from kaeru.money import format_minor, to_minor
+from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.serving import DEV_WRITE_KEY, StackError
 from kaeru.settings import Settings
 from workflows.browse_abandonment import BrowseAbandonment
@@ -229,7 +230,9 @@ class DemoShopper:
         self.console = console
         self.http = http
         self.customer_id = f"demo-{secrets.token_hex(3)}"
-        self.journey_id = f"{CartAbandonment.kind}-{self.customer_id}"
+        #: How the router shows the shopper's id (read as the demo starts; None: in clear).
+        self.ids: VisibleIds | None = None
+        self.journey_id = self.journey_of(CartAbandonment.kind)
         self.cart_settings: CartJourneySettings = (
             registry().route(CartAbandonment.kind).journey_settings
         )
@@ -265,6 +268,8 @@ class DemoShopper:
                 f"the demo finishes within {DEADLINE:.0f}s, and {', '.join(waits)} add up to "
                 "more than half of that: unset them (`kaeru dev --demo` makes them seconds)"
             )
+        self.ids = await asyncio.to_thread(read_visible_ids, self.settings)
+        self.journey_id = self.journey_of(CartAbandonment.kind)
         self.say(
             f"a shopper comes by ({SHOPPER_EMAIL}, customer {self.customer_id}); their cart "
             f"journey is the workflow {self.journey_id}"
@@ -551,7 +556,8 @@ class DemoShopper:
 
     def journey_of(self, kind: str) -> str:
         """The workflow id of this shopper's journey of ``kind``."""
-        return registry().route(kind).workflow_id(self.customer_id)
+        workflow_id, _ = registry().route(kind).workflow_ids(self.customer_id, self.ids)
+        return workflow_id
 
     async def mail(self, step: str, timeout: float, journey: str | None = None) -> dict[str, Any]:
         """The email of ``step`` from ``journey`` (default: the cart journey), from the mail

@@ -47,6 +47,7 @@ from kaeru.commerce import ORDER_COMPLETED
 from kaeru.db import migrate
 from kaeru.dev.timeline import Step, Timeline, TimelineError, aware, load_timeline
 from kaeru.journeys import JourneyRoute, deliveries, prefix_of, registry
+from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
 from kaeru.tracking_tokens import CLICK, OPEN
@@ -230,6 +231,8 @@ class _Player:
         #: The journey's handle, from its (latest) start; None until an event starts it.
         self.started: WorkflowHandle[Any, JourneyResult] | None = None
         self.fence: Fence | None = None
+        #: How the router would show the customer's id (read when the playback starts).
+        self.ids: VisibleIds | None = None
 
     @property
     def client(self) -> Client:
@@ -237,14 +240,14 @@ class _Player:
 
     @property
     def handle(self) -> WorkflowHandle[Any, JourneyResult]:
-        return self.client.get_workflow_handle(
-            self.route.workflow_id(self.customer.id), result_type=JourneyResult
-        )
+        workflow_id, _ = self.route.workflow_ids(self.customer.id, self.ids)
+        return self.client.get_workflow_handle(workflow_id, result_type=JourneyResult)
 
     def simulated(self, server_time: datetime) -> datetime:
         return aware(server_time) - self.offset
 
     async def play(self) -> None:
+        self.ids = await asyncio.to_thread(read_visible_ids, self.settings)
         now = aware(await self.env.get_current_time())
         self.offset = _calendar_shift(self.timeline.start, now)
         await self.advance_to(self.timeline.start)
@@ -394,7 +397,7 @@ class _Player:
             journey_event = event.journey_event()
             # By the name journeys see it by (``identify`` for an identify), as the router does.
             for target in deliveries(
-                journey_event.name, event.customer_id, journey_event.properties
+                journey_event.name, event.customer_id, journey_event.properties, self.ids
             ):
                 if target.route.kind != self.route.kind:
                     continue
@@ -408,7 +411,9 @@ class _Player:
                         task_queue=self.settings.task_queue,
                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                         search_attributes=TypedSearchAttributes(
-                            Journey.start_search_attributes(event.customer_id)
+                            Journey.start_search_attributes(
+                                target.workflow_id.removeprefix(f"{self.route.kind}-")
+                            )
                         ),
                         start_signal=EVENT_SIGNAL,
                         start_signal_args=[journey_event],

@@ -234,6 +234,16 @@ async def test_a_click_in_the_email_reaches_the_journey(tmp_path: Path) -> None:
     assert result.audience[0].startswith("Wed 2026-03-04 12:00  added the shopper")
 
 
+async def test_a_customer_whose_id_is_their_email_address(tmp_path: Path) -> None:
+    """As the router does, the simulator runs the journey under the id's pseudonym
+    (``KAERU_PSEUDONYMOUS_IDS=auto``): the email's own tracking link still reaches it."""
+    text = GOOD_START.replace("id: ada,", "id: ada@example.com,")
+    text += "  - at: Tuesday 12:00\n    click: cart_email\n    link: 1\n"
+    result = await simulate("cart-abandonment", timeline(tmp_path, text), tmp_path / "out")
+    assert result.outcome == "ad_not_clicked"
+    assert result.audience[0].startswith("Wed 2026-03-04 12:00  added the shopper")
+
+
 async def test_welcome_series_from_the_sign_up(tmp_path: Path) -> None:
     """The shipped welcome example: the customer's identify (it sets the email) starts the
     series; welcome at once, the shop's best-sellers (its shop_orders) on day 3, the coupon on

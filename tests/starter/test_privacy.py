@@ -49,12 +49,13 @@ from kaeru.models import (
     Touchpoint,
     TrackingLink,
 )
+from kaeru.pseudonyms import pseudonym_key
 from kaeru.settings import Settings
 from kaeru.temporal import converter, journey_kinds
 from kaeru.touchpoints import record_touchpoint
 from starter.app import create_app
 from starter.consent_changes import record_consent_change
-from starter.privacy import erase_customer, pseudonym, pseudonym_key
+from starter.privacy import erase_customer, pseudonym
 from tests.conftest import make_settings
 from tests.kaeru.test_cli import assert_clear_failure, clean_environment, kaeru, runner
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client

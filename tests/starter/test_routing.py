@@ -16,6 +16,7 @@ from kaeru.journeys import (
     prefix_of,
     registry,
 )
+from kaeru.pseudonyms import AUTO, NEVER, VisibleIds, visible_customer_id
 from kaeru.settings import Settings
 from starter.router import acquire_lease, lease_holder, release_lease
 from tests.conftest import make_settings
@@ -63,6 +64,57 @@ def test_opens_and_clicks_go_to_the_customers_own_journey_only() -> None:
         assert deliveries(name, "u2", own) == []
         assert deliveries(name, "u1", {"journey_id": {"x": 1}}) == []
         assert deliveries(name, "u1", {}) == []
+
+
+KEY = b"k" * 43
+
+
+def cart_only(found: list[Delivery]) -> list[Delivery]:
+    return [d for d in found if d.route.kind == "cart-abandonment"]
+
+
+EMAIL = "ann@example.com"
+
+
+def test_an_email_id_is_routed_under_its_pseudonym_and_before_that_its_clear_id() -> None:
+    """New journeys of an email customer id get the pseudonym; the clear id stays the place
+    to look first for a journey started before it (a start) or after it (a signal)."""
+    ids = VisibleIds(KEY, AUTO)
+    pseudo = f"cart-abandonment-{visible_customer_id(EMAIL, KEY, AUTO)}"
+    for name, start in (("Product Added", True), ("Order Completed", False)):
+        (delivery,) = cart_only(deliveries(name, EMAIL, {}, ids))
+        assert (delivery.workflow_id, delivery.before, delivery.start) == (
+            pseudo,
+            f"cart-abandonment-{EMAIL}",
+            start,
+        )
+    (clear,) = cart_only(deliveries("Product Added", "u1", {}, ids))
+    assert (clear.workflow_id, clear.before) == ("cart-abandonment-u1", None)
+    (never,) = cart_only(deliveries("Product Added", EMAIL, {}, VisibleIds(KEY, NEVER)))
+    assert (never.workflow_id, never.before) == (f"cart-abandonment-{EMAIL}", None)
+    # Without the key (a caller that names no ids) journeys keep clear ids, as before.
+    (plain,) = cart_only(deliveries("Product Added", EMAIL, {}))
+    assert (plain.workflow_id, plain.before) == (f"cart-abandonment-{EMAIL}", None)
+
+
+def test_an_open_reaches_the_customers_journey_under_either_id() -> None:
+    ids = VisibleIds(KEY, AUTO)
+    pseudo = f"cart-abandonment-{visible_customer_id(EMAIL, KEY, AUTO)}"
+    for journey_id in (pseudo, f"cart-abandonment-{EMAIL}"):
+        (delivery,) = deliveries("Email Opened", EMAIL, {"journey_id": journey_id}, ids)
+        assert (delivery.workflow_id, delivery.before, delivery.start) == (
+            journey_id,
+            None,
+            False,
+        )
+    other = f"cart-abandonment-{visible_customer_id('bob@example.com', KEY, AUTO)}"
+    assert deliveries("Email Opened", EMAIL, {"journey_id": other}, ids) == []
+    # Ingestion, without the key, keeps an open of a pseudonymous journey for the router (it
+    # cannot tell whose it is); the router, with the key, refuses someone else's.
+    for journey_id in (pseudo, other):
+        (kept,) = deliveries("Email Opened", EMAIL, {"journey_id": journey_id})
+        assert kept.workflow_id == journey_id
+    assert deliveries("Email Opened", EMAIL, {"journey_id": "cart-abandonment-p_x"}) == []
 
 
 def test_other_events_go_nowhere() -> None:
