@@ -1,0 +1,175 @@
+"""The demo's crowd: other shoppers who leave carts beside the demo shopper, so a newcomer's
+dashboard has numbers to show (a funnel, revenue recovered online and in the shop, routes, the
+cart subject experiment's two arms, a send-time heatmap).
+
+Each crowd shopper is a real customer of the running stack, played over its real API while the
+demo shopper's story is told: they sign up, leave a cart, and their cart email arrives in the
+mail catcher; then each does what their :class:`Story` says (open the email, click through,
+buy online, or buy at the shop's till: an ``Order Completed`` from the ``pos`` channel, as a
+shop's point of sale sends one with the server key). Nothing is written to the database behind
+the stack's back: every number on the dashboard comes from what the journeys did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from rich.console import Console
+from temporalio.client import Client
+
+from kaeru.dev.demo import CATALOGUE, DemoShopper, DemoTarget
+from kaeru.money import to_minor
+from kaeru.serving import StackError
+from kaeru.settings import Settings
+from workflows.cart_abandonment import CartAbandonment
+
+#: Tracked links in an email's HTML (``/t/c/<token>``): what a click through fetches.
+CLICK_LINK = re.compile(r"""href=["']([^"']+/t/c/[^"']+)["']""")
+
+
+@dataclass(frozen=True)
+class Story:
+    """What one crowd shopper does once their cart email arrives."""
+
+    opens: bool
+    clicks: bool
+    #: ``web`` (online), ``pos`` (the shop's till), or None (never buys).
+    buys: str | None
+    cart: tuple[str, ...]
+
+    def told(self) -> str:
+        if self.buys == "pos":
+            return "bought in the shop" + (" after opening the email" if self.opens else "")
+        if self.buys == "web":
+            return "clicked through and bought online" if self.clicks else "bought online"
+        if self.clicks:
+            return "clicked through and left"
+        return "opened the email and left" if self.opens else "never opened the email"
+
+
+#: Eight shoppers: three buy online or in the shop after the email, one buys in the shop
+#: without opening it, four leave.
+STORIES = (
+    Story(opens=True, clicks=False, buys="web", cart=("frog-mug",)),
+    Story(opens=True, clicks=True, buys="web", cart=("pond-teapot", "moss-sencha")),
+    Story(opens=True, clicks=False, buys="pos", cart=("lily-coasters", "frog-mug")),
+    Story(opens=False, clicks=False, buys="pos", cart=("rain-candle",)),
+    Story(opens=True, clicks=False, buys=None, cart=("moss-sencha",)),
+    Story(opens=True, clicks=True, buys=None, cart=("pond-teapot",)),
+    Story(opens=False, clicks=False, buys=None, cart=("frog-mug", "rain-candle")),
+    Story(opens=False, clicks=False, buys=None, cart=("lily-coasters",)),
+)
+
+
+class CrowdShopper(DemoShopper):
+    """One shopper of the crowd: the demo shopper's ways of talking to the stack, their own
+    customer id, address and story."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client,
+        target: DemoTarget,
+        console: Console,
+        http: httpx.AsyncClient,
+        *,
+        customer_id: str,
+        story: Story,
+    ) -> None:
+        super().__init__(settings, client, target, console, http)
+        self.customer_id = customer_id
+        self.email = f"{customer_id}@example.com"
+        self.story = story
+        self.journey_id = self.journey_of(CartAbandonment.kind)
+
+    def identify(self) -> dict[str, Any]:
+        return self.event(
+            userId=self.customer_id,
+            traits={"email": self.email, "name": "Crowd Shopper", "marketing_consent": True},
+        )
+
+    async def play(self) -> str:
+        """Sign up, leave the cart, wait for the cart email and do what the story says; what
+        happened, in words."""
+        await self.post("/v1/identify", self.identify())
+        for product_id in self.story.cart:
+            await self.post("/v1/track", self.product_added(CATALOGUE[product_id]))
+        quiet = self.cart_settings.email_delay
+        cart_email = await self.mail("cart_email", quiet + 60)
+        if self.story.opens:
+            await self.http.get(self.open_pixel(cart_email))
+        if self.story.clicks:
+            found = CLICK_LINK.search(cart_email.get("html") or "")
+            if found is None:
+                raise StackError("the cart email has no tracked link (/t/c/...) in its HTML")
+            await self.http.get(html.unescape(found.group(1)))
+        if self.story.buys is not None:
+            await self.order(self.story.buys)
+        return self.story.told()
+
+    async def order(self, channel: str) -> None:
+        total = sum(CATALOGUE[p].price for p in self.story.cart)
+        fields: dict[str, Any] = {}
+        if channel != "web":
+            # A till's order, as a point of sale sends it with the server key.
+            fields["context"] = {
+                "library": {"name": "kaeru-demo", "version": "1"},
+                "channel": channel,
+            }
+        await self.post(
+            "/v1/track",
+            self.event(
+                userId=self.customer_id,
+                event="Order Completed",
+                properties={
+                    "order_id": f"{self.customer_id}-order",
+                    "total": float(total),
+                    "revenue": float(total),
+                    "currency": "USD",
+                    "products": [self.product(CATALOGUE[p]) for p in self.story.cart],
+                },
+                **fields,
+            ),
+        )
+
+
+def spent(story: Story) -> int:
+    """What ``story``'s order comes to, in cents (0: no order)."""
+    if story.buys is None:
+        return 0
+    return sum(to_minor(CATALOGUE[p].price, "USD") for p in story.cart)
+
+
+async def play_crowd(
+    settings: Settings,
+    client: Client,
+    target: DemoTarget,
+    console: Console,
+    http: httpx.AsyncClient,
+    *,
+    prefix: str | None = None,
+) -> Counter[str]:
+    """Play every story of :data:`STORIES` at once; how many shoppers ended each way.
+
+    Raises:
+        StackError: a crowd shopper's cart email did not arrive, or the API refused them.
+    """
+    prefix = prefix or f"crowd-{secrets.token_hex(3)}"
+    shoppers = [
+        CrowdShopper(
+            settings, client, target, console, http, customer_id=f"{prefix}-{n}", story=story
+        )
+        for n, story in enumerate(STORIES, start=1)
+    ]
+    for shopper in shoppers:
+        shopper.ids = None  # the demo's ids are plain: never personal data
+    endings = await asyncio.gather(*(shopper.play() for shopper in shoppers))
+    return Counter(endings)
+
