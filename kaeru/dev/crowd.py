@@ -26,6 +26,7 @@ from temporalio.client import Client
 
 from kaeru.dev.demo import CATALOGUE, DemoShopper, DemoTarget
 from kaeru.money import to_minor
+from kaeru.pseudonyms import read_visible_ids
 from kaeru.serving import StackError
 from kaeru.settings import Settings
 from workflows.cart_abandonment import CartAbandonment
@@ -98,6 +99,8 @@ class CrowdShopper(DemoShopper):
     async def play(self) -> str:
         """Sign up, leave the cart, wait for the cart email and do what the story says; what
         happened, in words."""
+        self.ids = await asyncio.to_thread(read_visible_ids, self.settings)
+        self.journey_id = self.journey_of(CartAbandonment.kind)
         await self.post("/v1/identify", self.identify())
         for product_id in self.story.cart:
             await self.post("/v1/track", self.product_added(CATALOGUE[product_id]))
@@ -168,8 +171,5 @@ async def play_crowd(
         )
         for n, story in enumerate(STORIES, start=1)
     ]
-    for shopper in shoppers:
-        shopper.ids = None  # the demo's ids are plain: never personal data
     endings = await asyncio.gather(*(shopper.play() for shopper in shoppers))
     return Counter(endings)
-

@@ -9,7 +9,8 @@ email in the mail catcher, opens it (fetches its pixel, as a mail client would),
 join the ad audience, clicks the ad (a ``page`` call with the retargeting UTM campaign),
 waits for the coupon email and buys with the coupon: the order confirmation arrives, and the
 post-purchase and win-back journeys start waiting (days, by their settings). Every step is
-narrated with the link to look at. ``kaeru demo`` runs the same shopper against a
+narrated with the link to look at. Meanwhile a crowd of other shoppers (kaeru/dev/crowd.py)
+leaves the history the dashboard shows. ``kaeru demo`` runs the same shopper against a
 ``kaeru dev --demo`` already running.
 """
 
@@ -342,7 +343,6 @@ class DemoShopper:
             )
         result = await self.outcome()
         await self.after_the_order()
-        self.say(f"done in {time.monotonic() - self.started:.0f}s; another shopper: kaeru demo")
         return result
 
     def is_on(self, journey: type[Journey[Any]]) -> bool:
@@ -687,5 +687,25 @@ async def run_demo(
     Raises:
         StackError: a part of the stack did not do its step in time; the message says where.
     """
+    # Imported here: the crowd's shoppers are demo shoppers (kaeru.dev.crowd imports this).
+    from kaeru.dev.crowd import play_crowd
+
     async with httpx.AsyncClient(timeout=10.0) as http:
-        return await DemoShopper(settings, client, target, console, http).run()
+        shopper = DemoShopper(settings, client, target, console, http)
+        crowd = asyncio.create_task(play_crowd(settings, client, target, console, http))
+        try:
+            result = await shopper.run()
+            endings = await crowd
+        finally:
+            crowd.cancel()
+        told = ", ".join(f"{n} {what}" for what, n in endings.most_common())
+        shopper.say(
+            f"meanwhile {endings.total()} other shoppers left carts: {told}. The dashboard "
+            "shows what they all did (funnel, revenue recovered, routes, the cart subject "
+            "experiment, send times); sign in with the admin token",
+            f"{target.api_url}/dashboard",
+        )
+        shopper.say(
+            f"done in {time.monotonic() - shopper.started:.0f}s; another shopper: kaeru demo"
+        )
+        return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import pytest
 from rich.console import Console
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from kaeru.dev.crowd import STORIES, spent
 from kaeru.dev.demo import DEMO_WAITS, with_demo_waits
 from kaeru.dev.devstack import TemporalDevServer, print_urls
 from kaeru.dev.plan import plan_dev
@@ -26,6 +28,7 @@ from kaeru.journeys import registry
 from kaeru.serving import DEV_WRITE_KEY, StackError, listening_socket
 from kaeru.settings import Settings
 from kaeru.temporal import missing_search_attributes
+from workflows.cart_abandonment import CartAbandonment
 
 
 def free_port() -> int:
@@ -327,6 +330,40 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
     assert leaks == [], leaks
     assert dev.returncode == 0, output
     assert "kaeru stopped." in output and "Traceback" not in output
+    _the_crowd_is_on_the_report(env, output)
+
+
+def _the_crowd_is_on_the_report(env: dict[str, str], output: str) -> None:
+    """The demo's crowd leaves the history a newcomer's dashboard shows: `kaeru report` of the
+    stack's database credits exactly the orders that came after an open (the crowd's and the
+    demo shopper's), shows the store purchases and both arms of the experiment."""
+    assert re.search(r"meanwhile 8 other shoppers left carts: .+\n +http://\S+/dashboard", output)
+    bought = re.search(r"order demo-[0-9a-f]+-order, (\d+)\.(\d\d) USD", output)
+    assert bought is not None, output
+    report = subprocess.run(
+        [sys.executable, "-c", "from kaeru.cli import app; app()", "report", "--since", "1d"]
+        + ["--json"],
+        cwd=Path(__file__).parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    data = json.loads(report.stdout)
+    cart = data["kpis"][CartAbandonment.kind]["current"]
+    after_an_open = [story for story in STORIES if story.opens and story.buys]
+    assert cart["conversions"] == len(after_an_open) + 1
+    demo_order = int(bought.group(1)) * 100 + int(bought.group(2))
+    assert cart["revenue"] == {"USD": sum(spent(story) for story in after_an_open) + demo_order}
+    assert cart["entered"] == len(STORIES) + 1
+    assert cart["human_opens"] == sum(story.opens for story in STORIES) + 1
+    steps = {step for route in data["routes"] for step in route["steps"]}
+    assert "purchase (pos)" in steps, steps
+    [experiment] = [e for e in data["experiments"] if e["experiment"] == "cart_subject"]
+    assert sum(arm["recipients"] for arm in experiment["variants"]) == len(STORIES) + 1
+    opens = sum(sum(hours) for hours in data["heatmap"]["opens"])
+    assert opens == cart["human_opens"]
 
 
 def _dev_env(tmp_path: Path, temporal_port: int) -> dict[str, str]:
