@@ -633,6 +633,10 @@ class Settings(BaseSettings):
         "customer id as `userId`",
     )
 
+    # ---- connectors: recommendations for the shop's pages (R) settings ----
+
+    # ---- connectors: audiences out, batched; Google Customer Match (G) settings ----
+
     # ---- stream C (identity, carts) settings ----
 
     # ---- stream D (dev stack, API) settings ----
