@@ -53,6 +53,7 @@ from workflows.cart_abandonment import CartAbandonment, CartJourneySettings
 from workflows.kit import MACHINE_VERDICT_WAIT, Journey, JourneyResult, JourneyStatus
 from workflows.order_confirmation import OrderConfirmation
 from workflows.post_purchase import PostPurchase, PostPurchaseSettings
+from workflows.report import REPORT_SCHEDULE_ID
 from workflows.welcome import Welcome
 from workflows.win_back import WinBack, WinBackSettings
 
@@ -69,13 +70,16 @@ DEMO_WAITS: dict[str, str] = {
     "KAERU_CART_OFFER_WAIT": "120",
     "KAERU_CART_EXPERIMENTS": "cart_subject",
 }
-#: The send gate's settings for a demo of minutes: one shopper gets seven journeys' emails
-#: within a minute, at whatever hour the demo runs, so no caps and no quiet hours.
+#: Global settings for a demo of minutes: one shopper gets seven journeys' emails within a
+#: minute, at whatever hour the demo runs, so the send gate has no caps and no quiet hours;
+#: and the operators' report has somebody to go to.
 DEMO_GATE: dict[str, int | str] = {
     "KAERU_CAP_PER_DAY": 100,
     "KAERU_CAP_PER_WEEK": 100,
     "KAERU_QUIET_START": "00:00",
     "KAERU_QUIET_END": "00:00",
+    # The operators' weekly report goes to the mail catcher; the demo runs it once at its end.
+    "KAERU_REPORT_TO": "operators@kaeru-shop.example",
 }
 
 SHOPPER_EMAIL = "demo-shopper@example.com"
@@ -411,6 +415,35 @@ class DemoShopper:
                 self.journey_link(None, workflow_id),
             )
 
+    async def weekly_report(self) -> None:
+        """Run the operators' report schedule now (its period: the week up to this moment)
+        and show its email, the same numbers as the dashboard."""
+        to = self.settings.report_recipients[0]
+        asked = datetime.now(UTC)
+        try:
+            await self.client.get_schedule_handle(REPORT_SCHEDULE_ID).trigger()
+        except RPCError as exc:
+            raise StackError(
+                f"cannot run the report's schedule {REPORT_SCHEDULE_ID!r} ({exc.message}): the "
+                "worker creates it at start when KAERU_REPORT_TO is set"
+            ) from exc
+
+        async def arrived() -> dict[str, Any] | None:
+            listed = await self.http.get(f"{self.target.inbox_url}/api/messages")
+            for m in listed.json():
+                received = datetime.fromisoformat(m["received"])
+                if to in m.get("to", "") and received >= asked - timedelta(seconds=1):
+                    found: dict[str, Any] = m
+                    return found
+            return None
+
+        report = await self.until(arrived, 45, "get the operators' report")
+        self.say(
+            f"the operators' weekly report (KAERU_REPORT_TO, a Temporal Schedule; run now): "
+            f"{report['subject']!r}",
+            self.inbox_link(report),
+        )
+
     # ---- events, as a shop backend sends them -------------------------------------------------
 
     def event(self, **fields: Any) -> dict[str, Any]:
@@ -705,6 +738,8 @@ async def run_demo(
             "experiment, send times); sign in with the admin token",
             f"{target.api_url}/dashboard",
         )
+        if settings.report_recipients:
+            await shopper.weekly_report()
         shopper.say(
             f"done in {time.monotonic() - shopper.started:.0f}s; another shopper: kaeru demo"
         )

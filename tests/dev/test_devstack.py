@@ -281,6 +281,8 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
             inbox = f"http://127.0.0.1:{env['KAERU_MAIL_CATCHER_PORT']}/api/messages"
             async with httpx.AsyncClient() as http:
                 received = (await http.get(inbox)).json()
+                [report_mail] = [m for m in received if "operators@" in m["to"]]
+                report_mail = (await http.get(f"{inbox}/{report_mail['id']}")).json()
             dev.send_signal(signal.SIGINT)
             rest, _ = await asyncio.to_thread(dev.communicate, timeout=30)
         finally:
@@ -330,14 +332,18 @@ async def test_dev_demo_plays_a_whole_journey_then_stops_cleanly(tmp_path: Path)
     assert leaks == [], leaks
     assert dev.returncode == 0, output
     assert "kaeru stopped." in output and "Traceback" not in output
-    _the_crowd_is_on_the_report(env, output)
+    _the_crowd_is_on_the_report(env, output, report_mail["text"])
 
 
-def _the_crowd_is_on_the_report(env: dict[str, str], output: str) -> None:
+def _the_crowd_is_on_the_report(env: dict[str, str], output: str, emailed: str) -> None:
     """The demo's crowd leaves the history a newcomer's dashboard shows: `kaeru report` of the
     stack's database credits exactly the orders that came after an open (the crowd's and the
-    demo shopper's), shows the store purchases and both arms of the experiment."""
+    demo shopper's), shows the store purchases and both arms of the experiment; the
+    operators' report email says the same revenue."""
     assert re.search(r"meanwhile 8 other shoppers left carts: .+\n +http://\S+/dashboard", output)
+    assert re.search(
+        r"the operators' weekly report .+: 'Kaeru Shop report .+'\n +http://\S+/m/", output
+    )
     bought = re.search(r"order demo-[0-9a-f]+-order, (\d+)\.(\d\d) USD", output)
     assert bought is not None, output
     report = subprocess.run(
@@ -364,6 +370,8 @@ def _the_crowd_is_on_the_report(env: dict[str, str], output: str) -> None:
     assert sum(arm["recipients"] for arm in experiment["variants"]) == len(STORIES) + 1
     opens = sum(sum(hours) for hours in data["heatmap"]["opens"])
     assert opens == cart["human_opens"]
+    recovered = cart["revenue"]["USD"]
+    assert f"{recovered // 100}.{recovered % 100:02d} USD" in emailed, emailed
 
 
 def _dev_env(tmp_path: Path, temporal_port: int) -> dict[str, str]:
