@@ -80,6 +80,9 @@ class EntryActivities:
                     arms=dict(arms) if isinstance(arms, dict) else {}, variant=recorded.variant
                 )
             arms = dict(entry.arms)
+            #: Experiments whose arm is a promoted winner, not the hash's: no longer randomised,
+            #: so their results leave this entry out.
+            given: list[str] = []
             if arms:
                 promoted = s.exec(
                     select(ExperimentPromotion).where(
@@ -90,6 +93,7 @@ class EntryActivities:
                 for promotion in promoted:
                     if promotion.variant in entry.variants.get(promotion.experiment, []):
                         arms[promotion.experiment] = promotion.variant
+                        given.append(promotion.experiment)
             variant = HOLDOUT if entry.held_out else None
             if variant is None and len(arms) == 1:
                 variant = next(iter(arms.values()))
@@ -103,7 +107,8 @@ class EntryActivities:
                     journey_kind=entry.kind,
                     variant=variant,
                     occurred_at=datetime.fromtimestamp(entry.at, UTC),
-                    detail={"version": entry.version, "arms": arms},
+                    detail={"version": entry.version, "arms": arms}
+                    | ({"promoted": given} if given else {}),
                 )
                 s.commit()
             except IntegrityError:  # a retry of this entry stored it first: answer as it did

@@ -224,7 +224,7 @@ def _result(
     window = _window(settings)
     bought: dict[str, dict[str, list[_Purchase]]] = {
         name: {
-            customer: _converted(times, purchases.get(customer, []), window)
+            customer: _converted(times[:1], purchases.get(customer, []), window)
             for customer, times in arm.entries.items()
         }
         for name, arm in arms.items()
@@ -274,31 +274,46 @@ def _result(
 
 
 def verdict(arms: Sequence[VariantResult], control: str, min_sample: int) -> str:
-    """``collecting`` until every arm has ``min_sample`` recipients; then the arm whose
-    conversion rate is significantly above the control's (p < 0.05; the best of several),
-    the control when every other arm is significantly below it, else ``no difference``.
-    Conversion decides: revenue per recipient is shown with its interval, but one large order
-    moves it more than any subject line does."""
+    """``collecting`` until every arm has ``min_sample`` recipients; then the variant whose
+    conversion beats every other variant (two-proportion z-tests, Holm-corrected at
+    ``ALPHA`` over the comparisons), ``<control> wins`` when the control is a variant that
+    beats every other one that way, else ``no difference``.
+
+    A holdout is never a candidate, and beating the holdout is not enough to win: with arms
+    A 10.1 % and B 10.0 % both far above a 2 % holdout, A has not been shown better than B.
+    The holdout's own result (the journey against doing nothing) is the ``holdout``
+    experiment. Conversion decides: revenue per recipient is shown with its interval, but one
+    large order moves it more than any subject line does."""
     if not arms or any(a.recipients < min_sample for a in arms):
         return COLLECTING
-    others = [a for a in arms if a.variant != control]
-    significant = [
-        a
-        for a in others
-        if a.conversion_lift is not None
-        and a.conversion_lift.p_value is not None
-        and a.conversion_lift.p_value < ALPHA
-    ]
-    better = [a for a in significant if a.conversion_lift and a.conversion_lift.difference > 0]
-    if better:
-        return f"{max(better, key=lambda a: a.conversion_rate or 0.0).variant} wins"
-    if others and len(significant) == len(others):
-        return f"{control} wins"
+    variants = [a for a in arms if a.variant != HOLDOUT]
+    if len(variants) < 2:
+        # The journey against the holdout: the only comparison there is.
+        [*_, arm] = arms
+        lift = arm.conversion_lift
+        if lift is None or lift.p_value is None or lift.p_value >= ALPHA:
+            return NO_DIFFERENCE
+        return f"{arm.variant} wins" if lift.difference > 0 else f"{control} wins"
+    best = max(variants, key=lambda a: a.conversion_rate or 0.0)
+    p_values = []
+    for other in variants:
+        if other is best:
+            continue
+        estimate = two_proportion(
+            other.conversions, other.recipients, best.conversions, best.recipients
+        )
+        if estimate is None or estimate.p_value is None or estimate.difference <= 0:
+            return NO_DIFFERENCE
+        p_values.append(estimate.p_value)
+    # Holm: the k-th smallest p-value must be below ALPHA / (m - k).
+    m = len(p_values)
+    if all(p < ALPHA / (m - k) for k, p in enumerate(sorted(p_values))):
+        return f"{best.variant} wins"
     return NO_DIFFERENCE
 
 
 def experiment_results(
-    session: Session, settings: Settings, period: Period
+    session: Session, settings: Settings, period: Period, now: datetime | None = None
 ) -> tuple[ExperimentResult, ...]:
     """Every experiment and holdout of journeys entered in ``period``, by journey kind.
 
@@ -307,6 +322,13 @@ def experiment_results(
     each of its experiments too; otherwise an experiment's control is its first declared
     variant. Declared variants nobody entered show with 0 recipients. Promotions show who won,
     when and why.
+
+    Only entries whose whole attribution window has passed by ``now`` (default: the clock)
+    count, each customer from their first entry in the period: a customer who entered an hour
+    ago has not had the days an older one had to buy (an arm that waits longer before its
+    email would look worse), and a held-out journey ends at once, so its customer enters
+    again and again where a treated one stays in one journey. A period's results therefore
+    read the same whenever they are asked once its last window has passed.
     """
     entered = session.exec(
         select(Touchpoint)
@@ -317,9 +339,11 @@ def experiment_results(
         )
         .order_by(col(Touchpoint.occurred_at), col(Touchpoint.id))
     ).all()
+    window = _window(settings)
+    matured = (now or utcnow()) - window
+    entered = [row for row in entered if row.occurred_at <= matured]
     if not entered:
         return ()
-    window = _window(settings)
     # Holdout: kind → arm → customers (first entry's arm), then experiment → arm → customers.
     holdouts: dict[str, dict[str, _Arm]] = defaultdict(lambda: {HOLDOUT: _Arm(), TREATED: _Arm()})
     experiments: dict[tuple[str, str], dict[str, _Arm]] = defaultdict(dict)
@@ -332,8 +356,12 @@ def experiment_results(
         at = row.occurred_at
         arm = HOLDOUT if held else TREATED
         _enter(holdouts[kind], arm, row.customer_id, at)
-        arms = row.detail.get("arms") if isinstance(row.detail, dict) else None
+        detail = row.detail if isinstance(row.detail, dict) else {}
+        arms = detail.get("arms")
+        given = detail.get("promoted")
         for name, variant in arms.items() if isinstance(arms, dict) else ():
+            if isinstance(given, list) and name in given:
+                continue  # the promoted winner, given to everyone: not a randomised arm
             _enter(experiments[(kind, str(name))], str(variant), row.customer_id, at)
     for (kind, _name), arms in experiments.items():
         # The holdout of this kind is every experiment's control there.
@@ -426,7 +454,7 @@ def promote_winners(
     if not settings.experiment_auto_promote:
         return []
     promoted = []
-    for result in experiment_results(session, settings, period):
+    for result in experiment_results(session, settings, period, now):
         if result.experiment == HOLDOUT_EXPERIMENT or not result.verdict.endswith(" wins"):
             continue
         winner = result.verdict.removesuffix(" wins")

@@ -67,8 +67,14 @@ class Experiment:
         """Refuse an experiment no journey can run (called when the journey class is defined).
 
         Raises:
-            ValueError: fewer than two arms, a weight below 1, or an arm named ``holdout``.
+            ValueError: fewer than two arms, a weight below 1, or an arm or the experiment
+                named ``holdout`` (the name of a journey kind's holdout result).
         """
+        if name == HOLDOUT:
+            raise ValueError(
+                f"an experiment cannot be named {HOLDOUT!r}: it names the journey kind's "
+                "holdout result (KAERU_<PREFIX>_HOLDOUT_PERCENT); choose another name"
+            )
         if len(self.variants) < 2:
             raise ValueError(f"experiment {name!r} needs at least two variants")
         for arm, variant in self.variants.items():

@@ -101,6 +101,10 @@ async def test_a_promoted_winner_replaces_the_hashs_arm_if_the_journey_declares_
     result = await enter(database_url, entry("j/r2/entered", arms))
     assert result.arms == {"subject": "question", "cta": "plain"}
     assert result.variant is None  # two experiments: the arms are in the detail
+    with session(database_url) as s:
+        row = s.exec(select(Touchpoint).where(Touchpoint.key == "j/r2/entered")).one()
+    # The promoted arm is marked, so experiment results leave it out (no longer randomised).
+    assert row.detail["promoted"] == ["subject"]
 
 
 async def test_a_held_out_entry_is_variant_holdout_with_no_arms(database_url: str) -> None:

@@ -246,7 +246,7 @@ def test_no_entries_no_results(database_url: str) -> None:
 def test_kaeru_experiments_prints_the_results_and_promotes_on_request(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrate(url)
-    significant_history(url, 10, 30, at=datetime.now(UTC) - 2 * DAY)
+    significant_history(url, 10, 30, at=datetime.now(UTC) - 6 * DAY)
     env = {"KAERU_DATABASE_URL": url, "KAERU_EXPERIMENT_MIN_SAMPLE": "100", "COLUMNS": "200"}
     shown = CliRunner().invoke(app, ["experiments", "--days", "7"], env=env)
     assert shown.exit_code == 0, shown.output
@@ -263,3 +263,79 @@ def test_kaeru_experiments_prints_the_results_and_promotes_on_request(tmp_path: 
     assert "Promoted asks_a_question in cart-abandonment cart_subject now." in promoted.output
     again = CliRunner().invoke(app, ["experiments", "--promote"], env=env)
     assert "now." not in again.output and "Promoted asks_a_question on " in again.output
+
+
+def test_beating_the_holdout_is_not_enough_to_win(database_url: str) -> None:
+    """Both subjects far above a 2 % holdout, 11 % against 10 %: neither has been shown better
+    than the other, so no winner (the holdout's own result says the journey works)."""
+    at = START + DAY
+    with session(database_url) as s:
+        for n in range(100):
+            enter(s, f"h{n}", at, "holdout", {})
+            enter(s, f"a{n}", at, "names_the_item", {EXPERIMENT: "names_the_item"})
+            enter(s, f"b{n}", at, "asks_a_question", {EXPERIMENT: "asks_a_question"})
+        for prefix, buyers in (("h", 2), ("a", 10), ("b", 11)):
+            for n in range(buyers):
+                buy(s, f"{prefix}{n}", at + DAY, 1000)
+        settings = make_settings(database_url, experiment_min_sample=100)
+        journey, subject = experiment_results(s, settings, PERIOD)
+    assert (journey.experiment, journey.verdict) == ("holdout", "journey wins")
+    assert subject.control == "holdout"
+    [b] = [v for v in subject.variants if v.variant == "asks_a_question"]
+    assert b.conversion_lift is not None and b.conversion_lift.p_value is not None
+    assert b.conversion_lift.p_value < 0.05  # above the holdout...
+    assert subject.verdict == "no difference"  # ...but not above the other subject
+
+
+def test_entries_still_inside_their_window_do_not_count(database_url: str) -> None:
+    """A customer who entered two days ago has not had the five days to buy an older one had."""
+    entered = datetime.now(UTC) - 2 * DAY
+    significant_history(database_url, 10, 30, at=entered)
+    period = Period(entered - DAY, entered + DAY)
+    settings = make_settings(database_url, experiment_min_sample=100)
+    with session(database_url) as s:
+        assert experiment_results(s, settings, period) == ()
+        [later] = experiment_results(s, settings, period, now=entered + 5 * DAY)
+    assert later.verdict == "asks_a_question wins"
+
+
+def test_a_customer_counts_from_their_first_entry(database_url: str) -> None:
+    """A held-out journey ends at once, so its customer enters again with each cart event; a
+    purchase in the window of a later entry only does not make them a conversion."""
+    at = START + DAY
+    with session(database_url) as s:
+        for day in range(3):
+            enter(s, "h1", at + day * DAY, "holdout", {})
+        enter(s, "t1", at, None, {})
+        buy(s, "h1", at + 2 * DAY + 4 * DAY, 1000)  # 6 days after the first entry
+        [result] = experiment_results(s, make_settings(database_url), PERIOD)
+    [held, treated] = result.variants
+    assert (held.variant, held.recipients, held.conversions) == ("holdout", 1, 0)
+    assert (treated.variant, treated.recipients) == ("journey", 1)
+
+
+def test_entries_given_a_promoted_winner_are_not_an_arm(database_url: str) -> None:
+    """After a promotion everyone gets the winner: those entries are no experiment."""
+    at = START + DAY
+    with session(database_url) as s:
+        record_touchpoint(
+            s,
+            customer_id="p1",
+            kind="journey_entered",
+            key="promoted/p1",
+            journey_id=f"{KIND}-p1",
+            journey_kind=KIND,
+            variant="asks_a_question",
+            occurred_at=at,
+            detail={
+                "version": "1",
+                "arms": {EXPERIMENT: "asks_a_question"},
+                "promoted": [EXPERIMENT],
+            },
+        )
+        enter(s, "r1", at, "names_the_item", {EXPERIMENT: "names_the_item"})
+        [result] = experiment_results(s, make_settings(database_url), PERIOD)
+    assert [(v.variant, v.recipients) for v in result.variants] == [
+        ("names_the_item", 1),
+        ("asks_a_question", 0),
+    ]

@@ -72,6 +72,13 @@ def test_an_experiment_no_journey_can_run_is_refused(
         Experiment(step="cart_email", variants=variants).check("subject")
 
 
+def test_an_experiment_named_holdout_is_refused() -> None:
+    """``holdout`` names a journey kind's holdout result: an experiment of that name would be
+    read as it (and never promoted)."""
+    with pytest.raises(ValueError, match="cannot be named 'holdout'"):
+        Experiment(step="cart_email", variants={"a": Variant(), "b": Variant()}).check("holdout")
+
+
 def test_two_experiments_on_one_step_are_refused_when_the_class_is_defined() -> None:
     even = {"a": Variant(), "b": Variant()}
     with pytest.raises(TypeError, match="one experiment per message step"):

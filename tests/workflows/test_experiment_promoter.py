@@ -20,7 +20,7 @@ from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 async def test_a_run_promotes_the_significant_winner_once(
     time_skipping_env: WorkflowEnvironment, database_url: str
 ) -> None:
-    significant_history(database_url, 10, 30, at=datetime.now(UTC) - timedelta(days=3))
+    significant_history(database_url, 10, 30, at=datetime.now(UTC) - timedelta(days=6))
     settings = make_settings(database_url, experiment_min_sample=100, experiment_auto_promote=True)
     client = time_skipping_env.client
     async with httpx.AsyncClient() as http, build_worker(client, settings, http):
@@ -39,7 +39,7 @@ async def test_a_run_promotes_the_significant_winner_once(
 async def test_with_the_rule_off_a_run_promotes_nothing(
     time_skipping_env: WorkflowEnvironment, sqlite_url: str
 ) -> None:
-    significant_history(sqlite_url, 10, 30, at=datetime.now(UTC) - timedelta(days=3))
+    significant_history(sqlite_url, 10, 30, at=datetime.now(UTC) - timedelta(days=6))
     settings = make_settings(sqlite_url, experiment_min_sample=100)
     client = time_skipping_env.client
     async with httpx.AsyncClient() as http, build_worker(client, settings, http):
