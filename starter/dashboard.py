@@ -38,6 +38,7 @@ from kaeru.analytics.model import (
     Report,
     Route,
 )
+from kaeru.analytics.terminal import EARLIEST
 from kaeru.db import session as db_session
 from kaeru.models import Customer, Touchpoint
 from kaeru.money import format_minor
@@ -118,6 +119,11 @@ def period_of(
                 f"from {start!r} to {end!r} is not a period: give both dates as YYYY-MM-DD, "
                 "e.g. start=2026-11-01&end=2026-11-30"
             ) from None
+        if first < EARLIEST.date() or last > (now + timedelta(days=MAX_DAYS)).date():
+            raise PeriodError(
+                f"from {first} to {last} is outside what kaeru can have recorded: give dates "
+                f"from {EARLIEST.date()} to a year from now"
+            )
         if last < first:
             raise PeriodError(f"the period ends ({last}) before it starts ({first}): swap them")
         if (last - first).days + 1 > MAX_DAYS:

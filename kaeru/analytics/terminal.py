@@ -25,6 +25,13 @@ class PeriodError(ValueError):
     """``--since`` or ``--until`` cannot be read; the message says how to write them."""
 
 
+#: The earliest moment a period may start: kaeru has no touchpoints before it, and the period
+#: before a period (``Period.previous``) minus a window must stay a datetime.
+EARLIEST = datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))
+#: How far past now a period may end.
+AHEAD = timedelta(days=366)
+
+
 def moment(text: str, option: str, now: datetime, zone: ZoneInfo) -> datetime:
     """``text`` as an aware datetime: ``7d``/``2w``/``12h`` before ``now``, an ISO date
     (midnight in ``zone``, the shop's time zone) or an ISO date and time (``zone`` if it
@@ -35,7 +42,13 @@ def moment(text: str, option: str, now: datetime, zone: ZoneInfo) -> datetime:
     """
     ago = _AGO.match(text)
     if ago is not None:
-        return now - int(ago.group(1)) * _UNITS[ago.group(2).lower()]
+        try:
+            return now - int(ago.group(1)) * _UNITS[ago.group(2).lower()]
+        except OverflowError:
+            raise PeriodError(
+                f"{option} {text!r} reaches back before year 1: give an age of years, not "
+                f"millennia (e.g. 365d), or a date from {EARLIEST.date()}"
+            ) from None
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
             day = datetime.fromisoformat(text.strip()).date()
@@ -57,6 +70,11 @@ def period_of(since: str, until: str | None, now: datetime, zone: ZoneInfo) -> P
     """
     end = moment(until, "--until", now, zone) if until else now
     start = moment(since, "--since", end, zone)
+    if start < EARLIEST or end > now + AHEAD:
+        raise PeriodError(
+            f"the period from {start.isoformat()} to {end.isoformat()} is outside what kaeru can "
+            f"have recorded: give times from {EARLIEST.date()} to a year from now"
+        )
     if start >= end:
         raise PeriodError(
             f"the period from {start.isoformat()} to {end.isoformat()} is empty: --since must be "

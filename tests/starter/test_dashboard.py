@@ -246,6 +246,8 @@ def test_period_picker(
         (None, None, "0", "whole number of days"),
         (None, None, "seven", "whole number of days"),
         ("2020-01-01", "2026-01-01", None, "at most 366 days"),
+        ("9999-12-31", "9999-12-31", None, "outside what kaeru can have recorded"),
+        ("0001-01-01", "0001-01-01", None, "outside what kaeru can have recorded"),
     ],
 )
 def test_period_picker_refuses_what_is_not_a_period(
@@ -360,6 +362,11 @@ async def test_a_bad_period_is_a_page_that_says_how_to_give_one(sqlite_url: str)
             "/dashboard?start=2026-11-30&end=nope", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert answer.status_code == 400 and "YYYY-MM-DD" in answer.text
+        for far in ("9999-12-31", "0001-01-01"):
+            answer = await api.get(
+                f"/dashboard?start={far}&end={far}", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            assert answer.status_code == 400 and "outside what kaeru" in answer.text
 
 
 # ---- the customer page ------------------------------------------------------------------------

@@ -142,6 +142,9 @@ def test_report_csv_writes_one_file_per_section(history: tuple[str, Truth], tmp_
         (["--since", "7x"], ["--since '7x' is not a time", "7d", "2026-11-01"]),
         (["--since", "7d", "--until", "yesterday"], ["--until 'yesterday' is not a time"]),
         (["--since", "2026-11-09", "--until", "2026-11-02"], ["is empty", "before --until"]),
+        (["--since", "999999999d"], ["reaches back before year 1"]),
+        (["--since", "0001-01-01"], ["outside what kaeru can have recorded"]),
+        (["--since", "7d", "--until", "9999-12-31"], ["outside what kaeru can have recorded"]),
     ],
 )
 def test_a_bad_period_says_how_to_write_one(
