@@ -471,7 +471,15 @@ def customer_page(settings: Settings, query: str) -> str:
     if query:
         with db_session(settings.resolved_database_url) as s:
             customer = s.get(Customer, query)
-            if customer is None:
+            # Touchpoints whether or not a profile exists: an imported store purchase, or
+            # history kept after an erase, has no customers row.
+            rows = s.exec(
+                select(Touchpoint)
+                .where(Touchpoint.customer_id == query)
+                .order_by(col(Touchpoint.occurred_at).desc(), col(Touchpoint.id).desc())
+                .limit(TIMELINE_LIMIT + 1)
+            ).all()
+            if customer is None and not rows:
                 pattern = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                 similar = list(
                     s.exec(
@@ -481,33 +489,25 @@ def customer_page(settings: Settings, query: str) -> str:
                         .limit(20)
                     ).all()
                 )
-            else:
-                rows = s.exec(
-                    select(Touchpoint)
-                    .where(Touchpoint.customer_id == query)
-                    .order_by(col(Touchpoint.occurred_at).desc(), col(Touchpoint.id).desc())
-                    .limit(TIMELINE_LIMIT + 1)
-                ).all()
-                truncated = len(rows) > TIMELINE_LIMIT
-                timeline = [
-                    {
-                        "when": t.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
-                        "kind": t.kind,
-                        "channel": t.channel or "",
-                        "journey_id": t.journey_id,
-                        "journey_url": journey_url(settings, t.journey_id)
-                        if t.journey_id
-                        else None,
-                        "step": t.step or "",
-                        "variant": t.variant or "",
-                        "value": _value(t),
-                    }
-                    for t in reversed(rows[:TIMELINE_LIMIT])
-                ]
+            truncated = len(rows) > TIMELINE_LIMIT
+            timeline = [
+                {
+                    "when": t.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    "kind": t.kind,
+                    "channel": t.channel or "",
+                    "journey_id": t.journey_id,
+                    "journey_url": journey_url(settings, t.journey_id) if t.journey_id else None,
+                    "step": t.step or "",
+                    "variant": t.variant or "",
+                    "value": _value(t),
+                }
+                for t in reversed(rows[:TIMELINE_LIMIT])
+            ]
     return page.render(
         "customer.html.j2",
         query=query,
         customer=customer,
+        known=customer is not None or bool(timeline),
         timeline=timeline,
         similar=similar,
         truncated=truncated,

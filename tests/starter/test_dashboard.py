@@ -425,3 +425,19 @@ async def test_customer_page_lists_the_timeline_with_links_to_the_temporal_ui(
         assert "?id=c-1" in missing and "?id=c-10" in missing
         long = await api.get("/dashboard/customers", params={"id": "x" * 201})
         assert long.status_code == 400
+        # Touchpoints with no profile (a store purchase imported for a new id): shown too.
+        with write_session(settings.resolved_database_url) as s:
+            record_touchpoint(
+                s,
+                customer_id="till-only",
+                kind="purchase",
+                key="purchase/till-1",
+                occurred_at=datetime(2026, 11, 26, 12, 0, tzinfo=UTC),
+                order_id="till-1",
+                value_minor=1200,
+                currency="USD",
+                channel="pos",
+            )
+        till = (await api.get("/dashboard/customers", params={"id": "till-only"})).text
+        assert "No profile" in till and "has sent an event" not in till
+        assert [cells[1:3] for attrs, cells in Text(till).rows if cells] == [["purchase", "pos"]]
