@@ -29,8 +29,11 @@ from kaeru.money import to_minor
 from kaeru.pseudonyms import read_visible_ids
 from kaeru.serving import StackError
 from kaeru.settings import Settings
+from kaeru.variants import assign
 from workflows.cart_abandonment import CartAbandonment
 
+#: The cart journey's experiment the crowd takes part in (``KAERU_CART_EXPERIMENTS``).
+SUBJECT_EXPERIMENT = "cart_subject"
 #: Tracked links in an email's HTML (``/t/c/<token>``): what a click through fetches.
 CLICK_LINK = re.compile(r"""href=["']([^"']+/t/c/[^"']+)["']""")
 
@@ -150,6 +153,21 @@ def spent(story: Story) -> int:
     return sum(to_minor(CATALOGUE[p].price, "USD") for p in story.cart)
 
 
+def crowd_prefix() -> str:
+    """A fresh prefix for the crowd's customer ids whose shoppers land in every arm of the
+    cart subject experiment (arms come from a hash of the id: eight random ids all land in
+    one arm about once in 128 runs)."""
+    experiment = CartAbandonment.experiments[SUBJECT_EXPERIMENT]
+    while True:
+        prefix = f"crowd-{secrets.token_hex(3)}"
+        arms = {
+            assign(f"{prefix}-{n}", CartAbandonment.kind, SUBJECT_EXPERIMENT, experiment)
+            for n in range(1, len(STORIES) + 1)
+        }
+        if arms == set(experiment.variants):
+            return prefix
+
+
 async def play_crowd(
     settings: Settings,
     client: Client,
@@ -164,7 +182,7 @@ async def play_crowd(
     Raises:
         StackError: a crowd shopper's cart email did not arrive, or the API refused them.
     """
-    prefix = prefix or f"crowd-{secrets.token_hex(3)}"
+    prefix = prefix or crowd_prefix()
     shoppers = [
         CrowdShopper(
             settings, client, target, console, http, customer_id=f"{prefix}-{n}", story=story

@@ -368,6 +368,7 @@ def _the_crowd_is_on_the_report(env: dict[str, str], output: str, emailed: str) 
     assert "purchase (pos)" in steps, steps
     [experiment] = [e for e in data["experiments"] if e["experiment"] == "cart_subject"]
     assert sum(arm["recipients"] for arm in experiment["variants"]) == len(STORIES) + 1
+    assert all(arm["recipients"] for arm in experiment["variants"]), experiment  # both arms
     opens = sum(sum(hours) for hours in data["heatmap"]["opens"])
     assert opens == cart["human_opens"]
     recovered = cart["revenue"]["USD"]
