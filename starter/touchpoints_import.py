@@ -34,8 +34,8 @@ from typing import Any
 from sqlmodel import col, select
 
 from kaeru.commerce import MAX_ID_LENGTH, ORDER_COMPLETED
-from kaeru.db import write_session
-from kaeru.models import Touchpoint, utcnow
+from kaeru.db import session, write_session
+from kaeru.models import Order, Touchpoint, utcnow
 from kaeru.money import exponent, to_minor
 from kaeru.settings import Settings
 from kaeru.touchpoints import record_touchpoint
@@ -166,9 +166,37 @@ def read_rows(text: str, settings: Settings, now: datetime | None = None) -> lis
             continue
         keys[row.key] = line
         rows.append(row)
+    problems.extend(_orders_of_others(settings, rows))
     if problems:
-        raise ImportFileError(problems)
+        raise ImportFileError(sorted(problems, key=lambda p: p.line))
     return rows
+
+
+def _orders_of_others(settings: Settings, rows: Sequence[Row]) -> list[Problem]:
+    """A purchase whose order id is already another customer's order: stored, it would be
+    taken for that order (one order per id) and its purchase lost to the reports."""
+    wanted = {row.order_id: row for row in rows if row.kind == PURCHASE and row.order_id}
+    problems = []
+    ids = list(wanted)
+    with session(settings.resolved_database_url) as s:
+        for start in range(0, len(ids), CHUNK):
+            found = s.exec(
+                select(Order.order_id, Order.customer_id).where(
+                    col(Order.order_id).in_(ids[start : start + CHUNK])
+                )
+            ).all()
+            for order_id, owner in found:
+                row = wanted[order_id]
+                if owner != row.customer_id:
+                    problems.append(
+                        Problem(
+                            row.line,
+                            f"order_id {order_id!r} is already an order of another customer: "
+                            "give the store's orders ids of their own (e.g. prefix the till's "
+                            f"number: pos-{order_id})",
+                        )
+                    )
+    return problems
 
 
 def _header_fix() -> str:

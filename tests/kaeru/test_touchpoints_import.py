@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from typer.testing import CliRunner, Result
 
 from kaeru.cli import app as cli
-from kaeru.db import session
+from kaeru.db import session, write_session
 from kaeru.models import Event, Order, Touchpoint, utcnow
 from kaeru.settings import Settings
 
@@ -136,6 +136,31 @@ def test_a_bad_file_names_each_bad_line_with_its_fix_and_stores_nothing(
         assert expected in out, expected
     assert "Traceback" not in result.output
     assert [len(rows) for rows in stored(database_url)] == [0, 0, 0]
+
+
+def test_a_store_order_id_of_another_customers_order_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Order ids are one per order: a till's 1001 stored over an online order 1001 of someone
+    else would be taken for that order, and its purchase lost to the reports."""
+    with write_session(database_url) as s:
+        s.add(Order(order_id="1001", customer_id="online-ann", total_minor=500, currency="USD"))
+    path = written(
+        tmp_path,
+        HEADER,
+        "bob,purchase,2026-11-29T10:00:00Z,pos,1001,19.99,USD,,",
+    )
+    result = import_file(database_url, path)
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "line 2: order_id '1001' is already an order of another customer" in out
+    assert "pos-1001" in out and "1 bad line(s)" in out
+    assert [len(rows) for rows in stored(database_url)] == [0, 0, 1]
+    # The same order of its own customer (a till's copy of it) is no problem.
+    own = written(
+        tmp_path, HEADER, "online-ann,purchase,2026-11-29T10:00:00Z,pos,1001,5.00,USD,,", name="o"
+    )
+    assert import_file(database_url, own).exit_code == 0
 
 
 def test_a_wrong_header_or_encoding_is_said_with_the_fix(database_url: str, tmp_path: Path) -> None:
