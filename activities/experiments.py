@@ -28,7 +28,9 @@ class ExperimentActivities:
 
     def _promote(self, wanted: PromoteInput) -> PromoteResult:
         now = datetime.now(UTC)
-        period = Period(now - timedelta(days=wanted.days), now)
+        # Entries whose attribution window has passed: a later entry has no verdict yet.
+        settled = now - self.settings.attribution_window
+        period = Period(settled - timedelta(days=wanted.days), settled)
         with session(self.settings.resolved_database_url) as s:
             promoted = promote_winners(s, self.settings, period, now=now)
             names = [f"{p.journey_kind} {p.experiment}: {p.variant}" for p in promoted]

@@ -206,7 +206,8 @@ def dev(
 @app.command()
 def demo() -> None:
     """Play the demo shopper against a `kaeru dev --demo` running in another terminal."""
-    from kaeru.dev.demo import DemoTarget, run_demo, with_demo_waits
+    from kaeru.dev.crowd import run_demo
+    from kaeru.dev.demo import DemoTarget, with_demo_waits
     from kaeru.dev.plan import plan_dev
 
     plan = plan_dev(with_demo_waits(load_settings()))

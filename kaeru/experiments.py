@@ -48,8 +48,6 @@ TREATED = "journey"
 #: The touchpoint kinds read here.
 ENTERED = "journey_entered"
 PURCHASE = "purchase"
-#: Until the analytics stream's ``KAERU_ATTRIBUTION_WINDOW`` exists (Klaviyo's default).
-DEFAULT_WINDOW = timedelta(days=5)
 #: Significance level of every verdict (two-sided), and the confidence of every interval.
 ALPHA = 0.05
 COLLECTING = "collecting"
@@ -184,8 +182,7 @@ class _Purchase:
 
 
 def _window(settings: Settings) -> timedelta:
-    window = getattr(settings, "attribution_window", DEFAULT_WINDOW)
-    return window if isinstance(window, timedelta) else timedelta(seconds=float(window))
+    return settings.attribution_window
 
 
 def _declared(kind: str, experiment: str) -> list[str]:
@@ -220,6 +217,7 @@ def _result(
     control: str,
     purchases: dict[str, list[_Purchase]],
     settings: Settings,
+    settled: bool = True,
 ) -> ExperimentResult:
     window = _window(settings)
     bought: dict[str, dict[str, list[_Purchase]]] = {
@@ -269,7 +267,9 @@ def _result(
         experiment=experiment,
         control=control,
         variants=tuple(results),
-        verdict=verdict(results, control, settings.experiment_min_sample),
+        verdict=verdict(results, control, settings.experiment_min_sample)
+        if settled
+        else COLLECTING,
     )
 
 
@@ -323,12 +323,14 @@ def experiment_results(
     variant. Declared variants nobody entered show with 0 recipients. Promotions show who won,
     when and why.
 
-    Only entries whose whole attribution window has passed by ``now`` (default: the clock)
-    count, each customer from their first entry in the period: a customer who entered an hour
-    ago has not had the days an older one had to buy (an arm that waits longer before its
-    email would look worse), and a held-out journey ends at once, so its customer enters
-    again and again where a treated one stays in one journey. A period's results therefore
-    read the same whenever they are asked once its last window has passed.
+    Each customer counts from their first entry in the period (a held-out journey ends at
+    once, so its customer enters again and again where a treated one stays in one journey).
+    No verdict (``collecting``) until the attribution window of the period's last entry has
+    passed by ``now`` (default: the clock): a customer who entered an hour ago has not had the
+    days an older one had to buy, and an arm that waits longer before its email would look
+    worse. The numbers show meanwhile; once settled, a period's results read the same
+    whenever they are asked. (The promoter therefore judges the period that ends one window
+    before now.)
     """
     entered = session.exec(
         select(Touchpoint)
@@ -339,11 +341,11 @@ def experiment_results(
         )
         .order_by(col(Touchpoint.occurred_at), col(Touchpoint.id))
     ).all()
-    window = _window(settings)
-    matured = (now or utcnow()) - window
-    entered = [row for row in entered if row.occurred_at <= matured]
     if not entered:
         return ()
+    window = _window(settings)
+    #: Whether every entry of the period has had its whole window to buy.
+    settled = max(row.occurred_at for row in entered) + window <= (now or utcnow())
     # Holdout: kind → arm → customers (first entry's arm), then experiment → arm → customers.
     holdouts: dict[str, dict[str, _Arm]] = defaultdict(lambda: {HOLDOUT: _Arm(), TREATED: _Arm()})
     experiments: dict[tuple[str, str], dict[str, _Arm]] = defaultdict(dict)
@@ -376,7 +378,7 @@ def experiment_results(
     results = []
     for kind in sorted(kinds_held):
         results.append(
-            _result(kind, HOLDOUT_EXPERIMENT, holdouts[kind], HOLDOUT, purchases, settings)
+            _result(kind, HOLDOUT_EXPERIMENT, holdouts[kind], HOLDOUT, purchases, settings, settled)
         )
     for (kind, name), arms in sorted(experiments.items()):
         declared = _declared(kind, name)
@@ -387,7 +389,7 @@ def experiment_results(
             if variant != HOLDOUT:
                 ordered[variant] = arms.get(variant, _Arm())
         control = next(iter(ordered))
-        result = _result(kind, name, ordered, control, purchases, settings)
+        result = _result(kind, name, ordered, control, purchases, settings, settled)
         promotion = promotions.get((kind, name))
         if promotion is not None:
             result = dataclasses.replace(

@@ -1,6 +1,7 @@
-"""The demo's crowd: other shoppers who leave carts beside the demo shopper, so a newcomer's
-dashboard has numbers to show (a funnel, revenue recovered online and in the shop, routes, the
-cart subject experiment's two arms, a send-time heatmap).
+"""The demo as ``kaeru dev --demo`` and ``kaeru demo`` play it (:func:`run_demo`): the demo
+shopper (kaeru/dev/demo.py) and a crowd of other shoppers who leave carts beside them, so a
+newcomer's dashboard has numbers to show (a funnel, revenue recovered online and in the shop,
+routes, the cart subject experiment's two arms, a send-time heatmap).
 
 Each crowd shopper is a real customer of the running stack, played over its real API while the
 demo shopper's story is told: they sign up, leave a cart, and their cart email arrives in the
@@ -16,6 +17,7 @@ import asyncio
 import html
 import re
 import secrets
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from kaeru.serving import StackError
 from kaeru.settings import Settings
 from kaeru.variants import assign
 from workflows.cart_abandonment import CartAbandonment
+from workflows.kit import JourneyResult
 
 #: The cart journey's experiment the crowd takes part in (``KAERU_CART_EXPERIMENTS``).
 SUBJECT_EXPERIMENT = "cart_subject"
@@ -191,3 +194,35 @@ async def play_crowd(
     ]
     endings = await asyncio.gather(*(shopper.play() for shopper in shoppers))
     return Counter(endings)
+
+
+async def run_demo(
+    settings: Settings, client: Client, target: DemoTarget, console: Console
+) -> JourneyResult:
+    """Play the demo shopper against the running stack and narrate it, with the crowd
+    beside them; then run the operators' report once (when ``KAERU_REPORT_TO`` is set).
+
+    Raises:
+        StackError: a part of the stack did not do its step in time; the message says where.
+    """
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        shopper = DemoShopper(settings, client, target, console, http)
+        crowd = asyncio.create_task(play_crowd(settings, client, target, console, http))
+        try:
+            result = await shopper.run()
+            endings = await crowd
+        finally:
+            crowd.cancel()
+        told = ", ".join(f"{n} {what}" for what, n in endings.most_common())
+        shopper.say(
+            f"meanwhile {endings.total()} other shoppers left carts: {told}. The dashboard "
+            "shows what they all did (funnel, revenue recovered, routes, the cart subject "
+            "experiment, send times); sign in with the admin token",
+            f"{target.api_url}/dashboard",
+        )
+        if settings.report_recipients:
+            await shopper.weekly_report()
+        shopper.say(
+            f"done in {time.monotonic() - shopper.started:.0f}s; another shopper: kaeru demo"
+        )
+        return result

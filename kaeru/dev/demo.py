@@ -710,37 +710,3 @@ class DemoShopper:
         if ui is None:
             return f"workflow {wid} in your Temporal UI"
         return workflow_url(ui, self.target.namespace, wid, run_id)
-
-
-async def run_demo(
-    settings: Settings, client: Client, target: DemoTarget, console: Console
-) -> JourneyResult:
-    """Play one demo shopper against the running stack and narrate it.
-
-    Raises:
-        StackError: a part of the stack did not do its step in time; the message says where.
-    """
-    # Imported here: the crowd's shoppers are demo shoppers (kaeru.dev.crowd imports this).
-    from kaeru.dev.crowd import play_crowd
-
-    async with httpx.AsyncClient(timeout=10.0) as http:
-        shopper = DemoShopper(settings, client, target, console, http)
-        crowd = asyncio.create_task(play_crowd(settings, client, target, console, http))
-        try:
-            result = await shopper.run()
-            endings = await crowd
-        finally:
-            crowd.cancel()
-        told = ", ".join(f"{n} {what}" for what, n in endings.most_common())
-        shopper.say(
-            f"meanwhile {endings.total()} other shoppers left carts: {told}. The dashboard "
-            "shows what they all did (funnel, revenue recovered, routes, the cart subject "
-            "experiment, send times); sign in with the admin token",
-            f"{target.api_url}/dashboard",
-        )
-        if settings.report_recipients:
-            await shopper.weekly_report()
-        shopper.say(
-            f"done in {time.monotonic() - shopper.started:.0f}s; another shopper: kaeru demo"
-        )
-        return result

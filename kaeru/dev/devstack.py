@@ -34,7 +34,8 @@ from rich.text import Text
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
 
-from kaeru.dev.demo import DemoTarget, assets_router, run_demo
+from kaeru.dev.crowd import run_demo
+from kaeru.dev.demo import DemoTarget, assets_router
 from kaeru.dev.mailcatcher import MailCatcher
 from kaeru.dev.plan import LOOPBACK, DevPlan, journeys_url
 from kaeru.serving import (

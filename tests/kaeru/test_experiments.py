@@ -287,15 +287,18 @@ def test_beating_the_holdout_is_not_enough_to_win(database_url: str) -> None:
     assert subject.verdict == "no difference"  # ...but not above the other subject
 
 
-def test_entries_still_inside_their_window_do_not_count(database_url: str) -> None:
-    """A customer who entered two days ago has not had the five days to buy an older one had."""
+def test_no_verdict_while_entries_are_inside_their_window(database_url: str) -> None:
+    """A customer who entered two days ago has not had the five days to buy an older one had:
+    the numbers show, the verdict waits until the period's last window has passed."""
     entered = datetime.now(UTC) - 2 * DAY
     significant_history(database_url, 10, 30, at=entered)
     period = Period(entered - DAY, entered + DAY)
     settings = make_settings(database_url, experiment_min_sample=100)
     with session(database_url) as s:
-        assert experiment_results(s, settings, period) == ()
+        [now] = experiment_results(s, settings, period)
         [later] = experiment_results(s, settings, period, now=entered + 5 * DAY)
+    assert now.verdict == "collecting"
+    assert [v.recipients for v in now.variants] == [100, 100]
     assert later.verdict == "asks_a_question wins"
 
 
