@@ -7,6 +7,7 @@ Nothing here is mocked. PostgreSQL comes from the ``pgserver`` wheel, Temporal's
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from temporalio.client import (
 )
 from temporalio.testing import WorkflowEnvironment
 
-from kaeru.db import migrate
+from kaeru.db import get_engine, migrate
 from kaeru.journeys import discover, prefix_of, registry
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
 from kaeru.settings import Settings
@@ -73,26 +74,58 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.cleanup()
 
 
+#: The database every PostgreSQL test's own database is a copy of (migrated once).
+PG_TEMPLATE = "kaeru_template"
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: Any) -> str:
+    """A migrated PostgreSQL database that each test's database is created from
+    (``CREATE DATABASE ... TEMPLATE``): a copy takes a tenth of a second, running every
+    migration again half a second, and about 500 tests take one."""
+    postgres_server.psql(f"CREATE DATABASE {PG_TEMPLATE};")
+    url = postgres_server.get_uri(PG_TEMPLATE).replace("postgresql://", "postgresql+psycopg://", 1)
+    migrate(url)
+    get_engine(url).dispose()  # a template must have no open connections to be copied
+    return PG_TEMPLATE
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test's database is a copy of."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "kaeru.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    get_engine(url).dispose()
+    return path
+
+
+def _copy_sqlite(template: Path, to: Path) -> str:
+    """A copy of ``template`` at ``to`` through SQLite's backup API (whole, whatever its
+    journal mode), as a URL."""
+    with sqlite3.connect(template) as source, sqlite3.connect(to) as target:
+        source.backup(target)
+    return f"sqlite:///{to}"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, migrated database: each test runs once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kaeru.db'}"
+        url = _copy_sqlite(request.getfixturevalue("sqlite_template"), tmp_path / "kaeru.db")
     else:
         server = request.getfixturevalue("postgres_server")
+        template = request.getfixturevalue("postgres_template")
         name = f"t_{uuid.uuid4().hex[:12]}"
-        server.psql(f"CREATE DATABASE {name};")
+        server.psql(f"CREATE DATABASE {name} TEMPLATE {template};")
         url = server.get_uri(name).replace("postgresql://", "postgresql+psycopg://", 1)
-    migrate(url)
     yield url
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
     """A fresh, migrated SQLite database, for tests whose point is not the database."""
-    url = f"sqlite:///{tmp_path / 'kaeru.db'}"
-    migrate(url)
-    return url
+    return _copy_sqlite(sqlite_template, tmp_path / "kaeru.db")
 
 
 class RetryQueriesCutByTheDeadlockDetector(Interceptor):
