@@ -25,10 +25,11 @@ nothing came from the pairs).
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlmodel import Session, col, select
 
 from activities.types import ProductInfo, RecommendResult
@@ -49,6 +50,8 @@ POPULAR = "popular"
 PER_PRODUCT = 12
 #: Best-sellers stored: enough to top up an answer after leaving out what a customer bought.
 BEST_SELLERS = 100
+#: The PostgreSQL advisory lock a refresh holds until it commits.
+REFRESH_LOCK = zlib.crc32(b"kaeru:recommendations-refresh")
 #: A customer's most recent orders whose products their recommendations start from.
 RECENT_ORDERS = 5
 
@@ -66,7 +69,12 @@ def refresh(s: Session, min_support: int, min_confidence: float) -> Refreshed:
     """Recompute both tables from the orders and replace them in this session's transaction.
 
     The caller commits (:func:`kaeru.db.write_session`): until then readers see the old rows.
+    Two refreshes at once (the schedule's and the CLI's) take turns: on SQLite the write
+    session's ``BEGIN IMMEDIATE``, on PostgreSQL an advisory lock held to the commit (without
+    it the second one's delete misses the first one's new rows and its insert collides).
     """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REFRESH_LOCK})
     baskets: dict[str, set[str]] = defaultdict(set)
     lines = select(col(OrderLine.order_id), col(OrderLine.product_id))
     for order_id, product_id in s.execute(lines):

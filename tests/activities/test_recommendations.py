@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlmodel import col, select, update
 from temporalio.testing import ActivityEnvironment
 
-from activities.recommendations import RecommendationActivities
+from activities.recommendations import RecommendationActivities, refresh_now
 from activities.types import (
     LookUpProducts,
     RecommendInput,
@@ -144,3 +146,14 @@ async def test_look_up_reads_the_catalogue_in_the_order_asked(database_url: str)
     assert ids(result) == ["c", "a"]
     assert result.source == "catalogue"
     assert result.products[0].name == "Product c"
+
+
+async def test_two_refreshes_at_once_both_finish(database_url: str) -> None:
+    tea_shop.store(database_url)
+    settings = make_settings(database_url)
+    await refresh(settings)  # rows to delete, so both transactions meet on them
+
+    done = await asyncio.gather(*(asyncio.to_thread(refresh_now, settings) for _ in range(4)))
+
+    assert [d.orders for d in done] == [285] * 4
+    assert ids(await recommend(settings, ["sencha"])) == ["mug", "teapot", "kettle"]
