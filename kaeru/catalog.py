@@ -140,6 +140,12 @@ def _json_rows(text: str) -> list[tuple[str, Mapping[str, Any]]]:
         if unknown:
             problems.append(Problem(where, f"unknown key(s) {', '.join(unknown)}: {_fix()}"))
             continue
+        nested = sorted(k for k, v in item.items() if isinstance(v, dict | list))
+        if nested:
+            problems.append(
+                Problem(where, f"{', '.join(nested)}: give text, a number or true/false")
+            )
+            continue
         rows.append((where, item))
     if problems:
         raise CatalogFileError(problems)

@@ -118,6 +118,13 @@ def test_a_bad_file_names_each_line_and_its_fix_and_imports_nothing(
     done = kaeru(database_url, "catalog", "import", str(broken))
     assert done.exit_code == 1
     assert "line 2: not JSON" in " ".join(done.output.split())
+    nested = tmp_path / "nested.json"
+    nested.write_text('[{"product_id": {"id": 1}, "name": "A"}, 3]')
+    done = kaeru(database_url, "catalog", "import", str(nested))
+    assert done.exit_code == 1
+    said = " ".join(done.output.split())
+    assert "item 1: product_id: give text, a number or true/false" in said
+    assert "item 2: not an object" in said
     assert catalogue(database_url) == {}
 
 
