@@ -135,17 +135,20 @@ def build_worker(
     )
 
 
-async def put_schedule(client: Client, schedule_id: str, schedule: Schedule) -> None:
+async def put_schedule(
+    client: Client, schedule_id: str, schedule: Schedule, *, run_when_created: bool = False
+) -> None:
     """Create ``schedule_id``, or bring it in line with ``schedule`` keeping its state: every
     worker calls this at start, and one that restarts or scales out must not un-pause a
-    schedule an operator paused.
+    schedule an operator paused. ``run_when_created``: its action also runs at once when the
+    schedule is new (never on an update).
 
     Raises:
         RPCError: the server refused to create or update the schedule (schedules disabled,
             a permission missing).
     """
     try:
-        await client.create_schedule(schedule_id, schedule)
+        await client.create_schedule(schedule_id, schedule, trigger_immediately=run_when_created)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(schedule_id).update(
             lambda current: ScheduleUpdate(
@@ -200,7 +203,8 @@ async def ensure_experiment_promoter(client: Client, settings: Settings) -> None
 
 async def ensure_recommendations_refresh(client: Client, settings: Settings) -> None:
     """Create the recommendations refresh's schedule (every ``KAERU_RECOMMENDATIONS_REFRESH``),
-    or bring it in line with today's settings keeping its state (an operator's pause).
+    or bring it in line with today's settings keeping its state (an operator's pause). A new
+    schedule refreshes at once, so a new install's site has answers before the first interval.
 
     Raises:
         RPCError: the server refused to create or update the schedule.
@@ -215,7 +219,7 @@ async def ensure_recommendations_refresh(client: Client, settings: Settings) -> 
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.recommendations_refresh)]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
-    await put_schedule(client, REFRESH_ID, schedule)
+    await put_schedule(client, REFRESH_ID, schedule, run_when_created=True)
 
 
 #: Where interval schedules start counting: the Unix epoch was a Thursday, so a weekly
