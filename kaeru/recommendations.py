@@ -36,6 +36,7 @@ from activities.types import ProductInfo, RecommendResult
 from kaeru.models import (
     BestSeller,
     CartItem,
+    IdentityAlias,
     Order,
     OrderLine,
     Product,
@@ -135,7 +136,10 @@ def for_products(s: Session, product_ids: list[str], limit: int) -> RecommendRes
 
 def for_customer(s: Session, customer_id: str, limit: int) -> RecommendResult:
     """What to show ``customer_id``: from their cart and their last :data:`RECENT_ORDERS`
-    orders, never a product they bought or have in their cart."""
+    orders, never a product they bought or have in their cart. An anonymous id merged into
+    a customer (``identity_aliases``) answers for that customer, whose events it now names."""
+    if (alias := s.get(IdentityAlias, customer_id)) is not None:
+        customer_id = alias.customer_id
     cart = set(s.exec(select(CartItem.product_id).where(col(CartItem.customer_id) == customer_id)))
     recent = list(
         s.exec(

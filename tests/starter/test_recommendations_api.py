@@ -14,7 +14,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.recommendations import RecommendationActivities, refresh_now
 from activities.types import RecommendInput, RecommendResult
 from kaeru.db import session
-from kaeru.models import CartItem
+from kaeru.models import CartItem, IdentityAlias
 from kaeru.settings import Settings
 from starter.app import create_app
 from tests.conftest import make_settings
@@ -83,6 +83,8 @@ async def test_a_customer_gets_what_goes_with_their_cart_and_orders_not_what_the
 ) -> None:
     with session(shop.resolved_database_url) as s:
         s.add(CartItem(customer_id=tea_shop.TEA_LOVER, product_id="matcha", position=0, quantity=1))
+        lover = tea_shop.TEA_LOVER
+        s.add(IdentityAlias(anonymous_id="anon-7", customer_id=lover, message_id="m", source="s"))
 
     # Bought sencha and a teapot (never shown again); matcha is in the cart: whisk (0.9 with
     # matcha), mug (0.7 with sencha), bowl (0.4 with matcha).
@@ -90,6 +92,8 @@ async def test_a_customer_gets_what_goes_with_their_cart_and_orders_not_what_the
         ["whisk", "mug", "bowl"],
         "bought_together",
     )
+    # The browser's anonymous id, merged into the customer at sign-in, answers for them.
+    assert await shown(site, customer_id="anon-7") == (["whisk", "mug", "bowl"], "bought_together")
     assert await shown(site, customer_id="someone-new", limit=4) == (
         ["sencha", "mug", "kettle", "matcha"],
         "popular",
