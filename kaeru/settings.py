@@ -656,8 +656,9 @@ class Settings(BaseSettings):
     read_key: SecretStr | None = Field(
         None,
         description="read-only key of `GET /v1/recommendations` (HTTP Basic user name, like "
-        "the write key; the shop's site may show it); neither write key opens it and it "
-        "writes nothing; unset: the endpoint answers 503",
+        "the write key); neither write key opens it and it writes nothing; a page may carry "
+        "it for `?product_id=`, but ask `?customer_id=` from the shop's server (its answer "
+        "hints at what the customer bought); unset: the endpoint answers 503",
     )
 
     @field_validator("read_key")
