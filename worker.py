@@ -36,12 +36,13 @@ from activities.experiments import ExperimentActivities
 from activities.recommendations import RecommendationActivities
 from activities.reports import ReportActivities, ReportScheduleInput
 from activities.send_gate import SendGateActivities
-from activities.types import PromoteInput, SweepInput
+from activities.types import PromoteInput, RefreshInput, SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.settings import Settings
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
+from workflows.recommendations_refresh import REFRESH_ID, RecommendationsRefresh
 from workflows.report import REPORT_SCHEDULE_ID, OperatorReport
 
 log = logging.getLogger("kaeru.worker")
@@ -59,8 +60,14 @@ PASSTHROUGH = (
 
 def workflows() -> Sequence[type]:
     """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
-    experiment promoter and the operators' report."""
-    return [*registry().workflows, AudienceSweeper, ExperimentPromoter, OperatorReport]
+    experiment promoter, the operators' report and the recommendations refresh."""
+    return [
+        *registry().workflows,
+        AudienceSweeper,
+        ExperimentPromoter,
+        OperatorReport,
+        RecommendationsRefresh,
+    ]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
@@ -78,6 +85,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         CouponActivities(settings).issue_coupon,
         recommendations.recommend_products,
         recommendations.look_up_products,
+        recommendations.refresh_recommendations,
         ConversionActivities(settings).record_conversion,
         entries.claim_journey_entry,
         entries.enter_journey,
@@ -127,17 +135,20 @@ def build_worker(
     )
 
 
-async def put_schedule(client: Client, schedule_id: str, schedule: Schedule) -> None:
+async def put_schedule(
+    client: Client, schedule_id: str, schedule: Schedule, *, run_when_created: bool = False
+) -> None:
     """Create ``schedule_id``, or bring it in line with ``schedule`` keeping its state: every
     worker calls this at start, and one that restarts or scales out must not un-pause a
-    schedule an operator paused.
+    schedule an operator paused. ``run_when_created``: its action also runs at once when the
+    schedule is new (never on an update).
 
     Raises:
         RPCError: the server refused to create or update the schedule (schedules disabled,
             a permission missing).
     """
     try:
-        await client.create_schedule(schedule_id, schedule)
+        await client.create_schedule(schedule_id, schedule, trigger_immediately=run_when_created)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(schedule_id).update(
             lambda current: ScheduleUpdate(
@@ -188,6 +199,27 @@ async def ensure_experiment_promoter(client: Client, settings: Settings) -> None
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
     await put_schedule(client, PROMOTER_ID, schedule)
+
+
+async def ensure_recommendations_refresh(client: Client, settings: Settings) -> None:
+    """Create the recommendations refresh's schedule (every ``KAERU_RECOMMENDATIONS_REFRESH``),
+    or bring it in line with today's settings keeping its state (an operator's pause). A new
+    schedule refreshes at once, so a new install's site has answers before the first interval.
+
+    Raises:
+        RPCError: the server refused to create or update the schedule.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RecommendationsRefresh.run,
+            RefreshInput(),
+            id=REFRESH_ID,
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.recommendations_refresh)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    await put_schedule(client, REFRESH_ID, schedule, run_when_created=True)
 
 
 #: Where interval schedules start counting: the Unix epoch was a Thursday, so a weekly
@@ -275,6 +307,19 @@ async def run_worker(client: Client, settings: Settings) -> None:
             "this worker's credentials manage schedules, then restart a worker. Journeys run "
             "regardless",
             REPORT_SCHEDULE_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
+    try:
+        await ensure_recommendations_refresh(client, settings)
+    except RPCError as err:
+        log.error(
+            "could not create or update the recommendations refresh's schedule %r (%s: %s), "
+            "so recommendations stay as the last refresh left them (`kaeru recommendations "
+            "refresh` recomputes them). Let this worker's credentials manage schedules on "
+            "namespace %r, then restart a worker. Journeys run regardless",
+            REFRESH_ID,
             err.status.name if err.status is not None else "unknown status",
             err.message,
             client.namespace,

@@ -64,6 +64,20 @@ class RecommendResult:
 
 
 @dataclass
+class RefreshInput:
+    """Input of the recommendations refresh (nothing yet: the thresholds are settings)."""
+
+
+@dataclass
+class RefreshResult:
+    """What a recommendations refresh read (orders) and wrote (pairs, best-sellers)."""
+
+    orders: int = 0
+    pairs: int = 0
+    best_sellers: int = 0
+
+
+@dataclass
 class LookUpProducts:
     """Products to read from the shop's catalogue (as its server-key events describe them)."""
 

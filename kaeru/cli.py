@@ -34,6 +34,7 @@ from temporalio.service import RPCError
 
 from activities.email.addresses import mask_address, normalise_address
 from activities.email.gate import suppression_of
+from activities.recommendations import refresh_now
 from kaeru.analytics.model import Period
 from kaeru.analytics.report import build_report
 from kaeru.analytics.serialise import report_to_json
@@ -44,6 +45,7 @@ from kaeru.analytics.terminal import (
     render_experiments,
     write_csv,
 )
+from kaeru.catalog import CatalogFileError, import_catalog, read_catalog
 from kaeru.codec import KEY_CACHE_TTL, CodecKeyError, key_store, master_keys
 from kaeru.db import session as db_session
 from kaeru.db import write_session as db_write_session
@@ -892,6 +894,86 @@ def touchpoints_import(
             "(kaeru api or kaeru dev).",
             soft_wrap=True,
         )
+
+
+# ---- kaeru catalog / recommendations: the shop's pages (kaeru/catalog.py, recommendations.py)
+
+catalog_app = typer.Typer(
+    help="The catalogue: product names, prices, images and availability in.",
+    no_args_is_help=True,
+)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("import")
+def catalog_import(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with a header, or JSON (an array of objects, or JSON Lines): "
+            "product_id,name,price,currency,image_url,url,available.",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ],
+) -> None:
+    """Import the shop's catalogue from a CSV or JSON file (an upsert by product_id).
+
+    Every row is checked first (one bad row imports nothing); importing the same file again
+    changes nothing. Products marked available=false are never recommended.
+    """
+    settings = load_settings()
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        fail(f"{file} is not UTF-8 text", "Save the file as UTF-8 and import it again.")
+    json_file = file.suffix.lower() in {".json", ".jsonl", ".ndjson"}
+    try:
+        products = read_catalog(text, json_file=json_file)
+    except CatalogFileError as exc:
+        for problem in exc.problems[:SHOWN_PROBLEMS]:
+            errors.print(Text(f"{file}:{problem}"), soft_wrap=True)
+        more = len(exc.problems) - SHOWN_PROBLEMS
+        fail(
+            f"{file} has {len(exc.problems)} problem(s)"
+            + (f" ({more} more not shown)" if more > 0 else "")
+            + ": nothing was imported",
+            "Fix them and import the file again.",
+        )
+    _, label = database_url_checked(settings)
+    with database_problems(label), db_write_session(settings.resolved_database_url) as s:
+        done = import_catalog(s, products)
+    unavailable = sum(1 for p in products if p.get("available") is False)
+    console.print(
+        f"Imported {file}: {done} product(s), {unavailable} of them unavailable (never "
+        "recommended).",
+        soft_wrap=True,
+    )
+
+
+recommendations_app = typer.Typer(
+    help="Recommendations for the shop's pages and emails (bought together, best-sellers).",
+    no_args_is_help=True,
+)
+app.add_typer(recommendations_app, name="recommendations")
+
+
+@recommendations_app.command("refresh")
+def recommendations_refresh() -> None:
+    """Recompute the recommendations from the orders now (the schedule does it every
+    KAERU_RECOMMENDATIONS_REFRESH); readers see the old answers until it is done."""
+    settings = load_settings()
+    _, label = database_url_checked(settings)
+    with database_problems(label):
+        done = refresh_now(settings)
+    console.print(
+        f"Refreshed the recommendations from {done.orders} order(s): {done.pairs} "
+        f"bought-together pair(s) (at least {settings.recommendations_min_support} orders "
+        f"together and {settings.recommendations_min_confidence:.0%} confidence) and "
+        f"{done.best_sellers} best-seller(s).",
+        soft_wrap=True,
+    )
 
 
 # ---- the settings table of the README --------------------------------------------------------

@@ -124,6 +124,10 @@ class Product(SQLModel, table=True):
     image_url: str | None = None
     url: str | None = None
     updated_at: datetime = _ts()
+    #: False: out of stock or withdrawn (``kaeru catalog import``): never recommended.
+    available: bool = Field(
+        default=True, sa_column=Column(Boolean, nullable=False, server_default=true())
+    )
 
 
 class Order(SQLModel, table=True):
@@ -618,3 +622,44 @@ class StoredReport(SQLModel, table=True):
     html: str = Field(sa_column=Column(Text, nullable=False))
     #: When the SMTP relay accepted the email to every operator (None: not yet).
     emailed_at: datetime | None = _ts(nullable=True)
+
+
+# ---- Stream R: recommendations for the shop's pages -----------------------------------------
+
+
+class Recommendation(SQLModel, table=True):
+    """One precomputed "bought together" answer: ``recommended_id`` is shown next to
+    ``product_id`` at ``rank`` (0 first). Written only by a refresh
+    (:func:`kaeru.recommendations.refresh`), which replaces every row in one transaction."""
+
+    __tablename__ = "recommendations"
+
+    product_id: str = Field(primary_key=True, max_length=200)
+    rank: int = Field(primary_key=True)
+    recommended_id: str = Field(max_length=200)
+    #: Orders holding both products (the support, as a count).
+    together: int
+    #: ``together`` over the orders holding ``product_id``.
+    confidence: float
+
+
+class BestSeller(SQLModel, table=True):
+    """The shop's best-selling products at the last refresh, the fallback of every answer."""
+
+    __tablename__ = "best_sellers"
+
+    rank: int = Field(primary_key=True)
+    product_id: str = Field(max_length=200)
+    orders: int
+
+
+class RecommendationRefresh(SQLModel, table=True):
+    """The last refresh (one row, ``id`` 1): when, and what it read and wrote."""
+
+    __tablename__ = "recommendation_refreshes"
+
+    id: int = Field(default=1, primary_key=True)
+    refreshed_at: datetime = _ts()
+    orders: int
+    pairs: int
+    best_sellers: int

@@ -634,6 +634,49 @@ class Settings(BaseSettings):
     )
 
     # ---- connectors: recommendations for the shop's pages (R) settings ----
+    recommendations_refresh: timedelta = Field(
+        timedelta(hours=1),
+        description="how often a Temporal Schedule recomputes the precomputed recommendations "
+        "(bought together, best-sellers) from the orders; seconds or ISO 8601; `kaeru "
+        "recommendations refresh` recomputes them at once",
+    )
+    recommendations_min_support: int = Field(
+        2,
+        ge=1,
+        description="orders that must hold two products together before one is recommended "
+        "with the other (fewer is chance, not a pattern)",
+    )
+    recommendations_min_confidence: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="share of the orders holding a product that must also hold the other "
+        "before it is recommended with it (0 to 1; 0.1: one order in ten)",
+    )
+    read_key: SecretStr | None = Field(
+        None,
+        description="read-only key of `GET /v1/recommendations` (HTTP Basic user name, like "
+        "the write key); neither write key opens it and it writes nothing; a page may carry "
+        "it for `?product_id=`, but ask `?customer_id=` from the shop's server (its answer "
+        "hints at what the customer bought); unset: the endpoint answers 503",
+    )
+
+    @field_validator("read_key")
+    @classmethod
+    def _read_key_is_not_a_write_key(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        """A read key equal to a write key would let whoever holds it write events."""
+        if value is None or not value.get_secret_value():
+            return value
+        for name in ("write_key", "browser_write_key"):
+            other = info.data.get(name)
+            if other is not None and other.get_secret_value() == value.get_secret_value():
+                raise ValueError(
+                    f"KAERU_READ_KEY must differ from KAERU_{name.upper()}: give the read "
+                    "key its own random value"
+                )
+        return value
 
     # ---- connectors: audiences out, batched; Google Customer Match (G) settings ----
 

@@ -37,6 +37,7 @@ from starter import (
     limits,
     opens_and_clicks,
     privacy,
+    recommendations,
     shopify,
     unsubscribe,
 )
@@ -129,6 +130,7 @@ def create_app(
     app.include_router(_ingestion_routes())
     # Early, before any route with a catch-all path parameter could take /v1/webhooks/...
     app.include_router(shopify.router)
+    app.include_router(recommendations.router)
     app.include_router(opens_and_clicks.router)
     app.include_router(unsubscribe.router)
     # Before admin: its GET /v1/customers/{id:path} would swallow .../export.

@@ -19,8 +19,8 @@ from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from activities.recommendations import recommend
-from kaeru.db import session
+from kaeru import recommendations
+from kaeru.db import session, write_session
 from kaeru.models import CartItem, Coupon, Customer, Event, Order, OrderLine, Product, Touchpoint
 from kaeru.settings import Settings
 from starter.app import create_app
@@ -880,8 +880,10 @@ async def test_untrusted_text_never_reaches_another_customers_recommendations(
             "/v1/track", json=added("attacker", product_id, phish), auth=BROWSER
         )
         assert answer.status_code == 200  # stored for the attacker's own cart, not the catalogue
+    with write_session(settings.resolved_database_url) as s:
+        recommendations.refresh(s, min_support=1, min_confidence=0.0)
     with session(settings.resolved_database_url) as s:
-        shown = recommend(s, ["mug"], 3).products
+        shown = recommendations.for_products(s, ["mug"], 3).products
     assert [(p.product_id, p.name) for p in shown] == [("pot", "Pond Teapot")]
 
 

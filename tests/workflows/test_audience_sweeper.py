@@ -123,6 +123,15 @@ async def test_a_worker_polls_even_when_it_cannot_create_the_schedule(
     finally:
         await env.shutdown()
     assert (result.tried, result.removed) == (0, 0)
-    [failed] = [r for r in caplog.records if r.name == "kaeru.worker" and r.levelname == "ERROR"]
-    assert "Schedules are disabled" in failed.getMessage()
-    assert "restart a worker" in failed.getMessage()
+    failed = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "kaeru.worker" and r.levelname == "ERROR"
+    ]
+    [sweeper] = [m for m in failed if "audience sweeper" in m]
+    assert "Schedules are disabled" in sweeper
+    assert "restart a worker" in sweeper
+    # The recommendations refresh is auxiliary too: said, with the command that does it now.
+    [refresh] = [m for m in failed if "recommendations refresh" in m]
+    assert "`kaeru recommendations refresh` recomputes them" in refresh
+    assert len(failed) == 2
