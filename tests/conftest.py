@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -87,7 +88,22 @@ def postgres_template(postgres_server: Any) -> str:
     url = postgres_server.get_uri(PG_TEMPLATE).replace("postgresql://", "postgresql+psycopg://", 1)
     migrate(url)
     get_engine(url).dispose()  # a template must have no open connections to be copied
+    # ...nor autovacuum's: it skips a database that allows no connections.
+    postgres_server.psql(
+        f"ALTER DATABASE {PG_TEMPLATE} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false;"
+    )
     return PG_TEMPLATE
+
+
+def _create_database(server: Any, name: str, template: str) -> None:
+    """``CREATE DATABASE name TEMPLATE template``, asked again while the server says the
+    template is busy (psql exits 0 on an SQL error: the database's presence is the answer)."""
+    for _ in range(50):
+        server.psql(f"CREATE DATABASE {name} TEMPLATE {template};")
+        if name in server.psql(f"SELECT datname FROM pg_database WHERE datname = '{name}';"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"could not create test database {name} from {template}")
 
 
 @pytest.fixture(scope="session")
@@ -117,9 +133,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         server = request.getfixturevalue("postgres_server")
         template = request.getfixturevalue("postgres_template")
         name = f"t_{uuid.uuid4().hex[:12]}"
-        server.psql(f"CREATE DATABASE {name} TEMPLATE {template};")
+        _create_database(server, name, template)
         url = server.get_uri(name).replace("postgresql://", "postgresql+psycopg://", 1)
     yield url
+    # Give the server its connections back: an engine's pool outlives the test otherwise,
+    # and a few hundred tests' pools reach PostgreSQL's max_connections ("too many clients").
+    get_engine(url).dispose()
+    if request.param == "postgresql":
+        server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);")
 
 
 @pytest.fixture
