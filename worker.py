@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ads import AudienceActivities
+from activities.audience_sync import AudienceSyncActivities
 from activities.conversions import ConversionActivities
 from activities.coupons import CouponActivities
 from activities.email import EmailActivities
@@ -36,10 +37,11 @@ from activities.experiments import ExperimentActivities
 from activities.recommendations import RecommendationActivities
 from activities.reports import ReportActivities, ReportScheduleInput
 from activities.send_gate import SendGateActivities
-from activities.types import PromoteInput, SweepInput
+from activities.types import FlushInput, PromoteInput, SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.settings import Settings
+from workflows.audience_flusher import FLUSHER_ID, AudienceFlusher
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 from workflows.report import REPORT_SCHEDULE_ID, OperatorReport
@@ -60,13 +62,20 @@ PASSTHROUGH = (
 def workflows() -> Sequence[type]:
     """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
     experiment promoter and the operators' report."""
-    return [*registry().workflows, AudienceSweeper, ExperimentPromoter, OperatorReport]
+    return [
+        *registry().workflows,
+        AudienceSweeper,
+        AudienceFlusher,
+        ExperimentPromoter,
+        OperatorReport,
+    ]
 
 
 def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
     """Every activity, with its clients injected once."""
     email = EmailActivities(settings)
     ads = AudienceActivities(settings, http)
+    sync = AudienceSyncActivities(settings, http)
     recommendations = RecommendationActivities(settings)
     entries = EntryActivities(settings)
     return [
@@ -75,6 +84,10 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         ads.remove_from_audience,
         ads.park_audience_removal,
         ads.retry_audience_removals,
+        sync.queue_audience_join,
+        sync.queue_audience_leave,
+        sync.confirm_audience_change,
+        sync.flush_audience_changes,
         CouponActivities(settings).issue_coupon,
         recommendations.recommend_products,
         recommendations.look_up_products,
@@ -167,6 +180,24 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
     await put_schedule(client, SWEEPER_ID, schedule)
 
 
+async def ensure_audience_flusher(client: Client, settings: Settings) -> None:
+    """Create the audience flusher's schedule, or bring it in line with today's settings.
+
+    Idempotent and state-keeping, as :func:`ensure_audience_sweeper`.
+
+    Raises:
+        RPCError: the server refused to create or update the schedule.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            AudienceFlusher.run, FlushInput(), id=FLUSHER_ID, task_queue=settings.task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.audience_flush_interval)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    await put_schedule(client, FLUSHER_ID, schedule)
+
+
 async def ensure_experiment_promoter(client: Client, settings: Settings) -> None:
     """Create (or update, keeping its state: an operator's pause stays) the experiment
     promoter's schedule while ``KAERU_EXPERIMENT_AUTO_PROMOTE`` is on. Off, nothing is asked
@@ -249,6 +280,20 @@ async def run_worker(client: Client, settings: Settings) -> None:
             "(frontend.enableSchedules) and let this worker's credentials create and update "
             "schedules, then restart a worker. Journeys run regardless",
             SWEEPER_ID,
+            err.status.name if err.status is not None else "unknown status",
+            err.message,
+            client.namespace,
+        )
+    try:
+        await ensure_audience_flusher(client, settings)
+    except RPCError as err:
+        # Journeys that join an ad audience wait for the flush: say so loudly.
+        log.error(
+            "could not create or update the audience flusher's schedule %r (%s: %s), so "
+            "queued audience joins and leaves are not sent and journeys that add a shopper to "
+            "Meta or Google wait. Enable schedules on namespace %r and let this worker's "
+            "credentials manage schedules, then restart a worker",
+            FLUSHER_ID,
             err.status.name if err.status is not None else "unknown status",
             err.message,
             client.namespace,

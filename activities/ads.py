@@ -31,6 +31,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.email.addresses import mask_address, recipient_address
 from activities.email.gate import suppression_of
+from activities.google_ads import GOOGLE, GoogleCustomerMatch, retry_after
 from activities.types import (
     AUDIENCE_REJECTED,
     NOT_CONSENTED,
@@ -168,7 +169,11 @@ class AudienceActivities:
     async def _send(self, target: AudienceResult, hashed: str, *, joining: bool) -> None:
         """Tell the ad platform (the local store is written with the touchpoint)."""
         if target.provider == META:
-            await self._meta(hashed, target.audience_id, joining=joining)
+            await self.meta([hashed], target.audience_id, joining=joining)
+        elif target.provider == GOOGLE:
+            google = GoogleCustomerMatch(self.settings, self.http)
+            job = await google.create_job(target.audience_id)
+            await google.add_and_run(job, [hashed], joining=joining)
 
     def _email(self, change: AudienceChange) -> str:
         with session(self.settings.resolved_database_url) as s:
@@ -211,7 +216,9 @@ class AudienceActivities:
         """Update the local store, the kept add and the touchpoint, in one go."""
         with session(self.settings.resolved_database_url) as s:
             if result.provider == LOCAL:
-                _local(s, change.audience, change.customer_id, hashed, change.journey_id, joining)
+                set_local_member(
+                    s, change.audience, change.customer_id, hashed, change.journey_id, joining
+                )
             join = s.get(AudienceJoin, change.key) if joining else _join_of(s, change)
             if joining and join is None:
                 s.add(
@@ -326,7 +333,7 @@ class AudienceActivities:
     def _swept(self, join: AudienceJoin) -> None:
         with session(self.settings.resolved_database_url) as s:
             if join.provider == LOCAL:
-                _local(s, join.audience, join.customer_id, "", join.journey_id, False)
+                set_local_member(s, join.audience, join.customer_id, "", join.journey_id, False)
             join.left_at, join.removal_error, join.retry_at = utcnow(), None, None
             s.add(join)
             record_touchpoint(
@@ -347,7 +354,13 @@ class AudienceActivities:
 
     # ---- Meta ------------------------------------------------------------------------------
 
-    async def _meta(self, hashed: str, audience_id: str, *, joining: bool) -> None:
+    async def meta(self, hashes: list[str], audience_id: str, *, joining: bool) -> None:
+        """Add or remove ``hashes`` (at most 10,000, Meta's limit) in one Graph API call.
+
+        Raises:
+            ApplicationError: ``AudienceRejected`` (non-retryable) when Meta refuses for good;
+                a retryable one when it is busy, after the ``Retry-After`` it asked for.
+        """
         s = self.settings
         if not s.meta_access_token:
             raise ApplicationError(
@@ -357,9 +370,9 @@ class AudienceActivities:
                 non_retryable=True,
             )
         url = f"{s.meta_graph_url.rstrip('/')}/{audience_id}/users"
-        verb = "add the shopper to" if joining else "remove the shopper from"
+        verb = "add shoppers to" if joining else "remove shoppers from"
         body = {
-            "payload": {"schema": "EMAIL_SHA256", "data": [hashed]},
+            "payload": {"schema": "EMAIL_SHA256", "data": hashes},
             # In the body, not the query: httpx and proxies log URLs, and this is a secret.
             "access_token": s.meta_access_token.get_secret_value(),
         }
@@ -399,6 +412,7 @@ class AudienceActivities:
                 f"Meta is busy and could not {verb} audience {audience_id} ({said}); "
                 "retrying with backoff",
                 type=AUDIENCE_UNAVAILABLE,
+                next_retry_delay=retry_after(response),
             )
         raise ApplicationError(
             f"Meta refused to {verb} audience {audience_id} ({said}). {_fix(code)}",
@@ -425,7 +439,7 @@ def _join_of(s: Session, change: AudienceChange) -> AudienceJoin | None:
     return s.exec(query).first()
 
 
-def _local(
+def set_local_member(
     s: Session, audience: str, customer_id: str, hashed: str, journey_id: str, joining: bool
 ) -> None:
     """Add to or remove from the local audience store."""
