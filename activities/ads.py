@@ -254,6 +254,12 @@ class AudienceActivities:
         change = parked.change
         with session(self.settings.resolved_database_url) as s:
             join = _join_of(s, change)
+            queued = _queued_joins(s, change) if join is None else []
+            if queued:  # a batched join: one kept add per provider it went to
+                for each in queued:
+                    each.removal_error, each.retry_at = parked.reason[:2000], utcnow()
+                    s.add(each)
+                return
             if join is None:  # added before kaeru kept adds: the current address is all we have
                 address = recipient_address(s, change.customer_id)
                 if not address:
@@ -437,6 +443,18 @@ def _join_of(s: Session, change: AudienceChange) -> AudienceJoin | None:
         .order_by(col(AudienceJoin.joined_at).desc())
     )
     return s.exec(query).first()
+
+
+def _queued_joins(s: Session, change: AudienceChange) -> list[AudienceJoin]:
+    """The open adds a batched join (``queue_audience_join``) kept: ``<joined key>/<provider>``."""
+    if change.joined_key is None:
+        return []
+    query = (
+        select(AudienceJoin)
+        .where(col(AudienceJoin.key).startswith(f"{change.joined_key}/", autoescape=True))
+        .where(col(AudienceJoin.left_at).is_(None))
+    )
+    return list(s.exec(query))
 
 
 def set_local_member(

@@ -1133,6 +1133,7 @@ class Journey(Generic[S]):
         except ActivityError as err:
             workflow.logger.error("could not queue the removal from %s: %s", audience, err)
             self.tell(f"could NOT remove the shopper from the {audience} audience: {err.cause}")
+            await self._park_removal(change, str(err.cause or err))
             return
         del self.audiences[audience]
         self.queued_audiences.discard(audience)
