@@ -155,6 +155,16 @@ class AudienceSyncActivities:
             except ApplicationError as err:
                 if not err.non_retryable:
                     raise
+                # Counts and the audience only: the members are personal data.
+                activity.logger.warning(
+                    "%s refused a batch of %d %s audience %s; the changes are marked rejected "
+                    "(audience_changes.outcome) and the journeys waiting for them told: %s",
+                    batch.provider,
+                    len(hashes),
+                    "addition(s) to" if batch.joining else "removal(s) from",
+                    batch.audience_id,
+                    err.message,
+                )
                 await asyncio.to_thread(self._mark, batch, f"{REJECTED}: {err.message}")
                 result.rejected += len(hashes)
                 continue

@@ -62,7 +62,7 @@ from tests.starter.conftest import AUTH, OPERATOR, asgi_client
 from tests.support.codec import CodecEnv, codec_client, history_payloads, new_master_key
 from tests.support.graph_api import BAD_TOKEN, GraphAPIServer
 from tests.support.smtp import SMTPTestServer
-from tests.workflows.conftest import SHOE, Shopper, reach_ad_audience
+from tests.workflows.conftest import SHOE, Shopper, flushing, reach_ad_audience
 from worker import PASSTHROUGH, build_worker, workflows
 
 
@@ -159,6 +159,7 @@ async def shop(time_skipping_env: WorkflowEnvironment, database_url: str) -> Asy
             async with (
                 httpx.AsyncClient() as http,
                 build_worker(client, settings, http),
+                flushing(settings),
                 asgi_client(app) as api,
             ):
                 shopper = Customer42(

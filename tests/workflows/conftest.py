@@ -27,11 +27,12 @@ from sqlmodel import select
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.types import EntryPlan
+from activities.audience_sync import AudienceSyncActivities
+from activities.types import EntryPlan, FlushInput
 from kaeru.db import session
 from kaeru.models import AudienceMember, Customer, Touchpoint
 from kaeru.settings import Settings
@@ -219,6 +220,27 @@ async def record_histories(client: Client, workflow_id: str) -> None:
     for label, run_id in runs.items():
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
         (Path(record_to) / f"{label}@{workflow_id}.json").write_text(history.to_json())
+
+
+@contextlib.asynccontextmanager
+async def flushing(settings: Settings) -> AsyncIterator[None]:
+    """What the audience flusher's schedule does, every 0.1 s (the time-skipping server runs
+    no schedules): the real flush activity."""
+    async with httpx.AsyncClient() as http:
+        sync = AudienceSyncActivities(settings, http)
+
+        async def flush_now_and_then() -> None:
+            while True:
+                await ActivityEnvironment().run(sync.flush_audience_changes, FlushInput())
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(flush_now_and_then())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def reach_ad_audience(shopper: Shopper) -> None:

@@ -24,12 +24,10 @@ import pytest
 from sqlmodel import select
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.testing import WorkflowEnvironment
 
 from activities.ads import email_sha256
-from activities.audience_sync import AudienceSyncActivities
 from activities.google_ads import google_email_sha256
-from activities.types import FlushInput
 from kaeru.consent import CONSENT_WITHDRAWN, set_consent
 from kaeru.db import session
 from kaeru.journeys import deliveries
@@ -41,7 +39,14 @@ from tests.starter.conftest import AUTH, asgi_client
 from tests.support.google_ads_api import GoogleAdsServer
 from tests.support.graph_api import GraphAPIServer
 from tests.support.smtp import SMTPTestServer
-from tests.workflows.conftest import DAY, SHOE, Shopper, reach_ad_audience, record_histories
+from tests.workflows.conftest import (
+    DAY,
+    SHOE,
+    Shopper,
+    flushing,
+    reach_ad_audience,
+    record_histories,
+)
 from tests.workflows.test_order_confirmation import ORDER, Buyer
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
@@ -84,27 +89,6 @@ def test_a_withdrawal_reaches_live_marketing_journeys_only_and_starts_none() -> 
     assert "cart-abandonment" in kinds and "welcome" in kinds
     assert "order-confirmation" not in kinds  # transactional: consent is not its business
     assert not any(target.start for target in targets)
-
-
-@contextlib.asynccontextmanager
-async def flushing(settings: Settings) -> AsyncIterator[None]:
-    """What the audience flusher's schedule does, every 0.1 s (the time-skipping server runs
-    no schedules): the real flush activity."""
-    async with httpx.AsyncClient() as http:
-        sync = AudienceSyncActivities(settings, http)
-
-        async def flush_now_and_then() -> None:
-            while True:
-                await ActivityEnvironment().run(sync.flush_audience_changes, FlushInput())
-                await asyncio.sleep(0.1)
-
-        task = asyncio.create_task(flush_now_and_then())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def told(shopper: Shopper, words: str) -> None:
