@@ -32,6 +32,7 @@ from kaeru.cli import app
 from kaeru.codec import ENCODING, ERASED_METADATA, ERASED_TEXT, codec_for
 from kaeru.db import migrate, session
 from kaeru.models import (
+    AudienceChangeRow,
     AudienceJoin,
     AudienceMember,
     CartItem,
@@ -201,6 +202,9 @@ async def test_erase_while_a_journey_sleeps(shop: Shop) -> None:
     assert description.status == WorkflowExecutionStatus.TERMINATED
     # Out of the ad audience.
     assert hashed not in shop.graph.member_hashes()
+    with session(shop.settings.resolved_database_url) as s:
+        queued = list(s.exec(select(AudienceChangeRow)))
+    assert all(row.customer_id != cid and row.applied_at is None for row in queued)
     # Personal data gone, for the customer and for their anonymous id.
     for who in (cid, shop.anonymous_id):
         for model in PERSONAL:

@@ -250,6 +250,13 @@ async def reach_ad_audience(shopper: Shopper) -> None:
     await shopper.opened()
     await shopper.skip(DAY + 60)
     await shopper.wait_for_step("ad_audience")
+    # A join to Meta or Google waits for the flush: wait (in real time) until it is told, or
+    # the journey ended (a refused join), so the test then sees the shopper in the audience.
+    for _ in range(200):
+        status = await shopper.status()
+        if status.outcome is not None or any("added the shopper to" in x for x in status.story):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def reach_offer(shopper: Shopper) -> str:
