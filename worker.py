@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ads import AudienceActivities
+from activities.audience_sync import AudienceSyncActivities
 from activities.conversions import ConversionActivities
 from activities.coupons import CouponActivities
 from activities.email import EmailActivities
@@ -36,10 +37,11 @@ from activities.experiments import ExperimentActivities
 from activities.recommendations import RecommendationActivities
 from activities.reports import ReportActivities, ReportScheduleInput
 from activities.send_gate import SendGateActivities
-from activities.types import PromoteInput, RefreshInput, SweepInput
+from activities.types import FlushInput, PromoteInput, RefreshInput, SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.settings import Settings
+from workflows.audience_flusher import FLUSHER_ID, AudienceFlusher
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 from workflows.recommendations_refresh import REFRESH_ID, RecommendationsRefresh
@@ -60,10 +62,12 @@ PASSTHROUGH = (
 
 def workflows() -> Sequence[type]:
     """Every journey the registry found (kaeru/journeys.py), the audience sweeper and the
-    experiment promoter, the operators' report and the recommendations refresh."""
+    experiment promoter, the operators' report, the recommendations refresh and the audience
+    flusher."""
     return [
         *registry().workflows,
         AudienceSweeper,
+        AudienceFlusher,
         ExperimentPromoter,
         OperatorReport,
         RecommendationsRefresh,
@@ -74,6 +78,7 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
     """Every activity, with its clients injected once."""
     email = EmailActivities(settings)
     ads = AudienceActivities(settings, http)
+    sync = AudienceSyncActivities(settings, http)
     recommendations = RecommendationActivities(settings)
     entries = EntryActivities(settings)
     return [
@@ -82,6 +87,10 @@ def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable
         ads.remove_from_audience,
         ads.park_audience_removal,
         ads.retry_audience_removals,
+        sync.queue_audience_join,
+        sync.queue_audience_leave,
+        sync.confirm_audience_change,
+        sync.flush_audience_changes,
         CouponActivities(settings).issue_coupon,
         recommendations.recommend_products,
         recommendations.look_up_products,
@@ -178,6 +187,24 @@ async def ensure_audience_sweeper(client: Client, settings: Settings) -> None:
     await put_schedule(client, SWEEPER_ID, schedule)
 
 
+async def ensure_audience_flusher(client: Client, settings: Settings) -> None:
+    """Create the audience flusher's schedule, or bring it in line with today's settings.
+
+    Idempotent and state-keeping, as :func:`ensure_audience_sweeper`.
+
+    Raises:
+        RPCError: the server refused to create or update the schedule.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            AudienceFlusher.run, FlushInput(), id=FLUSHER_ID, task_queue=settings.task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.audience_flush_interval)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    await put_schedule(client, FLUSHER_ID, schedule)
+
+
 async def ensure_experiment_promoter(client: Client, settings: Settings) -> None:
     """Create (or update, keeping its state: an operator's pause stays) the experiment
     promoter's schedule while ``KAERU_EXPERIMENT_AUTO_PROMOTE`` is on. Off, nothing is asked
@@ -268,62 +295,66 @@ async def ensure_report_schedule(client: Client, settings: Settings) -> None:
     await put_schedule(client, REPORT_SCHEDULE_ID, schedule)
 
 
+#: The schedules every worker puts at start: how, their id, whose, and what goes missing
+#: when the server refuses (journeys run regardless, except where it says they wait).
+AUXILIARY_SCHEDULES: tuple[
+    tuple[Callable[[Client, Settings], Awaitable[None]], str, str, str], ...
+] = (
+    (
+        ensure_audience_sweeper,
+        SWEEPER_ID,
+        "audience sweeper's",
+        "parked audience removals are not retried; journeys run regardless",
+    ),
+    (
+        ensure_audience_flusher,
+        FLUSHER_ID,
+        "audience flusher's",
+        "queued audience joins and leaves are not sent and journeys that add a shopper to "
+        "Meta or Google wait",
+    ),
+    (
+        ensure_experiment_promoter,
+        PROMOTER_ID,
+        "experiment promoter's",
+        "KAERU_EXPERIMENT_AUTO_PROMOTE promotes no winner (`kaeru experiments --promote` "
+        "still does); journeys run regardless",
+    ),
+    (
+        ensure_report_schedule,
+        REPORT_SCHEDULE_ID,
+        "operators' report's",
+        "no report is emailed to KAERU_REPORT_TO; journeys run regardless",
+    ),
+    (
+        ensure_recommendations_refresh,
+        REFRESH_ID,
+        "recommendations refresh's",
+        "recommendations stay as the last refresh left them (`kaeru recommendations "
+        "refresh` recomputes them); journeys run regardless",
+    ),
+)
+
+
 async def run_worker(client: Client, settings: Settings) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
-    try:
-        await ensure_audience_sweeper(client, settings)
-    except RPCError as err:
-        # The sweeper is an auxiliary job: every journey must still run without it.
-        log.error(
-            "could not create or update the audience sweeper's schedule %r (%s: %s), so "
-            "parked audience removals are not retried. Enable schedules on namespace %r "
-            "(frontend.enableSchedules) and let this worker's credentials create and update "
-            "schedules, then restart a worker. Journeys run regardless",
-            SWEEPER_ID,
-            err.status.name if err.status is not None else "unknown status",
-            err.message,
-            client.namespace,
-        )
-    try:
-        await ensure_experiment_promoter(client, settings)
-    except RPCError as err:
-        log.error(
-            "could not create or update the experiment promoter's schedule %r (%s: "
-            "%s), so KAERU_EXPERIMENT_AUTO_PROMOTE promotes no winner (`kaeru experiments "
-            "--promote` still does). Let this worker's credentials manage schedules on "
-            "namespace %r, then restart a worker. Journeys run regardless",
-            PROMOTER_ID,
-            err.status.name if err.status is not None else "unknown status",
-            err.message,
-            client.namespace,
-        )
-    try:
-        await ensure_report_schedule(client, settings)
-    except RPCError as err:
-        log.error(
-            "could not create, update or delete the report's schedule %r (%s: %s), so no "
-            "report is emailed to KAERU_REPORT_TO. Enable schedules on namespace %r and let "
-            "this worker's credentials manage schedules, then restart a worker. Journeys run "
-            "regardless",
-            REPORT_SCHEDULE_ID,
-            err.status.name if err.status is not None else "unknown status",
-            err.message,
-            client.namespace,
-        )
-    try:
-        await ensure_recommendations_refresh(client, settings)
-    except RPCError as err:
-        log.error(
-            "could not create or update the recommendations refresh's schedule %r (%s: %s), "
-            "so recommendations stay as the last refresh left them (`kaeru recommendations "
-            "refresh` recomputes them). Let this worker's credentials manage schedules on "
-            "namespace %r, then restart a worker. Journeys run regardless",
-            REFRESH_ID,
-            err.status.name if err.status is not None else "unknown status",
-            err.message,
-            client.namespace,
-        )
+    for ensure, schedule_id, what, without in AUXILIARY_SCHEDULES:
+        try:
+            await ensure(client, settings)
+        except RPCError as err:
+            # Auxiliary jobs: the worker runs journeys without them, and says what is missing.
+            log.error(
+                "could not create, update or delete the %s schedule %r (%s: %s), so %s. "
+                "Enable schedules on namespace %r (frontend.enableSchedules) and let this "
+                "worker's credentials manage schedules, then restart a worker",
+                what,
+                schedule_id,
+                err.status.name if err.status is not None else "unknown status",
+                err.message,
+                without,
+                client.namespace,
+            )
     async with httpx.AsyncClient(timeout=30.0) as http:
         worker = build_worker(client, settings, http)
         log.info("worker polling task queue %r", settings.task_queue)

@@ -31,6 +31,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.email.addresses import mask_address, recipient_address
 from activities.email.gate import suppression_of
+from activities.google_ads import GOOGLE, GoogleCustomerMatch, retry_after
 from activities.types import (
     AUDIENCE_REJECTED,
     NOT_CONSENTED,
@@ -168,7 +169,11 @@ class AudienceActivities:
     async def _send(self, target: AudienceResult, hashed: str, *, joining: bool) -> None:
         """Tell the ad platform (the local store is written with the touchpoint)."""
         if target.provider == META:
-            await self._meta(hashed, target.audience_id, joining=joining)
+            await self.meta([hashed], target.audience_id, joining=joining)
+        elif target.provider == GOOGLE:
+            google = GoogleCustomerMatch(self.settings, self.http)
+            job = await google.create_job(target.audience_id)
+            await google.add_and_run(job, [hashed], joining=joining)
 
     def _email(self, change: AudienceChange) -> str:
         with session(self.settings.resolved_database_url) as s:
@@ -211,7 +216,9 @@ class AudienceActivities:
         """Update the local store, the kept add and the touchpoint, in one go."""
         with session(self.settings.resolved_database_url) as s:
             if result.provider == LOCAL:
-                _local(s, change.audience, change.customer_id, hashed, change.journey_id, joining)
+                set_local_member(
+                    s, change.audience, change.customer_id, hashed, change.journey_id, joining
+                )
             join = s.get(AudienceJoin, change.key) if joining else _join_of(s, change)
             if joining and join is None:
                 s.add(
@@ -247,6 +254,12 @@ class AudienceActivities:
         change = parked.change
         with session(self.settings.resolved_database_url) as s:
             join = _join_of(s, change)
+            queued = _queued_joins(s, change) if join is None else []
+            if queued:  # a batched join: one kept add per provider it went to
+                for each in queued:
+                    each.removal_error, each.retry_at = parked.reason[:2000], utcnow()
+                    s.add(each)
+                return
             if join is None:  # added before kaeru kept adds: the current address is all we have
                 address = recipient_address(s, change.customer_id)
                 if not address:
@@ -326,7 +339,7 @@ class AudienceActivities:
     def _swept(self, join: AudienceJoin) -> None:
         with session(self.settings.resolved_database_url) as s:
             if join.provider == LOCAL:
-                _local(s, join.audience, join.customer_id, "", join.journey_id, False)
+                set_local_member(s, join.audience, join.customer_id, "", join.journey_id, False)
             join.left_at, join.removal_error, join.retry_at = utcnow(), None, None
             s.add(join)
             record_touchpoint(
@@ -347,7 +360,13 @@ class AudienceActivities:
 
     # ---- Meta ------------------------------------------------------------------------------
 
-    async def _meta(self, hashed: str, audience_id: str, *, joining: bool) -> None:
+    async def meta(self, hashes: list[str], audience_id: str, *, joining: bool) -> None:
+        """Add or remove ``hashes`` (at most 10,000, Meta's limit) in one Graph API call.
+
+        Raises:
+            ApplicationError: ``AudienceRejected`` (non-retryable) when Meta refuses for good;
+                a retryable one when it is busy, after the ``Retry-After`` it asked for.
+        """
         s = self.settings
         if not s.meta_access_token:
             raise ApplicationError(
@@ -357,9 +376,9 @@ class AudienceActivities:
                 non_retryable=True,
             )
         url = f"{s.meta_graph_url.rstrip('/')}/{audience_id}/users"
-        verb = "add the shopper to" if joining else "remove the shopper from"
+        verb = "add shoppers to" if joining else "remove shoppers from"
         body = {
-            "payload": {"schema": "EMAIL_SHA256", "data": [hashed]},
+            "payload": {"schema": "EMAIL_SHA256", "data": hashes},
             # In the body, not the query: httpx and proxies log URLs, and this is a secret.
             "access_token": s.meta_access_token.get_secret_value(),
         }
@@ -399,6 +418,7 @@ class AudienceActivities:
                 f"Meta is busy and could not {verb} audience {audience_id} ({said}); "
                 "retrying with backoff",
                 type=AUDIENCE_UNAVAILABLE,
+                next_retry_delay=retry_after(response),
             )
         raise ApplicationError(
             f"Meta refused to {verb} audience {audience_id} ({said}). {_fix(code)}",
@@ -425,7 +445,19 @@ def _join_of(s: Session, change: AudienceChange) -> AudienceJoin | None:
     return s.exec(query).first()
 
 
-def _local(
+def _queued_joins(s: Session, change: AudienceChange) -> list[AudienceJoin]:
+    """The open adds a batched join (``queue_audience_join``) kept: ``<joined key>/<provider>``."""
+    if change.joined_key is None:
+        return []
+    query = (
+        select(AudienceJoin)
+        .where(col(AudienceJoin.key).startswith(f"{change.joined_key}/", autoescape=True))
+        .where(col(AudienceJoin.left_at).is_(None))
+    )
+    return list(s.exec(query))
+
+
+def set_local_member(
     s: Session, audience: str, customer_id: str, hashed: str, journey_id: str, joining: bool
 ) -> None:
     """Add to or remove from the local audience store."""

@@ -144,6 +144,37 @@ class AudienceResult:
     audience_id: str
 
 
+#: A queued audience change no flush has applied yet (retryable: the journey waits on).
+AUDIENCE_PENDING = "AudiencePending"
+
+
+@dataclass
+class AudienceTargets:
+    """Where a queued join or leave goes: one target per provider (Meta, Google or local).
+
+    ``pending``: some target waits for the next flush (``confirm_audience_change`` tells when
+    it is applied); False when every target was applied at once (the local store).
+    """
+
+    targets: list[AudienceResult] = field(default_factory=list)
+    pending: bool = False
+
+
+@dataclass
+class FlushInput:
+    """One flush of queued audience changes: at most ``limit`` changes claimed at a time."""
+
+    limit: int = 100_000
+
+
+@dataclass
+class FlushResult:
+    batches: int = 0
+    applied: int = 0
+    superseded: int = 0
+    rejected: int = 0
+
+
 @dataclass
 class ParkRemoval:
     """A removal from an audience that failed for good, parked for the audience sweeper."""

@@ -663,3 +663,62 @@ class RecommendationRefresh(SQLModel, table=True):
     orders: int
     pairs: int
     best_sellers: int
+
+
+# ---- connectors: audiences out, batched; Google Customer Match (G) ----
+
+
+class AudienceBatch(SQLModel, table=True):
+    """One request (Meta) or offline user data job (Google) of queued audience changes.
+
+    Claimed changes point at it before anything is sent, so a flush that crashed after
+    sending and before marking sends the same batch again (adds and removals are set
+    operations) and, for Google, finds the job it created (``job``) and does not run it twice.
+    """
+
+    __tablename__ = "audience_batches"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    provider: str = Field(max_length=20)
+    audience_id: str = Field(max_length=200)
+    joining: bool
+    #: Google: the offline user data job's resource name, once created.
+    job: str | None = Field(default=None, max_length=400)
+    created_at: datetime = _ts()
+    done_at: datetime | None = _ts(nullable=True, index=True)
+    error: str | None = None
+
+
+class AudienceChangeRow(SQLModel, table=True):
+    """One queued join or leave of one member of one provider's audience.
+
+    ``key`` is the journey step's idempotency key and the provider (a retried step queues
+    nothing twice). Pending until a flush puts it in a batch (``batch_id``) and then marks it
+    ``applied_at`` with its ``outcome``: ``applied``, ``superseded`` (a later change of the same
+    member in the same flush won) or ``rejected: ...``.
+    """
+
+    __tablename__ = "audience_changes"
+    __table_args__ = (Index("ix_audience_changes_pending", "applied_at", "batch_id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    key: str = Field(sa_column=Column(String(440), unique=True, nullable=False))
+    change_key: str = Field(max_length=400, index=True)
+    journey_id: str = Field(max_length=400, index=True)
+    step: str = Field(max_length=100)
+    customer_id: str = Field(max_length=200)
+    audience: str = Field(max_length=200)
+    provider: str = Field(max_length=20)
+    audience_id: str = Field(max_length=200)
+    email_sha256: str = Field(max_length=64)
+    joining: bool
+    queued_at: datetime = _ts()
+    batch_id: int | None = Field(default=None, index=True)
+    applied_at: datetime | None = _ts(nullable=True)
+    outcome: str | None = None

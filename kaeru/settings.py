@@ -679,6 +679,49 @@ class Settings(BaseSettings):
         return value
 
     # ---- connectors: audiences out, batched; Google Customer Match (G) settings ----
+    audience_flush_interval: timedelta = Field(
+        timedelta(seconds=30),
+        description="how often queued audience joins and leaves are sent to the ad platforms "
+        "in batches (seconds or ISO 8601); a journey that adds a shopper waits for this flush",
+    )
+    meta_batch_size: int = Field(
+        10_000,
+        ge=1,
+        le=10_000,
+        description="members per Meta Graph API request when flushing audience changes (Meta "
+        "takes at most 10,000)",
+    )
+    google_ads_api_url: str = Field(
+        "https://googleads.googleapis.com/v26",
+        description="Google Ads REST API base URL, with its version",
+    )
+    google_ads_developer_token: SecretStr | None = Field(
+        None, description="Google Ads developer token (header `developer-token`)"
+    )
+    google_ads_access_token: SecretStr | None = Field(
+        None,
+        description="OAuth 2.0 access token for the Google Ads API (scope "
+        "`https://www.googleapis.com/auth/adwords`); with the developer token, customer id "
+        "and user list id, audiences also go to Google Customer Match",
+    )
+    google_ads_customer_id: str | None = Field(
+        None, description="Google Ads customer id that owns the user list, digits only"
+    )
+    google_ads_login_customer_id: str | None = Field(
+        None,
+        description="manager account id sent as `login-customer-id` when the token's user "
+        "reaches the customer through a manager account; digits only",
+    )
+    google_ads_user_list_id: str | None = Field(
+        None, description="id of the Customer Match user list (CRM-based) audiences go to"
+    )
+    google_ads_batch_size: int = Field(
+        10_000,
+        ge=1,
+        le=100_000,
+        description="members per Google offline user data job (one addOperations request; "
+        "Google takes at most 100,000 identifiers a request)",
+    )
 
     # ---- stream C (identity, carts) settings ----
 

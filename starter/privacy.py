@@ -56,6 +56,7 @@ from kaeru.codec import KEY_CACHE_TTL, codec_for, shred
 from kaeru.consent import CHANNELS, consent_of, set_consent
 from kaeru.db import session as db_session
 from kaeru.models import (
+    AudienceChangeRow,
     AudienceJoin,
     AudienceMember,
     CartItem,
@@ -153,6 +154,7 @@ def export_customer(settings: Settings, customer_id: str) -> dict[str, Any] | No
             "touchpoints": _dump(of(Touchpoint, col(Touchpoint.occurred_at)), "id"),
             "audiences": _dump(of(AudienceMember, col(AudienceMember.added_at))),
             "audience_history": _dump(of(AudienceJoin, col(AudienceJoin.joined_at))),
+            "audience_changes": _dump(of(AudienceChangeRow, col(AudienceChangeRow.id)), "id"),
             "orders": [
                 {
                     **order.model_dump(mode="json"),
@@ -327,6 +329,18 @@ def _scrub_one(
             values["email_sha256"] = ""
         s.execute(update(AudienceJoin).where(col(AudienceJoin.key) == key).values(**values))
         report.count("audience_joins", 1)
+
+    queued = select(AudienceChangeRow).where(AudienceChangeRow.customer_id == customer_id)
+    for row in list(s.exec(queued)):
+        if row.applied_at is not None:
+            s.delete(row)  # a done change is only a log line
+        else:  # still queued: the flush needs its hash to apply it (a leave, above all)
+            row.customer_id = alias
+            row.key = swap(row.key) or row.key
+            row.change_key = swap(row.change_key) or row.change_key
+            row.journey_id = swap(row.journey_id) or row.journey_id
+            s.add(row)
+        report.count("audience_changes", 1)
 
     entries = s.exec(select(JourneyEntry.key).where(JourneyEntry.customer_id == customer_id)).all()
     for key in entries:

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         UNDELIVERABLE,
         AudienceChange,
         AudienceResult,
+        AudienceTargets,
         ConversionInput,
         CouponInfo,
         EntryClaim,
@@ -78,6 +79,10 @@ PURCHASE_WINS = "purchase-always-wins"
 HAND_OVER_LATE_EVENTS = "late-events-start-the-next-journey"
 #: A removal from an audience that fails for good is parked for the audience sweeper.
 PARK_FAILED_REMOVALS = "park-failed-audience-removals"
+#: Audience joins and leaves are queued for the audience flusher's batches (every configured
+#: provider: Meta, Google Customer Match, or the local store), and a join waits until the
+#: flush applied it; before this patch each join and leave was one call to one provider.
+BATCHED_AUDIENCES = "batched-audiences"
 #: Opens and clicks the tracking endpoint judged a machine's are not counted, and a human one
 #: of a message with two or more links is counted once no burst verdict came.
 MACHINE_OPENS_NOT_COUNTED = "machine-opens-not-counted"
@@ -459,6 +464,8 @@ class Journey(Generic[S]):
         #: to be counted is not counted if one came meanwhile.
         self._vetoes: dict[str, int] = {}
         self.audiences: dict[str, str] = {}
+        #: The audiences of ``audiences`` joined through the flusher's queue (leave the same way).
+        self.queued_audiences: set[str] = set()
         self.ad_clicks = 0
         self.waiting_for: str | None = None
         self.waiting_until: datetime | None = None
@@ -1056,14 +1063,32 @@ class Journey(Generic[S]):
         # still removes the shopper (removing a non-member is harmless).
         self.audiences[audience] = step
         try:
+            if workflow.patched(BATCHED_AUDIENCES):
+                self.queued_audiences.add(audience)
+                return await self._join_queued(step, audience, change)
             result = await self.call("add_to_audience", change, AudienceResult, step)
         except JourneyExit as exit_:
             if exit_.outcome == UNSUBSCRIBED:
                 # Refused before the platform was asked: there is nothing to remove.
                 del self.audiences[audience]
+                self.queued_audiences.discard(audience)
             raise
         self.done(step, f"added the shopper to the {audience} audience ({result.provider})")
         return result
+
+    async def _join_queued(
+        self, step: str, audience: str, change: AudienceChange
+    ) -> AudienceResult:
+        """Queue the join on every provider, and wait until the flush applied it."""
+        joined = await self.call("queue_audience_join", change, AudienceTargets, step)
+        if joined.pending:
+            self.tell(f"the shopper joins the {audience} audience at the next flush")
+            joined = await self.call(
+                "confirm_audience_change", change, AudienceTargets, step, heartbeat=True
+            )
+        where = ", ".join(f"{t.provider} {t.audience_id}" for t in joined.targets)
+        self.done(step, f"added the shopper to the {audience} audience ({where})")
+        return joined.targets[0]
 
     async def leave_audiences(self) -> None:
         """Take the shopper out of every audience this journey put them in."""
@@ -1072,6 +1097,9 @@ class Journey(Generic[S]):
             change = self._audience_change(step, audience)
             # Remove exactly what the add sent (the shopper's address may have changed since).
             change.joined_key = self.key(self.audiences[audience])
+            if audience in self.queued_audiences:
+                await self._leave_queued(audience, change)
+                continue
             try:
                 await workflow.execute_activity(
                     "remove_from_audience",
@@ -1089,6 +1117,29 @@ class Journey(Generic[S]):
                     await self._park_removal(change, str(err.cause or err))
                 continue
             del self.audiences[audience]
+            self.tell(f"removed the shopper from the {audience} audience")
+
+    async def _leave_queued(self, audience: str, change: AudienceChange) -> None:
+        """Queue the removal of what the join queued; the flusher applies it (and retries)."""
+        try:
+            left = await workflow.execute_activity(
+                "queue_audience_leave",
+                change,
+                result_type=AudienceTargets,
+                start_to_close_timeout=timedelta(minutes=1),
+                schedule_to_close_timeout=REMOVAL_DEADLINE,
+                retry_policy=RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.error("could not queue the removal from %s: %s", audience, err)
+            self.tell(f"could NOT remove the shopper from the {audience} audience: {err.cause}")
+            await self._park_removal(change, str(err.cause or err))
+            return
+        del self.audiences[audience]
+        self.queued_audiences.discard(audience)
+        if left.pending:
+            self.tell(f"the shopper leaves the {audience} audience at the next flush")
+        else:
             self.tell(f"removed the shopper from the {audience} audience")
 
     async def _park_removal(self, change: AudienceChange, reason: str) -> None:

@@ -32,6 +32,7 @@ from kaeru.cli import app
 from kaeru.codec import ENCODING, ERASED_METADATA, ERASED_TEXT, codec_for
 from kaeru.db import migrate, session
 from kaeru.models import (
+    AudienceChangeRow,
     AudienceJoin,
     AudienceMember,
     CartItem,
@@ -62,7 +63,7 @@ from tests.starter.conftest import AUTH, OPERATOR, asgi_client
 from tests.support.codec import CodecEnv, codec_client, history_payloads, new_master_key
 from tests.support.graph_api import BAD_TOKEN, GraphAPIServer
 from tests.support.smtp import SMTPTestServer
-from tests.workflows.conftest import SHOE, Shopper, reach_ad_audience
+from tests.workflows.conftest import SHOE, Shopper, flushing, reach_ad_audience
 from worker import PASSTHROUGH, build_worker, workflows
 
 
@@ -159,6 +160,7 @@ async def shop(time_skipping_env: WorkflowEnvironment, database_url: str) -> Asy
             async with (
                 httpx.AsyncClient() as http,
                 build_worker(client, settings, http),
+                flushing(settings),
                 asgi_client(app) as api,
             ):
                 shopper = Customer42(
@@ -200,6 +202,9 @@ async def test_erase_while_a_journey_sleeps(shop: Shop) -> None:
     assert description.status == WorkflowExecutionStatus.TERMINATED
     # Out of the ad audience.
     assert hashed not in shop.graph.member_hashes()
+    with session(shop.settings.resolved_database_url) as s:
+        queued = list(s.exec(select(AudienceChangeRow)))
+    assert all(row.customer_id != cid and row.applied_at is None for row in queued)
     # Personal data gone, for the customer and for their anonymous id.
     for who in (cid, shop.anonymous_id):
         for model in PERSONAL:

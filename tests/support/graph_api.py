@@ -41,6 +41,7 @@ class Answer:
 
     status: int
     body: dict[str, Any] | str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def graph_error(status: int, code: int, message: str, **extra: Any) -> Answer:
@@ -117,8 +118,10 @@ class GraphAPIServer:
                 scripted = self._script.pop(0) if self._script else None
                 answer = scripted or self._handle(request, audience_id, body)
             if isinstance(answer.body, str):
-                return PlainTextResponse(answer.body, status_code=answer.status)
-            return JSONResponse(answer.body, status_code=answer.status)
+                return PlainTextResponse(
+                    answer.body, status_code=answer.status, headers=answer.headers
+                )
+            return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
         return app
 

@@ -27,11 +27,12 @@ from sqlmodel import select
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.types import EntryPlan
+from activities.audience_sync import AudienceSyncActivities
+from activities.types import EntryPlan, FlushInput
 from kaeru.db import session
 from kaeru.models import AudienceMember, Customer, Touchpoint
 from kaeru.settings import Settings
@@ -221,6 +222,27 @@ async def record_histories(client: Client, workflow_id: str) -> None:
         (Path(record_to) / f"{label}@{workflow_id}.json").write_text(history.to_json())
 
 
+@contextlib.asynccontextmanager
+async def flushing(settings: Settings) -> AsyncIterator[None]:
+    """What the audience flusher's schedule does, every 0.1 s (the time-skipping server runs
+    no schedules): the real flush activity."""
+    async with httpx.AsyncClient() as http:
+        sync = AudienceSyncActivities(settings, http)
+
+        async def flush_now_and_then() -> None:
+            while True:
+                await ActivityEnvironment().run(sync.flush_audience_changes, FlushInput())
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(flush_now_and_then())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def reach_ad_audience(shopper: Shopper) -> None:
     await shopper.cart("Product Added", **SHOE)
     await shopper.skip(DAY + 60)
@@ -228,6 +250,13 @@ async def reach_ad_audience(shopper: Shopper) -> None:
     await shopper.opened()
     await shopper.skip(DAY + 60)
     await shopper.wait_for_step("ad_audience")
+    # A join to Meta or Google waits for the flush: wait (in real time) until it is told, or
+    # the journey ended (a refused join), so the test then sees the shopper in the audience.
+    for _ in range(200):
+        status = await shopper.status()
+        if status.outcome is not None or any("added the shopper to" in x for x in status.story):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def reach_offer(shopper: Shopper) -> str:

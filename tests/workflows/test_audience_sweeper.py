@@ -14,25 +14,26 @@ from temporalio.client import ScheduleIntervalSpec
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceResult, SweepInput
+from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceTargets, SweepInput
 from kaeru.db import session
 from kaeru.models import AudienceJoin
 from tests.conftest import _binary, make_settings
 from tests.workflows.conftest import DAY, Shopper, reach_ad_audience, worker_with
 from worker import ensure_audience_sweeper, run_worker
+from workflows.audience_flusher import FLUSHER_ID
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 
 
 async def test_a_failed_removal_is_parked_and_the_sweeper_removes_it(shopper: Shopper) -> None:
-    """``remove_from_audience`` is swapped for one the ad platform refuses for good."""
+    """``queue_audience_leave`` is swapped for one that fails for good."""
 
-    @activity.defn(name="remove_from_audience")
-    async def refused(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def refused(change: AudienceChange) -> AudienceTargets:
         raise ApplicationError(
             "Meta refused (HTTP 400)", type=AUDIENCE_REJECTED, non_retryable=True
         )
 
-    async with worker_with(shopper, remove_from_audience=refused):
+    async with worker_with(shopper, queue_audience_leave=refused):
         await reach_ad_audience(shopper)
         await shopper.skip(3 * DAY + 60)
         assert await shopper.outcome() == "ad_not_clicked"
@@ -128,10 +129,12 @@ async def test_a_worker_polls_even_when_it_cannot_create_the_schedule(
         for r in caplog.records
         if r.name == "kaeru.worker" and r.levelname == "ERROR"
     ]
-    [sweeper] = [m for m in failed if "audience sweeper" in m]
+    [sweeper] = [m for m in failed if SWEEPER_ID in m]
     assert "Schedules are disabled" in sweeper
     assert "restart a worker" in sweeper
     # The recommendations refresh is auxiliary too: said, with the command that does it now.
     [refresh] = [m for m in failed if "recommendations refresh" in m]
     assert "`kaeru recommendations refresh` recomputes them" in refresh
-    assert len(failed) == 2
+    [flusher] = [m for m in failed if FLUSHER_ID in m]
+    assert "journeys that add a shopper to Meta or Google wait" in flusher
+    assert len(failed) == 3

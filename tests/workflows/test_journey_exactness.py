@@ -18,12 +18,12 @@ from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
-from activities.ads import AudienceActivities
+from activities.audience_sync import AudienceSyncActivities
 from activities.email import EmailActivities
 from activities.types import (
     ALREADY_PURCHASED,
     AudienceChange,
-    AudienceResult,
+    AudienceTargets,
     SendEmailInput,
     SendEmailResult,
 )
@@ -209,11 +209,11 @@ async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
     shopper: Shopper, new_cart_first: bool
 ) -> None:
     """An older worker's ``send_email`` says ``AlreadyPurchased`` for the offer without naming
-    the order; ``remove_from_audience`` is held (then runs for real) so the order's event
+    the order; ``queue_audience_leave`` is held (then runs for real) so the order's event
     arrives while the journey ends. After a new cart, the order may be that cart's: it goes
     to the next journey with it (which converts it), not to the one ending."""
     emails = EmailActivities(make_settings(shopper.db, smtp_port=shopper.smtp.port))
-    audiences = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    audiences = AudienceSyncActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
     held, release = asyncio.Event(), asyncio.Event()
 
     @activity.defn(name="send_email")
@@ -222,13 +222,13 @@ async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
             raise ApplicationError("ordered", type=ALREADY_PURCHASED, non_retryable=True)
         return await emails.send_email(email)
 
-    @activity.defn(name="remove_from_audience")
-    async def slow_removal(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def slow_removal(change: AudienceChange) -> AudienceTargets:
         held.set()
         await release.wait()
-        return await audiences.remove_from_audience(change)
+        return await audiences.queue_audience_leave(change)
 
-    async with worker_with(shopper, send_email=older_worker, remove_from_audience=slow_removal):
+    async with worker_with(shopper, send_email=older_worker, queue_audience_leave=slow_removal):
         await reach_ad_audience(shopper)
         await shopper.signal("Ad Clicked")
         skipping = asyncio.create_task(shopper.skip(DAY + MINUTE))
@@ -251,17 +251,17 @@ async def test_an_order_routed_while_ending_is_the_conversion_of_an_order_found(
 
 
 async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Shopper) -> None:
-    """``remove_from_audience`` is held (then runs for real) to keep ``finish`` busy."""
+    """``queue_audience_leave`` is held (then runs for real) to keep ``finish`` busy."""
     held, release = asyncio.Event(), asyncio.Event()
-    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    real = AudienceSyncActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
 
-    @activity.defn(name="remove_from_audience")
-    async def slow_removal(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def slow_removal(change: AudienceChange) -> AudienceTargets:
         held.set()
         await release.wait()
-        return await real.remove_from_audience(change)
+        return await real.queue_audience_leave(change)
 
-    async with worker_with(shopper, remove_from_audience=slow_removal):
+    async with worker_with(shopper, queue_audience_leave=slow_removal):
         await reach_ad_audience(shopper)
         await shopper.purchase("o-1")
         await asyncio.wait_for(held.wait(), timeout=30)
@@ -286,19 +286,19 @@ async def test_a_cart_while_the_journey_ends_starts_the_next_journey(shopper: Sh
 async def test_many_events_while_the_journey_ends_keep_the_order_and_the_cart(
     shopper: Shopper,
 ) -> None:
-    """``remove_from_audience`` is held (then runs for real) to keep ``finish`` busy while
+    """``queue_audience_leave`` is held (then runs for real) to keep ``finish`` busy while
     more events than the held-event cap arrive: the cart collapses, the order is kept."""
     held, release = asyncio.Event(), asyncio.Event()
-    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    real = AudienceSyncActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
 
-    @activity.defn(name="remove_from_audience")
-    async def slow_removal(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def slow_removal(change: AudienceChange) -> AudienceTargets:
         held.set()
         await release.wait()
-        return await real.remove_from_audience(change)
+        return await real.queue_audience_leave(change)
 
     socks = MAX_HELD_EVENTS + 5
-    async with worker_with(shopper, remove_from_audience=slow_removal):
+    async with worker_with(shopper, queue_audience_leave=slow_removal):
         await reach_ad_audience(shopper)
         await shopper.purchase("o-1")
         await asyncio.wait_for(held.wait(), timeout=30)
@@ -316,14 +316,14 @@ async def test_many_events_while_the_journey_ends_keep_the_order_and_the_cart(
 
 
 async def test_a_failing_removal_is_parked_within_minutes(shopper: Shopper) -> None:
-    """``remove_from_audience`` is swapped for one that always fails as a down platform does
+    """``queue_audience_leave`` is swapped for one that always fails as a down platform does
     (retryable): the journey parks it for the sweeper instead of retrying for half a day."""
 
-    @activity.defn(name="remove_from_audience")
-    async def platform_down(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def platform_down(change: AudienceChange) -> AudienceTargets:
         raise ApplicationError("Meta answered HTTP 503")
 
-    async with worker_with(shopper, remove_from_audience=platform_down):
+    async with worker_with(shopper, queue_audience_leave=platform_down):
         await reach_ad_audience(shopper)
         await shopper.purchase("o-1")
         await shopper.skip(15 * MINUTE)
@@ -340,18 +340,18 @@ async def test_the_next_journey_does_not_stop_on_the_order_the_last_one_converte
     shopper: Shopper,
 ) -> None:
     """A new cart from a browser whose clock is 5 minutes slow reads as placed before the
-    order the ended journey converted. ``remove_from_audience`` is held (then runs for real)
+    order the ended journey converted. ``queue_audience_leave`` is held (then runs for real)
     so the cart comes while the first journey ends; the real ``send_email`` checks orders."""
     held, release = asyncio.Event(), asyncio.Event()
-    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    real = AudienceSyncActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
 
-    @activity.defn(name="remove_from_audience")
-    async def slow_removal(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def slow_removal(change: AudienceChange) -> AudienceTargets:
         held.set()
         await release.wait()
-        return await real.remove_from_audience(change)
+        return await real.queue_audience_leave(change)
 
-    async with worker_with(shopper, remove_from_audience=slow_removal):
+    async with worker_with(shopper, queue_audience_leave=slow_removal):
         await reach_ad_audience(shopper)
         order = shopper.event("Order Completed", order_id="o-1", total=101.5, currency="USD")
         with session(shopper.db) as s:  # stored at ingestion, as every order is

@@ -20,8 +20,8 @@ from temporalio.common import TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.ads import AudienceActivities
-from activities.types import AudienceChange, AudienceResult
+from activities.audience_sync import AudienceSyncActivities
+from activities.types import AudienceChange, AudienceTargets
 from kaeru.db import session
 from kaeru.models import Customer, EmailMessage
 from kaeru.pseudonyms import ALWAYS, visible_customer_id
@@ -90,15 +90,15 @@ async def test_a_pseudonymous_journey_hands_over_under_its_own_id_and_pseudonym(
     pseudonym, not the clear id its input carries; the steps know their journey's kind."""
     shopper = pseudonymous
     held, release = asyncio.Event(), asyncio.Event()
-    real = AudienceActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
+    real = AudienceSyncActivities(make_settings(shopper.db), http=None)  # type: ignore[arg-type]
 
-    @activity.defn(name="remove_from_audience")
-    async def slow_removal(change: AudienceChange) -> AudienceResult:
+    @activity.defn(name="queue_audience_leave")
+    async def slow_removal(change: AudienceChange) -> AudienceTargets:
         held.set()
         await release.wait()
-        return await real.remove_from_audience(change)
+        return await real.queue_audience_leave(change)
 
-    async with worker_with(shopper, remove_from_audience=slow_removal):
+    async with worker_with(shopper, queue_audience_leave=slow_removal):
         await reach_ad_audience(shopper)
         first_run = (await shopper.handle.describe()).run_id
         await shopper.purchase("o-1")

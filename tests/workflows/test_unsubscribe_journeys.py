@@ -1,6 +1,6 @@
 """A withdrawal of consent reaches journeys: asleep, they end ``unsubscribed`` and leave their
-ad audiences (Meta, through the loopback Graph-shaped server); the send gate and the audience
-join refuse a customer without consent; the order confirmation is still sent.
+ad audiences (Meta and Google, through loopback servers shaped like their APIs); the send gate
+and the audience join refuse a customer without consent; the order confirmation is still sent.
 
 Time-skipping server with the real activities; the end-to-end part (the consent API and an
 identify, through the router) runs on the dev server with the whole API.
@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
@@ -27,6 +27,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.ads import email_sha256
+from activities.google_ads import google_email_sha256
 from kaeru.consent import CONSENT_WITHDRAWN, set_consent
 from kaeru.db import session
 from kaeru.journeys import deliveries
@@ -35,9 +36,17 @@ from kaeru.settings import Settings
 from starter.app import create_app
 from tests.conftest import make_settings
 from tests.starter.conftest import AUTH, asgi_client
+from tests.support.google_ads_api import GoogleAdsServer
 from tests.support.graph_api import GraphAPIServer
 from tests.support.smtp import SMTPTestServer
-from tests.workflows.conftest import DAY, SHOE, Shopper, reach_ad_audience, record_histories
+from tests.workflows.conftest import (
+    DAY,
+    SHOE,
+    Shopper,
+    flushing,
+    reach_ad_audience,
+    record_histories,
+)
 from tests.workflows.test_order_confirmation import ORDER, Buyer
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
@@ -82,30 +91,58 @@ def test_a_withdrawal_reaches_live_marketing_journeys_only_and_starts_none() -> 
     assert not any(target.start for target in targets)
 
 
-async def test_a_withdrawal_while_asleep_ends_the_journey_and_it_leaves_its_audience(
+async def told(shopper: Shopper, words: str) -> None:
+    """Wait (in real time) until the journey's story says ``words``."""
+    for _ in range(200):
+        if any(words in line for line in (await shopper.status()).story):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the story never said {words!r}")
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check()
+
+
+async def test_a_withdrawal_while_asleep_ends_the_journey_and_it_leaves_its_audiences(
     time_skipping_env: WorkflowEnvironment,
     sqlite_url: str,
     smtp: SMTPTestServer,
     graph: GraphAPIServer,
 ) -> None:
-    meta = {
-        "meta_graph_url": graph.url,
-        "meta_access_token": graph.token,
-        "meta_audience_id": graph.audience_id,
-    }
-    async with cart_shopper(time_skipping_env, sqlite_url, smtp, **meta) as shopper:
-        await reach_ad_audience(shopper)
-        assert graph.member_hashes() == {email_sha256(shopper.email)}
+    """The journey's audience goes to Meta and Google Customer Match: the shopper joins both
+    (the journey waits for the flush), and leaving at the end covers both."""
+    with GoogleAdsServer() as google:
+        both = {
+            "meta_graph_url": graph.url,
+            "meta_access_token": graph.token,
+            "meta_audience_id": graph.audience_id,
+            **google.settings(),
+        }
+        async with (
+            flushing(make_settings(sqlite_url, **both)),
+            cart_shopper(time_skipping_env, sqlite_url, smtp, **both) as shopper,
+        ):
+            await reach_ad_audience(shopper)
+            await told(shopper, "added the shopper to the cart-retargeting audience (meta")
+            assert graph.member_hashes() == {email_sha256(shopper.email)}
+            assert google.members == {google_email_sha256(shopper.email)}
 
-        await shopper.signal(CONSENT_WITHDRAWN, channel="email", kind=None, source="api")
+            await shopper.signal(CONSENT_WITHDRAWN, channel="email", kind=None, source="api")
 
-        assert await shopper.outcome() == "unsubscribed"
-        assert graph.member_hashes() == set()
-        assert graph.requests[-1].method == "DELETE"
-        assert len(shopper.emails()) == 1  # only the cart email, sent before
-        story = (await shopper.status()).story
-        assert any("the shopper unsubscribed" in line for line in story)
-        assert any("removed the shopper from the" in line for line in story)
+            assert await shopper.outcome() == "unsubscribed"
+            await eventually(lambda: not graph.member_hashes() and not google.members)
+            assert graph.requests[-1].method == "DELETE"
+            assert len(google.runs()) == 2  # one job to add, one to remove
+            assert len(shopper.emails()) == 1  # only the cart email, sent before
+            story = (await shopper.status()).story
+    assert any("the shopper unsubscribed" in line for line in story)
+    assert any("joins the cart-retargeting audience at the next flush" in line for line in story)
+    assert any("leaves the cart-retargeting audience at the next flush" in line for line in story)
 
 
 @pytest.mark.parametrize(
