@@ -6,6 +6,7 @@ Nothing here is mocked. PostgreSQL comes from the ``pgserver`` wheel, Temporal's
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import sys
@@ -32,6 +33,13 @@ from kaeru.settings import Settings
 from kaeru.temporal import ensure_search_attributes
 
 BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist's workers start with ``COLUMNS=80``, and rich fixes a console's width from
+    ``COLUMNS`` when the console is made (kaeru.cli's, at import): a CLI test could then not
+    widen it for one call (``CliRunner(env={"COLUMNS": ...})``), as it can under plain pytest."""
+    os.environ.pop("COLUMNS", None)
 
 
 def _binary(name: str) -> str:
