@@ -36,14 +36,14 @@ from dotenv import dotenv_values
 from fastapi import APIRouter, HTTPException, Response
 from rich.console import Console
 from rich.text import Text
-from sqlmodel import select
+from sqlmodel import col, select
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from kaeru.db import session as db_session
 from kaeru.dev.plan import DevPlan, workflow_url
 from kaeru.journeys import prefix_of, registry
-from kaeru.models import AudienceMember
+from kaeru.models import AudienceMember, Touchpoint
 from kaeru.money import format_minor, to_minor
 from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.serving import DEV_WRITE_KEY, StackError
@@ -419,6 +419,15 @@ class DemoShopper:
         """Run the operators' report schedule now (its period: the week up to this moment)
         and show its email, the same numbers as the dashboard."""
         to = self.settings.report_recipients[0]
+        # What the report reads is written by the journeys' own activities, a moment after
+        # the narration saw them start (on a loaded machine, seconds): wait until the
+        # shopper's cart conversion and each journey's entry are in, or the report would
+        # miss them.
+        await self.until(self._recorded, 30, "have their journeys recorded for the report")
+        # A run's period ends at its TemporalScheduledStartTime, which is whole seconds: the
+        # trigger must come in a later second than the last touch, or the period stops short
+        # of the shopper's own order.
+        await asyncio.sleep(1.1)
         asked = datetime.now(UTC)
         try:
             await self.client.get_schedule_handle(REPORT_SCHEDULE_ID).trigger()
@@ -648,6 +657,23 @@ class DemoShopper:
                 return True
             return None
         return await asyncio.to_thread(self._in_audience_table) or None
+
+    async def _recorded(self) -> bool | None:
+        journeys = [self.journey_of(j.kind) for j in (PostPurchase, WinBack) if self.is_on(j)]
+
+        def look() -> bool:
+            with db_session(self.settings.resolved_database_url) as s:
+                touches = s.exec(
+                    select(Touchpoint.journey_id, Touchpoint.kind).where(
+                        col(Touchpoint.journey_id).in_([self.journey_id, *journeys])
+                    )
+                ).all()
+            have = set(touches)
+            return (self.journey_id, "conversion") in have and all(
+                (j, "journey_entered") in have for j in journeys
+            )
+
+        return await asyncio.to_thread(look) or None
 
     def _in_audience_table(self) -> bool:
         with db_session(self.settings.resolved_database_url) as s:

@@ -18,6 +18,7 @@ from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceTargets,
 from kaeru.db import session
 from kaeru.models import AudienceJoin
 from tests.conftest import _binary, make_settings
+from tests.support.schedules import pause
 from tests.workflows.conftest import DAY, Shopper, reach_ad_audience, worker_with
 from worker import ensure_audience_sweeper, run_worker
 from workflows.audience_flusher import FLUSHER_ID
@@ -86,7 +87,7 @@ async def test_a_paused_sweeper_stays_paused_when_a_worker_starts(
     handle = client.get_schedule_handle(SWEEPER_ID)
     await ensure_audience_sweeper(client, settings)
     try:
-        await handle.pause(note="Meta outage: paused by ops")
+        await pause(handle, "Meta outage: paused by ops")
         later = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=5))
         await ensure_audience_sweeper(client, later)  # a worker starts
         described = await handle.describe()

@@ -13,6 +13,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.types import PromoteInput
 from tests.conftest import make_settings
 from tests.kaeru.test_experiments import significant_history
+from tests.support.schedules import pause
 from worker import build_worker, ensure_experiment_promoter
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 
@@ -65,7 +66,7 @@ async def test_the_schedule_exists_while_the_rule_is_on(
     await ensure_experiment_promoter(client, on)  # a second worker starts
     handle = client.get_schedule_handle(PROMOTER_ID)
     try:
-        await handle.pause(note="paused by ops")
+        await pause(handle, "paused by ops")
         later = make_settings(
             sqlite_url, experiment_auto_promote=True, experiment_promote_every=timedelta(hours=1)
         )

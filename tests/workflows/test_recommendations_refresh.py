@@ -19,6 +19,7 @@ from kaeru import recommendations
 from kaeru.db import session
 from tests.conftest import make_settings
 from tests.support import tea_shop
+from tests.support.schedules import pause
 from worker import build_worker, ensure_recommendations_refresh
 from workflows.recommendations_refresh import REFRESH_ID, RecommendationsRefresh
 
@@ -63,7 +64,7 @@ async def test_the_schedule_is_put_once_keeps_a_pause_and_runs_the_refresh(
                 await asyncio.sleep(0.1)
         assert done is not None and done.orders == 285
         assert (await handle.describe()).info.num_actions == 1  # the update did not run it
-        await handle.pause(note="paused by ops")
+        await pause(handle, "paused by ops")
         later = make_settings(
             sqlite_url,
             task_queue=settings.task_queue,

@@ -30,6 +30,7 @@ from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.history import KNOWN, seed_known_history
 from tests.support.reports import known_report
+from tests.support.schedules import pause
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import record_histories
 from worker import build_worker, ensure_report_schedule
@@ -72,7 +73,7 @@ async def test_ensure_report_schedule_follows_the_settings_and_keeps_a_pause(
     await ensure_report_schedule(client, weekly)  # a second worker starts
     try:
         first = await handle.describe()
-        await handle.pause(note="paused by ops")
+        await pause(handle, "paused by ops")
         daily = make_settings(sqlite_url, report_to="ops@shop.example", report_every="86400")
         await ensure_report_schedule(client, daily)
         second = await handle.describe()
