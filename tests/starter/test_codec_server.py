@@ -303,6 +303,8 @@ async def test_a_browser_signs_in_and_the_ui_decodes_with_the_cookie(
         session_cookie(TOKEN, now=time.time() - SESSION_TTL - 1),  # expired
         session_cookie("an-older-operator-token"),  # signed with another token
     ],
+    # Ids that do not hold the clock: pytest-xdist's workers must collect the same tests.
+    ids=["forged", "expired", "another-token"],
 )
 async def test_a_bad_or_old_cookie_opens_nothing(
     api: httpx.AsyncClient, settings: Settings, cookie: str
