@@ -44,25 +44,40 @@ POT = {"product_id": "pot", "name": "Tea Pot", "price": 42.0, "url": "https://sh
 TEA = {"product_id": "tea", "name": "Sencha Tea", "price": 9.5, "url": "https://shop.test/p/tea"}
 
 
+_reserved: dict[int, socket.socket] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for ``serve``, held by a listening socket until ``serve`` takes it.
+
+    Closing a probe socket and binding again later leaves a gap in which another server (the
+    SMTP server binding port 0, or the other pytest-xdist worker) can take the port, and then
+    uvicorn exits with status 3. The socket stays open, so nobody else can bind the port.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = int(s.getsockname()[1])
+    _reserved[port] = s
+    return port
 
 
 @asynccontextmanager
 async def serve(app: FastAPI, port: int) -> AsyncIterator[None]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
+    held = _reserved.pop(port, None)
+    task = asyncio.create_task(server.serve(sockets=[held] if held else None))
     try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
         yield
     finally:
         server.should_exit = True
         await task
+        if held:
+            held.close()
 
 
 async def eventually(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:

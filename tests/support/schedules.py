@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from temporalio.client import ScheduleHandle
+from temporalio.service import RPCError, RPCStatusCode
 
 
 async def pause(handle: ScheduleHandle, note: str) -> None:
@@ -20,3 +21,18 @@ async def pause(handle: ScheduleHandle, note: str) -> None:
     while not (await handle.describe()).schedule.state.paused:
         assert time.monotonic() < deadline, "the schedule did not show the pause within 10 s"
         await asyncio.sleep(0.05)
+
+
+async def exists(handle: ScheduleHandle) -> bool:
+    """Whether the schedule exists, read from the schedule itself.
+
+    ``list_schedules`` reads Temporal's visibility store, which follows a create or a delete
+    a moment later; a describe answers from the schedule, so it cannot lag behind.
+    """
+    try:
+        await handle.describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True

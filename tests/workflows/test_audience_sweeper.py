@@ -18,7 +18,7 @@ from activities.types import AUDIENCE_REJECTED, AudienceChange, AudienceTargets,
 from kaeru.db import session
 from kaeru.models import AudienceJoin
 from tests.conftest import _binary, make_settings
-from tests.support.schedules import pause
+from tests.support.schedules import exists, pause
 from tests.workflows.conftest import DAY, Shopper, reach_ad_audience, worker_with
 from worker import ensure_audience_sweeper, run_worker
 from workflows.audience_flusher import FLUSHER_ID
@@ -70,10 +70,10 @@ async def test_the_sweeper_schedule_is_created_once_and_follows_the_setting(
     later = make_settings(sqlite_url, audience_sweep_interval=timedelta(minutes=5))
     await ensure_audience_sweeper(client, later)
 
-    schedules = [s.id async for s in await client.list_schedules()]
-    described = await client.get_schedule_handle(SWEEPER_ID).describe()
-    await client.get_schedule_handle(SWEEPER_ID).delete()
-    assert SWEEPER_ID in schedules
+    handle = client.get_schedule_handle(SWEEPER_ID)
+    described = await handle.describe()
+    await handle.delete()
+    assert not await exists(handle)
     assert described.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(minutes=5))]
     assert described.schedule.action.workflow == "AudienceSweeper"  # type: ignore[attr-defined]
 

@@ -13,7 +13,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.types import PromoteInput
 from tests.conftest import make_settings
 from tests.kaeru.test_experiments import significant_history
-from tests.support.schedules import pause
+from tests.support.schedules import exists, pause
 from worker import build_worker, ensure_experiment_promoter
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
 
@@ -57,14 +57,14 @@ async def test_the_schedule_exists_while_the_rule_is_on(
     dev_server_env: WorkflowEnvironment, sqlite_url: str
 ) -> None:
     client = dev_server_env.client
+    handle = client.get_schedule_handle(PROMOTER_ID)
     await ensure_experiment_promoter(client, make_settings(sqlite_url))  # off: no schedule
-    assert PROMOTER_ID not in [s.id async for s in await client.list_schedules()]
+    assert not await exists(handle)
     on = make_settings(
         sqlite_url, experiment_auto_promote=True, experiment_promote_every=timedelta(hours=6)
     )
     await ensure_experiment_promoter(client, on)
     await ensure_experiment_promoter(client, on)  # a second worker starts
-    handle = client.get_schedule_handle(PROMOTER_ID)
     try:
         await pause(handle, "paused by ops")
         later = make_settings(

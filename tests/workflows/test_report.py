@@ -30,7 +30,7 @@ from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.support.history import KNOWN, seed_known_history
 from tests.support.reports import known_report
-from tests.support.schedules import pause
+from tests.support.schedules import exists, pause
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import record_histories
 from worker import build_worker, ensure_report_schedule
@@ -66,7 +66,7 @@ async def test_ensure_report_schedule_follows_the_settings_and_keeps_a_pause(
     client = dev_server_env.client
     handle = client.get_schedule_handle(REPORT_SCHEDULE_ID)
     await ensure_report_schedule(client, make_settings(sqlite_url))  # no recipients: none
-    assert REPORT_SCHEDULE_ID not in [s.id async for s in await client.list_schedules()]
+    assert not await exists(handle)
 
     weekly = make_settings(sqlite_url, report_to=OPERATORS)
     await ensure_report_schedule(client, weekly)
@@ -88,7 +88,7 @@ async def test_ensure_report_schedule_follows_the_settings_and_keeps_a_pause(
     assert given.data and b"owner@shop.example" in given.data
     assert second.schedule.state.paused and second.schedule.state.note == "paused by ops"
     assert second.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(days=1))]
-    assert REPORT_SCHEDULE_ID not in [s.id async for s in await client.list_schedules()]
+    assert not await exists(handle)
 
 
 @asynccontextmanager
