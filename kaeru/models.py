@@ -722,3 +722,27 @@ class AudienceChangeRow(SQLModel, table=True):
     batch_id: int | None = Field(default=None, index=True)
     applied_at: datetime | None = _ts(nullable=True)
     outcome: str | None = None
+
+
+# ---- operations: the audit log of operator actions -------------------------------------------
+
+
+class AuditEntry(SQLModel, table=True):
+    """One operator action: who did what to which target, and when (append-only).
+
+    ``actor`` names the operator (an account's name, ``token`` for ``KAERU_OPERATOR_TOKEN``, or
+    ``cli:<os user>`` for the CLI on the deployment); ``target`` is a journey id, a journey kind,
+    a key's id or ``*``. No personal data: customers appear only by id.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    at: datetime = _ts(index=True)
+    actor: str = Field(max_length=200, index=True)
+    action: str = Field(max_length=100, index=True)
+    target: str = Field(max_length=400)
+    detail: dict[str, Any] = _json()
