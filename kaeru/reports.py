@@ -251,9 +251,8 @@ def arm_rows(experiment: ExperimentResult) -> list[ArmRow]:
             p="–"
             if v.conversion_lift is None or v.conversion_lift.p_value is None
             else f"{v.conversion_lift.p_value:.3f}",
-            revenue_lift=[
-                f"{currency} {_estimate(e, _minor(currency))}"
-                for currency, e in sorted(v.revenue_lift.items())
+            revenue_lift=[  # each amount names its currency
+                _estimate(e, _minor(currency)) for currency, e in sorted(v.revenue_lift.items())
             ],
         )
         for v in experiment.variants

@@ -178,7 +178,7 @@ def test_experiments_page_shows_each_arm_with_its_interval_and_the_verdict() -> 
         "2.50 EUR",
         "+5.0 pp [+2.1 pp, +7.9 pp]",
         "0.001",
-        "EUR +1.50 EUR [+0.20 EUR, +2.80 EUR]",
+        "+1.50 EUR [+0.20 EUR, +2.80 EUR]",
     ]
     assert row(html, "data-variant", "holdout")[:4] == ["holdout (control)", "600", "30", "5.0 %"]
     assert '<p class="verdict">b wins</p>' in html
