@@ -231,7 +231,9 @@ def _heatmap_chart(grid: tuple[tuple[int, ...], ...], title: str) -> dict[str, A
                 "z": [list(row) for row in grid],
                 "x": [f"{h:02d}:00" for h in range(24)],
                 "y": list(WEEKDAYS),
+                # plotly.js's Greens runs dark to light: reversed, an empty hour is white.
                 "colorscale": "Greens",
+                "reversescale": True,
                 "hovertemplate": "%{y} %{x}: %{z} " + title + "<extra></extra>",
             }
         ],
