@@ -147,9 +147,7 @@ def kill_switch_on(
         f"coupon or audience join (workers see it within {cache} s). Release them with `{off}`."
     )
     if scope == GLOBAL and not include_transactional:
-        say(
-            "Transactional messages (order confirmations) still go out: --all holds them."
-        )
+        say("Transactional messages (order confirmations) still go out: --all holds them.")
 
 
 def kill_switch_off(kind: KindOption = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -37,9 +38,14 @@ from kaeru.search_attributes import HELD, OUTCOME
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import DAY, SHOE, Shopper, record_histories
+from tests.workflows.test_order_confirmation import ORDER, Buyer
+from tests.workflows.test_order_confirmation import buyer as buyer  # the fixture
 from worker import build_worker
+from workflows.order_confirmation import OrderConfirmation
 
 MAIL_FROM = make_settings("sqlite://").mail_from
+#: Workers read the switches at every outside step (the default caches them for 5 s).
+FRESH = timedelta(milliseconds=1)
 
 
 @pytest.fixture
@@ -47,7 +53,7 @@ async def held_shopper(
     time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
 ) -> AsyncIterator[Shopper]:
     """The ``shopper`` fixture's worker, reading the kill switches at every outside step."""
-    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=0.001)
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=FRESH)
     async with httpx.AsyncClient() as http, build_worker(time_skipping_env.client, settings, http):
         shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
         with session(sqlite_url) as s:
@@ -197,3 +203,32 @@ async def test_a_held_journey_cancelled_ends_cancelled(held_shopper: Shopper) ->
     attributes = (await shopper.handle.describe()).typed_search_attributes
     assert attributes.get(OUTCOME) == "cancelled" and attributes.get(HELD) is None
     assert shopper.emails() == []
+
+
+@pytest.mark.journeys("order-confirmation")
+async def test_the_global_switch_lets_receipts_go_out(buyer: Buyer) -> None:
+    buyer.settings = buyer.settings.model_copy(update={"kill_switch_cache": FRESH})
+    turn_on(buyer.db, GLOBAL, actor="test", include_transactional=False)
+    async with buyer.working():
+        await buyer.orders(**ORDER)
+        assert await buyer.outcome() == "confirmed"
+    assert len(buyer.emails()) == 1
+
+
+@pytest.mark.journeys("order-confirmation")
+async def test_the_global_switch_turned_on_for_all_holds_receipts_too(buyer: Buyer) -> None:
+    buyer.settings = buyer.settings.model_copy(update={"kill_switch_cache": FRESH})
+    turn_on(buyer.db, GLOBAL, actor="test", include_transactional=True)
+    async with buyer.working():
+        await buyer.orders(**ORDER)
+        for _ in range(200):
+            if (await buyer.handle.query(OrderConfirmation.status)).held == KILL_SWITCH:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the order confirmation was not held")
+        assert buyer.emails() == []
+        turn_off(buyer.db, GLOBAL)
+        await buyer.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+        assert await buyer.outcome() == "confirmed"
+    assert len(buyer.emails()) == 1
