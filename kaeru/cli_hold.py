@@ -24,6 +24,7 @@ from kaeru.cli import (
     console,
     database_problems,
     database_url_checked,
+    errors,
     fail,
     load_settings,
     run,
@@ -45,6 +46,7 @@ from kaeru.models import KillSwitch
 from kaeru.search_attributes import HELD, OUTCOME
 from kaeru.serving import StackError
 from kaeru.settings import Settings
+from kaeru.temporal import missing_search_attributes
 from workflows.kit import HOLD_RECHECK_MAX
 
 #: How long ``journeys cancel`` waits to see the journey end before it says it was asked.
@@ -55,6 +57,22 @@ HELD_BY_SWITCH = f'{HELD.name} = "{KILL_SWITCH}" AND ExecutionStatus = "Running"
 def say(text: str) -> None:
     """Print a line unwrapped: a command in it stays copyable."""
     console.print(text, soft_wrap=True)
+
+
+#: What to say when the namespace lacks ``KaeruHeld``: a held journey's upsert of it would fail
+#: its workflow task on every try (it sends nothing, and goes on once the attribute exists).
+NO_HELD_ATTRIBUTE = (
+    f"the Temporal namespace has no {HELD.name} search attribute: a held journey cannot show "
+    "it and stops until it is added",
+    f"Run `kaeru setup` (on Temporal Cloud, add {HELD.name} as a Keyword in the namespace).",
+)
+
+
+async def _held_attribute_missing(client: Client, namespace: str) -> bool:
+    try:
+        return HELD.name in await missing_search_attributes(client, namespace)
+    except RPCError:
+        return False  # cannot tell (a server or an API key that does not list them)
 
 
 def _journeys(settings: Settings) -> dict[str, JourneyKind]:
@@ -280,6 +298,8 @@ async def _held_counts(
             counts[GLOBAL] = total - sum(counts.values())
         paused_query = f'{HELD.name} = "{PAUSED}" AND ExecutionStatus = "Running"'
         paused = (await client.count_workflows(paused_query)).count
+        if await _held_attribute_missing(client, settings.temporal_namespace):
+            errors.print(" ".join(NO_HELD_ATTRIBUTE), soft_wrap=True)
     except (StackError, RPCError):  # the switches are shown whatever Temporal says
         return {}, None
     return counts, paused
@@ -349,6 +369,8 @@ def journeys_pause(
         description = await _running(client, workflow_id, journeys)
         if description.typed_search_attributes.get(HELD) == PAUSED:
             return False
+        if await _held_attribute_missing(client, settings.temporal_namespace):
+            fail(*NO_HELD_ATTRIBUTE)
         await client.get_workflow_handle(workflow_id).signal(
             PAUSE_SIGNAL, PauseJourney(reason=reason, actor=actor)
         )

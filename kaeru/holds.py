@@ -14,7 +14,21 @@ running journeys and saved queries: never rename one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from temporalio.api.common.v1 import Payload
+from temporalio.worker import (
+    StartActivityInput,
+    WorkflowInboundInterceptor,
+    WorkflowOutboundInterceptor,
+)
+from temporalio.workflow import ActivityHandle
+
+#: The header on an outside activity whose workflow code knows holds: the kill switch holds
+#: only those. During a rolling deploy a workflow task on a worker of the previous version
+#: starts its activities without it, so its journey acts as it always did (a hold there
+#: would end it ``failed``) instead of being held.
+HOLDS_HEADER = "kaeru-holds"
 #: The ``ApplicationError`` type of an outside activity the kill switch held (it did not act).
 HELD_BY_KILL_SWITCH = "KillSwitchHeld"
 #: The scope of the global kill switch (a switch's scope is else a journey kind).
@@ -56,3 +70,18 @@ class ResumeJourney:
 
     scope: str = RELEASE_JOURNEY
     actor: str = ""
+
+
+class KnowsHolds(WorkflowInboundInterceptor):
+    """The workflow side of the kill switch: marks each outside activity with
+    :data:`HOLDS_HEADER` (kaeru/kill_switch.py installs it on the worker)."""
+
+    def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+        super().init(_MarkOutsideActivities(outbound))
+
+
+class _MarkOutsideActivities(WorkflowOutboundInterceptor):
+    def start_activity(self, input: StartActivityInput) -> ActivityHandle[Any]:
+        if input.activity in OUTSIDE_ACTIVITIES:
+            input.headers = {**input.headers, HOLDS_HEADER: Payload(data=b"1")}
+        return super().start_activity(input)

@@ -20,10 +20,16 @@ from typing import Any
 from sqlmodel import col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
 
 from kaeru.db import session, write_session
-from kaeru.holds import GLOBAL, HELD_BY_KILL_SWITCH, OUTSIDE_ACTIVITIES
+from kaeru.holds import GLOBAL, HELD_BY_KILL_SWITCH, HOLDS_HEADER, OUTSIDE_ACTIVITIES, KnowsHolds
 from kaeru.models import KillSwitch
 
 __all__ = ["GLOBAL", "KillSwitchGate", "SwitchReader", "covering", "switches"]
@@ -109,7 +115,9 @@ class SwitchReader:
 
 class KillSwitchGate(Interceptor):
     """A worker interceptor: an outside activity of a journey a switch covers fails with
-    ``KillSwitchHeld`` (non-retryable) before it acts.
+    ``KillSwitchHeld`` (non-retryable) before it acts, when the workflow code that started
+    it knows holds (its :data:`~kaeru.holds.HOLDS_HEADER`, which this interceptor's workflow
+    side adds).
 
     Args:
         reader: the switches.
@@ -124,6 +132,11 @@ class KillSwitchGate(Interceptor):
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _Gate(next, self)
 
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        return KnowsHolds
+
 
 class _Gate(ActivityInboundInterceptor):
     def __init__(self, next: ActivityInboundInterceptor, gate: KillSwitchGate) -> None:
@@ -133,7 +146,11 @@ class _Gate(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
         journey = self.gate.journeys.get(info.workflow_type or "")
-        if journey is not None and info.activity_type in OUTSIDE_ACTIVITIES:
+        if (
+            journey is not None
+            and info.activity_type in OUTSIDE_ACTIVITIES
+            and HOLDS_HEADER in input.headers
+        ):
             switch = covering(await self.gate.reader.current(), journey.kind, journey.transactional)
             if switch is not None:
                 which = (

@@ -18,6 +18,8 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker, WorkflowInterceptorClassInput
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.email.addresses import message_id_for
 from kaeru.db import session
@@ -32,7 +34,7 @@ from kaeru.holds import (
     PauseJourney,
     ResumeJourney,
 )
-from kaeru.kill_switch import turn_off, turn_on
+from kaeru.kill_switch import KillSwitchGate, turn_off, turn_on
 from kaeru.models import Customer
 from kaeru.search_attributes import HELD, OUTCOME
 from tests.conftest import make_settings
@@ -40,7 +42,7 @@ from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import DAY, SHOE, Shopper, record_histories
 from tests.workflows.test_order_confirmation import ORDER, Buyer
 from tests.workflows.test_order_confirmation import buyer as buyer  # the fixture
-from worker import build_worker
+from worker import PASSTHROUGH, activities_for, build_worker, kill_switch_gate, workflows
 from workflows.order_confirmation import OrderConfirmation
 
 MAIL_FROM = make_settings("sqlite://").mail_from
@@ -232,3 +234,44 @@ async def test_the_global_switch_turned_on_for_all_holds_receipts_too(buyer: Buy
         await buyer.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
         assert await buyer.outcome() == "confirmed"
     assert len(buyer.emails()) == 1
+
+
+class _PreviousWorkflowCode(KillSwitchGate):
+    """The gate beside workflow code of the version before holds (a rolling deploy): its
+    activities come without the holds header."""
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> None:
+        return None
+
+
+async def test_journeys_of_code_that_knows_no_holds_are_not_held(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> None:
+    """Held, such a journey would end ``failed``: it acts as it did before the switch."""
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=FRESH)
+    gate = kill_switch_gate(settings)
+    old = _PreviousWorkflowCode(gate.reader, gate.journeys)
+    turn_on(sqlite_url, GLOBAL, actor="test", include_transactional=False)
+    async with httpx.AsyncClient() as http:
+        worker = Worker(
+            time_skipping_env.client,
+            task_queue=settings.task_queue,
+            workflows=list(workflows()),
+            activities=activities_for(settings, http),
+            interceptors=[old],
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+            ),
+        )
+        async with worker:
+            shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
+            with session(sqlite_url) as s:
+                s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+            try:
+                await shopper.cart("Product Added", **SHOE)
+                await shopper.skip(DAY + 60)
+                await shopper.wait_for_emails(1)
+                assert (await shopper.status()).held is None
+            finally:
+                with contextlib.suppress(RPCError):
+                    await shopper.handle.terminate("test over")
