@@ -68,8 +68,7 @@ def history_payloads(history: WorkflowHistory) -> list[tuple[str, Payload]]:
     the server indexes them) and the patch markers' data (the SDK's core writes a
     ``workflow.patched`` marker itself, outside the payload codec: it holds the patch id, a name
     in kaeru's code, never customer data), and kaeru's ``kaeru-holds`` activity header (a flag,
-    ``1``, that the kill switch reads on the worker: the SDK does not run headers through the
-    codec)."""
+    ``1``, that the kill switch reads on the worker: the SDK does not run headers through the codec)."""
     found: list[tuple[str, Payload]] = []
     for index, event in enumerate(history.events):
         for path, payload in _payloads(event, f"event[{index}]"):
