@@ -40,6 +40,7 @@ from activities.send_gate import SendGateActivities
 from activities.types import FlushInput, PromoteInput, RefreshInput, SweepInput
 from kaeru.db import migrate
 from kaeru.journeys import registry
+from kaeru.kill_switch import JourneyKind, KillSwitchGate, SwitchReader
 from kaeru.settings import Settings
 from workflows.audience_flusher import FLUSHER_ID, AudienceFlusher
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
@@ -53,6 +54,7 @@ log = logging.getLogger("kaeru.worker")
 PASSTHROUGH = (
     "activities.types",
     "kaeru.commerce",
+    "kaeru.holds",
     "kaeru.identity",
     "kaeru.money",
     "kaeru.search_attributes",
@@ -119,6 +121,17 @@ def keep_workflow_ids_out_of_logs() -> None:
     activity.logger.full_activity_info_on_extra = False
 
 
+def kill_switch_gate(settings: Settings) -> KillSwitchGate:
+    """The worker's kill switch (kaeru/kill_switch.py), for every journey the registry knows."""
+    journeys = {
+        route.workflow_name: JourneyKind(route.kind, route.journey.transactional)
+        for route in registry().routes
+    }
+    cache = settings.kill_switch_cache.total_seconds()
+    reader = SwitchReader(settings.resolved_database_url, cache)
+    return KillSwitchGate(reader, journeys)
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -133,6 +146,7 @@ def build_worker(
         workflows=list(workflows()),
         activities=activities_for(settings, http),
         activity_executor=activity_executor,
+        interceptors=[kill_switch_gate(settings)],
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_concurrent_activities=settings.max_concurrent_activities,
         # On SIGTERM (a deploy), let an email already handed to SMTP finish rather than

@@ -1080,3 +1080,11 @@ def simulate(
     for line in result.story:
         say(f"  {line}")
     say(f"Emails saved in {result.out_dir}")
+
+
+# ---- kaeru kill-switch, kaeru journeys pause|resume|cancel (kaeru/cli_hold.py) -----------------
+
+from kaeru.cli_hold import journeys_app, kill_switch_app  # noqa: E402 - it imports this module
+
+app.add_typer(kill_switch_app, name="kill-switch")
+app.add_typer(journeys_app, name="journeys")

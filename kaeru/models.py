@@ -746,3 +746,23 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=100, index=True)
     target: str = Field(max_length=400)
     detail: dict[str, Any] = _json()
+
+
+# ---- operations: the kill switch (stream H) --------------------------------------------------
+
+
+class KillSwitch(SQLModel, table=True):
+    """A kill switch that is on: journeys it covers wait before their next outside step.
+
+    ``scope`` is ``*`` (every marketing journey; transactional ones too when
+    ``include_transactional``) or one journey kind. Turning a switch off deletes its row; the
+    audit log keeps who turned it on and off.
+    """
+
+    __tablename__ = "kill_switches"
+
+    scope: str = Field(primary_key=True, max_length=100)
+    include_transactional: bool = False
+    reason: str = Field(default="", max_length=400)
+    actor: str = Field(max_length=200)
+    since: datetime = _ts()

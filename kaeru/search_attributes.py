@@ -11,4 +11,7 @@ from temporalio.common import SearchAttributeKey
 CUSTOMER_ID = SearchAttributeKey.for_keyword("KaeruCustomerId")
 STEP = SearchAttributeKey.for_keyword("KaeruStep")
 OUTCOME = SearchAttributeKey.for_keyword("KaeruOutcome")
-SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME)
+#: Why a running journey waits before its next outside step: ``kill-switch`` or ``paused``
+#: (kaeru/holds.py); unset while it is not held.
+HELD = SearchAttributeKey.for_keyword("KaeruHeld")
+SEARCH_ATTRIBUTES = (CUSTOMER_ID, STEP, OUTCOME, HELD)

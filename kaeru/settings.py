@@ -734,6 +734,14 @@ class Settings(BaseSettings):
         "beside the first needs its own); unset KAERU_TEMPORAL_ADDRESS follows it",
     )
 
+    # ---- operations: the kill switch (stream H) settings ----
+    kill_switch_cache: timedelta = Field(
+        timedelta(seconds=5),
+        description="how long a worker keeps what it read of the kill switches (seconds or "
+        "ISO 8601): a switch turned on holds every journey's next outside step at most this "
+        "long after",
+    )
+
     @field_validator("*", mode="before")
     @classmethod
     def _seconds_or_iso(cls, value: object, info: ValidationInfo) -> object:

@@ -56,9 +56,21 @@ with workflow.unsafe.imports_passed_through():
     from kaeru.commerce import order_total_of
     from kaeru.consent import CONSENT_WITHDRAWN as CONSENT_WITHDRAWN
     from kaeru.consent import EMAIL as EMAIL_CHANNEL
+    from kaeru.holds import GLOBAL as GLOBAL_SWITCH
+    from kaeru.holds import (
+        HELD_BY_KILL_SWITCH,
+        KILL_SWITCH,
+        OUTSIDE_ACTIVITIES,
+        PAUSE_SIGNAL,
+        PAUSED,
+        RELEASE_JOURNEY,
+        RESUME_SIGNAL,
+        PauseJourney,
+        ResumeJourney,
+    )
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
     from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
-    from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, SEARCH_ATTRIBUTES, STEP
+    from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, SEARCH_ATTRIBUTES, STEP
     from kaeru.variants import HOLDOUT, Experiment, assign, held_out
 
 T = TypeVar("T")
@@ -108,6 +120,15 @@ UNSUBSCRIBED = "unsubscribed"
 #: A marketing message asks the send gate (``reserve_send``: consent, frequency caps,
 #: priority, quiet hours) for a slot before ``send_email``.
 SEND_GATE = "send-gate"
+#: An outside step the kill switch held, or one after an operator's pause, waits for a
+#: ``resume`` and then runs again with the same input (kaeru/holds.py); before this patch a
+#: journey had no hold.
+HOLDS = "hold-before-outside-steps"
+#: A step the kill switch held tries again after this if no ``resume`` came (a journey the
+#: release missed: held as the switch went off), then after twice as long, up to
+#: :data:`HOLD_RECHECK_MAX`: each try is an activity attempt and a timer.
+HOLD_RECHECK = timedelta(minutes=1)
+HOLD_RECHECK_MAX = timedelta(hours=1)
 #: Stored by ingestion for the anonymous customer an identify merged into a known one
 #: (properties ``{"into": <customer id>}``): every journey of the anonymous one ends ``merged``.
 IDENTIFY = "identify"
@@ -186,6 +207,8 @@ class JourneyStatus:
     waiting_until: datetime | None
     story: list[str]
     details: dict[str, Any] = field(default_factory=dict)
+    #: What holds it before its next outside step: ``kill-switch``, ``paused`` or None.
+    held: str | None = None
 
 
 class JourneyExit(Exception):
@@ -290,6 +313,24 @@ def _found_order(error: ApplicationError) -> Purchase | None:
         )
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         return None
+
+
+class _HeldByKillSwitch(Exception):
+    """An outside step the kill switch held (it did not act): ``Journey.call`` waits."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _held_reason(error: ApplicationError) -> str:
+    """What the operator said turning the switch on, from a ``KillSwitchHeld`` error."""
+    details = error.details
+    found = details[0] if details else None
+    scope = found.get("scope") if isinstance(found, dict) else None
+    reason = found.get("reason") if isinstance(found, dict) else None
+    which = "global" if scope == GLOBAL_SWITCH else str(scope or "a")
+    return f"{which} switch" + (f": {reason}" if reason else "")
 
 
 class Journey(Generic[S]):
@@ -475,6 +516,12 @@ class Journey(Generic[S]):
         #: The newest events taken, numbered, for :meth:`wait_for`.
         self._taken = 0
         self._recent: list[tuple[int, JourneyEvent]] = []
+        #: An operator's pause (its reason): the next outside step waits for a resume.
+        self.paused: str | None = None
+        #: What holds the journey now (``KaeruHeld``): ``kill-switch``, ``paused`` or None.
+        self.held_by: str | None = None
+        #: Resumes received: a held step waits for the next one.
+        self._resumes = 0
 
     # ---- events -------------------------------------------------------------------------
 
@@ -495,6 +542,32 @@ class Journey(Generic[S]):
             self._hold(event)
             return
         self._accept(event)
+
+    @workflow.signal(name=PAUSE_SIGNAL)
+    def pause_requested(self, request: PauseJourney) -> None:
+        """An operator's pause: hold before the next outside step until a ``resume``."""
+        if self.outcome is not None or self.paused is not None:
+            return
+        self.paused = request.reason or "no reason given"
+        self._show_held(PAUSED)
+        self.tell(f"paused by {request.actor or 'an operator'}: {self.paused}")
+
+    @workflow.signal(name=RESUME_SIGNAL)
+    def resume_requested(self, request: ResumeJourney) -> None:
+        """Let a held step try again; from an operator (scope ``journey``), end a pause too."""
+        self._resumes += 1
+        if request.scope == RELEASE_JOURNEY and self.paused is not None:
+            self.paused = None
+            self.tell(f"resumed by {request.actor or 'an operator'}")
+            if self.held_by == PAUSED or self.held_by is None:
+                self._show_held(None)
+
+    def _show_held(self, why: str | None) -> None:
+        if self.outcome is not None or why == self.held_by:
+            return
+        self.held_by = why
+        workflow.upsert_search_attributes([HELD.value_set(why) if why else HELD.value_unset()])
+        self.publish()
 
     @classmethod
     def starts_with(cls, event: JourneyEvent) -> bool:
@@ -795,10 +868,86 @@ class Journey(Generic[S]):
         ``stop_on_purchase``, a purchase meanwhile cancels the activity (it stops unless it
         has already handed the message over) and ends the journey.
 
+        An outside step (kaeru/holds.py) waits first while an operator paused the journey,
+        and waits when the kill switch held it; then it runs again with the same input (the
+        same idempotency key: what was held goes out once). A hold ends at once when the
+        journey must end (a purchase).
+
         Raises:
             JourneyExit: the activity failed for good (bounce, no address, deadline passed),
                 or a purchase stopped it.
         """
+        outside = activity in OUTSIDE_ACTIVITIES
+        recheck = HOLD_RECHECK
+        while True:
+            if outside and self.paused is not None and workflow.patched(HOLDS):
+                await self._held(step, PAUSED, self.paused, None)
+                continue
+            try:
+                return await self._call_once(
+                    activity,
+                    arg,
+                    result_type,
+                    step,
+                    heartbeat=heartbeat,
+                    deadline=deadline,
+                    stop_on_purchase=stop_on_purchase,
+                )
+            except _HeldByKillSwitch as held:
+                await self._held(step, KILL_SWITCH, held.reason, recheck)
+                recheck = min(recheck * 2, HOLD_RECHECK_MAX)
+
+    async def _held(self, step: str, why: str, reason: str, recheck: timedelta | None) -> None:
+        """Wait before ``step`` until a resume (or ``recheck``, for the kill switch), showing
+        operators why (``KaeruHeld``, the story, the status query).
+
+        Raises:
+            JourneyExit: the journey must end meanwhile (a purchase).
+        """
+        resumes = self._resumes
+        self._show_held(why)
+        if why == KILL_SWITCH:
+            self.tell(f"held before the {step} step by the kill switch ({reason})")
+        else:
+            self.tell(f"held before the {step} step: the journey is paused ({reason})")
+        self.waiting_for = "a resume" if why == PAUSED else "the kill switch to be released"
+        self.waiting_until = workflow.now() + recheck if recheck is not None else None
+        self.publish()
+
+        def released() -> bool:
+            if why == PAUSED:
+                return self.paused is None
+            return self._resumes > resumes or self.paused is not None
+
+        try:
+            await workflow.wait_condition(
+                lambda: released() or self.exit_reason is not None,
+                timeout=recheck,
+                timeout_summary="try the held step again",
+            )
+        except TimeoutError:
+            pass
+        finally:
+            self.waiting_for = None
+            self.waiting_until = None
+        if self.exit_reason is not None:
+            self._show_held(None)
+            self.check_exit()
+        self._show_held(PAUSED if self.paused is not None else None)
+        if self.paused is None:
+            self.tell(f"trying the {step} step again")
+
+    async def _call_once(
+        self,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        step: str,
+        *,
+        heartbeat: bool,
+        deadline: timedelta,
+        stop_on_purchase: bool,
+    ) -> T:
         handle = workflow.start_activity(
             activity,
             arg,
@@ -824,6 +973,13 @@ class Journey(Generic[S]):
                 # The purchase is a fact; the failed step (a refusal after DATA...) is not.
                 self.tell(f"the {step} step failed ({err.cause or err}), but the shopper bought")
                 raise JourneyExit("purchased") from err
+            cause = err.cause
+            if (
+                isinstance(cause, ApplicationError)
+                and cause.type == HELD_BY_KILL_SWITCH
+                and workflow.patched(HOLDS)
+            ):
+                raise _HeldByKillSwitch(_held_reason(cause)) from err
             raise self._exit_for(err, step) from err
         return cast(T, result)
 
@@ -1281,7 +1437,12 @@ class Journey(Generic[S]):
             except JourneyExit:
                 self.tell("could NOT store the conversion")
         self.step = "ended"
-        workflow.upsert_search_attributes([STEP.value_set("ended"), OUTCOME.value_set(outcome)])
+        updates = [STEP.value_set("ended"), OUTCOME.value_set(outcome)]
+        if self.held_by is not None:
+            # Paused, it ended at a wait (a purchase): an ended journey is held by nothing.
+            updates.append(HELD.value_unset())
+            self.held_by = None
+        workflow.upsert_search_attributes(updates)
         self.publish()
         return JourneyResult(
             outcome=outcome,
@@ -1348,6 +1509,7 @@ class Journey(Generic[S]):
             waiting_until=self.waiting_until,
             story=list(self.story),
             details=self.details(),
+            held=self.held_by,
         )
 
     def publish(self) -> None:
@@ -1358,6 +1520,8 @@ class Journey(Generic[S]):
             lines.append(
                 f"- waiting for {self.waiting_for} until {self.waiting_until:%Y-%m-%d %H:%M:%S} UTC"
             )
+        if self.held_by is not None:
+            lines.append(f"- **held** ({self.held_by}) before its next outside step")
         for name, value in self.details().items():
             lines.append(f"- {name}: {value}")
         lines += ["", "Story:", *[f"1. {line}" for line in self.story[-15:]]]

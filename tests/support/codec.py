@@ -15,6 +15,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
+from kaeru.holds import HOLDS_HEADER
 from kaeru.settings import Settings
 from kaeru.temporal import converter
 
@@ -66,11 +67,17 @@ def history_payloads(history: WorkflowHistory) -> list[tuple[str, Payload]]:
     """Every payload of ``history`` with where it is, but search attributes (never encoded:
     the server indexes them) and the patch markers' data (the SDK's core writes a
     ``workflow.patched`` marker itself, outside the payload codec: it holds the patch id, a name
-    in kaeru's code, never customer data)."""
+    in kaeru's code, never customer data), and kaeru's ``kaeru-holds`` activity header (a flag,
+    ``1``, that the kill switch reads on the worker: the SDK does not run headers through the
+    codec)."""
     found: list[tuple[str, Payload]] = []
     for index, event in enumerate(history.events):
         for path, payload in _payloads(event, f"event[{index}]"):
-            if ".search_attributes." not in path and "details[patch-data]" not in path:
+            if (
+                ".search_attributes." not in path
+                and "details[patch-data]" not in path
+                and f"header.fields[{HOLDS_HEADER}]" not in path
+            ):
                 found.append((path, payload))
     return found
 

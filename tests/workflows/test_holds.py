@@ -1,0 +1,277 @@
+"""The kill switch and an operator's pause hold a journey before its next outside step.
+
+Real parts: the time-skipping server, the worker ``build_worker`` makes (with its kill switch
+gate, reading the switches at every outside step here: ``KAERU_KILL_SWITCH_CACHE=0.001``), the
+real SMTP server on loopback and SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker, WorkflowInterceptorClassInput
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.email.addresses import message_id_for
+from kaeru.db import session
+from kaeru.holds import (
+    GLOBAL,
+    KILL_SWITCH,
+    PAUSE_SIGNAL,
+    PAUSED,
+    RELEASE_JOURNEY,
+    RELEASE_KILL_SWITCH,
+    RESUME_SIGNAL,
+    PauseJourney,
+    ResumeJourney,
+)
+from kaeru.kill_switch import KillSwitchGate, turn_off, turn_on
+from kaeru.models import Customer
+from kaeru.search_attributes import HELD, OUTCOME
+from tests.conftest import make_settings
+from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import DAY, SHOE, Shopper, record_histories
+from tests.workflows.test_order_confirmation import ORDER, Buyer
+from tests.workflows.test_order_confirmation import buyer as buyer  # the fixture
+from worker import PASSTHROUGH, activities_for, build_worker, kill_switch_gate, workflows
+from workflows.order_confirmation import OrderConfirmation
+
+MAIL_FROM = make_settings("sqlite://").mail_from
+#: Workers read the switches at every outside step (the default caches them for 5 s).
+FRESH = timedelta(milliseconds=1)
+
+
+@pytest.fixture
+async def held_shopper(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> AsyncIterator[Shopper]:
+    """The ``shopper`` fixture's worker, reading the kill switches at every outside step."""
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=FRESH)
+    async with httpx.AsyncClient() as http, build_worker(time_skipping_env.client, settings, http):
+        shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
+        with session(sqlite_url) as s:
+            s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+        yield shopper
+        with contextlib.suppress(RPCError):
+            await shopper.handle.terminate("test over")
+        await record_histories(shopper.env.client, shopper.journey_id)
+
+
+async def held_by(shopper: Shopper, why: str | None) -> Any:
+    """Wait (in real time) until the journey's status says ``why`` holds it; its status."""
+    for _ in range(200):
+        status = await shopper.status()
+        if status.held == why:
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"journey held by {status.held!r}, expected {why!r}")
+
+
+async def held_attribute(shopper: Shopper) -> str | None:
+    return (await shopper.handle.describe()).typed_search_attributes.get(HELD)
+
+
+async def cart_email_key(shopper: Shopper) -> list[Any]:
+    """The shopper's emails whose Message-ID is the cart email's (its idempotency key)."""
+    wanted = message_id_for(await shopper.message_key("cart_email"), MAIL_FROM)
+    return [m for m in shopper.emails() if m["Message-ID"] == wanted]
+
+
+async def test_the_switch_holds_the_email_and_the_release_sends_it_once(
+    held_shopper: Shopper,
+) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", reason="wrong prices", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    status = await held_by(shopper, KILL_SWITCH)
+    assert status.step == "cart_email"
+    assert any("held before the cart_email step by the kill switch" in x for x in status.story)
+    assert "wrong prices" in status.story[-1]
+    assert await held_attribute(shopper) == KILL_SWITCH
+    await asyncio.sleep(0.3)  # a send would have reached the loopback server by now
+    assert shopper.emails() == []
+
+    turn_off(shopper.db, GLOBAL)
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+    await shopper.wait_for_emails(1)
+    await held_by(shopper, None)
+    assert await held_attribute(shopper) is None
+    # The journey goes on: not opened within a day, it ends; one cart email in all.
+    await shopper.skip(DAY + 60)
+    assert await shopper.outcome() == "not_opened"
+    assert len(await cart_email_key(shopper)) == 1
+    assert len(shopper.emails()) == 1
+
+
+async def test_a_purchase_while_held_ends_the_journey_without_a_send(
+    held_shopper: Shopper,
+) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    await shopper.purchase("o-held")
+    assert await shopper.outcome() == "purchased"
+    attributes = (await shopper.handle.describe()).typed_search_attributes
+    assert attributes.get(OUTCOME) == "purchased" and attributes.get(HELD) is None
+    assert shopper.emails() == []
+    [conversion] = shopper.touchpoints("conversion")
+    assert conversion.order_id == "o-held"
+
+
+async def test_a_journey_the_release_missed_tries_again_on_its_own(
+    held_shopper: Shopper,
+) -> None:
+    """No resume signal (the switch went off as the journey was being held): the held step
+    tries again a minute later, and the email goes out once."""
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    await shopper.skip(5 * 60)  # still on: held again, now for two minutes
+    await held_by(shopper, KILL_SWITCH)
+    assert shopper.emails() == []
+    turn_off(shopper.db, GLOBAL)
+    await shopper.skip(3 * 60)
+    await shopper.wait_for_emails(1)
+    assert len(await cart_email_key(shopper)) == 1
+
+
+async def test_the_switch_of_another_kind_does_not_hold_this_one(held_shopper: Shopper) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, "welcome", actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_emails(1)
+    assert (await shopper.status()).held is None
+
+
+async def test_the_switch_of_its_kind_holds_it(held_shopper: Shopper) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, "cart-abandonment", actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    status = await held_by(shopper, KILL_SWITCH)
+    assert "cart-abandonment switch" in status.story[-1]
+    assert shopper.emails() == []
+
+
+async def test_a_paused_journey_waits_before_its_email_until_resumed(
+    held_shopper: Shopper,
+) -> None:
+    shopper = held_shopper
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.handle.signal(PAUSE_SIGNAL, PauseJourney(reason="checking", actor="cli:ann"))
+    # Shown at once, before it reaches a step that acts: operators find it paused.
+    status = await held_by(shopper, PAUSED)
+    assert "paused by cli:ann: checking" in status.story[-1]
+    assert await held_attribute(shopper) == PAUSED
+    await shopper.skip(DAY + 60)  # its timers keep running: it reaches the email, and waits
+    await shopper.wait_for_step("cart_email")
+    await asyncio.sleep(0.3)
+    assert shopper.emails() == []
+    # A switch going off does not end an operator's pause.
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+    await asyncio.sleep(0.3)
+    assert shopper.emails() == [] and (await shopper.status()).held == PAUSED
+
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_JOURNEY, actor="x"))
+    await shopper.wait_for_emails(1)
+    await held_by(shopper, None)
+    assert len(await cart_email_key(shopper)) == 1
+
+
+async def test_a_held_journey_cancelled_ends_cancelled(held_shopper: Shopper) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    await shopper.handle.cancel(reason="bad campaign")
+    with pytest.raises(WorkflowFailureError):
+        await shopper.handle.result()
+    attributes = (await shopper.handle.describe()).typed_search_attributes
+    assert attributes.get(OUTCOME) == "cancelled" and attributes.get(HELD) is None
+    assert shopper.emails() == []
+
+
+@pytest.mark.journeys("order-confirmation")
+async def test_the_global_switch_lets_receipts_go_out(buyer: Buyer) -> None:
+    buyer.settings = buyer.settings.model_copy(update={"kill_switch_cache": FRESH})
+    turn_on(buyer.db, GLOBAL, actor="test", include_transactional=False)
+    async with buyer.working():
+        await buyer.orders(**ORDER)
+        assert await buyer.outcome() == "confirmed"
+    assert len(buyer.emails()) == 1
+
+
+@pytest.mark.journeys("order-confirmation")
+async def test_the_global_switch_turned_on_for_all_holds_receipts_too(buyer: Buyer) -> None:
+    buyer.settings = buyer.settings.model_copy(update={"kill_switch_cache": FRESH})
+    turn_on(buyer.db, GLOBAL, actor="test", include_transactional=True)
+    async with buyer.working():
+        await buyer.orders(**ORDER)
+        for _ in range(200):
+            if (await buyer.handle.query(OrderConfirmation.status)).held == KILL_SWITCH:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the order confirmation was not held")
+        assert buyer.emails() == []
+        turn_off(buyer.db, GLOBAL)
+        await buyer.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+        assert await buyer.outcome() == "confirmed"
+    assert len(buyer.emails()) == 1
+
+
+class _PreviousWorkflowCode(KillSwitchGate):
+    """The gate beside workflow code of the version before holds (a rolling deploy): its
+    activities come without the holds header."""
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> None:
+        return None
+
+
+async def test_journeys_of_code_that_knows_no_holds_are_not_held(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> None:
+    """Held, such a journey would end ``failed``: it acts as it did before the switch."""
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=FRESH)
+    gate = kill_switch_gate(settings)
+    old = _PreviousWorkflowCode(gate.reader, gate.journeys)
+    turn_on(sqlite_url, GLOBAL, actor="test", include_transactional=False)
+    async with httpx.AsyncClient() as http:
+        worker = Worker(
+            time_skipping_env.client,
+            task_queue=settings.task_queue,
+            workflows=list(workflows()),
+            activities=activities_for(settings, http),
+            interceptors=[old],
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+            ),
+        )
+        async with worker:
+            shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
+            with session(sqlite_url) as s:
+                s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+            try:
+                await shopper.cart("Product Added", **SHOE)
+                await shopper.skip(DAY + 60)
+                await shopper.wait_for_emails(1)
+                assert (await shopper.status()).held is None
+            finally:
+                with contextlib.suppress(RPCError):
+                    await shopper.handle.terminate("test over")
