@@ -4,6 +4,7 @@ dev server, and the messages of the settings that are wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.testing import WorkflowEnvironment
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from kaeru.cli import app
 from kaeru.settings import Settings
@@ -73,6 +74,40 @@ async def test_a_client_certificate_of_the_servers_ca_connects(proxy: str, pki: 
     # Journeys can start over it: the worker and the API use this same client.
     client = await connect(s)
     assert (await client.count_workflows()).count >= 0
+
+
+async def test_the_cli_reads_the_tls_settings_from_the_environment(
+    proxy: str, pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The paths come from the environment, as mounted secrets give them: the CLI reaches
+    Temporal through the proxy (it finds no such journey), and without the key it cannot."""
+    clean(monkeypatch, tmp_path)
+    env = {
+        "KAERU_TEMPORAL_ADDRESS": proxy,
+        "KAERU_DATABASE_URL": f"sqlite:///{tmp_path / 'none.db'}",
+        "KAERU_TEMPORAL_TLS_CERT": str(pki.client.cert),
+        "KAERU_TEMPORAL_TLS_KEY": str(pki.client.key),
+        "KAERU_TEMPORAL_TLS_CA": str(pki.ca.cert),
+    }
+    (tmp_path / "none.db").touch()
+    result = await asyncio.to_thread(cli, ["journeys", "resume", "cart-abandonment-nobody"], env)
+    assert result.exit_code == 1, result.output
+    assert "there is no journey with id 'cart-abandonment-nobody'" in result.stderr
+    del env["KAERU_TEMPORAL_TLS_CERT"], env["KAERU_TEMPORAL_TLS_KEY"]
+    result = await asyncio.to_thread(cli, ["journeys", "resume", "cart-abandonment-nobody"], env)
+    assert result.exit_code == 1 and "cannot reach Temporal" in result.stderr, result.output
+
+
+def clean(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """No KAERU_ variable or .env of the developer's leaks into the CLI."""
+    for name in list(os.environ):
+        if name.startswith("KAERU_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(directory)
+
+
+def cli(args: list[str], env: dict[str, str]) -> Result:
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200", **env})
 
 
 async def test_without_a_client_certificate_the_server_refuses(proxy: str, pki: Pki) -> None:
@@ -143,10 +178,7 @@ def test_a_certificate_needs_its_key_and_the_reverse(given: str, pki: Pki) -> No
 def test_the_cli_says_which_tls_setting_is_missing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki: Pki
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    clean(monkeypatch, tmp_path)
     result = CliRunner().invoke(
         app,
         ["kill-switch", "status"],

@@ -106,6 +106,9 @@ async def test_one_journey_is_paused_resumed_and_cancelled_over_the_api(
     async with asgi_client(create_app(settings, run_router=False)) as api:
         nobody = await api.post(journey("cart-abandonment-nobody", "pause"), headers=OPERATOR)
         assert "no journey with id 'cart-abandonment-nobody'" in refusal(nobody, 404, "not_found")
+        # An id with a slash in it (a customer id may have one) travels escaped.
+        slashed = await api.post(journey("cart-abandonment-a%2Fb", "pause"), headers=OPERATOR)
+        assert "no journey with id 'cart-abandonment-a/b'" in refusal(slashed, 404, "not_found")
         await shopper.cart("Product Added", **SHOE)
         await shopper.wait_for_step("cart_quiet")
         journey_id = shopper.journey_id
