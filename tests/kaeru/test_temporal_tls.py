@@ -5,12 +5,14 @@ dev server, and the messages of the settings that are wrong."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
@@ -18,9 +20,15 @@ from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner, Result
 
 from kaeru.cli import app
+from kaeru.db import session
+from kaeru.models import Customer
 from kaeru.settings import Settings
 from kaeru.temporal import TemporalTLSError, connect, tls_config
+from tests.conftest import make_settings
+from tests.support.smtp import SMTPTestServer
 from tests.support.tls_proxy import CertificateAuthority, Issued, tls_proxy
+from tests.workflows.conftest import SETTINGS, SHOE, Shopper
+from worker import build_worker
 
 SERVER_NAME = "temporal.kaeru.test"
 
@@ -108,6 +116,37 @@ def clean(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
 
 def cli(args: list[str], env: dict[str, str]) -> Result:
     return CliRunner().invoke(app, args, env={"COLUMNS": "200", **env})
+
+
+async def test_a_worker_over_mtls_runs_a_journey_to_its_email(
+    dev_server_env: WorkflowEnvironment, proxy: str, pki: Pki, sqlite_url: str
+) -> None:
+    """The worker's long polls and its activities' results travel through the handshake."""
+    async with SMTPTestServer() as smtp:
+        s = make_settings(
+            sqlite_url,
+            smtp_port=smtp.port,
+            temporal_address=proxy,
+            temporal_tls_cert=pki.client.cert,
+            temporal_tls_key=pki.client.key,
+            temporal_tls_ca=pki.ca.cert,
+        )
+        client = await connect(s)
+        async with httpx.AsyncClient() as http, build_worker(client, s, http):
+            shopper = Shopper(
+                dev_server_env,
+                sqlite_url,
+                smtp,
+                s.task_queue,
+                settings=dataclasses.replace(SETTINGS, email_delay=0.5),
+            )
+            with session(sqlite_url) as db:
+                db.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+            await shopper.cart("Product Added", **SHOE)
+            try:
+                assert len(await shopper.wait_for_emails(1)) == 1
+            finally:
+                await shopper.handle.terminate("test over")
 
 
 async def test_without_a_client_certificate_the_server_refuses(proxy: str, pki: Pki) -> None:
