@@ -161,6 +161,12 @@ def _read(coro: Any) -> Any:
     try:
         return run(coro)
     except RPCError as exc:
+        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
+            fail(
+                f"Temporal refused the query: {exc.message}",
+                "If it names a Kaeru* search attribute, run `kaeru setup` (on Temporal Cloud, "
+                "add it as a Keyword in the namespace).",
+            )
         fail(f"Temporal refused: {exc.message}", f"Then try again: {TEMPORAL_DOWN}.")
 
 
@@ -322,7 +328,7 @@ def _pending_activities(description: WorkflowExecutionDescription) -> list[tuple
                 pending.activity_type.name,
                 _state_word(state),
                 str(pending.attempt),
-                " ".join(failure.split())[:200] or "-",
+                " ".join(failure.split())[:300] or "-",
             )
         )
     return rows

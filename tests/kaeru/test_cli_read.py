@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from kaeru.models import (
     utcnow,
 )
 from kaeru.pseudonyms import read_visible_ids
-from kaeru.search_attributes import CUSTOMER_ID, STEP
+from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, STEP
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SETTINGS, SHOE, Shopper
@@ -120,15 +121,20 @@ class Listed:
     tag: str
     started: list[str]
 
-    async def start(self, workflow_type: str, customer: str, step: str, kind: str) -> str:
+    async def start(
+        self, workflow_type: str, customer: str, step: str, kind: str, outcome: str = ""
+    ) -> str:
+        """Start a journey's workflow as the router does, on a queue no worker polls: it stays
+        running at ``step`` (with ``outcome`` already set, if given) until the test's end."""
         workflow_id = f"{kind}-{customer}"
+        attributes = [SearchAttributePair(CUSTOMER_ID, customer), SearchAttributePair(STEP, step)]
+        if outcome:
+            attributes.append(SearchAttributePair(OUTCOME, outcome))
         await self.client.start_workflow(
             workflow_type,
             id=workflow_id,
             task_queue=f"no-worker-{self.tag}",
-            search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(CUSTOMER_ID, customer), SearchAttributePair(STEP, step)]
-            ),
+            search_attributes=TypedSearchAttributes(attributes),
         )
         self.started.append(workflow_id)
         return workflow_id
@@ -150,7 +156,9 @@ async def test_journeys_list_filters_by_kind_step_customer_and_status(listed: Li
     tag, env = listed.tag, listed.env
     quiet, email = f"cart_quiet_{tag}", f"cart_email_{tag}"
     first = await listed.start("CartAbandonment", f"c-{tag}-1", quiet, "cart-abandonment")
-    second = await listed.start("CartAbandonment", f"c-{tag}-2", email, "cart-abandonment")
+    second = await listed.start(
+        "CartAbandonment", f"c-{tag}-2", email, "cart-abandonment", outcome=f"purchased_{tag}"
+    )
     welcome = await listed.start("Welcome", f"c-{tag}-1", quiet, "welcome")
 
     async def both_listed() -> str | None:
@@ -174,6 +182,11 @@ async def test_journeys_list_filters_by_kind_step_customer_and_status(listed: Li
     )
     assert (first in out) != (welcome in out)
     assert "Showing the first 1" in out
+
+    out = ok(await kaeru_async("journeys", "list", "--outcome", f"purchased_{tag}", **env))
+    [row] = [r for r in rows(out) if r[0] == second]
+    assert row[3:6] == ["running", "/", f"purchased_{tag}"]
+    assert first not in out
 
     running = ok(
         await kaeru_async("journeys", "list", "--step", email, "--status", "running", **env)
@@ -252,6 +265,18 @@ async def test_a_personal_customer_id_is_searched_by_its_pseudonym(listed: Liste
 
     out = await until(found, "the journey is found by the clear id")
     assert address not in out
+
+
+@pytest.mark.journeys("*")
+async def test_show_says_when_no_worker_answers_the_status_query(listed: Listed) -> None:
+    journey = await listed.start(
+        "CartAbandonment", f"c-{listed.tag}", "started", "cart-abandonment"
+    )
+    out = ok(await kaeru_async("journeys", "show", journey, **listed.env))
+    assert "temporal status: running" in out
+    assert "status: not available:" in out and "is `kaeru worker` running" in out
+    assert "events: 2" in out and "timers waiting: 0" in out and "last activity: none yet" in out
+    assert f"/namespaces/default/workflows/{journey}" in out
 
 
 def test_journeys_list_says_which_setting_when_temporal_is_down(sqlite_url: str) -> None:
@@ -363,6 +388,44 @@ async def test_show_prints_a_journeys_status_story_history_and_ui_link(stack: St
     assert message[3] == "cart_email" and "sent" in message
     [touch] = [r for r in rows(out) if "email_sent" in r]
     assert touch[3:] == ["cart-abandonment", "cart_email", "email"]
+
+
+async def test_show_lists_a_failing_activity_with_its_attempts_and_failure(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> None:
+    """The mail server refuses connections (a port bound, never listening): the send retries,
+    and ``show`` says which activity, on which attempt, failed how."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        settings = make_settings(sqlite_url, smtp_port=closed.getsockname()[1])
+        async with httpx.AsyncClient() as http, build_worker(dev_server_env.client, settings, http):
+            shopper = Shopper(
+                dev_server_env,
+                sqlite_url,
+                smtp,
+                settings.task_queue,
+                settings=dataclasses.replace(SETTINGS, email_delay=0.1),
+            )
+            with session(sqlite_url) as s:
+                s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
+            address = dev_server_env.client.service_client.config.target_host
+            env = {"KAERU_DATABASE_URL": sqlite_url, "KAERU_TEMPORAL_ADDRESS": address}
+            try:
+                await shopper.cart("Product Added", **SHOE)
+
+                async def retried() -> bool:
+                    pending = (await shopper.handle.describe()).raw_description.pending_activities
+                    return any(p.attempt >= 2 and p.HasField("last_failure") for p in pending)
+
+                await until(retried, "the send failed once and is retried")
+                out = ok(await kaeru_async("journeys", "show", shopper.journey_id, **env))
+            finally:
+                with contextlib.suppress(RPCError):
+                    await shopper.handle.terminate("test over")
+    [row] = [r for r in rows(out) if r[0] == "send_email"]
+    assert row[1] in ("scheduled", "started") and int(row[2]) >= 2
+    assert "cannot talk to the SMTP server" in " ".join(row[3:])
+    assert "pending activity" in out
 
 
 # ---- customers show, audiences show and audit from the database alone (both databases) -------
