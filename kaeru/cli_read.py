@@ -51,7 +51,7 @@ from kaeru.models import (
     EmailMessage,
     Touchpoint,
 )
-from kaeru.pseudonyms import VisibleIds, journey_kind, pseudonym_key
+from kaeru.pseudonyms import VisibleIds, journey_kind, pseudonym_key, read_visible_ids
 from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, STEP
 from kaeru.serving import StackError
 from kaeru.settings import Settings
@@ -109,11 +109,6 @@ def _literal_of(option: str, value: str) -> str:
 def journey_types(settings: Settings) -> dict[str, str]:
     """Workflow type → journey kind, for every journey this deployment knows (on or off)."""
     return {route.workflow_name: route.journey.kind for route in load_registry(settings).routes}
-
-
-def visible_ids(settings: Settings, url: str) -> VisibleIds:
-    with db_session(url) as s:
-        return VisibleIds(pseudonym_key(s), settings.pseudonymous_ids)
 
 
 def customer_values(visible: VisibleIds, customer_ids: Iterable[str]) -> list[str]:
@@ -200,6 +195,24 @@ def _row(table: Table, *cells: str) -> None:
     table.add_row(*(Text(cell) for cell in cells))
 
 
+def _journeys_table(found: Sequence[WorkflowExecution], types: dict[str, str]) -> Table:
+    table = _table("id", "kind", "step", "status / outcome", "started (UTC)", "held")
+    for execution in found:
+        attributes = execution.typed_search_attributes
+        ended = _status_word(execution.status)
+        result = attributes.get(OUTCOME)
+        _row(
+            table,
+            execution.id,
+            types.get(execution.workflow_type, execution.workflow_type),
+            attributes.get(STEP) or "-",
+            f"{ended} / {result}" if result else ended,
+            _when(execution.start_time),
+            attributes.get(HELD) or "-",
+        )
+    return table
+
+
 # ---- kaeru journeys list ---------------------------------------------------------------------
 
 
@@ -244,9 +257,9 @@ def journeys_list(
             _literal_of(option, value)
     customers: list[str] = []
     if customer is not None:
-        url, label = database_url_checked(settings)
-        with database_problems(label):
-            customers = customer_values(visible_ids(settings, url), [customer])
+        _, label = database_url_checked(settings)
+        with database_problems(label):  # the pseudonym key is in the database
+            customers = customer_values(read_visible_ids(settings), [customer])
     query = journeys_query(
         wanted,
         step=step,
@@ -264,21 +277,7 @@ def journeys_list(
     if not found:
         say("No journey matches (visibility lags a second behind a journey's start or step).")
         return
-    table = _table("id", "kind", "step", "status / outcome", "started (UTC)", "held")
-    for execution in found:
-        attributes = execution.typed_search_attributes
-        ended = _status_word(execution.status)
-        result = attributes.get(OUTCOME)
-        _row(
-            table,
-            execution.id,
-            types.get(execution.workflow_type, execution.workflow_type),
-            attributes.get(STEP) or "-",
-            f"{ended} / {result}" if result else ended,
-            _when(execution.start_time),
-            attributes.get(HELD) or "-",
-        )
-    console.print(table)
+    console.print(_journeys_table(found, types))
     if len(found) == limit:
         say(f"Showing the first {limit}: narrow the filters or raise --limit.")
 
@@ -525,21 +524,7 @@ def customers_show(
     elif not journeys:
         say("No journeys in Temporal's visibility.")
     else:
-        table = _table("journey", "kind", "step", "status / outcome", "started (UTC)", "held")
-        for execution in journeys:
-            attributes = execution.typed_search_attributes
-            result = attributes.get(OUTCOME)
-            ended = _status_word(execution.status)
-            _row(
-                table,
-                execution.id,
-                types.get(execution.workflow_type, execution.workflow_type),
-                attributes.get(STEP) or "-",
-                f"{ended} / {result}" if result else ended,
-                _when(execution.start_time),
-                attributes.get(HELD) or "-",
-            )
-        console.print(table)
+        console.print(_journeys_table(journeys, types))
 
     messages: list[EmailMessage] = parts["messages"]
     if messages:
