@@ -49,6 +49,8 @@ from kaeru.models import (
     AudienceJoin,
     Customer,
     EmailMessage,
+    Event,
+    Order,
     Touchpoint,
 )
 from kaeru.pseudonyms import VisibleIds, journey_kind, pseudonym_key, read_visible_ids
@@ -450,6 +452,12 @@ def _customer_parts(s: Session, ids: list[str]) -> dict[str, Any]:
             )
         ),
         "consent": {channel: consent_of(s, ids[0], channel) for channel in CHANNELS},
+        "events": s.exec(
+            select(func.count()).select_from(Event).where(col(Event.customer_id).in_(ids))
+        ).one(),
+        "orders": s.exec(
+            select(func.count()).select_from(Order).where(col(Order.customer_id).in_(ids))
+        ).one(),
     }
 
 
@@ -481,7 +489,9 @@ def customers_show(
         parts = _customer_parts(s, ids)
         visible = VisibleIds(pseudonym_key(s), settings.pseudonymous_ids)
     consent = parts["consent"]
-    known = profile is not None or any(parts[p] for p in ("messages", "touchpoints", "audiences"))
+    known = profile is not None or any(
+        parts[p] for p in ("messages", "touchpoints", "audiences", "events", "orders")
+    )
     if not known and not any(consent.values()):
         fail(
             f"nothing is stored about customer {customer_id!r} in {label}",
@@ -502,6 +512,7 @@ def customers_show(
         say(
             f"  first seen {_when(profile.created_at)} UTC, updated {_when(profile.updated_at)} UTC"
         )
+    say(f"  events: {parts['events']}, orders: {parts['orders']}")
     say(f"  in Temporal as: {visible.visible(customer_id)}")
 
     table = _table("consent", "state", "source", "since (UTC)", "kinds off")

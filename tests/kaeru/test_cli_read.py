@@ -37,6 +37,7 @@ from kaeru.models import (
     AudienceJoin,
     Customer,
     EmailMessage,
+    Event,
     Touchpoint,
     utcnow,
 )
@@ -479,6 +480,10 @@ def test_customers_show_reads_the_database_when_temporal_is_down(database_url: s
         kaeru("customers", "show", "c-unknown", **env),
         "nothing is stored about customer 'c-unknown'",
     )
+    with session(database_url) as s:  # an anonymous visitor: events, no profile
+        s.add(Event(message_id="m-1", customer_id="anon-1", type="track", name="Product Viewed"))
+    out = ok(kaeru("customers", "show", "anon-1", **env))
+    assert "no profile (no identify yet)" in out and "events: 1, orders: 0" in out
 
 
 def test_audiences_show_counts_per_platform_and_never_prints_an_address(database_url: str) -> None:
