@@ -32,6 +32,7 @@ from kaeru.cli import app
 from kaeru.cli_read import UnsearchableValue, journeys_query, literal
 from kaeru.consent import EMAIL, SMS, set_consent
 from kaeru.db import session
+from kaeru.holds import PAUSED
 from kaeru.models import (
     AudienceChangeRow,
     AudienceJoin,
@@ -42,7 +43,7 @@ from kaeru.models import (
     utcnow,
 )
 from kaeru.pseudonyms import read_visible_ids
-from kaeru.search_attributes import CUSTOMER_ID, OUTCOME, STEP
+from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, STEP
 from tests.conftest import make_settings
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SETTINGS, SHOE, Shopper
@@ -123,7 +124,13 @@ class Listed:
     started: list[str]
 
     async def start(
-        self, workflow_type: str, customer: str, step: str, kind: str, outcome: str = ""
+        self,
+        workflow_type: str,
+        customer: str,
+        step: str,
+        kind: str,
+        outcome: str = "",
+        held: str = "",
     ) -> str:
         """Start a journey's workflow as the router does, on a queue no worker polls: it stays
         running at ``step`` (with ``outcome`` already set, if given) until the test's end."""
@@ -131,6 +138,8 @@ class Listed:
         attributes = [SearchAttributePair(CUSTOMER_ID, customer), SearchAttributePair(STEP, step)]
         if outcome:
             attributes.append(SearchAttributePair(OUTCOME, outcome))
+        if held:
+            attributes.append(SearchAttributePair(HELD, held))
         await self.client.start_workflow(
             workflow_type,
             id=workflow_id,
@@ -160,7 +169,7 @@ async def test_journeys_list_filters_by_kind_step_customer_and_status(listed: Li
     second = await listed.start(
         "CartAbandonment", f"c-{tag}-2", email, "cart-abandonment", outcome=f"purchased_{tag}"
     )
-    welcome = await listed.start("Welcome", f"c-{tag}-1", quiet, "welcome")
+    welcome = await listed.start("Welcome", f"c-{tag}-1", quiet, "welcome", held=PAUSED)
 
     async def both_listed() -> str | None:
         out = ok(await kaeru_async("journeys", "list", "--step", quiet, **env))
@@ -174,6 +183,8 @@ async def test_journeys_list_filters_by_kind_step_customer_and_status(listed: Li
 
     out = ok(await kaeru_async("journeys", "list", "--step", quiet, "--kind", "welcome", **env))
     assert welcome in out and first not in out
+    [row] = [r for r in rows(out) if r[0] == welcome]
+    assert row[1:4] == ["welcome", quiet, "running"] and row[-1] == "paused"
 
     out = ok(await kaeru_async("journeys", "list", "--customer", f"c-{tag}-2", **env))
     assert second in out and first not in out and welcome not in out
