@@ -373,6 +373,11 @@ def journeys_show(
             try:
                 description = await handle.describe()
             except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND and "namespace" in exc.message.lower():
+                    fail(
+                        f"Temporal refused: {exc.message}",
+                        "Check KAERU_TEMPORAL_NAMESPACE (`kaeru dev` uses `default`).",
+                    )
                 if exc.status == RPCStatusCode.NOT_FOUND:
                     fail(
                         f"there is no journey with id {workflow_id!r}",

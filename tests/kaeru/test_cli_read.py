@@ -289,6 +289,17 @@ async def test_show_says_when_no_worker_answers_the_status_query(listed: Listed)
     assert "status: not available:" in out and "is `kaeru worker` running" in out
     assert "events: 2" in out and "timers waiting: 0" in out and "last activity: none yet" in out
     assert f"/namespaces/default/workflows/{journey}" in out
+    assert_clear_failure(
+        await kaeru_async(
+            "journeys", "show", journey, **listed.env, KAERU_TEMPORAL_NAMESPACE="nope"
+        ),
+        "Temporal refused",
+        "KAERU_TEMPORAL_NAMESPACE",
+    )
+    assert_clear_failure(
+        await kaeru_async("journeys", "list", **listed.env, KAERU_TEMPORAL_NAMESPACE="nope"),
+        "KAERU_TEMPORAL_NAMESPACE",
+    )
 
 
 def test_journeys_list_says_which_setting_when_temporal_is_down(sqlite_url: str) -> None:
