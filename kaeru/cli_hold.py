@@ -290,7 +290,7 @@ kill_switch_app.command("status")(kill_switch_status)
 # ---- kaeru journeys pause | resume | cancel ---------------------------------------------------
 
 journeys_app = typer.Typer(
-    help="Running journeys: pause, resume or cancel one.", no_args_is_help=True
+    help="Journeys: list them, show one, pause, resume or cancel one.", no_args_is_help=True
 )
 
 JourneyIdArg = Annotated[
