@@ -1088,3 +1088,9 @@ from kaeru.cli_hold import journeys_app, kill_switch_app  # noqa: E402 - it impo
 
 app.add_typer(kill_switch_app, name="kill-switch")
 app.add_typer(journeys_app, name="journeys")
+
+# ---- kaeru journeys impact, kaeru deploy-check (kaeru/cli_deploy.py) ---------------------------
+
+from kaeru.cli_deploy import deploy_check  # noqa: E402 - it imports this module
+
+app.command("deploy-check")(deploy_check)

@@ -1,0 +1,279 @@
+"""``kaeru journeys impact`` and ``kaeru deploy-check`` on the dev server, against real cart
+journeys asleep in their quiet wait (started by a real worker).
+
+The candidate changes are tests/journeys/changed_cart.py: one more step before the quiet wait,
+without a patch (it must fail, naming the journeys) and under ``workflow.patched()`` (it must
+pass). The commands run in a thread, each with its own event loop as the ``kaeru`` process
+would, while the worker runs on the test's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+from typer.testing import CliRunner, Result
+
+from kaeru.cli import app
+from kaeru.cli_deploy import NO_PATCH
+from kaeru.settings import Settings
+from tests.conftest import make_settings
+from tests.journeys.changed_cart import EXTRA_STEP, patched
+from tests.support.smtp import SMTPTestServer
+from tests.workflows.conftest import SHOE, Shopper
+from worker import activities_for, build_worker, worker_interceptors, workflow_runner
+from workflows.cart_abandonment import CART_FROM_DATABASE
+
+runner = CliRunner()
+UNPATCHED = "tests.journeys.changed_cart:unpatched"
+PATCHED = "tests.journeys.changed_cart:patched"
+WITHOUT_CART = "tests.journeys.changed_cart:without_cart"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No KAERU_ variable or .env of the developer's leaks in."""
+    for name in list(os.environ):
+        if name.startswith("KAERU_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SMTPTestServer]:
+    async with SMTPTestServer() as server:
+        yield server
+
+
+@dataclass
+class Stack:
+    env: WorkflowEnvironment
+    settings: Settings
+    smtp: SMTPTestServer
+    cli_env: dict[str, str]
+    shoppers: list[Shopper] = field(default_factory=list)
+
+    def shopper(self) -> Shopper:
+        db = self.settings.resolved_database_url
+        shopper = Shopper(self.env, db, self.smtp, self.settings.task_queue)
+        self.shoppers.append(shopper)
+        return shopper
+
+    async def kaeru(self, *args: str) -> Result:
+        env = {"COLUMNS": "250", **self.cli_env}
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+
+@pytest.fixture
+async def stack(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> AsyncIterator[Stack]:
+    """Settings of a task queue of the test's own (the commands look at that queue only)."""
+    settings = make_settings(sqlite_url, smtp_port=smtp.port)
+    address = dev_server_env.client.service_client.config.target_host
+    cli_env = {
+        "KAERU_DATABASE_URL": sqlite_url,
+        "KAERU_TEMPORAL_ADDRESS": address,
+        "KAERU_TASK_QUEUE": settings.task_queue,
+    }
+    stack = Stack(dev_server_env, settings, smtp, cli_env)
+    yield stack
+    for shopper in stack.shoppers:
+        with contextlib.suppress(RPCError):
+            await shopper.handle.terminate("test over")
+
+
+@contextlib.asynccontextmanager
+async def worker_running(stack: Stack, workflows: Callable[[], list[type]] | None = None) -> Any:
+    """The real worker (``workflows``: another list of workflow classes, as a candidate's)."""
+    async with httpx.AsyncClient() as http:
+        if workflows is None:
+            worker = build_worker(stack.env.client, stack.settings, http)
+        else:
+            worker = Worker(
+                stack.env.client,
+                task_queue=stack.settings.task_queue,
+                workflows=workflows(),
+                activities=activities_for(stack.settings, http),
+                interceptors=worker_interceptors(stack.settings),
+                workflow_runner=workflow_runner(),
+            )
+        async with worker:
+            yield
+
+
+async def until(check: Any, what: str) -> Any:
+    """Poll ``check()`` (async) until it is truthy, for up to 10 s (visibility lags)."""
+    for _ in range(100):
+        found = await check()
+        if found:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+async def impact(stack: Stack, *args: str) -> dict[str, Any]:
+    result = await stack.kaeru("journeys", "impact", "--json", *args)
+    assert result.exit_code == 0, result.output
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
+
+
+def groups(found: dict[str, Any]) -> dict[tuple[str, str, tuple[str, ...]], int]:
+    return {(g["kind"], g["step"], tuple(g["patches"])): g["count"] for g in found["groups"]}
+
+
+async def asleep(stack: Stack, count: int) -> None:
+    """Until visibility shows ``count`` journeys in the cart's quiet wait."""
+
+    async def shown() -> bool:
+        found = groups(await impact(stack))
+        return sum(n for (_, step, _), n in found.items() if step == "cart_quiet") == count
+
+    await until(shown, f"{count} journeys asleep in the quiet wait")
+
+
+def row(result: Result, kind: str) -> list[str]:
+    """The summary table's row of ``kind``: running, replayed, failed."""
+    [found] = [
+        line.split()[1:] for line in result.stdout.splitlines() if line.split()[:1] == [kind]
+    ]
+    return found
+
+
+def assert_clear_failure(result: Result, *phrases: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in " ".join(result.output.split()), result.output
+
+
+async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_change_breaks(
+    stack: Stack,
+) -> None:
+    none = await stack.kaeru("deploy-check")
+    assert none.exit_code == 0, none.output
+    assert f"No journey is running on task queue {stack.settings.task_queue}" in none.stdout
+
+    async with worker_running(stack):
+        first, second = stack.shopper(), stack.shopper()
+        for shopper in (first, second):
+            await shopper.cart("Product Added", **SHOE)
+            await shopper.wait_for_step("cart_quiet")
+        await asleep(stack, 2)
+
+    # The worker is gone: the histories come from the cluster, the code from here.
+    ok = await stack.kaeru("deploy-check")
+    assert ok.exit_code == 0, ok.output
+    assert row(ok, "cart-abandonment") == ["2", "2", "0"], ok.stdout
+    assert "All 2 sampled journey(s) replay on the local code." in ok.stdout
+
+    broken = await stack.kaeru("deploy-check", "--workflows", UNPATCHED)
+    assert broken.exit_code == 1, broken.output
+    assert "Traceback" not in broken.output
+    assert "2 of 2 sampled journey(s) do not replay on the local code" in broken.stdout
+    for shopper in (first, second):
+        [line] = [x for x in broken.stdout.splitlines() if shopper.journey_id in x]
+        assert "(cart-abandonment)" in line and "TMPRL1100" in line, line
+    assert 'wrap the change in `if workflow.patched("<change-id>"):`' in " ".join(
+        broken.stdout.split()
+    )
+
+    removed = await stack.kaeru("deploy-check", "--workflows", WITHOUT_CART)
+    assert removed.exit_code == 1, removed.output
+    assert row(removed, "cart-abandonment") == ["2", "2", "2"], removed.stdout
+    assert "not registered" in removed.stdout, removed.stdout
+
+    fixed = await stack.kaeru("deploy-check", "--workflows", PATCHED)
+    assert fixed.exit_code == 0, fixed.output
+    assert "All 2 sampled journey(s) replay on the local code." in fixed.stdout
+
+    one = await stack.kaeru("deploy-check", "--sample", "1", "--kind", "cart-abandonment")
+    assert one.exit_code == 0, one.output
+    assert row(one, "cart-abandonment") == ["2", "1", "0"], one.stdout
+    only_one = await stack.kaeru("deploy-check", "--sample", "1", "--workflows", UNPATCHED)
+    assert only_one.exit_code == 1 and "1 of 1 sampled" in only_one.stdout, only_one.output
+
+    other = await stack.kaeru("deploy-check", "--kind", "welcome")
+    assert other.exit_code == 0 and "No journey is running" in other.stdout, other.output
+    assert_clear_failure(
+        await stack.kaeru("deploy-check", "--kind", "nope"), "there is no journey kind 'nope'"
+    )
+    assert_clear_failure(
+        await stack.kaeru("deploy-check", "--workflows", "tests.journeys.changed_cart"),
+        "is not MODULE:ATTR",
+        "worker:workflows",
+    )
+    assert_clear_failure(
+        await stack.kaeru("deploy-check", "--workflows", "no_such_module:x"), "cannot be loaded"
+    )
+    assert_clear_failure(
+        await stack.kaeru("deploy-check", "--workflows", "tests.journeys.changed_cart:EXTRA_STEP"),
+        "is not a list of workflow classes",
+    )
+
+
+async def test_impact_counts_journeys_per_kind_step_and_patches_seen(stack: Stack) -> None:
+    empty = await impact(stack)
+    assert (empty["running"], empty["groups"]) == (0, [])
+
+    # Today's code: a cart event that carries the stored cart takes the cart-from-database
+    # patch; one without it takes no patch before the quiet wait.
+    async with worker_running(stack):
+        plain, stored = stack.shopper(), stack.shopper()
+        await plain.cart("Product Added", **SHOE)
+        await stored.cart("Product Added", **SHOE, cart=[{**SHOE, "quantity": 1}])
+        for shopper in (plain, stored):
+            await shopper.wait_for_step("cart_quiet")
+        await asleep(stack, 2)
+    # A candidate's: the extra step under its patch.
+    async with worker_running(stack, patched):
+        candidate = stack.shopper()
+        await candidate.cart("Product Added", **SHOE)
+        await candidate.wait_for_step("cart_quiet")
+        await asleep(stack, 3)
+
+    found = await impact(stack)
+    assert (found["running"], found["counted"], found["capped"]) == (3, 3, False)
+    assert groups(found) == {
+        ("cart-abandonment", "cart_quiet", ()): 1,
+        ("cart-abandonment", "cart_quiet", (CART_FROM_DATABASE,)): 1,
+        ("cart-abandonment", "cart_quiet", (EXTRA_STEP,)): 1,
+    }
+    assert groups(await impact(stack, "--kind", "cart-abandonment")) == groups(found)
+    assert groups(await impact(stack, "--kind", "welcome")) == {}
+
+    table = await stack.kaeru("journeys", "impact")
+    assert table.exit_code == 0, table.output
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert ["cart-abandonment", "cart_quiet", *NO_PATCH.split(), "1"] in rows, table.stdout
+    assert ["cart-abandonment", "cart_quiet", CART_FROM_DATABASE, "1"] in rows, table.stdout
+    assert f"3 running on task queue {stack.settings.task_queue}." in table.stdout
+
+    capped = await stack.kaeru("journeys", "impact", "--limit", "1")
+    assert capped.exit_code == 0, capped.output
+    assert "Counted the first 1 of 3 only" in " ".join(capped.stdout.split())
+    assert (await impact(stack, "--limit", "2"))["capped"] is True
+    assert_clear_failure(
+        await stack.kaeru("journeys", "impact", "--kind", "nope"), "there is no journey kind"
+    )
+
+    # Rolling back to today's code would break the journey the candidate started, only it.
+    back = await stack.kaeru("deploy-check")
+    assert back.exit_code == 1, back.output
+    assert "1 of 3 sampled journey(s) do not replay" in back.stdout
+    assert candidate.journey_id in back.stdout
+    assert plain.journey_id not in back.stdout and stored.journey_id not in back.stdout
+    forward = await stack.kaeru("deploy-check", "--workflows", PATCHED)
+    assert forward.exit_code == 0, forward.output
