@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,12 +45,49 @@ CHANGE_VERSION = "TemporalChangeVersion"
 NO_PATCH = "(no patch)"
 #: How many running workflows ``impact`` lists at most by default (``--limit``).
 IMPACT_LIMIT = 10_000
-#: What ``deploy-check`` says to do about a journey that does not replay.
-FIX_HINT = (
-    "The local code takes a different step than these journeys already took: wrap the change "
-    'in `if workflow.patched("<change-id>"):` (keeping the old path in the else branch) so '
-    "running journeys keep their path and new ones take the new one (docs/versioning.md)."
+#: What ``deploy-check`` says to do about a journey that does not replay, by what its failure
+#: says (the first that matches; the last matches any).
+FIX_HINTS = (
+    (
+        "TMPRL1100",
+        "The local code takes a different step than these journeys already took: wrap the "
+        'change in `if workflow.patched("<change-id>"):` (keeping the old path in the else '
+        "branch) so running journeys keep their path and new ones take the new one "
+        "(docs/versioning.md).",
+    ),
+    (
+        "is not registered",
+        "The local code has no workflow class these journeys run: keep the class (switch the "
+        "journey off with KAERU_<KIND>_ENABLED=false instead) until `kaeru journeys impact` "
+        "shows none of them running.",
+    ),
+    (
+        "payload encoding",
+        "The histories' payloads are encrypted: run the check with the worker's "
+        "KAERU_CODEC_MASTER_KEY (and KAERU_CODEC_MASTER_KEY_PREVIOUS while keys rotate).",
+    ),
+    (
+        "",
+        "The journey's history cannot be replayed on the local code: replay it with "
+        "`kaeru deploy-check --kind <kind>` after a fix, or see docs/versioning.md.",
+    ),
 )
+#: A message inside the SDK core's rendering of a failure (``message: "..."``).
+_MESSAGE = re.compile(r'message: "((?:[^"\\]|\\.)*)"')
+
+
+def _reason(failure: Exception) -> str:
+    """What a failed replay says, in one line: the messages of a failure and its causes,
+    without the stack traces the SDK core renders beside them."""
+    text = str(failure)
+    messages = [m.strip("'") for m in _MESSAGE.findall(text)]
+    line = ": ".join(messages) if messages else text.strip().split("\n")[0]
+    return line or type(failure).__name__
+
+
+def _hint(reason: str) -> str:
+    return next(hint for marker, hint in FIX_HINTS if marker in reason)
+
 
 KindOption = Annotated[
     str | None,
@@ -289,7 +327,7 @@ async def _check(
             async with replayer.workflow_replay_iterator(each()) as results:
                 async for result in results:
                     if result.replay_failure is not None:
-                        failures[result.history.workflow_id] = str(result.replay_failure)
+                        failures[result.history.workflow_id] = _reason(result.replay_failure)
     return [
         Replayed(
             kind=kinds.get(workflow_type, workflow_type),
@@ -342,7 +380,8 @@ def deploy_check(
     say(f"{len(failed)} of {replayed} sampled journey(s) do not replay on the local code:")
     for k, journey, why in failed:
         say(f"  {journey} ({k}): {why}")
-    say(FIX_HINT)
+    for hint in dict.fromkeys(_hint(why) for _, _, why in failed):
+        say(hint)
     raise typer.Exit(1)
 
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -30,6 +30,7 @@ from kaeru.cli_deploy import NO_PATCH
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.journeys.changed_cart import EXTRA_STEP, patched
+from tests.support.codec import CodecEnv, codec_client, new_master_key
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SHOE, Shopper
 from worker import activities_for, build_worker, worker_interceptors, workflow_runner
@@ -193,7 +194,10 @@ async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_chan
     removed = await stack.kaeru("deploy-check", "--workflows", WITHOUT_CART)
     assert removed.exit_code == 1, removed.output
     assert row(removed, "cart-abandonment") == ["2", "2", "2"], removed.stdout
-    assert "not registered" in removed.stdout, removed.stdout
+    assert "Workflow class CartAbandonment is not registered" in removed.stdout, removed.stdout
+    assert "The local code has no workflow class these journeys run" in " ".join(
+        removed.stdout.split()
+    )
 
     fixed = await stack.kaeru("deploy-check", "--workflows", PATCHED)
     assert fixed.exit_code == 0, fixed.output
@@ -277,3 +281,48 @@ async def test_impact_counts_journeys_per_kind_step_and_patches_seen(stack: Stac
     assert plain.journey_id not in back.stdout and stored.journey_id not in back.stdout
     forward = await stack.kaeru("deploy-check", "--workflows", PATCHED)
     assert forward.exit_code == 0, forward.output
+
+
+async def test_deploy_check_decodes_histories_with_the_workers_codec(
+    dev_server_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> None:
+    """With ``KAERU_CODEC_MASTER_KEY``, histories hold encrypted payloads: the check replays
+    them with the codec the worker uses, and cannot without the key."""
+    key = new_master_key()
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, codec_master_key=key)
+    client = codec_client(dev_server_env.client, settings)
+    env = cast(WorkflowEnvironment, CodecEnv(dev_server_env, client))
+    stack = Stack(
+        env,
+        settings,
+        smtp,
+        {
+            "KAERU_DATABASE_URL": sqlite_url,
+            "KAERU_TEMPORAL_ADDRESS": dev_server_env.client.service_client.config.target_host,
+            "KAERU_TASK_QUEUE": settings.task_queue,
+            "KAERU_CODEC_MASTER_KEY": key,
+        },
+    )
+    try:
+        async with worker_running(stack):
+            shopper = stack.shopper()
+            await shopper.cart("Product Added", **SHOE)
+            await shopper.wait_for_step("cart_quiet")
+            await asleep(stack, 1)
+        ok = await stack.kaeru("deploy-check")
+        assert ok.exit_code == 0, ok.output
+        assert "All 1 sampled journey(s) replay on the local code." in ok.stdout
+
+        del stack.cli_env["KAERU_CODEC_MASTER_KEY"]
+        without = await stack.kaeru("deploy-check")
+        assert without.exit_code == 1, without.output
+        [line] = [x for x in without.stdout.splitlines() if shopper.journey_id in x]
+        assert "Unknown payload encoding binary/encrypted" in line and "File " not in line, line
+        assert "run the check with the worker's KAERU_CODEC_MASTER_KEY" in " ".join(
+            without.stdout.split()
+        )
+        assert "workflow.patched" not in without.stdout
+    finally:
+        for one in stack.shoppers:
+            with contextlib.suppress(RPCError):
+                await one.handle.terminate("test over")
