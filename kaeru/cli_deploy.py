@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -166,8 +167,32 @@ async def _impact(settings: Settings, query: str, kinds: dict[str, str], limit: 
     return Impact(max(running, counted), counted, groups)
 
 
+def _started_before(value: str) -> str:
+    """``StartTime < ...`` for visibility, from an ISO 8601 date and time (UTC unless it
+    says otherwise)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(
+            f"--started-before {value!r} is not a date and time",
+            "Give it in ISO 8601, e.g. 2026-11-30T12:00:00Z (the deploy that added a patch).",
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    stamp = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return f' AND StartTime < "{stamp}"'
+
+
 def journeys_impact(
     kind: KindOption = None,
+    started_before: Annotated[
+        str | None,
+        typer.Option(
+            metavar="WHEN",
+            help="Only journeys whose run started before WHEN (ISO 8601, UTC by default): "
+            "none left from before a patch's deploy means its old path can go.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")] = False,
     limit: Annotated[
         int, typer.Option(min=1, help="List at most this many running journeys.")
@@ -180,6 +205,8 @@ def journeys_impact(
     query = _running_on(settings)
     if kind is not None:
         query += f' AND WorkflowType = "{_type_of(kind, kinds)}"'
+    if started_before is not None:
+        query += _started_before(started_before)
     impact: Impact = _steer(_impact(settings, query, kinds, limit))
     rows = sorted(impact.groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2]))
     capped = impact.counted < impact.running

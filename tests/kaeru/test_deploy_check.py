@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -241,6 +242,7 @@ async def test_impact_counts_journeys_per_kind_step_and_patches_seen(stack: Stac
         for shopper in (plain, stored):
             await shopper.wait_for_step("cart_quiet")
         await asleep(stack, 2)
+    between = datetime.now(UTC)
     # A candidate's: the extra step under its patch.
     async with worker_running(stack, patched):
         candidate = stack.shopper()
@@ -257,6 +259,19 @@ async def test_impact_counts_journeys_per_kind_step_and_patches_seen(stack: Stac
     }
     assert groups(await impact(stack, "--kind", "cart-abandonment")) == groups(found)
     assert groups(await impact(stack, "--kind", "welcome")) == {}
+
+    # Which journeys started before the candidate's deploy (they may lack its patch).
+    before = await impact(stack, "--started-before", between.isoformat())
+    assert groups(before) == {
+        ("cart-abandonment", "cart_quiet", ()): 1,
+        ("cart-abandonment", "cart_quiet", (CART_FROM_DATABASE,)): 1,
+    }
+    assert (await impact(stack, "--started-before", "2000-01-01"))["running"] == 0
+    assert_clear_failure(
+        await stack.kaeru("journeys", "impact", "--started-before", "last week"),
+        "is not a date and time",
+        "ISO 8601",
+    )
 
     table = await stack.kaeru("journeys", "impact")
     assert table.exit_code == 0, table.output
