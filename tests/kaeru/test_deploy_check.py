@@ -341,3 +341,12 @@ async def test_deploy_check_decodes_histories_with_the_workers_codec(
         for one in stack.shoppers:
             with contextlib.suppress(RPCError):
                 await one.handle.terminate("test over")
+
+
+def test_without_temporal_both_commands_say_which_setting_to_check(sqlite_url: str) -> None:
+    env = {"KAERU_DATABASE_URL": sqlite_url, "KAERU_TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    for args in (["journeys", "impact"], ["deploy-check"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "250", **env})
+        assert_clear_failure(
+            result, "cannot reach Temporal at 127.0.0.1:1", "KAERU_TEMPORAL_ADDRESS"
+        )
