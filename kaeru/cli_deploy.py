@@ -19,10 +19,10 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.progress import Progress
@@ -38,6 +38,8 @@ from kaeru.journeys import load_registry
 from kaeru.search_attributes import STEP
 from kaeru.settings import Settings
 from kaeru.temporal import converter
+
+T = TypeVar("T")
 
 #: The search attribute Temporal's SDK core upserts with every ``workflow.patched()`` id a
 #: workflow has seen (a keyword list; a workflow that has seen none has none).
@@ -302,10 +304,37 @@ class Replayed:
     failures: dict[str, str]
 
 
+#: ``deploy-check`` looks at up to this many times ``--sample`` running journeys of a kind to
+#: choose its sample from (visibility only: no history is downloaded for them).
+SPREAD = 10
+
+
+def spread(items: Sequence[T], sample: int, key: Callable[[T], Hashable]) -> list[T]:
+    """Up to ``sample`` of ``items``, taken in turn from each group of equal ``key`` (in the
+    order the groups first appear), so every group is in the sample before any has two."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    chosen: list[T] = []
+    depth = 0
+    while len(chosen) < sample and any(depth < len(g) for g in groups.values()):
+        chosen.extend(g[depth] for g in groups.values() if depth < len(g))
+        depth += 1
+    del chosen[sample:]
+    return chosen
+
+
+def _where(execution: WorkflowExecution) -> tuple[str, tuple[str, ...]]:
+    return execution.typed_search_attributes.get(STEP) or "-", _version_of(execution)
+
+
 async def _sample(client: Client, query: str, sample: int) -> tuple[int, list[WorkflowExecution]]:
+    """How many run, and up to ``sample`` of them spread over their steps and code versions:
+    visibility lists the newest first, which are mostly at their first step, and a change
+    breaks the journeys that already went past it."""
     running = (await client.count_workflows(query)).count
-    found = [e async for e in client.list_workflows(query, limit=sample)]
-    return max(running, len(found)), found
+    found = [e async for e in client.list_workflows(query, limit=sample * SPREAD)]
+    return max(running, len(found)), spread(found, sample, _where)
 
 
 async def _check(

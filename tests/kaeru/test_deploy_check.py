@@ -27,7 +27,7 @@ from temporalio.worker import Worker
 from typer.testing import CliRunner, Result
 
 from kaeru.cli import app
-from kaeru.cli_deploy import NO_PATCH
+from kaeru.cli_deploy import NO_PATCH, spread
 from kaeru.settings import Settings
 from tests.conftest import make_settings
 from tests.journeys.changed_cart import EXTRA_STEP, patched
@@ -350,3 +350,16 @@ def test_without_temporal_both_commands_say_which_setting_to_check(sqlite_url: s
         assert_clear_failure(
             result, "cannot reach Temporal at 127.0.0.1:1", "KAERU_TEMPORAL_ADDRESS"
         )
+
+
+def test_the_sample_takes_every_step_before_a_second_of_any() -> None:
+    newest_first = [("cart_quiet", 1), ("cart_quiet", 2), ("cart_quiet", 3), ("ad_audience", 4)]
+    newest_first += [("offer_email", 5), ("ad_audience", 6)]
+    assert spread(newest_first, 3, lambda j: j[0]) == [
+        ("cart_quiet", 1),
+        ("ad_audience", 4),
+        ("offer_email", 5),
+    ]
+    assert [n for _, n in spread(newest_first, 5, lambda j: j[0])] == [1, 4, 5, 2, 6]
+    assert len(spread(newest_first, 99, lambda j: j[0])) == 6
+    assert spread([], 3, lambda j: j) == []
