@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from worker import activities_for, build_worker, worker_interceptors, workflow_r
 from workflows.cart_abandonment import CART_FROM_DATABASE
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 UNPATCHED = "tests.journeys.changed_cart:unpatched"
 PATCHED = "tests.journeys.changed_cart:patched"
 WITHOUT_CART = "tests.journeys.changed_cart:without_cart"
@@ -191,6 +193,24 @@ async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_chan
     assert 'wrap the change in `if workflow.patched("<change-id>"):`' in " ".join(
         broken.stdout.split()
     )
+
+    # As a process: the SDK's own warnings and tracebacks of each failed replay stay out.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kaeru",
+        "deploy-check",
+        "--workflows",
+        UNPATCHED,
+        env={**os.environ, **stack.cli_env, "PYTHONPATH": str(ROOT), "COLUMNS": "250"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 1, (out, err)
+    text = (out + err).decode()
+    assert first.journey_id in text and second.journey_id in text, text
+    assert "Traceback" not in text and "WARN" not in text and "stack_trace" not in text, text
 
     removed = await stack.kaeru("deploy-check", "--workflows", WITHOUT_CART)
     assert removed.exit_code == 1, removed.output
