@@ -1106,3 +1106,9 @@ customers_app.command("show")(customers_show)
 audiences_app.command("show")(audiences_show)
 app.add_typer(audiences_app, name="audiences")
 app.command("audit")(audit_log)
+
+# ---- kaeru journeys impact, kaeru deploy-check (kaeru/cli_deploy.py) ---------------------------
+
+from kaeru.cli_deploy import deploy_check  # noqa: E402 - it imports this module
+
+app.command("deploy-check")(deploy_check)

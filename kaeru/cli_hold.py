@@ -290,7 +290,8 @@ kill_switch_app.command("status")(kill_switch_status)
 # ---- kaeru journeys pause | resume | cancel ---------------------------------------------------
 
 journeys_app = typer.Typer(
-    help="Journeys: list them, show one, pause, resume or cancel one.", no_args_is_help=True
+    help="Journeys: list them, show one, pause, resume or cancel one, and the impact of a change.",
+    no_args_is_help=True,
 )
 
 JourneyIdArg = Annotated[
