@@ -24,6 +24,8 @@ from sqlmodel import select
 from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from kaeru.db import session
 from kaeru.journeys import registry
@@ -34,7 +36,7 @@ from tests.conftest import make_settings
 from tests.e2e.test_journey import MUG, eventually, free_port, serve
 from tests.support.otlp import OtlpHttpReceiver, ReceivedSpan
 from tests.support.smtp import SMTPTestServer
-from worker import build_worker
+from worker import PASSTHROUGH, build_worker, workflows
 
 
 class Lines(logging.Handler):
@@ -129,6 +131,7 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
                         handle = client.get_workflow_handle(f"cart-abandonment-{customer_id}")
                         with contextlib.suppress(RPCError):
                             await handle.terminate("test over")
+                    history = await handle.fetch_history()
             finally:
                 root.removeHandler(lines)
                 for logger, level in zip(loggers, levels, strict=True):
@@ -147,7 +150,7 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
         assert request.service == API_SERVICE and request.kind == Span.SPAN_KIND_SERVER
         assert request.attributes["http.route"] == "/v1/track"
         route = spans["route event"]
-        assert route.service == API_SERVICE
+        assert route.service == API_SERVICE and route.parent_span_id == request.span_id
         assert route.attributes["kaeru.event.name"] == "Product Added"
         start = spans["SignalWithStartWorkflow:CartAbandonment"]
         assert start.parent_span_id == route.span_id and start.service == API_SERVICE
@@ -158,6 +161,19 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
         assert smtp_span.parent_span_id == send.span_id
         assert smtp_span.attributes["kaeru.email.outcome"] == "sent"
         assert smtp_span.attributes["server.port"] == smtp.port
+
+        # The journey's history, headers and all, replays with tracing on and off.
+        interceptor = worker_telemetry.interceptor()
+        assert interceptor is not None
+        for interceptors in ([interceptor], []):
+            replayer = Replayer(
+                workflows=list(workflows()),
+                interceptors=interceptors,
+                workflow_runner=SandboxedWorkflowRunner(
+                    restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+                ),
+            )
+            await replayer.replay_workflow(history)
 
         # No personal data anywhere in what was exported (it was there before scrubbing).
         raw = otlp.raw_bytes()

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -31,8 +35,11 @@ from kaeru.telemetry import (
 from starter.app import create_app
 from tests.conftest import make_settings
 from tests.e2e.test_journey import eventually, free_port, serve
+from tests.kaeru.test_cli import assert_clear_failure, clean_environment, kaeru
 from tests.support.graph_api import GraphAPIServer
 from tests.support.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
+
+__all__ = ["clean_environment"]  # the autouse fixture: no KAERU_ variable leaks in
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +179,54 @@ def test_service_names_default_per_process(monkeypatch: pytest.MonkeyPatch) -> N
             telemetry.shutdown()
         spans = otlp.spans
     assert sorted(span.service for span in spans) == [API_SERVICE, WORKER_SERVICE]
+
+
+def test_an_unsupported_protocol_is_a_clear_cli_failure(tmp_path: Path) -> None:
+    result = kaeru(
+        "api",
+        KAERU_WRITE_KEY="a-long-random-server-key-0123456789",
+        KAERU_DATABASE_URL=f"sqlite:///{tmp_path / 'kaeru.db'}",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
+    )
+    assert_clear_failure(result, "OTEL_EXPORTER_OTLP_PROTOCOL='http/json'", "grpc")
+
+
+def test_kaeru_api_logs_json_lines_with_kaeru_log_format_json(tmp_path: Path) -> None:
+    """The real process: ``kaeru api -v`` with KAERU_LOG_FORMAT=json and Temporal unreachable
+    prints the router's warning as one JSON object a line."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KAERU_", "OTEL_"))},
+        "KAERU_LOG_FORMAT": "json",
+        "KAERU_WRITE_KEY": "a-long-random-server-key-0123456789",
+        "KAERU_DATABASE_URL": f"sqlite:///{tmp_path / 'kaeru.db'}",
+        "KAERU_STATE_DIR": str(tmp_path / "state"),
+        "KAERU_API_PORT": "0",
+        "KAERU_TEMPORAL_ADDRESS": "127.0.0.1:1",
+    }
+    kaeru_bin = Path(sys.executable).parent / "kaeru"
+    process = subprocess.Popen(
+        [str(kaeru_bin), "api", "-v"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines: list[dict[str, object]] = []
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60  # a guard: the API is up in seconds when idle
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            lines.append(json.loads(line))  # every line is a JSON object
+            if lines[-1]["logger"] == "kaeru.router" and lines[-1]["level"] == "WARNING":
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    router = [line for line in lines if line["logger"] == "kaeru.router"]
+    assert router and "cannot reach Temporal" in str(router[-1]["message"]), lines
+    assert {"time", "level", "logger", "message"} <= router[-1].keys()
