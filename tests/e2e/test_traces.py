@@ -34,6 +34,7 @@ from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, JsonFormatter, Telemetr
 from starter.app import create_app
 from tests.conftest import make_settings
 from tests.e2e.test_journey import MUG, eventually, free_port, serve
+from tests.support.codec import history_payloads, payload_json
 from tests.support.otlp import OtlpHttpReceiver, ReceivedSpan
 from tests.support.smtp import SMTPTestServer
 from worker import PASSTHROUGH, build_worker, workflows
@@ -174,6 +175,16 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
                 ),
             )
             await replayer.replay_workflow(history)
+
+        # The tracing interceptor's headers (not run through the payload codec) hold the W3C
+        # trace context and nothing else.
+        headers = [
+            payload_json(payload)
+            for path, payload in history_payloads(history)
+            if "header.fields[_tracer-data]" in path
+        ]
+        assert headers and all(set(h) <= {"traceparent", "tracestate"} for h in headers)
+        assert {h["traceparent"].split("-")[1] for h in headers} == {trace_id}
 
         # No personal data anywhere in what was exported (it was there before scrubbing).
         raw = otlp.raw_bytes()
