@@ -201,6 +201,8 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
         assert {line["logger"] for line in traced} >= {"kaeru.router", "temporalio.activity"}
         sent = [line for line in traced if line["message"].startswith("email sha256:")]
         assert sent and sent[0]["span_id"] == smtp_span.span_id, traced
+        # The email's name in the log is the start of its Message-ID (README: Traces and logs).
+        assert str(smtp.messages[0].message["Message-ID"])[1:13] in sent[0]["message"]
         for line in parsed:
             assert {"time", "level", "logger", "message"} <= line.keys()
         assert customer_id not in "\n".join(lines.lines) and email not in "\n".join(lines.lines)
