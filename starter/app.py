@@ -28,6 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry
 from starter import (
     admin,
     codec_server,
@@ -85,7 +86,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    settings: Settings, client: Client | None = None, *, run_router: bool = True
+    settings: Settings,
+    client: Client | None = None,
+    *,
+    run_router: bool = True,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> FastAPI:
     """The API for ``settings``.
 
@@ -95,6 +100,8 @@ def create_app(
             :func:`kaeru.temporal.connect` in the background and keeps retrying, so ingestion
             works (stores) while Temporal is down.
         run_router: False serves the API without routing (another process routes).
+        telemetry: traces of the requests and of the router's deliveries (kaeru/telemetry.py;
+            off by default).
     """
 
     @asynccontextmanager
@@ -122,7 +129,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.router = Router(settings, client)
+    app.state.router = Router(settings, client, telemetry=telemetry)
     app.state.event_store = EventStore(settings)
     limits.install(app, settings)
     _install_error_handlers(app)
@@ -148,6 +155,7 @@ def create_app(
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    telemetry.instrument_app(app)
     return app
 
 
