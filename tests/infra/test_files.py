@@ -290,6 +290,11 @@ class Checker:
             self.problem(f"compose {name}: its healthcheck does not ask :{port}/metrics")
         if self.scrape_port(collector, name) != port:
             self.problem(f"otel-collector.yaml: scrapes {name} on another port than {port}")
+        # The worker's graceful shutdown (worker.py) must fit in compose's grace period.
+        needed = float(env.get("KAERU_SMTP_TIMEOUT", Settings.model_fields["smtp_timeout"].default))
+        grace = str(service.get("stop_grace_period", "10s"))
+        if not grace.endswith("s") or float(grace[:-1]) < needed + 10:
+            self.problem(f"compose {name}: stop_grace_period {grace} < KAERU_SMTP_TIMEOUT + 10 s")
 
     def scrape_port(self, collector: dict[str, Any], service: str) -> int | None:
         for job in collector["receivers"]["prometheus"]["config"]["scrape_configs"]:
@@ -458,6 +463,7 @@ def mutable(tmp_path: Path) -> Path:
 
 
 MUTATIONS = [
+    ("compose.yaml", "stop_grace_period: 60s", "stop_grace_period: 10s", "stop_grace_period 10s <"),
     # a misspelt variable, in compose, the env example and Helm values
     (
         "compose.yaml",
