@@ -118,3 +118,32 @@ def test_the_tests_run_on_the_locked_versions() -> None:
         if name in installed and installed[name] != version
     }
     assert not differ, f"installed versions differ from the lock (locked, installed): {differ}"
+
+
+def make_dry_run(*args: str) -> str:
+    """What ``make`` would run (``-n``: nothing runs), in the repository."""
+    done = subprocess.run(
+        ["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_installs_from_the_lock_again_when_it_changes() -> None:
+    stamp = ".venv/.kaeru-installed"
+    if not (ROOT / stamp).exists():
+        pytest.skip("not installed by make (no .venv/.kaeru-installed)")
+    assert "pip install" not in make_dry_run(stamp)  # installed and current: nothing to do
+    # -W: as if requirements.lock had just changed
+    assert "pip install --quiet -c requirements.lock -e" in make_dry_run(
+        "-W", "requirements.lock", stamp
+    )
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_lint_checks_the_lock_first() -> None:
+    lines = make_dry_run("lint").splitlines()
+    checks = [i for i, line in enumerate(lines) if line.endswith("infra/lock.py check")]
+    ruff = [i for i, line in enumerate(lines) if "ruff check" in line]
+    assert checks and ruff and checks[0] < ruff[0], lines
