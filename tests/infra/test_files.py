@@ -10,8 +10,10 @@ kaeru must be a receiver that exists. The checker is proved by mutated copies it
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,3 +589,25 @@ def test_a_worker_started_before_migrate_is_refused(mutable: Path) -> None:
     del broken["services"]["worker"]["depends_on"]["migrate"]
     (mutable / "compose.yaml").write_text(yaml.safe_dump(broken))
     assert any("worker: must start after `kaeru migrate`" in p for p in Checker(mutable).check())
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (apt caddy)")
+def test_caddy_reads_the_caddyfile() -> None:
+    """Caddy itself parses the proxy's config (``caddy adapt``): its upstreams are the API's."""
+    done = subprocess.run(
+        ["caddy", "adapt", "--config", str(INFRA / "Caddyfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    handler = json.loads(done.stdout)["apps"]["http"]["servers"]["srv0"]["routes"][0]["handle"][0]
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    api_port = environment_of(compose["services"]["api"])["KAERU_API_PORT"]
+    assert handler["dynamic_upstreams"] == {
+        "source": "a",
+        "name": "api",
+        "port": api_port,
+        "refresh": 5_000_000_000,
+    }
