@@ -9,3 +9,17 @@ envFrom:
   - secretRef:
       name: {{ include "kaeru.secretName" . }}
 {{- end -}}
+
+{{- define "kaeru.mounts" -}}
+{{- with .Values.extraVolumeMounts }}
+volumeMounts:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "kaeru.volumes" -}}
+{{- with .Values.extraVolumes }}
+volumes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
