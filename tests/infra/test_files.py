@@ -104,6 +104,10 @@ def environment_of(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): interpolate(str(v)) for k, v in raw.items()}
 
 
+#: A port a healthcheck asks: ``host:7233``, ``-p 5432``, ``--port 5432``.
+_PROBED_PORT = re.compile(r"(?::|-p |--port )(\d{2,5})\b")
+
+
 def port_of(url_or_address: str) -> tuple[str, int]:
     """``(host, port)`` of ``http://host:port/...`` or ``host:port``."""
     parts = urlsplit(url_or_address if "//" in url_or_address else f"//{url_or_address}")
@@ -184,6 +188,10 @@ class Checker:
             if not any(s["command"][1] == role for s in kaeru.values()):
                 self.problem(f"compose: no service runs `kaeru {role}`")
         for name, service in services.items():
+            probe = " ".join(service.get("healthcheck", {}).get("test", []))
+            for port in map(int, _PROBED_PORT.findall(probe)):
+                if port not in listens_on(service):
+                    self.problem(f"compose {name}: its healthcheck asks port {port}, not its own")
             for target, how in (service.get("depends_on") or {}).items():
                 condition = how.get("condition") if isinstance(how, dict) else None
                 if target not in services:
@@ -236,8 +244,9 @@ class Checker:
                 "user": (url.username, db_env.get("POSTGRES_USER")),
                 "password": (url.password, db_env.get("POSTGRES_PASSWORD")),
                 "database": (url.database, db_env.get("POSTGRES_DB", db_env.get("POSTGRES_USER"))),
-                "port": (url.port, 5432),
             }
+            if url.port not in listens_on(db):
+                self.problem(f"{where}: KAERU_DATABASE_URL's port {url.port} is not {url.host}'s")
             for what, (given, served) in expected.items():
                 if given != served:
                     self.problem(f"{where}: KAERU_DATABASE_URL's {what} {given} is not {served}")
@@ -466,6 +475,18 @@ def mutable(tmp_path: Path) -> Path:
 
 MUTATIONS = [
     ("compose.yaml", "stop_grace_period: 60s", "stop_grace_period: 10s", "stop_grace_period 10s <"),
+    (
+        "compose.yaml",
+        '"--address", "temporal:7233"',
+        '"--address", "temporal:7243"',
+        "compose temporal: its healthcheck asks port 7243, not its own",
+    ),
+    (
+        "compose.yaml",
+        '"-d", "kaeru", "-p", "5432"',
+        '"-d", "kaeru", "-p", "5433"',
+        "compose kaeru-db: its healthcheck asks port 5433",
+    ),
     # a misspelt variable, in compose, the env example and Helm values
     (
         "compose.yaml",
