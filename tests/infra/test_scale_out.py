@@ -75,7 +75,11 @@ class Process:
         )
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """What the process printed so far; fails the test with it if the process died."""
+        text = self.log.read_text(errors="replace")
+        if self.popen is not None and self.popen.poll() is not None:
+            raise AssertionError(f"{self.log.name}: exited {self.popen.returncode}:\n{text}")
+        return text
 
     def kill(self) -> None:
         assert self.popen is not None
@@ -189,31 +193,44 @@ async def stack(
             for log in (tmp_path / "api-1.log", tmp_path / "api-2.log")
         ]
         assert api_env["KAERU_API_HOST"] == "0.0.0.0"  # in a container; loopback here
+        processes = [*workers, *apis]
         try:
-            for process in [*workers, *apis]:
-                process.start()
-            await eventually(
-                lambda: all("worker polling task queue" in w.output() for w in workers),
-                "both workers polling",
-                timeout=60,
-            )
-            async with httpx.AsyncClient(timeout=2) as http:
-                for api in apis:
-
-                    async def healthy(api: Process = api) -> bool:
-                        try:
-                            answer = await http.get(f"{base(api)}/healthz")
-                        except httpx.HTTPError:
-                            return False
-                        return answer.status_code == 200
-
-                    await eventually(healthy, f"{api.log.name} healthy", timeout=60)
+            try:
+                await start(processes, workers, apis)
+            except AssertionError as exc:
+                logs = "\n".join(
+                    f"--- {p.log.name}\n{p.log.read_text()[-3000:]}" for p in processes
+                )
+                raise AssertionError(f"{exc}\n{logs}") from exc
             yield Stack(workers, apis, env, smtp)
         finally:
-            for process in [*workers, *apis]:
+            for process in processes:
                 process.terminate()  # all at once: each takes a moment to shut down
-            for process in [*workers, *apis]:
+            for process in processes:
                 process.stop()
+
+
+async def start(processes: list[Process], workers: list[Process], apis: list[Process]) -> None:
+    """Start every process and wait until the workers poll and the APIs answer."""
+    for process in processes:
+        process.start()
+    await eventually(
+        lambda: all("worker polling task queue" in w.output() for w in workers),
+        "both workers polling",
+        timeout=60,
+    )
+    async with httpx.AsyncClient(timeout=2) as http:
+        for api in apis:
+
+            async def healthy(api: Process = api) -> bool:
+                api.output()  # still running
+                try:
+                    answer = await http.get(f"{base(api)}/healthz")
+                except httpx.HTTPError:
+                    return False
+                return answer.status_code == 200
+
+            await eventually(healthy, f"{api.log.name} healthy", timeout=60)
 
 
 def base(api: Process) -> str:
