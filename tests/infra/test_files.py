@@ -54,6 +54,7 @@ FILES = [
     "otel-collector.yaml",
     "Caddyfile",
     "Dockerfile",
+    "Dockerfile.dockerignore",
     "kaeru.env.example",
     "helm/temporal-values.yaml",
     "helm/kaeru/Chart.yaml",
@@ -364,6 +365,12 @@ class Checker:
         for needed in ("requirements.lock", "pyproject.toml", "kaeru", "workflows", "activities"):
             if needed not in copied:
                 self.problem(f"Dockerfile: does not copy {needed}")
+        ignored = set(self.text("Dockerfile.dockerignore").split())
+        for needed in (".venv", ".kaeru", ".git"):
+            if needed not in ignored:
+                self.problem(f"Dockerfile.dockerignore: {needed} would be sent to the build")
+        for source in copied & ignored:
+            self.problem(f"Dockerfile: copies {source}, which Dockerfile.dockerignore leaves out")
         exposed = {
             int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()
         }
