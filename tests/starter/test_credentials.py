@@ -49,7 +49,7 @@ def kaeru(url: str, *args: str) -> str:
 def secret_of(output: str, prefix: str) -> str:
     found = re.findall(rf"{prefix}[A-Za-z0-9_-]+", output)
     assert len(found) == 1, output
-    return found[0]
+    return str(found[0])
 
 
 def new_key(url: str, name: str, *flags: str) -> str:
