@@ -228,6 +228,11 @@ class CredentialCache:
             return self._credentials
         return None
 
+    def peek(self) -> Credentials | None:
+        """What was last read, however old (None before the first read): for what may lag,
+        such as which rate limit applies; never for letting a key in."""
+        return self._credentials
+
     async def current(self) -> Credentials:
         """The credentials, read from the database (off the event loop) when stale."""
         found = self._fresh()

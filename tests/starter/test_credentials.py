@@ -21,6 +21,7 @@ from starter.dashboard import SESSION_COOKIE
 from tests.conftest import make_settings
 from tests.starter.conftest import OPERATOR, asgi_client, basic, events
 from tests.starter.test_admin import park
+from tests.starter.test_limits import NEVER, batch, serving
 
 TRACK = {"userId": "u1", "event": "Product Added", "properties": {"product_id": "p1"}}
 #: Short, so a revoke shows within the test; the product's default is 5 s.
@@ -217,3 +218,29 @@ async def test_accounts_alone_open_the_admin_api_without_an_operator_token(
         assert (await api.get("/v1/admin/outbox", headers=OPERATOR)).status_code == 401
         login = await api.get("/dashboard/login")
         assert login.status_code == 200 and 'name="token"' in login.text
+
+
+async def test_a_managed_server_key_is_limited_per_key_not_per_client_address(
+    sqlite_url: str,
+) -> None:
+    # As KAERU_WRITE_KEY (tests/starter/test_limits.py): a shop's backend sends from one
+    # address, so the browser-sized per-client limit must not throttle its managed key.
+    settings = settings_of(
+        sqlite_url,
+        rate_limit_client_burst=3,
+        rate_limit_client_per_second=NEVER,
+        rate_limit_key_burst=10,
+        rate_limit_key_per_second=NEVER,
+    )
+    server = new_key(sqlite_url, "backend")
+    browser = new_key(sqlite_url, "web", "--browser")
+    async with serving(settings) as (url, _), httpx.AsyncClient(base_url=url) as http:
+        codes = [(await http.post("/v1/batch", json=batch(5), auth=(server, ""))).status_code]
+        codes.append(
+            (await http.post("/v1/batch", json=batch(5, "u2"), auth=(server, ""))).status_code
+        )
+        over_key = await http.post("/v1/batch", json=batch(1, "u3"), auth=(server, ""))
+        from_browser = await http.post("/v1/batch", json=batch(4, "u4"), auth=(browser, ""))
+    assert codes == [200, 200]  # 10 events from one address, over the client burst of 3
+    assert over_key.status_code == 429
+    assert from_browser.status_code == 413  # a browser key keeps the client limit
