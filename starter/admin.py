@@ -260,6 +260,12 @@ async def audit_log(
     """Operator actions, newest first: who (``cli:<user>``, ``api:<operator>``) did what to
     which target. ``action`` is one action (``write_key.revoke``) or a prefix ending in a dot
     (``write_key.``)."""
+    if since is not None and since.utcoffset() is None:
+        raise ApiError(
+            400,
+            "invalid_since",
+            "since needs a time zone, e.g. 2026-12-02T14:00:00Z",
+        )
     found = await run_in_threadpool(
         lambda: audit.entries(
             settings.resolved_database_url, since=since, action=action, actor=actor, limit=limit

@@ -244,3 +244,28 @@ async def test_a_managed_server_key_is_limited_per_key_not_per_client_address(
     assert codes == [200, 200]  # 10 events from one address, over the client burst of 3
     assert over_key.status_code == 429
     assert from_browser.status_code == 413  # a browser key keeps the client limit
+
+
+async def test_the_audit_log_filters_and_says_what_is_wrong_with_a_filter(
+    database_url: str,
+) -> None:
+    settings = settings_of(database_url)
+    new_key(database_url, "backend")
+    new_operator(database_url, "erin", "read-only")
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        every = (await api.get("/v1/admin/audit", headers=OPERATOR)).json()
+        assert [e["action"] for e in every["entries"]] == ["operator.add", "write_key.create"]
+        one = await api.get(
+            "/v1/admin/audit", params={"action": "operator.add", "limit": 5}, headers=OPERATOR
+        )
+        assert [e["target"] for e in one.json()["entries"]] == ["erin"]
+        later = await api.get(
+            "/v1/admin/audit", params={"since": "2999-01-01T00:00:00Z"}, headers=OPERATOR
+        )
+        assert later.json() == {"count": 0, "entries": []}
+        naive = await api.get(
+            "/v1/admin/audit", params={"since": "2026-12-02T14:00:00"}, headers=OPERATOR
+        )
+        assert naive.status_code == 400 and "time zone" in naive.json()["message"]
+        assert (await api.get("/v1/admin/audit")).status_code == 401
+        assert (await api.get("/v1/admin/audit", auth=("test-write-key", ""))).status_code == 401
