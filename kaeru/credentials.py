@@ -36,8 +36,8 @@ ROLES: tuple[Role, ...] = (READ_ONLY, OPERATOR)
 
 KeyKind = Literal["server", "browser"]
 
-#: The name of the bootstrap operator, ``KAERU_OPERATOR_TOKEN`` (actor ``api:token``).
-BOOTSTRAP = "token"
+#: The name of the bootstrap operator, ``KAERU_OPERATOR_TOKEN`` (actor ``api:operator``).
+BOOTSTRAP = "operator"
 
 #: What each secret starts with, so a leaked one is recognised (and scanners can find it).
 OPERATOR_TOKEN_PREFIX = "kaeru_op_"

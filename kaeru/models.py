@@ -730,9 +730,10 @@ class AudienceChangeRow(SQLModel, table=True):
 class AuditEntry(SQLModel, table=True):
     """One operator action: who did what to which target, and when (append-only).
 
-    ``actor`` names the operator (an account's name, ``token`` for ``KAERU_OPERATOR_TOKEN``, or
-    ``cli:<os user>`` for the CLI on the deployment); ``target`` is a journey id, a journey kind,
-    a key's id or ``*``. No personal data: customers appear only by id.
+    ``actor`` names the operator (``api:<account name>``, ``api:operator`` for
+    ``KAERU_OPERATOR_TOKEN``, or ``cli:<os user>`` for the CLI on the deployment); ``target``
+    is a journey id, a journey kind, a key's or account's name or ``*``. No personal data:
+    customers appear only by id.
     """
 
     __tablename__ = "audit_log"

@@ -117,7 +117,7 @@ def test_operators_are_added_listed_and_revoked(database_url: str) -> None:
         kaeru(database_url, "operators", "add", "ann", "--role", "operator"), "already an operator"
     )
     assert_clear_failure(
-        kaeru(database_url, "operators", "add", "token", "--role", "operator"),
+        kaeru(database_url, "operators", "add", "operator", "--role", "operator"),
         "KAERU_OPERATOR_TOKEN",
     )
     ok(kaeru(database_url, "operators", "revoke", "ann"))
