@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,13 @@ def test_kaeru_api_needs_a_write_key_from_the_environment_or_the_database(
     assert api_key_problem(no_key) is not None
     ok(kaeru(sqlite_url, "keys", "create", "backend"))
     assert api_key_problem(no_key) is None
+    # `kaeru api` itself gets past the key check: the port in use is then the one problem.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = kaeru(sqlite_url, "api", KAERU_API_PORT=str(port))
+    assert_clear_failure(result, f"127.0.0.1:{port}", "KAERU_API_PORT")
     # With the key revoked there is none again.
     ok(kaeru(sqlite_url, "keys", "revoke", "backend"))
     assert api_key_problem(no_key) is not None
