@@ -112,6 +112,28 @@ async def test_cli_keys_ingest_two_at_once_and_a_revoked_one_is_refused_and_audi
         assert all(old not in str(e) and new not in str(e) for e in log.json()["entries"])
 
 
+async def test_a_revoke_reaches_every_api_process_within_the_cache_ttl(
+    database_url: str,
+) -> None:
+    # Two API apps on one database, each with its own cache, as two `kaeru api` processes.
+    settings = settings_of(database_url)
+    key = new_key(database_url, "backend")
+    operator = new_operator(database_url, "frank", "operator")
+    async with (
+        asgi_client(create_app(settings, run_router=False)) as one,
+        asgi_client(create_app(settings, run_router=False)) as two,
+    ):
+        for api in (one, two):
+            assert (await api.post("/v1/track", json=TRACK, headers=basic(key))).status_code == 200
+            assert (await api.get("/v1/admin/outbox", headers=operator)).status_code == 200
+        kaeru(database_url, "keys", "revoke", "backend")
+        kaeru(database_url, "operators", "revoke", "frank")
+        await asyncio.sleep(TTL + 0.1)
+        for api in (one, two):
+            assert (await api.post("/v1/track", json=TRACK, headers=basic(key))).status_code == 401
+            assert (await api.get("/v1/admin/outbox", headers=operator)).status_code == 401
+
+
 async def test_a_managed_browser_key_is_limited_like_the_browser_key(database_url: str) -> None:
     settings = settings_of(database_url)
     browser = new_key(database_url, "storefront", "--browser")
