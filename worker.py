@@ -24,7 +24,7 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ads import AudienceActivities
@@ -132,6 +132,18 @@ def kill_switch_gate(settings: Settings) -> KillSwitchGate:
     return KillSwitchGate(reader, journeys)
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox every workflow runs in (``kaeru deploy-check`` replays in the same one)."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+    )
+
+
+def worker_interceptors(settings: Settings) -> list[Interceptor]:
+    """The worker's interceptors (``kaeru deploy-check`` replays with the same ones)."""
+    return [kill_switch_gate(settings)]
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -146,15 +158,13 @@ def build_worker(
         workflows=list(workflows()),
         activities=activities_for(settings, http),
         activity_executor=activity_executor,
-        interceptors=[kill_switch_gate(settings)],
+        interceptors=worker_interceptors(settings),
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_concurrent_activities=settings.max_concurrent_activities,
         # On SIGTERM (a deploy), let an email already handed to SMTP finish rather than
         # cancelling it mid-DATA, which would leave it unconfirmed.
         graceful_shutdown_timeout=timedelta(seconds=settings.smtp_timeout + 10),
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
-        ),
+        workflow_runner=workflow_runner(),
     )
 
 

@@ -1104,6 +1104,30 @@ from kaeru.cli_hold import journeys_app, kill_switch_app  # noqa: E402 - it impo
 app.add_typer(kill_switch_app, name="kill-switch")
 app.add_typer(journeys_app, name="journeys")
 
+# ---- kaeru journeys list|show, customers show, audiences show, audit (kaeru/cli_read.py) ------
+
+from kaeru.cli_read import (  # noqa: E402 - it imports this module
+    audiences_app,
+    audiences_show,
+    audit_log,
+    customers_show,
+    journeys_list,
+    journeys_show,
+)
+
+journeys_app.command("list")(journeys_list)
+journeys_app.command("show")(journeys_show)
+customers_app.command("show")(customers_show)
+audiences_app.command("show")(audiences_show)
+app.add_typer(audiences_app, name="audiences")
+app.command("audit")(audit_log)
+
+# ---- kaeru journeys impact, kaeru deploy-check (kaeru/cli_deploy.py) ---------------------------
+
+from kaeru.cli_deploy import deploy_check  # noqa: E402 - it imports this module
+
+app.command("deploy-check")(deploy_check)
+
 # ---- kaeru operators, kaeru keys (kaeru/cli_credentials.py) -------------------------------------
 
 from kaeru.cli_credentials import keys_app, operators_app  # noqa: E402 - it imports this module

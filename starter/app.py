@@ -40,6 +40,7 @@ from starter import (
     privacy,
     recommendations,
     shopify,
+    steering,
     unsubscribe,
 )
 from starter.deps import (
@@ -144,6 +145,7 @@ def create_app(
     app.include_router(consent_api.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(steering.router)
     app.include_router(codec_server.router)
     app.include_router(dashboard.router)
 

@@ -293,3 +293,21 @@ async def test_the_audit_log_filters_and_says_what_is_wrong_with_a_filter(
         assert naive.status_code == 400 and "time zone" in naive.json()["message"]
         assert (await api.get("/v1/admin/audit")).status_code == 401
         assert (await api.get("/v1/admin/audit", auth=("test-write-key", ""))).status_code == 401
+
+
+async def test_steering_by_an_account_is_audited_under_its_name_and_refused_to_read_only(
+    database_url: str,
+) -> None:
+    settings = settings_of(database_url)
+    reader = new_operator(database_url, "gina", "read-only")
+    operator = new_operator(database_url, "hugo", "operator")
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        refused = await api.post(
+            "/v1/admin/kill-switch/on", json={"reason": "checking"}, headers=reader
+        )
+        assert refused.status_code == 403, refused.text
+        assert "read-only" in refused.json()["message"]
+        on = await api.post("/v1/admin/kill-switch/on", json={"reason": "prices"}, headers=operator)
+        assert on.status_code == 200, on.text
+        log = (await api.get("/v1/admin/audit", headers=reader)).json()["entries"]
+        assert (log[0]["actor"], log[0]["action"]) == ("api:hugo", "kill_switch.on")
