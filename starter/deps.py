@@ -199,9 +199,9 @@ async def require_reader(request: Request) -> Account:
     account = await account_of_token(request, given.strip() if scheme.lower() == "bearer" else "")
     if account is None:
         raise _admin_unauthorized(
-            "the admin API needs an operator token: send Authorization: Bearer <token> with "
-            "KAERU_OPERATOR_TOKEN or the token `kaeru operators add` printed (a write key does "
-            "not open it; a revoked token no longer does)"
+            "the admin API needs the operator token or an account's: send Authorization: "
+            "Bearer <token> with KAERU_OPERATOR_TOKEN or the token `kaeru operators add` "
+            "printed (a write key does not open it; a revoked token no longer does)"
         )
     request.state.operator = account
     return account
