@@ -42,6 +42,7 @@ from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.kill_switch import JourneyKind, KillSwitchGate, SwitchReader
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry
 from workflows.audience_flusher import FLUSHER_ID, AudienceFlusher
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
@@ -76,9 +77,11 @@ def workflows() -> Sequence[type]:
     ]
 
 
-def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
-    """Every activity, with its clients injected once."""
-    email = EmailActivities(settings)
+def activities_for(
+    settings: Settings, http: httpx.AsyncClient, telemetry: Telemetry = NO_TELEMETRY
+) -> list[Callable[..., Any]]:
+    """Every activity, with its clients injected once (``telemetry``: the SMTP send's span)."""
+    email = EmailActivities(settings, tracer=telemetry.tracer)
     ads = AudienceActivities(settings, http)
     sync = AudienceSyncActivities(settings, http)
     recommendations = RecommendationActivities(settings)
@@ -139,9 +142,12 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
-def worker_interceptors(settings: Settings) -> list[Interceptor]:
+def worker_interceptors(
+    settings: Settings, telemetry: Telemetry = NO_TELEMETRY
+) -> list[Interceptor]:
     """The worker's interceptors (``kaeru deploy-check`` replays with the same ones)."""
-    return [kill_switch_gate(settings)]
+    tracing = telemetry.interceptor()
+    return [kill_switch_gate(settings), *([tracing] if tracing else [])]
 
 
 def build_worker(
@@ -149,16 +155,22 @@ def build_worker(
     settings: Settings,
     http: httpx.AsyncClient,
     activity_executor: concurrent.futures.Executor | None = None,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> Worker:
-    """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes)."""
+    """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes).
+
+    With ``telemetry`` on, Temporal's tracing interceptor continues the trace of whatever
+    started or signalled a journey into its workflow and activity spans (``http`` is
+    instrumented by whoever made it: :func:`run_worker`).
+    """
     keep_workflow_ids_out_of_logs()
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=list(workflows()),
-        activities=activities_for(settings, http),
+        activities=activities_for(settings, http, telemetry),
         activity_executor=activity_executor,
-        interceptors=worker_interceptors(settings),
+        interceptors=worker_interceptors(settings, telemetry),
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_concurrent_activities=settings.max_concurrent_activities,
         # On SIGTERM (a deploy), let an email already handed to SMTP finish rather than
@@ -360,7 +372,9 @@ AUXILIARY_SCHEDULES: tuple[
 )
 
 
-async def run_worker(client: Client, settings: Settings) -> None:
+async def run_worker(
+    client: Client, settings: Settings, telemetry: Telemetry = NO_TELEMETRY
+) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
     for ensure, schedule_id, what, without in AUXILIARY_SCHEDULES:
@@ -380,6 +394,7 @@ async def run_worker(client: Client, settings: Settings) -> None:
                 client.namespace,
             )
     async with httpx.AsyncClient(timeout=30.0) as http:
-        worker = build_worker(client, settings, http)
+        telemetry.instrument_http(http)
+        worker = build_worker(client, settings, http, telemetry=telemetry)
         log.info("worker polling task queue %r", settings.task_queue)
         await worker.run()

@@ -195,6 +195,13 @@ class Settings(BaseSettings):
     public_url: str = Field("http://localhost:8000", description="base of tracking links")
     api_host: str = Field("127.0.0.1", description="address the API listens on")
     api_port: int = Field(8000, description="port the API listens on")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "log lines of `kaeru api`, `worker` and `dev`: `text`, or `json` (one object a "
+            "line with time, level, logger, message, trace_id and span_id)"
+        ),
+    )
     max_event_bytes: int = Field(32 * 1024, description="largest event accepted (413 above it)")
     max_batch_bytes: int = Field(
         500 * 1024, description="largest `/v1/batch` body accepted (413 above it)"

@@ -29,6 +29,7 @@ from kaeru.credentials import CredentialCache
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry
 from starter import (
     admin,
     codec_server,
@@ -87,7 +88,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    settings: Settings, client: Client | None = None, *, run_router: bool = True
+    settings: Settings,
+    client: Client | None = None,
+    *,
+    run_router: bool = True,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> FastAPI:
     """The API for ``settings``.
 
@@ -97,6 +102,8 @@ def create_app(
             :func:`kaeru.temporal.connect` in the background and keeps retrying, so ingestion
             works (stores) while Temporal is down.
         run_router: False serves the API without routing (another process routes).
+        telemetry: traces of the requests and of the router's deliveries (kaeru/telemetry.py;
+            off by default).
     """
 
     @asynccontextmanager
@@ -124,7 +131,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.router = Router(settings, client)
+    app.state.router = Router(settings, client, telemetry=telemetry)
     app.state.event_store = EventStore(settings)
     app.state.credentials = CredentialCache(
         settings.resolved_database_url, settings.credentials_cache_ttl
@@ -153,6 +160,7 @@ def create_app(
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    telemetry.instrument_app(app)
     return app
 
 
