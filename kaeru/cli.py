@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import func
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlmodel import col, select
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -283,6 +283,17 @@ def worker(
 MIN_SECRET_LENGTH = 16
 
 
+def _has_managed_server_key(settings: Settings) -> bool:
+    """Whether the database holds an unrevoked server key of `kaeru keys create` (False when
+    it cannot be read, or has no tables yet)."""
+    from kaeru.credentials import load_credentials
+
+    try:
+        return load_credentials(settings.resolved_database_url).has_server_key
+    except SQLAlchemyError:
+        return False
+
+
 def api_key_problem(settings: Settings) -> str | None:
     """Why ``kaeru api`` must not serve with these keys, with the fix; None if they will do."""
     fix = (
@@ -290,14 +301,18 @@ def api_key_problem(settings: Settings) -> str | None:
         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
     )
     key = settings.write_key.get_secret_value() if settings.write_key else ""
-    if not key:
-        return f"KAERU_WRITE_KEY is unset: {fix}; your shop's server sends it"
-    if key == DEV_WRITE_KEY:
+    if not key and not _has_managed_server_key(settings):
+        return (
+            "no write key: KAERU_WRITE_KEY is unset and the database has no unrevoked server "
+            "key; create one with `kaeru keys create NAME` (it prints the key once), or "
+            f"{fix}; your shop's server sends it"
+        )
+    if key and key == DEV_WRITE_KEY:
         return f"KAERU_WRITE_KEY is the dev key {DEV_WRITE_KEY!r}, which anyone knows: {fix}"
-    if len(key) < MIN_SECRET_LENGTH:
+    if key and len(key) < MIN_SECRET_LENGTH:
         return f"KAERU_WRITE_KEY must be at least {MIN_SECRET_LENGTH} characters: {fix}"
     browser = settings.browser_write_key
-    if browser is not None and browser.get_secret_value() == key:
+    if key and browser is not None and browser.get_secret_value() == key:
         return (
             "KAERU_BROWSER_WRITE_KEY equals KAERU_WRITE_KEY: the browser key is public (it "
             "ships in web pages), so the two must differ; give the browser its own key"
@@ -1129,3 +1144,10 @@ app.command("audit")(audit_log)
 from kaeru.cli_deploy import deploy_check  # noqa: E402 - it imports this module
 
 app.command("deploy-check")(deploy_check)
+
+# ---- kaeru operators, kaeru keys (kaeru/cli_credentials.py) -------------------------------------
+
+from kaeru.cli_credentials import keys_app, operators_app  # noqa: E402 - it imports this module
+
+app.add_typer(operators_app, name="operators")
+app.add_typer(keys_app, name="keys")

@@ -730,9 +730,10 @@ class AudienceChangeRow(SQLModel, table=True):
 class AuditEntry(SQLModel, table=True):
     """One operator action: who did what to which target, and when (append-only).
 
-    ``actor`` names the operator (an account's name, ``token`` for ``KAERU_OPERATOR_TOKEN``, or
-    ``cli:<os user>`` for the CLI on the deployment); ``target`` is a journey id, a journey kind,
-    a key's id or ``*``. No personal data: customers appear only by id.
+    ``actor`` names the operator (``api:<account name>``, ``api:operator`` for
+    ``KAERU_OPERATOR_TOKEN``, or ``cli:<os user>`` for the CLI on the deployment); ``target``
+    is a journey id, a journey kind, a key's or account's name or ``*``. No personal data:
+    customers appear only by id.
     """
 
     __tablename__ = "audit_log"
@@ -766,3 +767,43 @@ class KillSwitch(SQLModel, table=True):
     reason: str = Field(default="", max_length=400)
     actor: str = Field(max_length=200)
     since: datetime = _ts()
+
+
+# ---- operations: operator accounts and managed write keys (stream secure) ------------------
+
+
+class OperatorAccount(SQLModel, table=True):
+    """An operator account of the admin API and the dashboard (kaeru/credentials.py).
+
+    ``role`` is ``read-only`` (reads only) or ``operator`` (reads and changes). Only the token's
+    SHA-256 is kept; revoking sets ``revoked_at`` and keeps the row for the record (the name
+    stays taken).
+    """
+
+    __tablename__ = "operators"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=20)
+    token_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+    created_by: str = Field(max_length=200)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class WriteKey(SQLModel, table=True):
+    """A write key managed by ``kaeru keys``: ``server`` (trusted) or ``browser`` (public).
+
+    Only the key's SHA-256 and its first characters (``prefix``, to tell keys apart) are kept.
+    """
+
+    __tablename__ = "write_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    kind: str = Field(max_length=10)
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=20)
+    created_at: datetime = _ts()
+    created_by: str = Field(max_length=200)
+    revoked_at: datetime | None = _ts(nullable=True)

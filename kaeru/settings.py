@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     write_key: SecretStr | None = Field(
         None,
         description="server write key (trusted: shop backend, server-side Segment); "
-        "ingestion requires it",
+        "ingestion requires it or a key made by `kaeru keys create`",
     )
     browser_write_key: SecretStr | None = Field(
         None,
@@ -128,8 +128,16 @@ class Settings(BaseSettings):
     )
     operator_token: SecretStr | None = Field(
         None,
-        description="bearer token of the admin API (`Authorization: Bearer ...`); unset: the "
-        "admin API answers 503 (`kaeru dev` makes one)",
+        description="bearer token of the admin API (`Authorization: Bearer ...`), the bootstrap "
+        "operator (role operator; `kaeru operators add` makes accounts); unset and no account: "
+        "the admin API answers 503 (`kaeru dev` makes one)",
+    )
+    credentials_cache_ttl: float = Field(
+        5.0,
+        ge=0,
+        description="seconds an API process keeps the write keys and operator accounts of the "
+        "database (`kaeru keys`, `kaeru operators`) before reading them again: a revoke takes "
+        "effect within this time in every API process",
     )
     api_url: str | None = Field(
         None,

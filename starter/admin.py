@@ -1,4 +1,8 @@
-"""The operator API (operator-token auth): audiences, customers, the outbox, parked events."""
+"""The operator API: audiences, customers, the outbox, parked events, the audit log.
+
+Any operator token reads (``Reader``); a change needs the role operator (``Operator``): the
+router's ``Admin`` dependency decides by method, so a new POST route is safe by default.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,16 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
+from kaeru import audit
 from kaeru.db import session as db_session
 from kaeru.models import AudienceMember, Customer, Order, Touchpoint
 from kaeru.settings import Settings
-from starter.deps import ApiError, Operator, SettingsDep, router_of
+from starter.deps import Admin, ApiError, Operator, Reader, SettingsDep, api_actor, router_of
 from starter.parking import drop_parked, parked_events, retry_parked
 from starter.privacy import workflows_part
 from starter.router import outbox_stats
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 
 
 class AudienceMemberPublic(BaseModel):
@@ -144,7 +149,7 @@ def _customer(settings: Settings, customer_id: str, recent: int) -> CustomerPubl
     )
 
 
-@router.get("/audiences/{audience}", response_model=AudiencePublic)
+@router.get("/audiences/{audience}", response_model=AudiencePublic, dependencies=[Reader])
 async def audience_members(
     audience: str, settings: SettingsDep, limit: int = Query(1000, ge=1, le=10000)
 ) -> AudiencePublic:
@@ -152,7 +157,7 @@ async def audience_members(
     return await run_in_threadpool(_audience, settings, audience, limit)
 
 
-@router.get("/customers/{customer_id:path}", response_model=CustomerPublic)
+@router.get("/customers/{customer_id:path}", response_model=CustomerPublic, dependencies=[Reader])
 async def customer_profile(
     customer_id: str,
     request: Request,
@@ -168,7 +173,7 @@ async def customer_profile(
     return found
 
 
-@router.get("/admin/outbox", response_model=OutboxPublic)
+@router.get("/admin/outbox", response_model=OutboxPublic, dependencies=[Reader])
 async def outbox(request: Request, settings: SettingsDep) -> OutboxPublic:
     """Whether routing keeps up: unrouted events, the oldest one's age, the routing errors."""
     stats = await run_in_threadpool(outbox_stats, settings)
@@ -187,7 +192,7 @@ async def outbox(request: Request, settings: SettingsDep) -> OutboxPublic:
     )
 
 
-@router.get("/admin/parked", response_model=ParkedPublic)
+@router.get("/admin/parked", response_model=ParkedPublic, dependencies=[Reader])
 async def parked(settings: SettingsDep, limit: int = Query(1000, ge=1, le=10000)) -> ParkedPublic:
     """Events the router gave up on, oldest first: retry or drop each one."""
     total, rows = await run_in_threadpool(parked_events, settings.resolved_database_url, limit)
@@ -206,18 +211,67 @@ def _no_parked_event(seq: int) -> ApiError:
     )
 
 
-@router.post("/admin/parked/{seq}/retry", response_model=ParkedActionPublic)
+@router.post(
+    "/admin/parked/{seq}/retry", response_model=ParkedActionPublic, dependencies=[Operator]
+)
 async def retry(seq: int, request: Request, settings: SettingsDep) -> ParkedActionPublic:
     """Send a parked event back into routing, its attempts reset."""
     if await run_in_threadpool(retry_parked, settings.resolved_database_url, [seq]):
         raise _no_parked_event(seq)
+    await run_in_threadpool(
+        audit.record, settings.resolved_database_url, api_actor(request), "parked.retry", str(seq)
+    )
     router_of(request).wake()
     return ParkedActionPublic(seq=seq, status="retrying")
 
 
-@router.post("/admin/parked/{seq}/drop", response_model=ParkedActionPublic)
-async def drop(seq: int, settings: SettingsDep) -> ParkedActionPublic:
+@router.post("/admin/parked/{seq}/drop", response_model=ParkedActionPublic, dependencies=[Operator])
+async def drop(seq: int, request: Request, settings: SettingsDep) -> ParkedActionPublic:
     """Drop a parked event: it is never routed, and kept for the record."""
     if await run_in_threadpool(drop_parked, settings.resolved_database_url, [seq]):
         raise _no_parked_event(seq)
+    await run_in_threadpool(
+        audit.record, settings.resolved_database_url, api_actor(request), "parked.drop", str(seq)
+    )
     return ParkedActionPublic(seq=seq, status="dropped")
+
+
+class AuditEntryPublic(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class AuditPublic(BaseModel):
+    count: int
+    entries: list[AuditEntryPublic]
+
+
+@router.get("/admin/audit", response_model=AuditPublic, dependencies=[Reader])
+async def audit_log(
+    settings: SettingsDep,
+    since: datetime | None = None,
+    action: str | None = Query(None, max_length=100),
+    actor: str | None = Query(None, max_length=200),
+    limit: int = Query(100, ge=1, le=1000),
+) -> AuditPublic:
+    """Operator actions, newest first: who (``cli:<user>``, ``api:<operator>``) did what to
+    which target. ``action`` is one action (``write_key.revoke``) or a prefix ending in a dot
+    (``write_key.``)."""
+    if since is not None and since.utcoffset() is None:
+        raise ApiError(
+            400,
+            "invalid_since",
+            "since needs a time zone, e.g. 2026-12-02T14:00:00Z",
+        )
+    found = await run_in_threadpool(
+        lambda: audit.entries(
+            settings.resolved_database_url, since=since, action=action, actor=actor, limit=limit
+        )
+    )
+    return AuditPublic(
+        count=len(found),
+        entries=[AuditEntryPublic.model_validate(e, from_attributes=True) for e in found],
+    )

@@ -25,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
+from kaeru.credentials import CredentialCache
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
@@ -45,13 +46,14 @@ from starter import (
 )
 from starter.deps import (
     SERVER,
+    WRONG_KEY,
     ApiError,
     SettingsDep,
     Source,
     basic_auth_user,
     error_response,
+    key_source,
     router_of,
-    source_of_key,
     unauthorized,
 )
 from starter.events import (
@@ -131,6 +133,9 @@ def create_app(
     app.state.settings = settings
     app.state.router = Router(settings, client, telemetry=telemetry)
     app.state.event_store = EventStore(settings)
+    app.state.credentials = CredentialCache(
+        settings.resolved_database_url, settings.credentials_cache_ttl
+    )
     limits.install(app, settings)
     _install_error_handlers(app)
     _install_openapi(app)
@@ -343,9 +348,9 @@ async def _authorized_json(request: Request, settings: Settings, limit: int) -> 
     """
     user = basic_auth_user(request)
     if user is not None:
-        source = source_of_key(user, settings)
+        source = await key_source(request, user)
         if source is None:
-            raise unauthorized("wrong write key")
+            raise unauthorized(WRONG_KEY)
         return _parsed(await read_body(request, limit)), source
     small = min(limit, settings.max_event_bytes)
     try:
@@ -364,9 +369,9 @@ async def _authorized_json(request: Request, settings: Settings, limit: int) -> 
     given = data.get("writeKey") if isinstance(data, dict) else None
     if given is None:
         raise unauthorized("send the write key as the Basic auth user name (or writeKey)")
-    source = source_of_key(given, settings)
+    source = await key_source(request, given)
     if source is None:
-        raise unauthorized("wrong write key")
+        raise unauthorized(WRONG_KEY)
     return data, source
 
 

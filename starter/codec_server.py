@@ -117,7 +117,7 @@ async def _answer(request: Request, decode: bool) -> Response:
     headers = _cors(request, settings)
     try:
         if not _signed_in(request, settings):
-            await require_operator(request, settings)
+            await require_operator(request)
         namespace = request.headers.get("x-namespace")
         if namespace is not None and namespace != settings.temporal_namespace:
             raise ApiError(

@@ -26,11 +26,12 @@ from kaeru.settings import Settings
 from starter.consent_changes import record_consent_change
 from starter.deps import (
     BROWSER,
+    WRONG_KEY,
     ApiError,
     SettingsDep,
     basic_auth_user,
+    key_source,
     router_of,
-    source_of_key,
     unauthorized,
 )
 from starter.events import ErrorBody
@@ -44,9 +45,9 @@ async def require_server_key(request: Request, settings: SettingsDep) -> None:
     user = basic_auth_user(request)
     if user is None:
         raise unauthorized("send the server write key (KAERU_WRITE_KEY) as the Basic auth user")
-    source = source_of_key(user, settings)
+    source = await key_source(request, user)
     if source is None:
-        raise unauthorized("wrong write key")
+        raise unauthorized(WRONG_KEY)
     if source == BROWSER:
         raise ApiError(
             403,

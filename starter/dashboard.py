@@ -2,11 +2,12 @@
 each customer's timeline, server-rendered (Jinja2) with plotly charts served from the installed
 ``plotly`` package (no CDN).
 
-Only operators see it: a browser signs in once at ``/dashboard/login`` with
-``KAERU_OPERATOR_TOKEN`` (an HttpOnly, SameSite=Strict cookie, signed with the token, lasts
-8 hours; :mod:`starter.operator_session`); a script may send ``Authorization: Bearer`` instead.
-A write key never opens it (the browser key ships inside shops' pages). With no operator token
-configured there is no dashboard: the login page says how to set one.
+Only operators see it (either role: it only reads): a browser signs in once at
+``/dashboard/login`` with ``KAERU_OPERATOR_TOKEN`` or an account's token (an HttpOnly,
+SameSite=Strict cookie, signed, lasts 8 hours; :mod:`starter.operator_session`); a script may
+send ``Authorization: Bearer`` instead. A write key never opens it (the browser key ships
+inside shops' pages). With no operator token and no account there is no dashboard: the login
+page says how to set one.
 
 Every number comes from one :class:`~kaeru.analytics.model.Report` (``kaeru.reports``), the same
 the weekly email and ``kaeru report`` show.
@@ -39,6 +40,7 @@ from kaeru.analytics.model import (
     Route,
 )
 from kaeru.analytics.terminal import EARLIEST
+from kaeru.credentials import Account
 from kaeru.db import session as db_session
 from kaeru.models import Customer, Touchpoint
 from kaeru.money import format_minor
@@ -60,7 +62,7 @@ from kaeru.reports import (
 )
 from kaeru.settings import Settings
 from starter import operator_session
-from starter.deps import key_matches
+from starter.deps import account_of_token, credentials_of
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
@@ -516,14 +518,24 @@ def customer_page(settings: Settings, query: str) -> str:
     )
 
 
+NOT_CONFIGURED = "The dashboard is off because no operator token is set and no account exists."
+
+
 def login_page(
-    settings: Settings, message: str, *, next_path: str = "/dashboard", error: bool = False
+    settings: Settings,
+    message: str,
+    *,
+    next_path: str = "/dashboard",
+    error: bool = False,
+    configured: bool | None = None,
 ) -> str:
     """The sign-in form, or, with no operator token configured, how to set one."""
+    if configured is None:
+        configured = message != NOT_CONFIGURED
     return _templates.get_template("dashboard/login.html.j2").render(
         message=message,
         error=error,
-        configured=bool(operator_session.operator_token(settings)),
+        configured=configured,
         next=next_path,
         hours=operator_session.SESSION_TTL // 3600,
     )
@@ -542,12 +554,22 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def _signed_in(request: Request, settings: Settings) -> bool:
-    if operator_session.signed_in(request, settings, SESSION_COOKIE, _PURPOSE):
-        return True
-    token = operator_session.operator_token(settings)
+async def _operator(request: Request, settings: Settings) -> Account | None:
+    """The signed-in operator (by cookie, or a Bearer token), None for nobody."""
+    account = await operator_session.signed_in_as(request, settings, SESSION_COOKIE, _PURPOSE)
+    if account is not None:
+        return account
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and key_matches(given.strip(), token)
+    if scheme.lower() != "bearer" or not given.strip():
+        return None
+    return await account_of_token(request, given.strip())
+
+
+async def _configured(request: Request, settings: Settings) -> bool:
+    """Whether anyone can sign in: KAERU_OPERATOR_TOKEN or an account of `kaeru operators`."""
+    if operator_session.operator_token(settings):
+        return True
+    return bool((await credentials_of(request).current()).operators)
 
 
 def _safe_next(value: str) -> str:
@@ -558,20 +580,20 @@ def _safe_next(value: str) -> str:
     return value
 
 
-def _guard(request: Request) -> Response | None:
-    """None for a signed-in operator; otherwise the answer: sign in, or no dashboard at all."""
+async def _guard(request: Request) -> Response | None:
+    """None for a signed-in operator (either role: the dashboard only reads); otherwise the
+    answer: sign in, or no dashboard at all."""
     settings: Settings = request.app.state.settings
-    if not operator_session.operator_token(settings):
-        message = "The dashboard is off because no operator token is set."
-        return _html(login_page(settings, message, error=True), 503)
-    if _signed_in(request, settings):
+    if not await _configured(request, settings):
+        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
+    if await _operator(request, settings) is not None:
         return None
     wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse("/dashboard/login?" + urlencode({"next": wanted}), status_code=303)
 
 
 async def _report_page(request: Request, render: Callable[[Report], str]) -> Response:
-    refused = _guard(request)
+    refused = await _guard(request)
     if refused is not None:
         return refused
     settings: Settings = request.app.state.settings
@@ -612,7 +634,7 @@ async def heatmap(request: Request) -> Response:
 
 @router.get("/customers")
 async def customers(request: Request) -> Response:
-    refused = _guard(request)
+    refused = await _guard(request)
     if refused is not None:
         return refused
     settings: Settings = request.app.state.settings
@@ -628,28 +650,35 @@ async def customers(request: Request) -> Response:
 async def login_form(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     next_path = _safe_next(request.query_params.get("next", "/dashboard"))
-    if not operator_session.operator_token(settings):
-        message = "The dashboard is off because no operator token is set."
-        return _html(login_page(settings, message, error=True), 503)
+    if not await _configured(request, settings):
+        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
     return _html(login_page(settings, "Sign in with the operator token.", next_path=next_path))
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    token = operator_session.operator_token(settings)
-    if not token:
-        message = "The dashboard is off because no operator token is set."
-        return _html(login_page(settings, message, error=True), 503)
+    if not await _configured(request, settings):
+        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     next_path = _safe_next(form.get("next", ["/dashboard"])[0])
-    if not key_matches(form.get("token", [""])[0].strip(), token):
-        message = "That is not the operator token (KAERU_OPERATOR_TOKEN); try again."
+    given = form.get("token", [""])[0].strip()
+    account = await account_of_token(request, given) if given else None
+    if account is None:
+        message = (
+            "That is not the operator token (KAERU_OPERATOR_TOKEN) nor a token of `kaeru "
+            "operators add`, or it was revoked; try again."
+        )
         return _html(login_page(settings, message, next_path=next_path, error=True), 401)
+    cookie = (
+        operator_session.account_cookie(account, _PURPOSE)
+        if account.token_hash
+        else operator_session.session_cookie(operator_session.operator_token(settings), _PURPOSE)
+    )
     answer = RedirectResponse(next_path, status_code=303)
     answer.set_cookie(
         SESSION_COOKIE,
-        operator_session.session_cookie(token, _PURPOSE),
+        cookie,
         max_age=operator_session.SESSION_TTL,
         path="/dashboard",
         httponly=True,

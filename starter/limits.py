@@ -38,6 +38,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kaeru.credentials import CredentialCache, Credentials
 from kaeru.settings import Settings
 from starter.deps import ApiError
 
@@ -378,9 +379,19 @@ class Limits:
         who = self.client(request.scope)
         digest = key_id(key) if key else b""
         per_key = self.per_key if key else None
-        server = self.server_key is not None and hmac.compare_digest(digest, self.server_key)
+        server = (
+            self.server_key is not None and hmac.compare_digest(digest, self.server_key)
+        ) or _managed_server_key(request, digest)
         per_client = None if server else self.per_client
         self.admit([(per_key, digest), (per_client, who)], count, spend)
+
+
+def _managed_server_key(request: Request, digest: bytes) -> bool:
+    """Whether ``digest`` is a server key of ``kaeru keys`` as this process last read them
+    (a key checked for the first time is checked by its client's limit too, once)."""
+    cache = getattr(request.app.state, "credentials", None)
+    known: Credentials | None = cache.peek() if isinstance(cache, CredentialCache) else None
+    return bool(digest) and known is not None and known.keys.get(digest.hex()) == "server"
 
 
 def limits_of(request: Request) -> Limits:

@@ -80,7 +80,7 @@ from kaeru.pseudonyms import VisibleIds, pseudonym_key
 from kaeru.search_attributes import CUSTOMER_ID
 from kaeru.settings import Settings
 from kaeru.temporal import connect, journey_kinds
-from starter.deps import ApiError, Operator, SettingsDep, router_of
+from starter.deps import Admin, ApiError, SettingsDep, router_of
 
 log = logging.getLogger("kaeru.privacy")
 
@@ -557,7 +557,7 @@ async def erase_customer(settings: Settings, client: Client, customer_id: str) -
 
 # ---- the API ------------------------------------------------------------------------------------
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 
 CustomerIdPath = Annotated[str, Path(description="the customer's id (userId or anonymousId)")]
 

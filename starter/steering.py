@@ -1,7 +1,8 @@
 """The operator API for steering (operator-token auth): the kill switch, and pause, resume or
 cancel of one journey, so that ``kaeru`` with ``KAERU_API_URL`` steers a remote deployment
 without database or Temporal credentials. The logic is kaeru/steering.py's, shared with the
-local CLI; every change is audited with the actor :data:`API_ACTOR`.
+local CLI; every change is audited with the operator's actor (``api:<name>``,
+:data:`API_ACTOR` for KAERU_OPERATOR_TOKEN).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from kaeru.models import KillSwitch
 from kaeru.settings import Settings
 from kaeru.steering import SteeringError
 from kaeru.temporal import connect
-from starter.deps import ApiError, Operator, SettingsDep, router_of
+from starter.deps import Admin, ApiError, SettingsDep, api_actor, router_of
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Operator])
+#: Reads (the switches' status) need any operator token, changes the role operator.
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 
-#: Who the audit log says acted through this API.
+#: Who the audit log says acted through this API with KAERU_OPERATOR_TOKEN; an account of
+#: ``kaeru operators`` acts as ``api:<its name>`` (:func:`starter.deps.api_actor`).
 API_ACTOR = "api:operator"
 T = TypeVar("T")
 
@@ -152,7 +155,7 @@ async def kill_switch_status(request: Request, settings: SettingsDep) -> KillSwi
 
 @router.post("/admin/kill-switch/on", response_model=SwitchChangePublic)
 async def kill_switch_on(
-    settings: SettingsDep, body: KillSwitchOn | None = None
+    request: Request, settings: SettingsDep, body: KillSwitchOn | None = None
 ) -> SwitchChangePublic:
     """Turn a kill switch on: the journeys it covers wait before their next outside step."""
     body = body or KillSwitchOn()
@@ -163,7 +166,7 @@ async def kill_switch_on(
                 settings.resolved_database_url,
                 journeys,
                 body.kind,
-                actor=API_ACTOR,
+                actor=api_actor(request),
                 reason=body.reason,
                 include_transactional=body.all,
             )
@@ -191,7 +194,7 @@ async def kill_switch_off(
     try:
         switch, still_on = await run_in_threadpool(
             lambda: steering.switch_off(
-                settings.resolved_database_url, journeys, body.kind, actor=API_ACTOR
+                settings.resolved_database_url, journeys, body.kind, actor=api_actor(request)
             )
         )
     except SteeringError as err:
@@ -200,7 +203,7 @@ async def kill_switch_off(
     try:
         client = await _client(request, settings)
         ids = await steering.held_by(client, journeys, scope, still_on)
-        released, failed = await steering.release(client, ids, API_ACTOR)
+        released, failed = await steering.release(client, ids, api_actor(request))
     except (ApiError, RPCError) as exc:
         problem = exc.message
         return SwitchOffPublic(
@@ -222,7 +225,7 @@ async def pause(
             steering.journeys_of(settings),
             workflow_id,
             reason=(body or Reason()).reason,
-            actor=API_ACTOR,
+            actor=api_actor(request),
         )
     )
     return JourneyChangePublic(journey_id=workflow_id, action="pause", changed=changed)
@@ -234,7 +237,7 @@ async def resume(workflow_id: str, request: Request, settings: SettingsDep) -> J
     client = await _client(request, settings)
     resumed = await _steer(
         lambda: steering.resume(
-            client, settings, steering.journeys_of(settings), workflow_id, actor=API_ACTOR
+            client, settings, steering.journeys_of(settings), workflow_id, actor=api_actor(request)
         )
     )
     return JourneyChangePublic(
@@ -259,7 +262,7 @@ async def cancel(
             steering.journeys_of(settings),
             workflow_id,
             reason=(body or Reason()).reason,
-            actor=API_ACTOR,
+            actor=api_actor(request),
         )
     )
     return JourneyChangePublic(journey_id=workflow_id, action="cancel", changed=ended)
