@@ -35,6 +35,7 @@ from starter import (
     dashboard,
     feedback,
     limits,
+    metrics,
     opens_and_clicks,
     privacy,
     recommendations,
@@ -121,8 +122,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.router = Router(settings, client)
-    app.state.event_store = EventStore(settings)
+    app.state.metrics = metrics.ApiMetrics()
+    app.state.router = Router(settings, client, metrics=app.state.metrics)
+    app.state.event_store = EventStore(settings, metrics=app.state.metrics)
     limits.install(app, settings)
     _install_error_handlers(app)
     _install_openapi(app)
@@ -141,6 +143,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(codec_server.router)
     app.include_router(dashboard.router)
+    app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:
@@ -399,6 +402,7 @@ def _single(
         try:
             event = _read(data, settings, source, event_type=event_type)
         except EventError as exc:
+            metrics.metrics_of(request).rejected(exc.code)
             raise ApiError(400, exc.code, exc.message) from exc
         for _, refused in await _store(request, [event]):
             raise ApiError(400, refused.code, refused.message)
@@ -439,6 +443,7 @@ async def _ingest_many(request: Request, settings: Settings, *, imported: bool) 
                 imported=imported,
             )
         except EventError as exc:
+            metrics.metrics_of(request).rejected(exc.code)
             rejected.append(Rejection(index=index, code=exc.code, message=exc.message))
         else:
             accepted.append(event)
