@@ -396,8 +396,9 @@ def _single(
     event_type: str,
 ) -> Callable[[Request, Settings], Coroutine[Any, Any, dict[str, bool]]]:
     async def ingest(request: Request, settings: SettingsDep) -> dict[str, bool]:
-        data, source = await _authorized_json(request, settings, settings.max_event_bytes)
+        data, source = await _counted_request(request, settings, settings.max_event_bytes)
         if not isinstance(data, dict):
+            metrics.metrics_of(request).rejected("invalid_event")
             raise ApiError(400, "invalid_event", "the body must be a JSON object (one event)")
         try:
             event = _read(data, settings, source, event_type=event_type)
@@ -412,20 +413,37 @@ def _single(
     return ingest
 
 
-async def _ingest_many(request: Request, settings: Settings, *, imported: bool) -> BatchAccepted:
-    data, source = await _authorized_json(request, settings, settings.max_batch_bytes)
+async def _counted_request(request: Request, settings: Settings, limit: int) -> tuple[Any, Source]:
+    """:func:`_authorized_json`, counting a request it refuses (``/metrics``)."""
+    try:
+        return await _authorized_json(request, settings, limit)
+    except ApiError as exc:
+        metrics.metrics_of(request).request_rejected(exc.code)
+        raise
+
+
+def _batch_problem(data: Any, source: Source, *, imported: bool) -> ApiError | None:
+    """Why the body is not a batch this key may send; None if it is one."""
     if imported and source != SERVER:
-        raise ApiError(
+        return ApiError(
             403,
             "forbidden",
             "/v1/import stores history and needs the server write key (KAERU_WRITE_KEY), not "
             "the browser key",
         )
     if not isinstance(data, dict) or not isinstance(data.get("batch"), list):
-        raise ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
+        return ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
     envelope = {key: value for key, value in data.items() if key != "batch"}
     if problem := value_problem(envelope):
-        raise ApiError(400, "invalid_body", problem)
+        return ApiError(400, "invalid_body", problem)
+    return None
+
+
+async def _ingest_many(request: Request, settings: Settings, *, imported: bool) -> BatchAccepted:
+    data, source = await _counted_request(request, settings, settings.max_batch_bytes)
+    if (problem := _batch_problem(data, source, imported=imported)) is not None:
+        metrics.metrics_of(request).request_rejected(problem.code)
+        raise problem
     shared = data.get("context") if isinstance(data.get("context"), dict) else None
     now = utcnow()
     accepted: list[IncomingEvent] = []

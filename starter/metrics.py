@@ -76,6 +76,21 @@ REJECT_REASONS = frozenset(
         "traits_too_large",
     }
 )
+#: Why a whole ingestion request was refused (its answer's ``code``); else ``other``.
+REQUEST_REJECT_REASONS = frozenset(
+    {
+        "unauthorized",
+        "forbidden",
+        "not_configured",
+        "payload_too_large",
+        "unsupported_encoding",
+        "invalid_body",
+        "invalid_json",
+        "not_a_batch",
+        "rate_limited",
+        "too_many_events",
+    }
+)
 #: Seconds from storing an event to delivering it: the router wakes at once when idle, and a
 #: backlog (Temporal slow or down) shows in the upper buckets.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -115,6 +130,13 @@ class ApiMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.requests_rejected = Counter(
+            "kaeru_ingest_requests_rejected",
+            "Ingestion requests refused as a whole (key, size, rate limit, body not JSON or "
+            "not a batch): their events are not counted one by one",
+            ["reason"],
+            registry=self.registry,
+        )
         self.routing_lag = Histogram(
             "kaeru_routing_lag_seconds",
             "Seconds from storing an event to the router delivering it to its journeys",
@@ -144,6 +166,9 @@ class ApiMetrics:
 
     def rejected(self, code: str) -> None:
         self.events_rejected.labels(bounded(code, REJECT_REASONS)).inc()
+
+    def request_rejected(self, code: str) -> None:
+        self.requests_rejected.labels(bounded(code, REQUEST_REJECT_REASONS)).inc()
 
     def delivered(self, received_at: datetime | None) -> None:
         self.router_deliveries.inc()

@@ -9,7 +9,7 @@ from kaeru.settings import Settings
 from starter.app import create_app
 from starter.metrics import OTHER, bounded, event_labels
 from tests.conftest import make_settings
-from tests.starter.conftest import AUTH, asgi_client
+from tests.starter.conftest import AUTH, BROWSER_AUTH, asgi_client
 from tests.support.prometheus import Scrape
 
 INGESTED = "kaeru_events_ingested_total"
@@ -112,3 +112,28 @@ async def test_each_app_has_a_registry_of_its_own(settings: Settings) -> None:
     first, second = create_app(settings, run_router=False), create_app(settings, run_router=False)
     first.state.metrics.rejected("missing_id")
     assert Scrape(second.state.metrics.exposition().decode()).value(REJECTED) == 0
+
+
+async def test_requests_refused_as_a_whole_count_by_reason(settings: Settings) -> None:
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        one = {"userId": "u1", "event": "Product Added"}
+        wrong_key = await api.post("/v1/track", json=one, auth=("not-the-key", ""))
+        assert wrong_key.status_code == 401
+        not_json = await api.post("/v1/batch", content=b"{nope", auth=AUTH)
+        assert not_json.status_code == 400 and not_json.json()["code"] == "invalid_json"
+        not_a_batch = await api.post("/v1/batch", json={"events": []}, auth=AUTH)
+        assert not_a_batch.status_code == 400
+        browser_import = await api.post("/v1/import", json={"batch": []}, auth=BROWSER_AUTH)
+        assert browser_import.status_code == 403
+        listed = await api.post("/v1/track", json=[one], auth=AUTH)  # not one event
+        assert listed.status_code == 400
+        after = await scrape(api)
+    refused = "kaeru_ingest_requests_rejected_total"
+    assert after.value(refused, reason="unauthorized") == 1
+    assert after.value(refused, reason="invalid_json") == 1
+    assert after.value(refused, reason="not_a_batch") == 1
+    assert after.value(refused, reason="forbidden") == 1
+    assert after.value(refused) == 4
+    assert after.value(REJECTED, reason="invalid_event") == 1  # a body that is no event
+    assert after.value(REJECTED) == 1
+    assert after.value(INGESTED) == 0
