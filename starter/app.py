@@ -253,12 +253,19 @@ def _install_openapi(app: FastAPI) -> None:
                 "scheme": "bearer",
                 "description": "KAERU_OPERATOR_TOKEN: the admin API (write keys do not open it)",
             },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "KAERU_METRICS_TOKEN: /metrics, when set (unset: open)",
+            },
         }
         schema["security"] = [{"writeKey": []}]
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 if {"admin", "codec"} & set(operation.get("tags", ())):
                     operation["security"] = [{"operatorToken": []}]
+                if "operations" in operation.get("tags", ()):
+                    operation["security"] = [{"metricsToken": []}, {}]
         app.openapi_schema = schema
         return schema
 

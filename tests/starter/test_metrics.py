@@ -137,3 +137,11 @@ async def test_requests_refused_as_a_whole_count_by_reason(settings: Settings) -
     assert after.value(REJECTED, reason="invalid_event") == 1  # a body that is no event
     assert after.value(REJECTED) == 1
     assert after.value(INGESTED) == 0
+
+
+async def test_the_schema_documents_metrics_with_its_token(settings: Settings) -> None:
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        schema = (await api.get("/openapi.json")).json()
+    operation = schema["paths"]["/metrics"]["get"]
+    assert operation["security"] == [{"metricsToken": []}, {}]  # the token, or none when unset
+    assert schema["components"]["securitySchemes"]["metricsToken"]["scheme"] == "bearer"
