@@ -24,7 +24,7 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ads import AudienceActivities
@@ -42,6 +42,7 @@ from kaeru.db import migrate
 from kaeru.journeys import registry
 from kaeru.kill_switch import JourneyKind, KillSwitchGate, SwitchReader
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry
 from workflows.audience_flusher import FLUSHER_ID, AudienceFlusher
 from workflows.audience_sweeper import SWEEPER_ID, AudienceSweeper
 from workflows.experiment_promoter import PROMOTER_ID, ExperimentPromoter
@@ -77,9 +78,11 @@ def workflows() -> Sequence[type]:
     ]
 
 
-def activities_for(settings: Settings, http: httpx.AsyncClient) -> list[Callable[..., Any]]:
-    """Every activity, with its clients injected once."""
-    email = EmailActivities(settings)
+def activities_for(
+    settings: Settings, http: httpx.AsyncClient, telemetry: Telemetry = NO_TELEMETRY
+) -> list[Callable[..., Any]]:
+    """Every activity, with its clients injected once (``telemetry``: the SMTP send's span)."""
+    email = EmailActivities(settings, tracer=telemetry.tracer)
     ads = AudienceActivities(settings, http)
     sync = AudienceSyncActivities(settings, http)
     recommendations = RecommendationActivities(settings)
@@ -133,29 +136,48 @@ def kill_switch_gate(settings: Settings) -> KillSwitchGate:
     return KillSwitchGate(reader, journeys)
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox every workflow runs in (``kaeru deploy-check`` replays in the same one)."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+    )
+
+
+def worker_interceptors(
+    settings: Settings, telemetry: Telemetry = NO_TELEMETRY
+) -> list[Interceptor]:
+    """The worker's interceptors (``kaeru deploy-check`` replays with the same ones)."""
+    tracing = telemetry.interceptor()
+    return [kill_switch_gate(settings), *([tracing] if tracing else [])]
+
+
 def build_worker(
     client: Client,
     settings: Settings,
     http: httpx.AsyncClient,
     activity_executor: concurrent.futures.Executor | None = None,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> Worker:
-    """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes)."""
+    """A worker on ``settings.task_queue`` with capped concurrency (scale out by processes).
+
+    With ``telemetry`` on, Temporal's tracing interceptor continues the trace of whatever
+    started or signalled a journey into its workflow and activity spans (``http`` is
+    instrumented by whoever made it: :func:`run_worker`).
+    """
     keep_workflow_ids_out_of_logs()
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=list(workflows()),
-        activities=activities_for(settings, http),
+        activities=activities_for(settings, http, telemetry),
         activity_executor=activity_executor,
-        interceptors=[kill_switch_gate(settings)],
+        interceptors=worker_interceptors(settings, telemetry),
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_concurrent_activities=settings.max_concurrent_activities,
         # On SIGTERM (a deploy), let an email already handed to SMTP finish rather than
         # cancelling it mid-DATA, which would leave it unconfirmed.
         graceful_shutdown_timeout=timedelta(seconds=settings.smtp_timeout + 10),
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
-        ),
+        workflow_runner=workflow_runner(),
     )
 
 
@@ -351,7 +373,9 @@ AUXILIARY_SCHEDULES: tuple[
 )
 
 
-async def run_worker(client: Client, settings: Settings) -> None:
+async def run_worker(
+    client: Client, settings: Settings, telemetry: Telemetry = NO_TELEMETRY
+) -> None:
     """Run the worker until cancelled (SIGINT/SIGTERM in ``kaeru worker``)."""
     await asyncio.to_thread(migrate, settings.resolved_database_url)
     for ensure, schedule_id, what, without in AUXILIARY_SCHEDULES:
@@ -371,6 +395,7 @@ async def run_worker(client: Client, settings: Settings) -> None:
                 client.namespace,
             )
     async with httpx.AsyncClient(timeout=30.0) as http:
-        worker = build_worker(client, settings, http)
+        telemetry.instrument_http(http)
+        worker = build_worker(client, settings, http, telemetry=telemetry)
         log.info("worker polling task queue %r", settings.task_queue)
         await worker.run()

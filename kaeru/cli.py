@@ -66,6 +66,8 @@ from kaeru.serving import (
     safe_url,
 )
 from kaeru.settings import Settings, known_timezone
+from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
+from kaeru.telemetry import setup_logging as configure_logging
 from kaeru.temporal import connect, ensure_search_attributes
 from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
 from starter.app import create_app
@@ -135,12 +137,17 @@ def load_settings() -> Settings:
     return settings
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Log at INFO (``verbose``) or WARNING, in ``KAERU_LOG_FORMAT`` (kaeru/telemetry.py)."""
+    configure_logging(logging.INFO if verbose else logging.WARNING, log_format)
+
+
+def telemetry_for(service: str) -> Telemetry:
+    """Tracing as the OTEL_* variables say (off without an OTLP endpoint), or a CLI message."""
+    try:
+        return Telemetry.from_env(service)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -203,7 +210,7 @@ def dev(
     settings = load_settings()
     if demo:
         settings = with_demo_waits(settings)
-    setup_logging(verbose)
+    setup_logging(verbose, settings.log_format)
     run(run_dev(plan_dev(settings), console, demo=demo))
 
 
@@ -248,7 +255,9 @@ def worker(
 ) -> None:
     """Run one worker (journeys and activities) against the configured Temporal."""
     settings = load_settings()
-    setup_logging(verbose)
+    setup_logging(verbose, settings.log_format)
+
+    telemetry = telemetry_for(WORKER_SERVICE)
 
     async def main() -> None:
         try:
@@ -256,7 +265,7 @@ def worker(
         except MetricsPortTaken as exc:
             raise StackError(str(exc)) from exc
         client = await connected(settings, runtime)
-        task = asyncio.create_task(run_worker(client, settings))
+        task = asyncio.create_task(run_worker(client, settings, telemetry))
         console.print(
             f"worker polling task queue {settings.task_queue!r} on "
             f"{settings.resolved_temporal_address} ({settings.temporal_namespace}); Ctrl-C stops"
@@ -275,7 +284,10 @@ def worker(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        telemetry.shutdown()
 
 
 #: Shortest server write key and operator token ``kaeru api`` accepts.
@@ -315,7 +327,9 @@ def api(
     settings = load_settings()
     if problem := api_key_problem(settings):
         fail(problem)
-    setup_logging(verbose)
+    setup_logging(verbose, settings.log_format)
+
+    telemetry = telemetry_for(API_SERVICE)
 
     async def main() -> None:
         sock = listening_socket(
@@ -326,7 +340,7 @@ def api(
         )
         # No client: the router connects in the background, so ingestion stores events
         # even while Temporal is down.
-        server = AppServer(create_app(settings), sock, what="the API")
+        server = AppServer(create_app(settings, telemetry=telemetry), sock, what="the API")
         await server.start()
         console.print(f"API on {local_url(settings.api_host, settings.api_port)}; Ctrl-C stops")
         await until_stopped(server.task)
@@ -335,7 +349,10 @@ def api(
             raise StackError(f"the API stopped by itself: {error or 'no error'}")
         await server.stop()
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        telemetry.shutdown()
 
 
 # ---- chores ----------------------------------------------------------------------------------
@@ -1099,3 +1116,27 @@ from kaeru.cli_hold import journeys_app, kill_switch_app  # noqa: E402 - it impo
 
 app.add_typer(kill_switch_app, name="kill-switch")
 app.add_typer(journeys_app, name="journeys")
+
+# ---- kaeru journeys list|show, customers show, audiences show, audit (kaeru/cli_read.py) ------
+
+from kaeru.cli_read import (  # noqa: E402 - it imports this module
+    audiences_app,
+    audiences_show,
+    audit_log,
+    customers_show,
+    journeys_list,
+    journeys_show,
+)
+
+journeys_app.command("list")(journeys_list)
+journeys_app.command("show")(journeys_show)
+customers_app.command("show")(customers_show)
+audiences_app.command("show")(audiences_show)
+app.add_typer(audiences_app, name="audiences")
+app.command("audit")(audit_log)
+
+# ---- kaeru journeys impact, kaeru deploy-check (kaeru/cli_deploy.py) ---------------------------
+
+from kaeru.cli_deploy import deploy_check  # noqa: E402 - it imports this module
+
+app.command("deploy-check")(deploy_check)

@@ -2,23 +2,27 @@
 
 The kill switch is in the database (kaeru/kill_switch.py); a switch that goes off releases the
 journeys it held by a ``resume`` signal to each, found through visibility (``KaeruHeld``).
-Every change is recorded in the audit log with the CLI's actor.
+Every change is recorded in the audit log with the CLI's actor. The checks and changes are
+kaeru/steering.py's; with ``KAERU_API_URL`` set, each command asks that deployment's admin API
+(starter/steering.py) to do the same, with ``KAERU_OPERATOR_TOKEN`` instead of database and
+Temporal credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.progress import Progress
 from rich.table import Table
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
-from kaeru import audit
+from kaeru import audit, steering
 from kaeru.cli import (
     connected,
     console,
@@ -29,29 +33,16 @@ from kaeru.cli import (
     load_settings,
     run,
 )
-from kaeru.holds import (
-    GLOBAL,
-    KILL_SWITCH,
-    PAUSE_SIGNAL,
-    PAUSED,
-    RELEASE_JOURNEY,
-    RELEASE_KILL_SWITCH,
-    RESUME_SIGNAL,
-    PauseJourney,
-    ResumeJourney,
-)
-from kaeru.journeys import load_registry
-from kaeru.kill_switch import JourneyKind, covering, switches, turn_off, turn_on
+from kaeru.holds import GLOBAL
+from kaeru.kill_switch import JourneyKind, switches
 from kaeru.models import KillSwitch
-from kaeru.search_attributes import HELD, OUTCOME
+from kaeru.remote import RemoteError, admin_call, journey_path
 from kaeru.serving import StackError
 from kaeru.settings import Settings
-from kaeru.temporal import missing_search_attributes
+from kaeru.steering import CANCEL_WAIT, NO_HELD_ATTRIBUTE, SteeringError, named
 from workflows.kit import HOLD_RECHECK_MAX
 
-#: How long ``journeys cancel`` waits to see the journey end before it says it was asked.
-CANCEL_WAIT = 10.0
-HELD_BY_SWITCH = f'{HELD.name} = "{KILL_SWITCH}" AND ExecutionStatus = "Running"'
+__all__ = ["CANCEL_WAIT", "journeys_app", "kill_switch_app"]
 
 
 def say(text: str) -> None:
@@ -59,47 +50,58 @@ def say(text: str) -> None:
     console.print(text, soft_wrap=True)
 
 
-#: What to say when the namespace lacks ``KaeruHeld``: a held journey's upsert of it would fail
-#: its workflow task on every try (it sends nothing, and goes on once the attribute exists).
-NO_HELD_ATTRIBUTE = (
-    f"the Temporal namespace has no {HELD.name} search attribute: a held journey cannot show "
-    "it and stops until it is added",
-    f"Run `kaeru setup` (on Temporal Cloud, add {HELD.name} as a Keyword in the namespace).",
-)
+def refused(err: SteeringError) -> NoReturn:
+    fail(err.problem, *err.fix)
 
 
-async def _held_attribute_missing(client: Client, namespace: str) -> bool:
+def remote(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """An admin API call to ``KAERU_API_URL``; its refusal printed with exit status 1."""
     try:
-        return HELD.name in await missing_search_attributes(client, namespace)
-    except RPCError:
-        return False  # cannot tell (a server or an API key that does not list them)
+        return admin_call(settings, method, path, body)
+    except RemoteError as exc:
+        fail(str(exc))
 
 
-def _journeys(settings: Settings) -> dict[str, JourneyKind]:
-    """Workflow type → kind, for every journey this deployment knows."""
-    return {
-        route.workflow_name: JourneyKind(route.kind, route.journey.transactional)
-        for route in load_registry(settings).routes
-    }
+@contextmanager
+def refusals() -> Iterator[None]:
+    try:
+        yield
+    except SteeringError as err:
+        refused(err)
 
 
-def _scope_of(kind: str | None, journeys: dict[str, JourneyKind]) -> str:
-    if kind is None:
-        return GLOBAL
-    kinds = sorted(j.kind for j in journeys.values())
-    if kind not in kinds:
-        fail(f"there is no journey kind {kind!r}", f"Give one of: {', '.join(kinds)}.")
-    return kind
+@dataclass(frozen=True)
+class SwitchView:
+    """A switch as the CLI shows it, read from the database or from the admin API."""
 
+    scope: str
+    covers: str
+    since: datetime
+    by: str
+    reason: str
+    held: int | None = None
 
-def _named(scope: str) -> str:
-    return "the global kill switch" if scope == GLOBAL else f"the {scope} kill switch"
+    @classmethod
+    def of(cls, switch: KillSwitch, held: int | None = None) -> SwitchView:
+        return cls(
+            switch.scope,
+            steering.covers(switch),
+            switch.since,
+            switch.actor,
+            switch.reason,
+            held,
+        )
 
-
-def _covers(switch: KillSwitch) -> str:
-    if switch.scope != GLOBAL:
-        return f"{switch.scope} journeys"
-    return "every journey" if switch.include_transactional else "marketing journeys"
+    @classmethod
+    def read(cls, answer: dict[str, Any]) -> SwitchView:
+        return cls(
+            answer["scope"],
+            answer["covers"],
+            datetime.fromisoformat(answer["since"]),
+            answer["by"],
+            answer["reason"],
+            answer.get("held"),
+        )
 
 
 # ---- kaeru kill-switch ----------------------------------------------------------------------
@@ -132,37 +134,40 @@ def kill_switch_on(
     """Turn a kill switch on: the journeys it covers (and those that start while it is on)
     wait before their next outside step."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    scope = _scope_of(kind, journeys)
-    if include_transactional and scope != GLOBAL:
-        fail(
-            "--all is for the global switch: a kind's switch holds that kind, transactional or not",
-            f"Run `kaeru kill-switch on --kind {scope}` without --all.",
+    if settings.api_url:
+        answer = remote(
+            settings,
+            "POST",
+            "/v1/admin/kill-switch/on",
+            {"kind": kind, "all": include_transactional, "reason": reason},
         )
-    url, label = database_url_checked(settings)
-    actor = audit.cli_actor()
-    with database_problems(label):
-        switch, changed = turn_on(
-            url, scope, actor=actor, reason=reason, include_transactional=include_transactional
-        )
+        view, changed = SwitchView.read(answer["switch"]), bool(answer["changed"])
+        cache = float(answer["workers_see_it_within_seconds"])
+    else:
+        journeys = steering.journeys_of(settings)
+        url, label = database_url_checked(settings)
+        with refusals(), database_problems(label):
+            switch, changed = steering.switch_on(
+                url,
+                journeys,
+                kind,
+                actor=audit.cli_actor(),
+                reason=reason,
+                include_transactional=include_transactional,
+            )
+        view, cache = SwitchView.of(switch), settings.kill_switch_cache.total_seconds()
+    scope = view.scope
     if not changed:
         say(
-            f"{_named(scope).capitalize()} was already on (since {switch.since:%Y-%m-%d %H:%M:%S}"
-            f" UTC, by {switch.actor}): nothing was changed."
+            f"{named(scope).capitalize()} was already on (since {view.since:%Y-%m-%d %H:%M:%S}"
+            f" UTC, by {view.by}): nothing was changed."
         )
         return
-    audit.record(
-        url,
-        actor,
-        "kill_switch.on",
-        scope,
-        {"reason": reason, "include_transactional": include_transactional},
-    )
-    cache = int(settings.kill_switch_cache.total_seconds())
     off = "kaeru kill-switch off" + ("" if scope == GLOBAL else f" --kind {scope}")
     say(
-        f"{_named(scope).capitalize()} is on: {_covers(switch)} wait before their next email, "
-        f"coupon or audience join (workers see it within {cache} s). Release them with `{off}`."
+        f"{named(scope).capitalize()} is on: {view.covers} wait before their next email, "
+        f"coupon or audience join (workers see it within {int(cache)} s). Release them with "
+        f"`{off}`."
     )
     if scope == GLOBAL and not include_transactional:
         say("Transactional messages (order confirmations) still go out: --all holds them.")
@@ -171,36 +176,31 @@ def kill_switch_on(
 def kill_switch_off(kind: KindOption = None) -> None:
     """Turn a kill switch off and release the journeys it held: each sends what it held, once."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    scope = _scope_of(kind, journeys)
-    url, label = database_url_checked(settings)
-    with database_problems(label):
-        switch = turn_off(url, scope)
-        still_on = switches(url)
-    if switch is None:
-        fail(
-            f"{_named(scope)} is not on: nothing was changed",
-            "See what is on with `kaeru kill-switch status`.",
-        )
-    actor = audit.cli_actor()
-    audit.record(
-        url,
-        actor,
-        "kill_switch.off",
-        scope,
-        {"on_since": switch.since.isoformat(), "turned_on_by": switch.actor},
-    )
+    problem: str | None = None
+    if settings.api_url:
+        answer = remote(settings, "POST", "/v1/admin/kill-switch/off", {"kind": kind})
+        scope = SwitchView.read(answer["switch"]).scope
+        released, failed = int(answer["released"]), int(answer["failed"])
+        problem = answer.get("release_problem")
+    else:
+        journeys = steering.journeys_of(settings)
+        url, label = database_url_checked(settings)
+        actor = audit.cli_actor()
+        with refusals(), database_problems(label):
+            switch, still_on = steering.switch_off(url, journeys, kind, actor=actor)
+        scope = switch.scope
+        try:
+            released, failed = asyncio.run(_release(settings, journeys, scope, still_on, actor))
+        except (StackError, RPCError) as exc:
+            problem = exc.message if isinstance(exc, RPCError) else str(exc)
     on_their_own = f"they try again on their own within {_spoken(HOLD_RECHECK_MAX)}"
-    try:
-        released, failed = asyncio.run(_release(settings, journeys, scope, still_on, actor))
-    except (StackError, RPCError) as exc:
-        problem = exc.message if isinstance(exc, RPCError) else str(exc)
+    if problem is not None:
         fail(
-            f"{_named(scope)} is off, but the journeys it held could not be released ({problem})",
+            f"{named(scope)} is off, but the journeys it held could not be released ({problem})",
             f"Without a release {on_their_own}.",
         )
     say(
-        f"{_named(scope).capitalize()} is off: released {released} held journey(s); they go on "
+        f"{named(scope).capitalize()} is off: released {released} held journey(s); they go on "
         "at once."
     )
     if failed:
@@ -216,93 +216,70 @@ async def _release(
     settings: Settings,
     journeys: dict[str, JourneyKind],
     scope: str,
-    still_on: Sequence[KillSwitch],
+    still_on: list[KillSwitch],
     actor: str,
 ) -> tuple[int, int]:
     """Signal ``resume`` to every journey held by the switch that went off and by no other."""
     client = await connected(settings)
-    query = HELD_BY_SWITCH
-    if scope != GLOBAL:
-        names = [name for name, j in journeys.items() if j.kind == scope]
-        query += f' AND WorkflowType = "{names[0]}"'
-    held = [w async for w in client.list_workflows(query)]
-    todo = []
-    for execution in held:
-        journey = journeys.get(execution.workflow_type)
-        if journey is not None and covering(still_on, journey.kind, journey.transactional):
-            continue  # another switch still holds it
-        todo.append(execution.id)
-    released = failed = 0
+    todo = await steering.held_by(client, journeys, scope, still_on)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("releasing held journeys", total=len(todo))
-        for workflow_id in todo:
-            try:
-                await client.get_workflow_handle(workflow_id).signal(
-                    RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH, actor=actor)
-                )
-                released += 1
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to release
-                    failed += 1
-            progress.advance(task)
-    return released, failed
+        return await steering.release(client, todo, actor, lambda: progress.advance(task))
 
 
 def kill_switch_status() -> None:
     """What is on, since when, by whom, and how many journeys each holds now."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    url, label = database_url_checked(settings)
-    with database_problems(label):
-        on = switches(url)
-    counts, paused = run(_held_counts(settings, journeys, on))
-    if not on:
+    if settings.api_url:
+        answer = remote(settings, "GET", "/v1/admin/kill-switch")
+        views = [SwitchView.read(s) for s in answer["on"]]
+        paused, problem = answer["paused"], answer.get("temporal_problem")
+        if paused is None:
+            problem = None  # said below
+    else:
+        journeys = steering.journeys_of(settings)
+        url, label = database_url_checked(settings)
+        with database_problems(label):
+            on = switches(url)
+        counts, paused, problem = run(_held_counts(settings, journeys, on))
+        views = [SwitchView.of(s, counts.get(s.scope)) for s in on]
+    if not views:
         say("No kill switch is on.")
     else:
         table = Table(box=None, header_style="bold")
         for column in ("switch", "holds", "since (UTC)", "by", "reason", "held now"):
             table.add_column(column)
-        for switch in on:
-            held = counts.get(switch.scope)
+        for view in views:
             table.add_row(
-                "global" if switch.scope == GLOBAL else switch.scope,
-                _covers(switch),
-                f"{switch.since:%Y-%m-%d %H:%M:%S}",
-                switch.actor,
-                switch.reason or "-",
-                "?" if held is None else str(held),
+                "global" if view.scope == GLOBAL else view.scope,
+                view.covers,
+                f"{view.since:%Y-%m-%d %H:%M:%S}",
+                view.by,
+                view.reason or "-",
+                "?" if view.held is None else str(view.held),
             )
         console.print(table)
+    if problem:
+        errors.print(problem, soft_wrap=True)
     if paused is None:
-        say(
-            "Held journeys not counted: Temporal could not be asked (check KAERU_TEMPORAL_ADDRESS)."
-        )
+        where = "KAERU_API_URL's deployment" if settings.api_url else "KAERU_TEMPORAL_ADDRESS"
+        say(f"Held journeys not counted: Temporal could not be asked (check {where}).")
     elif paused:
         say(f"{paused} journey(s) paused by an operator (`kaeru journeys resume <id>`).")
 
 
 async def _held_counts(
-    settings: Settings, journeys: dict[str, JourneyKind], on: Sequence[KillSwitch]
-) -> tuple[dict[str, int], int | None]:
-    """Held journeys per switch, and paused ones; ``({}, None)`` when Temporal cannot answer."""
+    settings: Settings, journeys: dict[str, JourneyKind], on: list[KillSwitch]
+) -> tuple[dict[str, int], int | None, str | None]:
+    """Held journeys per switch, paused ones, and a warning; ``({}, None, None)`` when Temporal
+    cannot answer (the switches are shown whatever Temporal says)."""
     try:
         client = await connected(settings)
-        counts: dict[str, int] = {}
-        for switch in on:
-            if switch.scope != GLOBAL:
-                names = [n for n, j in journeys.items() if j.kind == switch.scope]
-                query = f'{HELD_BY_SWITCH} AND WorkflowType = "{names[0]}"' if names else None
-                counts[switch.scope] = (await client.count_workflows(query)).count if query else 0
-        if any(s.scope == GLOBAL for s in on):
-            total = (await client.count_workflows(HELD_BY_SWITCH)).count
-            counts[GLOBAL] = total - sum(counts.values())
-        paused_query = f'{HELD.name} = "{PAUSED}" AND ExecutionStatus = "Running"'
-        paused = (await client.count_workflows(paused_query)).count
-        if await _held_attribute_missing(client, settings.temporal_namespace):
-            errors.print(" ".join(NO_HELD_ATTRIBUTE), soft_wrap=True)
-    except (StackError, RPCError):  # the switches are shown whatever Temporal says
-        return {}, None
-    return counts, paused
+        counts, paused = await steering.held_counts(client, journeys, on)
+        missing = await steering.held_attribute_missing(client, settings.temporal_namespace)
+    except (StackError, RPCError):
+        return {}, None, None
+    return counts, paused, " ".join(NO_HELD_ATTRIBUTE) if missing else None
 
 
 kill_switch_app.command("on")(kill_switch_on)
@@ -313,7 +290,8 @@ kill_switch_app.command("status")(kill_switch_status)
 # ---- kaeru journeys pause | resume | cancel ---------------------------------------------------
 
 journeys_app = typer.Typer(
-    help="Running journeys: pause, resume or cancel one.", no_args_is_help=True
+    help="Journeys: list them, show one, pause, resume or cancel one, and the impact of a change.",
+    no_args_is_help=True,
 )
 
 JourneyIdArg = Annotated[
@@ -321,36 +299,23 @@ JourneyIdArg = Annotated[
 ]
 
 
-async def _running(
-    client: Client, workflow_id: str, journeys: dict[str, JourneyKind]
-) -> WorkflowExecutionDescription:
-    """The description of a running journey, or a clear failure."""
-    try:
-        description = await client.get_workflow_handle(workflow_id).describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            fail(
-                f"there is no journey with id {workflow_id!r}",
-                "Journey ids are <kind>-<customer id>: find it in the Temporal UI "
-                "(search KaeruCustomerId).",
-            )
-        raise
-    if description.workflow_type not in journeys:
-        fail(f"{workflow_id!r} is a {description.workflow_type} workflow, not a journey")
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        status = description.status.name.lower() if description.status else "ended"
-        outcome = description.typed_search_attributes.get(OUTCOME)
-        said = f", outcome {outcome}" if outcome else ""
-        fail(f"journey {workflow_id!r} has already ended ({status}{said}): nothing was changed")
-    return description
+def _steer(settings: Settings, act: Any) -> Any:
+    """Connect and run ``act(client, journeys)``, turning a refusal or a Temporal failure
+    into one line with the fix."""
 
+    async def steer() -> Any:
+        return await act(await connected(settings), steering.journeys_of(settings))
 
-def _steer(coro_of: Any) -> Any:
-    """Run a journey command, turning a Temporal failure into one line with the fix."""
     try:
-        return run(coro_of)
+        with refusals():
+            return run(steer())
     except RPCError as err:
         fail(f"Temporal refused: {err.message}", "Check KAERU_TEMPORAL_ADDRESS and try again.")
+
+
+def _local(settings: Settings) -> None:
+    """Check the database before steering: every change is audited there."""
+    database_url_checked(settings)
 
 
 def journeys_pause(
@@ -360,26 +325,21 @@ def journeys_pause(
     """Pause one journey: it waits before its next email, coupon or audience join until
     `kaeru journeys resume`. Its waits go on, and a purchase still ends it."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    url, _ = database_url_checked(settings)
-    actor = audit.cli_actor()
-
-    async def pause() -> bool:
-        client = await connected(settings)
-        description = await _running(client, workflow_id, journeys)
-        if description.typed_search_attributes.get(HELD) == PAUSED:
-            return False
-        if await _held_attribute_missing(client, settings.temporal_namespace):
-            fail(*NO_HELD_ATTRIBUTE)
-        await client.get_workflow_handle(workflow_id).signal(
-            PAUSE_SIGNAL, PauseJourney(reason=reason, actor=actor)
+    if settings.api_url:
+        answer = remote(settings, "POST", journey_path(workflow_id, "pause"), {"reason": reason})
+        changed = bool(answer["changed"])
+    else:
+        _local(settings)
+        actor = audit.cli_actor()
+        changed = _steer(
+            settings,
+            lambda client, journeys: steering.pause(
+                client, settings, journeys, workflow_id, reason=reason, actor=actor
+            ),
         )
-        return True
-
-    if not _steer(pause()):
+    if not changed:
         say(f"Journey {workflow_id} already is paused: nothing was changed.")
         return
-    audit.record(url, actor, "journey.pause", workflow_id, {"reason": reason})
     say(
         f"Paused {workflow_id}: it waits before its next email, coupon or audience join. "
         f"Resume it with `kaeru journeys resume {workflow_id}`."
@@ -389,35 +349,23 @@ def journeys_pause(
 def journeys_resume(workflow_id: JourneyIdArg) -> None:
     """Resume a paused or held journey: what it held goes out once."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    url, label = database_url_checked(settings)
-    actor = audit.cli_actor()
-
-    async def resume() -> tuple[str | None, str]:
-        client = await connected(settings)
-        description = await _running(client, workflow_id, journeys)
-        held = description.typed_search_attributes.get(HELD)
-        if held is not None:
-            await client.get_workflow_handle(workflow_id).signal(
-                RESUME_SIGNAL, ResumeJourney(scope=RELEASE_JOURNEY, actor=actor)
-            )
-        return held, description.workflow_type
-
-    held, workflow_type = _steer(resume())
-    if held is None:
-        fail(
-            f"journey {workflow_id!r} is neither paused nor held: nothing was changed",
-            f"Pause it with `kaeru journeys pause {workflow_id}`.",
+    if settings.api_url:
+        answer = remote(settings, "POST", journey_path(workflow_id, "resume"))
+        still: str | None = answer.get("still_held_by")
+    else:
+        _local(settings)
+        actor = audit.cli_actor()
+        resumed = _steer(
+            settings,
+            lambda client, journeys: steering.resume(
+                client, settings, journeys, workflow_id, actor=actor
+            ),
         )
-    audit.record(url, actor, "journey.resume", workflow_id, {"was": held})
+        still = resumed.still_held_by.scope if resumed.still_held_by else None
     say(f"Resumed {workflow_id}: it goes on with the step it held.")
-    with database_problems(label):
-        on = switches(url)
-    journey = journeys[workflow_type]
-    switch = covering(on, journey.kind, journey.transactional)
-    if switch is not None:
+    if still is not None:
         say(
-            f"{_named(switch.scope).capitalize()} is still on: the journey is held again at its "
+            f"{named(still).capitalize()} is still on: the journey is held again at its "
             "next email, coupon or audience join."
         )
 
@@ -431,23 +379,18 @@ def journeys_cancel(
     """Cancel one journey: it ends at once with outcome `cancelled`, taking the shopper out of
     the ad audiences it put them in; nothing else is sent."""
     settings = load_settings()
-    journeys = _journeys(settings)
-    url, _ = database_url_checked(settings)
-    actor = audit.cli_actor()
-
-    async def cancel() -> bool:
-        client = await connected(settings)
-        await _running(client, workflow_id, journeys)
-        handle = client.get_workflow_handle(workflow_id)
-        await handle.cancel(reason=reason or f"cancelled by {actor}")
-        for _ in range(int(CANCEL_WAIT * 10)):
-            if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    ended = _steer(cancel())
-    audit.record(url, actor, "journey.cancel", workflow_id, {"reason": reason})
+    if settings.api_url:
+        answer = remote(settings, "POST", journey_path(workflow_id, "cancel"), {"reason": reason})
+        ended = bool(answer["changed"])
+    else:
+        _local(settings)
+        actor = audit.cli_actor()
+        ended = _steer(
+            settings,
+            lambda client, journeys: steering.cancel(
+                client, settings, journeys, workflow_id, reason=reason, actor=actor
+            ),
+        )
     if ended:
         say(f"Cancelled {workflow_id}: it ended cancelled and left its ad audiences.")
     else:

@@ -72,6 +72,26 @@ class Settings(BaseSettings):
     temporal_api_key: SecretStr | None = Field(
         None, description="Temporal Cloud API key (implies TLS)"
     )
+    temporal_tls_cert: Path | None = Field(
+        None,
+        description="path to the PEM client certificate for mTLS (Temporal Cloud); needs "
+        "KAERU_TEMPORAL_TLS_KEY; implies TLS",
+    )
+    temporal_tls_key: Path | None = Field(
+        None,
+        validate_default=True,
+        description="path to the PEM private key of KAERU_TEMPORAL_TLS_CERT",
+    )
+    temporal_tls_ca: Path | None = Field(
+        None,
+        description="path to the PEM CA that signed Temporal's server certificate; unset: the "
+        "system's trusted roots (right for Temporal Cloud)",
+    )
+    temporal_tls_server_name: str | None = Field(
+        None,
+        description="name to send (SNI) and to verify Temporal's server certificate against, "
+        "when it differs from the host of KAERU_TEMPORAL_ADDRESS",
+    )
     temporal_namespace: str = Field("default", description="Temporal namespace of every journey")
     task_queue: str = Field("kaeru", description="task queue the worker polls and journeys run on")
     temporal_ui_port: int = Field(8233, description="port of the dev server's web UI (`kaeru dev`)")
@@ -122,6 +142,12 @@ class Settings(BaseSettings):
         None,
         description="bearer token of the admin API (`Authorization: Bearer ...`); unset: the "
         "admin API answers 503 (`kaeru dev` makes one)",
+    )
+    api_url: str | None = Field(
+        None,
+        description="base URL of a remote kaeru API (https://kaeru.example.com); set, `kaeru "
+        "kill-switch` and `kaeru journeys pause|resume|cancel` steer it through its admin API "
+        "with KAERU_OPERATOR_TOKEN instead of the database and Temporal",
     )
     max_clock_skew: float = Field(
         86400.0,
@@ -177,6 +203,13 @@ class Settings(BaseSettings):
         None,
         description="bearer token `/metrics` needs (`Authorization: Bearer ...`); unset: "
         "`/metrics` is open, so keep the API's port on the internal network",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "log lines of `kaeru api`, `worker` and `dev`: `text`, or `json` (one object a "
+            "line with time, level, logger, message, trace_id and span_id)"
+        ),
     )
     max_event_bytes: int = Field(32 * 1024, description="largest event accepted (413 above it)")
     max_batch_bytes: int = Field(
@@ -411,6 +444,30 @@ class Settings(BaseSettings):
     def _previous_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty key would verify whatever anyone signs with it.
         return value if value is not None and value.get_secret_value() else None
+
+    @field_validator(
+        "temporal_tls_cert",
+        "temporal_tls_key",
+        "temporal_tls_ca",
+        "temporal_tls_server_name",
+        mode="before",
+    )
+    @classmethod
+    def _empty_tls_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("temporal_tls_key")
+    @classmethod
+    def _tls_cert_and_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # On the second of the two, so the error names a variable (the CLI shows it).
+        cert = info.data.get("temporal_tls_cert") is not None
+        if cert != (value is not None):
+            missing = "KAERU_TEMPORAL_TLS_KEY" if cert else "KAERU_TEMPORAL_TLS_CERT"
+            raise ValueError(
+                "mTLS needs KAERU_TEMPORAL_TLS_CERT and KAERU_TEMPORAL_TLS_KEY together: "
+                f"{missing} is missing (set it to the path of its PEM file, or unset both)"
+            )
+        return value
 
     @field_validator("dkim_private_key", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ interceptors or TLS apply everywhere at once.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
@@ -17,7 +18,7 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client
 from temporalio.converter import DataConverter
 from temporalio.runtime import Runtime
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from kaeru.codec import data_converter
 from kaeru.search_attributes import SEARCH_ATTRIBUTES
@@ -56,12 +57,13 @@ async def connect(
     """
     target = address or settings.resolved_temporal_address
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
+    tls = tls_config(settings)
     try:
         return await Client.connect(
             target,
             namespace=settings.temporal_namespace,
             api_key=api_key,
-            tls=settings.temporal_tls or api_key is not None,
+            tls=tls if tls is not None else api_key is not None,
             # The payload codec (kaeru/codec.py) when KAERU_CODEC_MASTER_KEY is set: the
             # worker, the router (signal-with-start carries events) and the CLI all get it.
             data_converter=converter(settings),
@@ -70,8 +72,92 @@ async def connect(
     except RuntimeError as exc:
         raise RuntimeError(
             f"cannot reach Temporal at {target} (namespace {settings.temporal_namespace!r}): "
-            f"{exc}. Start it with `kaeru dev`, or set KAERU_TEMPORAL_ADDRESS."
+            f"{exc}. {_fix(str(exc), settings, tls is not None)}"
         ) from exc
+
+
+def _fix(problem: str, settings: Settings, tls: bool) -> str:
+    """What to do about a failed connection, read from the core's error text."""
+    if "UnknownIssuer" in problem:
+        return (
+            "Temporal's server certificate is not signed by a CA this machine trusts: set "
+            "KAERU_TEMPORAL_TLS_CA to the PEM file of the CA that signed it."
+        )
+    if "NotValidForName" in problem:
+        return (
+            "Temporal's server certificate is not issued for the host of "
+            "KAERU_TEMPORAL_ADDRESS: set KAERU_TEMPORAL_TLS_SERVER_NAME to the name it is "
+            "issued for."
+        )
+    if tls and settings.temporal_tls_cert is not None:
+        return (
+            "Check KAERU_TEMPORAL_ADDRESS, and that the namespace accepts the certificate of "
+            "KAERU_TEMPORAL_TLS_CERT (its CA is in the namespace's settings)."
+        )
+    if tls and settings.temporal_api_key is None:
+        return (
+            "Check KAERU_TEMPORAL_ADDRESS; a server that closes the TLS connection may want a "
+            "client certificate: set KAERU_TEMPORAL_TLS_CERT and KAERU_TEMPORAL_TLS_KEY (or "
+            "KAERU_TEMPORAL_API_KEY)."
+        )
+    return "Start it with `kaeru dev`, or set KAERU_TEMPORAL_ADDRESS."
+
+
+class TemporalTLSError(RuntimeError):
+    """A TLS setting names a file that cannot be read or is not PEM; the message says which."""
+
+
+def tls_config(settings: Settings) -> TLSConfig | None:
+    """The TLS of the connection to Temporal: None for plain gRPC (unless an API key asks
+    for TLS), else the client certificate (mTLS), the server's CA and name as set.
+
+    Without ``KAERU_TEMPORAL_TLS_CA`` the server certificate is checked against the system's
+    trusted roots (Temporal's core uses the OS store), which is what Temporal Cloud needs.
+
+    Raises:
+        TemporalTLSError: a file cannot be read or holds no PEM of the kind expected.
+    """
+    wanted = (
+        settings.temporal_tls
+        or settings.temporal_tls_cert is not None
+        or settings.temporal_tls_ca is not None
+        or settings.temporal_tls_server_name is not None
+    )
+    if not wanted:
+        return None
+    cert = key = ca = None
+    if settings.temporal_tls_cert is not None and settings.temporal_tls_key is not None:
+        cert = _pem("KAERU_TEMPORAL_TLS_CERT", settings.temporal_tls_cert, "CERTIFICATE")
+        key = _pem("KAERU_TEMPORAL_TLS_KEY", settings.temporal_tls_key, "PRIVATE KEY")
+    if settings.temporal_tls_ca is not None:
+        ca = _pem("KAERU_TEMPORAL_TLS_CA", settings.temporal_tls_ca, "CERTIFICATE")
+    return TLSConfig(
+        server_root_ca_cert=ca,
+        domain=settings.temporal_tls_server_name,
+        client_cert=cert,
+        client_private_key=key,
+    )
+
+
+def _pem(variable: str, path: Path, label: str) -> bytes:
+    """The PEM file ``path`` names, checked to hold a ``label`` block (``PRIVATE KEY`` also
+    matches ``RSA PRIVATE KEY`` and ``EC PRIVATE KEY``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TemporalTLSError(
+            f"{variable}={path} cannot be read ({exc.strerror or exc}): give the path of a "
+            "readable PEM file"
+        ) from exc
+    text = data.decode("ascii", errors="replace")
+    begins = [line for line in text.splitlines() if line.startswith("-----BEGIN ")]
+    if not any(line.endswith(f"{label}-----") for line in begins):
+        found = f"it holds {begins[0].strip('-')[6:]}" if begins else "it is not PEM"
+        raise TemporalTLSError(
+            f"{variable}={path} holds no PEM {label.lower()} ({found}): give a file that "
+            f"starts with -----BEGIN {label}-----"
+        )
+    return data
 
 
 async def missing_search_attributes(client: Client, namespace: str) -> list[str]:

@@ -28,6 +28,7 @@ from temporalio.client import Client
 from kaeru.db import migrate
 from kaeru.models import utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry
 from starter import (
     admin,
     codec_server,
@@ -40,6 +41,7 @@ from starter import (
     privacy,
     recommendations,
     shopify,
+    steering,
     unsubscribe,
 )
 from starter.deps import (
@@ -85,7 +87,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    settings: Settings, client: Client | None = None, *, run_router: bool = True
+    settings: Settings,
+    client: Client | None = None,
+    *,
+    run_router: bool = True,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> FastAPI:
     """The API for ``settings``.
 
@@ -95,6 +101,8 @@ def create_app(
             :func:`kaeru.temporal.connect` in the background and keeps retrying, so ingestion
             works (stores) while Temporal is down.
         run_router: False serves the API without routing (another process routes).
+        telemetry: traces of the requests and of the router's deliveries (kaeru/telemetry.py;
+            off by default).
     """
 
     @asynccontextmanager
@@ -123,7 +131,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics.ApiMetrics()
-    app.state.router = Router(settings, client, metrics=app.state.metrics)
+    app.state.router = Router(settings, client, telemetry=telemetry, metrics=app.state.metrics)
     app.state.event_store = EventStore(settings, metrics=app.state.metrics)
     limits.install(app, settings)
     _install_error_handlers(app)
@@ -141,6 +149,7 @@ def create_app(
     app.include_router(consent_api.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(steering.router)
     app.include_router(codec_server.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
@@ -149,6 +158,7 @@ def create_app(
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    telemetry.instrument_app(app)
     return app
 
 

@@ -57,6 +57,7 @@ from kaeru.identity import IDENTITY_MERGED, merge_id, merge_refusal
 from kaeru.journeys import kind_of_workflow_id
 from kaeru.models import CartItem, Customer, Event, IdentityAlias, Order, OrderLine, Product, utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import current_carrier
 from kaeru.touchpoints import ADS, channel_of, record_purchase, record_touchpoint
 from starter.consent_changes import change_consent
 from starter.events import (
@@ -72,6 +73,7 @@ from starter.outbox import insert_events as insert_events
 from starter.outbox import insert_statement as _insert
 from starter.outbox import outbox_row as outbox_row
 from starter.outbox import table_of as _table
+from starter.outbox import with_trace_context
 from workflows.kit import AD_CLICKED
 
 log = logging.getLogger("kaeru.ingest")
@@ -225,6 +227,8 @@ class EventStore:
         """Store ``events`` (already checked); returns once they are committed."""
         if not events:
             return StoreResult(stored=0, duplicates=0, to_route=False)
+        if carrier := current_carrier():  # tracing on: the router continues this trace
+            events = [with_trace_context(event, carrier) for event in events]
         future: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
         self._pending.append((list(events), future))
         if self._active < self.writers:

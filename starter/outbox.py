@@ -7,6 +7,7 @@ is commit order and a repeated ``messageId`` is stored once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -17,12 +18,17 @@ from sqlmodel import Session
 
 from kaeru.journeys import deliveries
 from kaeru.models import Event
-from starter.events import journey_properties
+from starter.events import IncomingEvent, journey_properties
 
 #: PostgreSQL advisory lock held while events are inserted, so ``seq`` order is commit order:
 #: without it a slow transaction could commit seq 10 after the router has routed seq 11, and
 #: the journey (which ignores seq <= the last it saw) would drop seq 10.
 OUTBOX_LOCK = 0x6B61657275
+
+#: The payload's ``kaeru`` note holding the W3C trace context (``traceparent``, ``tracestate``)
+#: of the request that stored the event, so the router's span continues that request's trace.
+#: Only with tracing on (kaeru/telemetry.py); journeys never see it (journey_properties).
+TRACE_NOTE = "trace"
 
 
 def insert_statement(session: Session, table: Any) -> Any:
@@ -35,6 +41,14 @@ def insert_statement(session: Session, table: Any) -> Any:
 def table_of(model: Any) -> Table:
     table: Table = model.__table__
     return table
+
+
+def with_trace_context(event: IncomingEvent, carrier: dict[str, str]) -> IncomingEvent:
+    """``event`` with ``carrier`` (the storing request's trace context) under
+    ``payload.kaeru.trace``."""
+    notes = event.payload.get("kaeru")
+    notes = {**(notes if isinstance(notes, dict) else {}), TRACE_NOTE: carrier}
+    return dataclasses.replace(event, payload={**event.payload, "kaeru": notes})
 
 
 def needs_routing(

@@ -36,15 +36,17 @@ Ingestion stores first and answers; this task delivers a moment later. The rules
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from sqlalchemy import bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -59,9 +61,11 @@ from kaeru.journeys import Delivery, deliveries
 from kaeru.models import CustomerRouting, Event, Lease, Order, utcnow
 from kaeru.pseudonyms import VisibleIds, read_visible_ids
 from kaeru.settings import Settings
+from kaeru.telemetry import NO_TELEMETRY, Telemetry, context_of
 from kaeru.temporal import connect
 from starter.events import journey_properties
 from starter.metrics import ApiMetrics
+from starter.outbox import TRACE_NOTE
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent
 
 log = logging.getLogger("kaeru.router")
@@ -515,12 +519,14 @@ class Router:
         rpc_timeout: float = 10.0,
         retry_base: float = 0.5,
         retry_max: float = 30.0,
+        telemetry: Telemetry = NO_TELEMETRY,
         metrics: ApiMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         #: The API process's metrics (deliveries, failures, parked, the routing lag).
         self.metrics = metrics or ApiMetrics()
-        self.client = client
+        self.client = telemetry.traced_client(client) if client is not None else None
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
         self.batch_size = batch_size
@@ -685,7 +691,7 @@ class Router:
     async def _connected(self) -> Client | None:
         if self.client is None:
             try:
-                self.client = await connect(self.settings)
+                self.client = self.telemetry.traced_client(await connect(self.settings))
             except RuntimeError as exc:
                 self._pause(f"{exc}")
                 return None
@@ -733,7 +739,9 @@ class Router:
                     try:
                         fence = self._fence_now()
                         try:
-                            note = await self._deliver(client, event)
+                            with self._routing_span(event):
+                                note = await self._deliver(client, event)
+                                log.debug("routed event seq %d (%s)", event.seq, event.type)
                         except _Stopped:
                             raise
                         except Exception as exc:
@@ -764,12 +772,30 @@ class Router:
                 self.last_error = None
         return len(events) == self.batch_size
 
+    @contextlib.contextmanager
+    def _routing_span(self, event: StoredEvent) -> Iterator[None]:
+        """A span ``route event``, child of the request that stored the event (the trace
+        context ingestion kept under ``payload.kaeru.trace``): its signal-with-start and the
+        journey's spans join the request's trace."""
+        notes = event.payload.get("kaeru")
+        parent = context_of(notes.get(TRACE_NOTE)) if isinstance(notes, dict) else None
+        with self.telemetry.tracer.start_as_current_span(
+            "route event",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "kaeru.event.seq": event.seq,
+                "kaeru.event.type": event.type,
+                "kaeru.event.name": event.name or event.type,
+            },
+        ):
+            yield
+
     async def _failed(self, event: StoredEvent, exc: Exception, fence: Fence) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        what = (
-            f"event seq {event.seq} ({event.name or event.type}, messageId "
-            f"{event.message_id}) of customer {event.customer_id!r}"
-        )
+        # Seq and messageId find the event (and so the customer) in the outbox; the customer's
+        # id itself stays out of this text, which goes to logs and /v1/admin/outbox.
+        what = f"event seq {event.seq} ({event.name or event.type}, messageId {event.message_id})"
         status = _status(exc)
         failure = status.name.lower() if status is not None else "error"
         self.metrics.router_failures.labels(
@@ -924,6 +950,6 @@ class Router:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             # No live journey: an order or a late open after the journey ended is normal.
-            log.debug("no live %s for event seq %d", workflow_id, journey_event.seq)
+            log.debug("no live journey for event seq %d", journey_event.seq)
             return False
         return True

@@ -22,8 +22,11 @@ from temporalio.client import (
     Interceptor,
     OutboundInterceptor,
     QueryWorkflowInput,
+    StartWorkflowInput,
+    WorkflowHandle,
     WorkflowQueryFailedError,
 )
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from kaeru.db import get_engine, migrate
@@ -184,12 +187,63 @@ class _RetryDeadlockedQuery(OutboundInterceptor):
         raise AssertionError("unreachable")
 
 
+class RememberWorkflowsStarted(Interceptor):
+    """Note every workflow a test starts through the client (a start or a signal-with-start),
+    so the test's teardown can end those still running (``end_what_the_test_started``)."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str | None]] = []  # (workflow id, first run id)
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        return _RememberStarts(next, self.started)
+
+
+class _RememberStarts(OutboundInterceptor):
+    def __init__(self, next: OutboundInterceptor, started: list[tuple[str, str | None]]) -> None:
+        super().__init__(next)
+        self._started = started
+
+    async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+        handle = await super().start_workflow(input)
+        self._started.append((handle.id, handle.result_run_id))
+        return handle
+
+
+#: The time-skipping server's starts, shared by every client made from its ``env.client``.
+TIME_SKIPPING_STARTS = RememberWorkflowsStarted()
+
+
+@pytest.fixture(autouse=True)
+async def end_what_the_test_started(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After a test on the shared time-skipping server, terminate the workflows it started and
+    left running. One left with an activity no worker will ever pick up (its test's worker is
+    gone) stops time skipping for the whole server: every later test's sleep would then run in
+    real time and time out (the CI run that reverted the kill switch: 9 tests failed after
+    one)."""
+    if "time_skipping_env" not in request.fixturenames:
+        yield
+        return
+    env: WorkflowEnvironment = request.getfixturevalue("time_skipping_env")
+    TIME_SKIPPING_STARTS.started.clear()  # started by wider fixtures: theirs to end
+    yield
+    started = list(TIME_SKIPPING_STARTS.started)
+    TIME_SKIPPING_STARTS.started.clear()
+    for workflow_id in dict.fromkeys(workflow_id for workflow_id, _ in started):
+        try:  # the latest run: a journey may have continued as new
+            await env.client.get_workflow_handle(workflow_id).terminate("the test is over")
+            if leftovers := os.environ.get("KAERU_TEST_LEFTOVERS_FILE"):  # to find such tests
+                with open(leftovers, "a") as out:
+                    out.write(f"{request.node.nodeid} {workflow_id}\n")
+        except RPCError:
+            pass  # it ended on its own (the usual case)
+
+
 @pytest.fixture(scope="session")
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's time-skipping test server: a 9-day journey runs in seconds."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"),
-        interceptors=[RetryQueriesCutByTheDeadlockDetector()],
+        interceptors=[RetryQueriesCutByTheDeadlockDetector(), TIME_SKIPPING_STARTS],
     )
     await ensure_search_attributes(env.client, "default")
     yield env

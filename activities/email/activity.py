@@ -18,6 +18,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from opentelemetry.trace import Tracer
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -63,6 +64,7 @@ from kaeru.db import session
 from kaeru.identity import NO_EMAIL_ADDRESS, no_email_address
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import key_ref
 from kaeru.tracking_tokens import register_tokens, signing_key
 from kaeru.unsubscribe_tokens import register as register_unsubscribe
 from kaeru.unsubscribe_tokens import token_for as unsubscribe_token
@@ -76,12 +78,18 @@ class EmailActivities:
         DkimKeyError: the DKIM key file is unreadable or unusable (the worker does not start).
     """
 
-    def __init__(self, settings: Settings, template_folders: Sequence[Path] = (TEMPLATES,)) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        template_folders: Sequence[Path] = (TEMPLATES,),
+        *,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.settings = settings
         self.signer = Signer.of(settings)
         self.renderer = Renderer(settings, template_folders)
         self.log = MessageLog(settings)
-        self.smtp = SmtpConversation(settings, self.log)
+        self.smtp = SmtpConversation(settings, self.log, tracer)
 
     @activity.defn(name="send_email")
     async def send_email(self, email: SendEmailInput) -> SendEmailResult:
@@ -152,7 +160,7 @@ class EmailActivities:
                 "email %s may have been delivered already: an earlier attempt sent it "
                 "after the server's 354 and got no answer. Not resending it (at most "
                 "once); the server's log for Message-ID %s says whether it went out.",
-                email.key,
+                key_ref(email.key),
                 row.message_id,
             )
             return Outgoing(row.message_id, row.to_address, status=UNCONFIRMED)

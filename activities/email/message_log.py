@@ -52,6 +52,7 @@ from activities.types import ALREADY_PURCHASED, NOT_CONSENTED, UNDELIVERABLE, Se
 from kaeru.db import session
 from kaeru.models import EmailMessage, Order, Suppression, utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import key_ref
 from kaeru.touchpoints import EMAIL, record_touchpoint
 
 PENDING = "pending"
@@ -216,7 +217,8 @@ class MessageLog:
                 email.key, out.attempt, (DATA, UNCONFIRMED), SENT, s, sent_at=utcnow(), error=None
             ):
                 activity.logger.warning(
-                    "email %s was sent but its message log row left `data` meanwhile", email.key
+                    "email %s was sent but its message log row left `data` meanwhile",
+                    key_ref(email.key),
                 )
                 return
             record_touchpoint(

@@ -17,6 +17,7 @@ from typing import NoReturn, TypeVar
 import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from aiosmtplib.typing import SMTPStatus
+from opentelemetry.trace import NoOpTracer, SpanKind, Tracer
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -34,6 +35,7 @@ from activities.email.message_log import (
 )
 from activities.types import SendEmailInput
 from kaeru.settings import Settings
+from kaeru.telemetry import key_ref
 
 T = TypeVar("T")
 
@@ -74,11 +76,28 @@ class _Refusal:
 class SmtpConversation:
     """Delivers one prepared message over SMTP, recording each step in the message log."""
 
-    def __init__(self, settings: Settings, log: MessageLog) -> None:
+    def __init__(self, settings: Settings, log: MessageLog, tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.log = log
+        self.tracer = tracer or NoOpTracer()
 
     async def deliver(self, email: SendEmailInput, out: Outgoing) -> str:
+        """:meth:`converse`, in a span ``SMTP send`` (the relay's host and port, the journey's
+        step and the outcome; never an address)."""
+        attributes: dict[str, str | int] = {
+            "server.address": self.settings.smtp_host or "",
+            "server.port": self.settings.smtp_port,
+            "kaeru.email.step": email.step,
+        }
+        with self.tracer.start_as_current_span(
+            "SMTP send", kind=SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            outcome = await self.converse(email, out)
+            span.set_attribute("kaeru.email.outcome", outcome)
+            activity.logger.info("email %s (step %s): %s", key_ref(email.key), email.step, outcome)
+            return outcome
+
+    async def converse(self, email: SendEmailInput, out: Outgoing) -> str:
         """Run the SMTP conversation step by step, to commit ``data`` right before DATA.
 
         Up to RCPT a cancel stops the send (nothing was claimed); from the claim on the rest
@@ -204,7 +223,7 @@ class SmtpConversation:
                     "Message-ID %s says whether it went out",
                     s.smtp_host,
                     s.smtp_port,
-                    email.key,
+                    key_ref(email.key),
                     exc or type(exc).__name__,
                     out.message_id,
                 )
@@ -304,7 +323,8 @@ async def despite_cancel(work: Awaitable[T], key: str) -> T:
     finally:
         if swallowed:
             activity.logger.info(
-                "email %s was cancelled after it claimed DATA: finishing the send first", key
+                "email %s was cancelled after it claimed DATA: finishing the send first",
+                key_ref(key),
             )
             current = asyncio.current_task()
             for _ in range(swallowed):

@@ -48,6 +48,7 @@ from kaeru.serving import (
     safe_url,
 )
 from kaeru.settings import Settings
+from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
 from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
 from starter.app import create_app
@@ -427,14 +428,23 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
                 await ensure_search_attributes(client, s.temporal_namespace)
             except RuntimeError as exc:
                 raise StackError(str(exc)) from exc
-        api = AppServer(create_app(s, client), api_sock, what="the API")
+        # Two services in one process, as `kaeru api` and `kaeru worker` would be: with
+        # OTEL_EXPORTER_OTLP_ENDPOINT set, traces name them kaeru-api and kaeru-worker.
+        try:
+            api_telemetry = Telemetry.from_env(API_SERVICE)
+            worker_telemetry = Telemetry.from_env(WORKER_SERVICE)
+        except ValueError as exc:
+            raise StackError(str(exc)) from exc
+        stack.callback(api_telemetry.shutdown)
+        stack.callback(worker_telemetry.shutdown)
+        api = AppServer(create_app(s, client, telemetry=api_telemetry), api_sock, what="the API")
         with console.status("Starting the API…"):
             await api.start()
         stack.push_async_callback(api.stop)
         watched[api.task] = "the API"
         # After the API's startup: both migrate the database, and alembic's migration
         # context is process-global, so two at once in one process break each other.
-        worker = asyncio.create_task(run_worker(client, s), name="the worker")
+        worker = asyncio.create_task(run_worker(client, s, worker_telemetry), name="the worker")
         stack.push_async_callback(_cancel, worker)
         watched[worker] = "the worker"
         yield _Parts(client=client, watched=watched)

@@ -211,7 +211,8 @@ class _Catch:
         raw = envelope.original_content or envelope.content or b""
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         message_id = self.store.save(data)
-        log.info("caught %s for %s", message_id, ", ".join(envelope.rcpt_tos))
+        # The count, not the addresses: the inbox shows them; a log is no place for them.
+        log.info("caught %s for %d recipient(s)", message_id, len(envelope.rcpt_tos))
         return "250 2.0.0 Message accepted"
 
 

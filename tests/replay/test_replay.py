@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from kaeru.journeys import registry
+from kaeru.telemetry import Telemetry
 from worker import PASSTHROUGH, workflows
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -63,6 +65,29 @@ async def test_history_replays(path: Path) -> None:
         ),
     )
     await replayer.replay_workflow(history)
+
+
+async def test_histories_replay_with_tracing_on() -> None:
+    """Temporal's tracing interceptor (kaeru/telemetry.py, on with an OTLP endpoint) adds no
+    command: one history of each workflow type replays on a worker that traces (all of them
+    would take half a minute; tests/e2e/test_traces.py replays a traced one)."""
+    interceptor = Telemetry(TracerProvider()).interceptor()
+    assert interceptor is not None
+    replayer = Replayer(
+        workflows=list(workflows()),
+        interceptors=[interceptor],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+    )
+    one_of_each: dict[str, WorkflowHistory] = {}
+    for path in HISTORIES:
+        workflow_id = path.stem.partition("@")[2] or path.stem
+        history = WorkflowHistory.from_json(workflow_id, path.read_text())
+        started = history.events[0].workflow_execution_started_event_attributes
+        one_of_each.setdefault(started.workflow_type.name, history)
+    for history in one_of_each.values():
+        await replayer.replay_workflow(history)
 
 
 async def test_a_changed_workflow_is_caught(tmp_path: Path) -> None:
