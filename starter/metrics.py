@@ -145,7 +145,7 @@ class ApiMetrics:
         )
         self.router_deliveries = Counter(
             "kaeru_router_deliveries",
-            "Events the router delivered (signalled or started their journeys) and marked routed",
+            "Events the router handled and marked routed (signalled or started their journeys)",
             registry=self.registry,
         )
         self.router_failures = Counter(

@@ -26,6 +26,3 @@ class Scrape:
 
     def names(self) -> set[str]:
         return {name for name, _, _ in self.samples}
-
-    def label_values(self) -> set[str]:
-        return {value for _, labels, _ in self.samples for value in labels.values()}
