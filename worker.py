@@ -59,6 +59,7 @@ PASSTHROUGH = (
     "kaeru.identity",
     "kaeru.money",
     "kaeru.search_attributes",
+    "kaeru.worker_metrics",
     "workflows.kit",
 )
 

@@ -32,6 +32,7 @@ from temporalio.exceptions import ApplicationError
 from activities.email.addresses import mask_address, recipient_address
 from activities.email.gate import suppression_of
 from activities.google_ads import GOOGLE, GoogleCustomerMatch, retry_after
+from activities.metrics import count
 from activities.types import (
     AUDIENCE_REJECTED,
     NOT_CONSENTED,
@@ -48,6 +49,7 @@ from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.pseudonyms import journey_kind
 from kaeru.settings import Settings
 from kaeru.touchpoints import ADS, record_touchpoint
+from kaeru.worker_metrics import AD_API_CALLS, AD_API_ERRORS
 
 LOCAL = "local"
 META = "meta"
@@ -375,6 +377,16 @@ class AudienceActivities:
                 type=AUDIENCE_REJECTED,
                 non_retryable=True,
             )
+        count(AD_API_CALLS, "Calls to an ad platform's API", platform="meta")
+        try:
+            await self._meta_call(hashes, audience_id, joining=joining)
+        except Exception:
+            count(AD_API_ERRORS, "Ad API calls that failed", platform="meta")
+            raise
+
+    async def _meta_call(self, hashes: list[str], audience_id: str, *, joining: bool) -> None:
+        s = self.settings
+        assert s.meta_access_token is not None
         url = f"{s.meta_graph_url.rstrip('/')}/{audience_id}/users"
         verb = "add shoppers to" if joining else "remove shoppers from"
         body = {

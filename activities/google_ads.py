@@ -20,9 +20,11 @@ from typing import Any
 import httpx
 from temporalio.exceptions import ApplicationError
 
+from activities.metrics import count
 from activities.types import AUDIENCE_REJECTED
 from kaeru.models import utcnow
 from kaeru.settings import Settings
+from kaeru.worker_metrics import AD_API_CALLS, AD_API_ERRORS
 
 GOOGLE = "google"
 #: ApplicationError type of retryable Google Ads failures (as Meta's: the audience is busy).
@@ -108,6 +110,14 @@ class GoogleCustomerMatch:
         return await self._call("POST", path, body)
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        count(AD_API_CALLS, "Calls to an ad platform's API", platform="google")
+        try:
+            return await self._request(method, path, body)
+        except Exception:
+            count(AD_API_ERRORS, "Ad API calls that failed", platform="google")
+            raise
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         s = self.settings
         assert s.google_ads_developer_token is not None and s.google_ads_access_token is not None
         headers = {

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlmodel import col, select
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 
 from activities.email.addresses import mask_address, normalise_address
@@ -68,6 +69,7 @@ from kaeru.settings import Settings, known_timezone
 from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
 from kaeru.telemetry import setup_logging as configure_logging
 from kaeru.temporal import connect, ensure_search_attributes
+from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
 from starter.app import create_app
 from starter.feedback import suppress
 from starter.parking import drop_parked, parked_events, retry_parked
@@ -158,10 +160,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(130) from None
 
 
-async def connected(settings: Settings) -> Client:
+async def connected(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A Temporal client, or a :class:`StackError` naming the setting to check."""
     try:
-        return await connect(settings)
+        return await connect(settings, runtime=runtime)
     except RuntimeError as exc:
         raise StackError(str(exc)) from exc
 
@@ -258,12 +260,21 @@ def worker(
     telemetry = telemetry_for(WORKER_SERVICE)
 
     async def main() -> None:
-        client = await connected(settings)
+        try:
+            runtime = worker_runtime(settings)
+        except MetricsPortTaken as exc:
+            raise StackError(str(exc)) from exc
+        client = await connected(settings, runtime)
         task = asyncio.create_task(run_worker(client, settings, telemetry))
         console.print(
             f"worker polling task queue {settings.task_queue!r} on "
             f"{settings.resolved_temporal_address} ({settings.temporal_namespace}); Ctrl-C stops"
         )
+        if runtime is not None:
+            console.print(
+                f"worker metrics: http://{settings.worker_metrics_host}:"
+                f"{settings.worker_metrics_port}/metrics"
+            )
         await until_stopped(task)
         if task.done():
             error = task.exception()

@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     temporal_namespace: str = Field("default", description="Temporal namespace of every journey")
     task_queue: str = Field("kaeru", description="task queue the worker polls and journeys run on")
     temporal_ui_port: int = Field(8233, description="port of the dev server's web UI (`kaeru dev`)")
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the worker's Prometheus endpoint listens on (0.0.0.0: every "
+        "interface, for a scraper on another host)",
+    )
+    worker_metrics_port: int = Field(
+        9464,
+        ge=0,
+        le=65535,
+        description="port of the worker's Prometheus endpoint (`/metrics`: the Temporal SDK's "
+        "and kaeru's journey metrics); 0 or empty: off",
+    )
     max_concurrent_workflow_tasks: int = Field(
         50, ge=1, description="cap on workflow tasks a worker runs at once"
     )
@@ -195,6 +207,11 @@ class Settings(BaseSettings):
     public_url: str = Field("http://localhost:8000", description="base of tracking links")
     api_host: str = Field("127.0.0.1", description="address the API listens on")
     api_port: int = Field(8000, description="port the API listens on")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="bearer token `/metrics` needs (`Authorization: Bearer ...`); unset: "
+        "`/metrics` is open, so keep the API's port on the internal network",
+    )
     log_format: Literal["text", "json"] = Field(
         "text",
         description=(
@@ -253,6 +270,11 @@ class Settings(BaseSettings):
         description="comma-separated Host names the API answers (421 for others); empty: any; "
         "`kaeru dev` always allows loopback names and KAERU_PUBLIC_URL's host",
     )
+
+    @field_validator("worker_metrics_port", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -17,6 +17,7 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.client import Client
 from temporalio.converter import DataConverter
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from kaeru.codec import data_converter
@@ -43,8 +44,13 @@ def converter(settings: Settings) -> DataConverter:
     return data_converter(settings, journey_kinds(settings))
 
 
-async def connect(settings: Settings, address: str | None = None) -> Client:
+async def connect(
+    settings: Settings, address: str | None = None, *, runtime: Runtime | None = None
+) -> Client:
     """Connect to the configured Temporal namespace.
+
+    ``runtime``: the worker's (:func:`kaeru.worker_metrics.worker_runtime`, which serves its
+    metrics); None: the SDK's default runtime.
 
     Raises:
         RuntimeError: Temporal cannot be reached; the message says which setting to check.
@@ -61,6 +67,7 @@ async def connect(settings: Settings, address: str | None = None) -> Client:
             # The payload codec (kaeru/codec.py) when KAERU_CODEC_MASTER_KEY is set: the
             # worker, the router (signal-with-start carries events) and the CLI all get it.
             data_converter=converter(settings),
+            runtime=runtime,
         )
     except RuntimeError as exc:
         raise RuntimeError(

@@ -37,6 +37,7 @@ from starter import (
     dashboard,
     feedback,
     limits,
+    metrics,
     opens_and_clicks,
     privacy,
     recommendations,
@@ -131,8 +132,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.router = Router(settings, client, telemetry=telemetry)
-    app.state.event_store = EventStore(settings)
+    app.state.metrics = metrics.ApiMetrics()
+    app.state.router = Router(settings, client, telemetry=telemetry, metrics=app.state.metrics)
+    app.state.event_store = EventStore(settings, metrics=app.state.metrics)
     app.state.credentials = CredentialCache(
         settings.resolved_database_url, settings.credentials_cache_ttl
     )
@@ -155,6 +157,7 @@ def create_app(
     app.include_router(steering.router)
     app.include_router(codec_server.router)
     app.include_router(dashboard.router)
+    app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:
@@ -265,12 +268,19 @@ def _install_openapi(app: FastAPI) -> None:
                 "scheme": "bearer",
                 "description": "KAERU_OPERATOR_TOKEN: the admin API (write keys do not open it)",
             },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "KAERU_METRICS_TOKEN: /metrics, when set (unset: open)",
+            },
         }
         schema["security"] = [{"writeKey": []}]
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 if {"admin", "codec"} & set(operation.get("tags", ())):
                     operation["security"] = [{"operatorToken": []}]
+                if "operations" in operation.get("tags", ()):
+                    operation["security"] = [{"metricsToken": []}, {}]
         app.openapi_schema = schema
         return schema
 
@@ -408,12 +418,14 @@ def _single(
     event_type: str,
 ) -> Callable[[Request, Settings], Coroutine[Any, Any, dict[str, bool]]]:
     async def ingest(request: Request, settings: SettingsDep) -> dict[str, bool]:
-        data, source = await _authorized_json(request, settings, settings.max_event_bytes)
+        data, source = await _counted_request(request, settings, settings.max_event_bytes)
         if not isinstance(data, dict):
+            metrics.metrics_of(request).rejected("invalid_event")
             raise ApiError(400, "invalid_event", "the body must be a JSON object (one event)")
         try:
             event = _read(data, settings, source, event_type=event_type)
         except EventError as exc:
+            metrics.metrics_of(request).rejected(exc.code)
             raise ApiError(400, exc.code, exc.message) from exc
         for _, refused in await _store(request, [event]):
             raise ApiError(400, refused.code, refused.message)
@@ -423,20 +435,37 @@ def _single(
     return ingest
 
 
-async def _ingest_many(request: Request, settings: Settings, *, imported: bool) -> BatchAccepted:
-    data, source = await _authorized_json(request, settings, settings.max_batch_bytes)
+async def _counted_request(request: Request, settings: Settings, limit: int) -> tuple[Any, Source]:
+    """:func:`_authorized_json`, counting a request it refuses (``/metrics``)."""
+    try:
+        return await _authorized_json(request, settings, limit)
+    except ApiError as exc:
+        metrics.metrics_of(request).request_rejected(exc.code)
+        raise
+
+
+def _batch_problem(data: Any, source: Source, *, imported: bool) -> ApiError | None:
+    """Why the body is not a batch this key may send; None if it is one."""
     if imported and source != SERVER:
-        raise ApiError(
+        return ApiError(
             403,
             "forbidden",
             "/v1/import stores history and needs the server write key (KAERU_WRITE_KEY), not "
             "the browser key",
         )
     if not isinstance(data, dict) or not isinstance(data.get("batch"), list):
-        raise ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
+        return ApiError(400, "not_a_batch", 'the body must be a JSON object {"batch": [events]}')
     envelope = {key: value for key, value in data.items() if key != "batch"}
     if problem := value_problem(envelope):
-        raise ApiError(400, "invalid_body", problem)
+        return ApiError(400, "invalid_body", problem)
+    return None
+
+
+async def _ingest_many(request: Request, settings: Settings, *, imported: bool) -> BatchAccepted:
+    data, source = await _counted_request(request, settings, settings.max_batch_bytes)
+    if (problem := _batch_problem(data, source, imported=imported)) is not None:
+        metrics.metrics_of(request).request_rejected(problem.code)
+        raise problem
     shared = data.get("context") if isinstance(data.get("context"), dict) else None
     now = utcnow()
     accepted: list[IncomingEvent] = []
@@ -454,6 +483,7 @@ async def _ingest_many(request: Request, settings: Settings, *, imported: bool) 
                 imported=imported,
             )
         except EventError as exc:
+            metrics.metrics_of(request).rejected(exc.code)
             rejected.append(Rejection(index=index, code=exc.code, message=exc.message))
         else:
             accepted.append(event)

@@ -67,6 +67,7 @@ from starter.events import (
     encoded_size,
     stated_email,
 )
+from starter.metrics import ApiMetrics
 from starter.outbox import OUTBOX_LOCK as OUTBOX_LOCK
 from starter.outbox import insert_events as insert_events
 from starter.outbox import insert_statement as _insert
@@ -90,6 +91,8 @@ class StoreResult:
     #: Events refused at store time (a customer's traits over the caps): position in the
     #: request's events, and why. They are not stored.
     rejected: tuple[tuple[int, EventError], ...] = ()
+    #: The ``messageId`` of every event of the request that this call stored (not duplicates).
+    stored_ids: frozenset[str] = frozenset()
 
 
 def store_events(settings: Settings, events: Sequence[IncomingEvent]) -> StoreResult:
@@ -151,6 +154,7 @@ def store_requests(
         # After the identifies' rows, so a withdrawal's event comes after its identify.
         withdrew = _store_consent(session, [e for e in new if e.message_id in inserted])
     stored = [0] * len(requests)
+    stored_ids: list[set[str]] = [set() for _ in requests]
     to_route = [False] * len(requests)
     derived = {event.message_id: event for event in new if event.derived}
     for row in rows:
@@ -161,6 +165,7 @@ def store_requests(
             else:
                 index = owner[row["message_id"]]
                 stored[index] += 1
+                stored_ids[index].add(row["message_id"])
             to_route[index] = to_route[index] or row["routed_at"] is None
     for message_id in withdrew:
         to_route[owner[message_id]] = True
@@ -175,6 +180,7 @@ def store_requests(
             duplicates=len(events) - stored[i] - len(rejected[i]),
             to_route=to_route[i],
             rejected=tuple(rejected[i]),
+            stored_ids=frozenset(stored_ids[i]),
         )
         for i, events in enumerate(requests)
     ]
@@ -201,9 +207,15 @@ class EventStore:
     """
 
     def __init__(
-        self, settings: Settings, *, writers: int | None = None, max_events: int = 5000
+        self,
+        settings: Settings,
+        *,
+        writers: int | None = None,
+        max_events: int = 5000,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         url = settings.resolved_database_url
         self.writers = writers or (1 if url.startswith("sqlite") else 4)
         self.max_events = max_events
@@ -224,7 +236,22 @@ class EventStore:
             task = asyncio.create_task(self._drain(), name="kaeru-event-store")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        result = await future
+        if self.metrics is not None:
+            self._count(events, result, self.metrics)
+        return result
+
+    @staticmethod
+    def _count(events: Sequence[IncomingEvent], result: StoreResult, metrics: ApiMetrics) -> None:
+        counted: set[str] = set()
+        for event in events:
+            if event.message_id in result.stored_ids and event.message_id not in counted:
+                counted.add(event.message_id)
+                metrics.ingested(event.type, event.name)
+        if result.duplicates:
+            metrics.events_duplicate.inc(result.duplicates)
+        for _, refused in result.rejected:
+            metrics.rejected(refused.code)
 
     async def _drain(self) -> None:
         try:

@@ -64,6 +64,7 @@ from kaeru.settings import Settings
 from kaeru.telemetry import NO_TELEMETRY, Telemetry, context_of
 from kaeru.temporal import connect
 from starter.events import journey_properties
+from starter.metrics import ApiMetrics
 from starter.outbox import TRACE_NOTE
 from workflows.kit import EVENT_SIGNAL, Journey, JourneyEvent
 
@@ -106,6 +107,8 @@ class StoredEvent:
     last_routed_seq: int = 0
     #: When the customer's newest stored order completed (None: no order).
     ordered_at: datetime | None = None
+    #: When ingestion stored it (the routing lag is measured from here).
+    received_at: datetime | None = None
 
     def journey_event(self) -> JourneyEvent:
         return JourneyEvent(
@@ -170,6 +173,7 @@ def fetch_unrouted(url: str, limit: int, now: datetime | None = None) -> list[St
             _EVENTS.c.retried_at,
             func.coalesce(routing.failures, 0),
             func.coalesce(routing.last_routed_seq, 0),
+            _EVENTS.c.received_at,
         )
         .select_from(_EVENTS.outerjoin(_ROUTING, routing.customer_id == _EVENTS.c.customer_id))
         .where(*_ROUTABLE)
@@ -200,6 +204,7 @@ def fetch_unrouted(url: str, limit: int, now: datetime | None = None) -> list[St
             customer_failures=int(row[9]),
             last_routed_seq=int(row[10]),
             ordered_at=ordered.get(row[1]),
+            received_at=row[11],
         )
         for row in rows
     ]
@@ -515,9 +520,12 @@ class Router:
         retry_base: float = 0.5,
         retry_max: float = 30.0,
         telemetry: Telemetry = NO_TELEMETRY,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.telemetry = telemetry
+        #: The API process's metrics (deliveries, failures, parked, the routing lag).
+        self.metrics = metrics or ApiMetrics()
         self.client = telemetry.traced_client(client) if client is not None else None
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
@@ -747,6 +755,7 @@ class Router:
                         self._fenced_out(exc)
                         return
                     routed += 1
+                    self.metrics.delivered(event.received_at)
 
         results = await asyncio.gather(
             *(route_customer(queue) for queue in by_customer.values()), return_exceptions=True
@@ -788,6 +797,10 @@ class Router:
         # id itself stays out of this text, which goes to logs and /v1/admin/outbox.
         what = f"event seq {event.seq} ({event.name or event.type}, messageId {event.message_id})"
         status = _status(exc)
+        failure = status.name.lower() if status is not None else "error"
+        self.metrics.router_failures.labels(
+            "temporal_busy" if status in TEMPORAL_BUSY else failure
+        ).inc()
         if status in TEMPORAL_BUSY:
             if not self.paused:  # one pause for all the customers a busy Temporal refused
                 self._pause(f"Temporal answered {status.name} routing {what}: {reason}")
@@ -806,6 +819,9 @@ class Router:
             retry_at=utcnow() + timedelta(seconds=delay),
         )
         if park:
+            self.metrics.router_parked.labels(
+                "refused" if status in PERMANENT else "max_attempts"
+            ).inc()
             why = "a refusal no retry can fix" if status in PERMANENT else f"attempt {attempts}"
             self.last_error = f"parked {what} after {why}: {reason}"
             log.error(

@@ -280,6 +280,7 @@ class CartAbandonment(Journey[CartJourneySettings]):
             priority=start.priority,
             entry=start.entry,
             arms=carried.arms if carried else None,
+            continued=carried is not None,
         )
         self.settings = start.settings
         self.cart: list[CartLine] = list(carried.cart) if carried else []

@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
     from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, SEARCH_ATTRIBUTES, STEP
     from kaeru.variants import HOLDOUT, Experiment, assign, held_out
+    from kaeru.worker_metrics import JOURNEYS_ENDED, JOURNEYS_STARTED
 
 T = TypeVar("T")
 #: A journey's settings dataclass (see :func:`setting`).
@@ -425,6 +426,7 @@ class Journey(Generic[S]):
             priority=start.priority,
             entry=start.entry,
             arms=start.arms,
+            continued=start.carried is not None,
         )
         cls = type(self).settings_class
         self.settings = cast(S, cls(**start.settings) if cls is not None else None)
@@ -459,6 +461,7 @@ class Journey(Generic[S]):
         priority: int | None = None,
         entry: EntryPlan | None = None,
         arms: dict[str, str] | None = None,
+        continued: bool = False,
     ) -> None:
         """Set up the kit's state. Call it from the journey's ``@workflow.init``.
 
@@ -476,6 +479,8 @@ class Journey(Generic[S]):
             priority: the send priority its input carries; None: the class's ``priority``.
             entry: how the journey enters (its input's ``entry``); None: no entry recorded.
             arms: the experiments' arms a continue-as-new carried.
+            continued: this run continues the same journey (a continue-as-new that carried
+                its state for a long history): it is not counted as a journey started.
         """
         self.customer_id = customer_id
         self.last_seq = last_seq
@@ -522,6 +527,8 @@ class Journey(Generic[S]):
         self.held_by: str | None = None
         #: Resumes received: a held step waits for the next one.
         self._resumes = 0
+        #: This run continues a long journey (continue-as-new for its history): not a new one.
+        self._continued = continued
 
     # ---- events -------------------------------------------------------------------------
 
@@ -1353,6 +1360,8 @@ class Journey(Generic[S]):
         fresh journey of the next generation that takes them first.
         """
         self._take_pending()
+        if not self._continued:
+            self._count(JOURNEYS_STARTED, "Journeys that began, by kind")
         try:
             if self.reentry is not None and not await self._claim_entry(self.reentry):
                 return await self.finish("not_reentered")
@@ -1416,6 +1425,7 @@ class Journey(Generic[S]):
         """End the journey: leave every audience, store a conversion, publish the outcome."""
         self.outcome = outcome
         self.tell(f"journey ended: {outcome}")
+        self._count(JOURNEYS_ENDED, "Journeys that ended, by kind and outcome", outcome=outcome)
         await self.leave_audiences()
         if outcome == "purchased" and self.purchase is None:
             self._purchase_from_held()
@@ -1450,6 +1460,13 @@ class Journey(Generic[S]):
             order_id=purchase.order_id if purchase else None,
             coupon_code=purchase.coupon if purchase else None,
         )
+
+    def _count(self, name: str, description: str, **labels: str) -> None:
+        """Add one to the worker's counter ``name`` for this journey's kind (and ``labels``,
+        bounded by the code). ``workflow.metric_meter()`` records nothing during a replay and
+        adds no command, so counting changes no history."""
+        counter = workflow.metric_meter().create_counter(name, description)
+        counter.add(1, {"kind": self.kind, **labels})
 
     def _purchase_from_held(self) -> None:
         """Take the first held ``Order Completed`` as the purchase of a journey that ended

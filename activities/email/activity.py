@@ -52,15 +52,23 @@ from activities.email.message_log import (
 from activities.email.render import MAX_TEXT, TEMPLATES, Catalogue, Rendered, Renderer, clean
 from activities.email.signature import Signer
 from activities.email.smtp import SmtpConversation
-from activities.types import SendEmailInput, SendEmailResult
+from activities.metrics import count, kind_of
+from activities.types import (
+    ALREADY_PURCHASED,
+    NOT_CONSENTED,
+    UNDELIVERABLE,
+    SendEmailInput,
+    SendEmailResult,
+)
 from kaeru.db import session
-from kaeru.identity import no_email_address
+from kaeru.identity import NO_EMAIL_ADDRESS, no_email_address
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
 from kaeru.telemetry import key_ref
 from kaeru.tracking_tokens import register_tokens, signing_key
 from kaeru.unsubscribe_tokens import register as register_unsubscribe
 from kaeru.unsubscribe_tokens import token_for as unsubscribe_token
+from kaeru.worker_metrics import MESSAGES_FAILED, MESSAGES_SENT, MESSAGES_SUPPRESSED
 
 
 class EmailActivities:
@@ -106,10 +114,19 @@ class EmailActivities:
                 a cancel after the claim waits for the send to finish and is then ignored).
         """
         async with _heartbeating():
-            outgoing = await asyncio.to_thread(self._prepare, email)
+            try:
+                outgoing = await asyncio.to_thread(self._prepare, email)
+            except Exception as exc:
+                _count_refusal(email, exc, before_smtp=True)
+                raise
             status = outgoing.status
             if outgoing.payload is not None:
-                status = await self.smtp.deliver(email, outgoing)
+                try:
+                    status = await self.smtp.deliver(email, outgoing)
+                except Exception as exc:
+                    _count_refusal(email, exc, before_smtp=False)
+                    raise
+        _count_result(email, status)
         return SendEmailResult(outgoing.message_id, mask_address(outgoing.to_address), status)
 
     def _prepare(self, email: SendEmailInput) -> Outgoing:
@@ -290,6 +307,40 @@ class EmailActivities:
         message.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
         payload = message.as_bytes(policy=SMTP_POLICY)
         return payload if self.signer is None else self.signer.sign(payload)
+
+
+#: Errors that mean "not sent on purpose", as the ``reason`` of kaeru_messages_suppressed.
+_SUPPRESSIONS = {
+    NO_EMAIL_ADDRESS: "no_email_address",
+    NOT_CONSENTED: "not_consented",
+    ALREADY_PURCHASED: "already_purchased",
+}
+
+
+def _count_result(email: SendEmailInput, status: str) -> None:
+    kind = kind_of(email.journey_id)
+    if status == SENT:
+        count(MESSAGES_SENT, "Messages handed to the SMTP relay", kind=kind)
+    elif status == SKIPPED:
+        count(MESSAGES_SUPPRESSED, "Messages not sent on purpose", kind=kind, reason="topic")
+    elif status == UNCONFIRMED:
+        count(MESSAGES_FAILED, "Send attempts that failed", kind=kind, reason="unconfirmed")
+
+
+def _count_refusal(email: SendEmailInput, exc: Exception, *, before_smtp: bool) -> None:
+    """Count a send that raised: a suppression (no address, no consent, bought, a suppressed
+    or unusable address found before SMTP), or a failure (a bounce, anything retried)."""
+    kind = kind_of(email.journey_id)
+    error = exc.type if isinstance(exc, ApplicationError) else None
+    if error in _SUPPRESSIONS:
+        reason = _SUPPRESSIONS[error]
+    elif error == UNDELIVERABLE and before_smtp:
+        reason = "undeliverable_address"
+    else:
+        failure = "bounced" if error == UNDELIVERABLE else "error"
+        count(MESSAGES_FAILED, "Send attempts that failed", kind=kind, reason=failure)
+        return
+    count(MESSAGES_SUPPRESSED, "Messages not sent on purpose", kind=kind, reason=reason)
 
 
 class _ReadAgain(Exception):

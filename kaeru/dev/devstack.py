@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.text import Text
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
+from temporalio.runtime import Runtime
 
 from kaeru.dev.crowd import run_demo
 from kaeru.dev.demo import DemoTarget, assets_router
@@ -49,6 +50,7 @@ from kaeru.serving import (
 from kaeru.settings import Settings
 from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
+from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
 from starter.app import create_app
 from starter.limits import split_list
 from worker import run_worker
@@ -419,9 +421,10 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
             await catcher.start(smtp_sock, http_sock)
             stack.push_async_callback(catcher.stop)
             watched[catcher.task] = "the mail catcher"
+        runtime = _metrics_runtime(s, console)
         with console.status(f"Connecting to Temporal at {s.resolved_temporal_address}…"):
             try:
-                client = await connect(s)
+                client = await connect(s, runtime=runtime)
                 await ensure_search_attributes(client, s.temporal_namespace)
             except RuntimeError as exc:
                 raise StackError(str(exc)) from exc
@@ -445,6 +448,20 @@ async def _stack(plan: DevPlan, console: Console) -> AsyncIterator[_Parts]:
         stack.push_async_callback(_cancel, worker)
         watched[worker] = "the worker"
         yield _Parts(client=client, watched=watched)
+
+
+def _metrics_runtime(s: Settings, console: Console) -> Runtime | None:
+    """The worker's metrics runtime; on a taken port (a second stack beside the first), a
+    warning and no endpoint: a development stack runs on without its metrics."""
+    try:
+        runtime = worker_runtime(s)
+    except MetricsPortTaken as exc:
+        console.print(Text(f"worker metrics are off: {exc}", style="yellow"), soft_wrap=True)
+        return None
+    if runtime is not None:
+        where = f"http://{s.worker_metrics_host}:{s.worker_metrics_port}/metrics"
+        console.print(Text(f"worker metrics: {where}", style="dim"))
+    return runtime
 
 
 def _dev_server(s: Settings) -> TemporalDevServer:

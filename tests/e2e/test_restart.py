@@ -92,6 +92,8 @@ def stack(
         "KAERU_SECRET_KEY": "restart-test-0123456789abcdef-kaeru",
         "KAERU_PUBLIC_URL": "http://kaeru.test",
         "KAERU_LOG_LEVEL": "INFO",
+        # Off: its default port (9464) may be taken by another test's worker on this machine.
+        "KAERU_WORKER_METRICS_PORT": "0",
         # This test is about restarts, not the send gate: its shopper said nothing about
         # consent, and quiet hours would follow the wall clock (tests/conftest.make_settings).
         "KAERU_UNKNOWN_CONSENT_IS_YES": "true",

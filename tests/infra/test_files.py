@@ -33,18 +33,6 @@ from kaeru.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 
-#: Settings other streams of this issue add in parallel (not on this branch yet); the lead
-#: removes this set at merge, when Settings has them.
-UPCOMING_SETTINGS = {
-    "KAERU_METRICS_TOKEN",
-    "KAERU_WORKER_METRICS_HOST",
-    "KAERU_WORKER_METRICS_PORT",
-    "KAERU_LOG_FORMAT",
-    "KAERU_TEMPORAL_TLS_CERT",
-    "KAERU_TEMPORAL_TLS_KEY",
-    "KAERU_TEMPORAL_TLS_CA",
-    "KAERU_TEMPORAL_TLS_SERVER_NAME",
-}
 #: The Temporal SDK's metrics port on every worker (KAERU_WORKER_METRICS_PORT).
 WORKER_METRICS_PORT = 9464
 KAERU_NAME = re.compile(r"\bKAERU_[A-Z0-9_]*[A-Z0-9]\b")
@@ -72,7 +60,7 @@ def setting_names() -> set[str]:
     """Every ``KAERU_*`` variable kaeru reads: Settings' and every journey's."""
     names = {f"KAERU_{name.upper()}" for name in Settings.model_fields}
     names |= {info.variable for journey in discover() for info in setting_infos(journey)}
-    return names | UPCOMING_SETTINGS
+    return names
 
 
 def kaeru_commands() -> set[str]:
@@ -161,7 +149,7 @@ class Checker:
         values = {
             name.removeprefix("KAERU_").lower(): value
             for name, value in env.items()
-            if name.startswith("KAERU_") and name not in UPCOMING_SETTINGS and REQUIRED not in value
+            if name.startswith("KAERU_") and REQUIRED not in value
         }
         values = {k: v for k, v in values.items() if k in Settings.model_fields}
         try:
@@ -462,16 +450,6 @@ def test_every_file_is_read() -> None:
         if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts
     }
     assert on_disk == set(FILES)
-
-
-def test_upcoming_settings_are_not_yet_settings() -> None:
-    """When one of them lands in Settings, drop it from UPCOMING_SETTINGS."""
-    landed = {
-        name
-        for name in UPCOMING_SETTINGS
-        if name.removeprefix("KAERU_").lower() in Settings.model_fields
-    }
-    assert not landed
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from starter.router import (
 )
 from tests.conftest import _binary, make_settings
 from tests.starter.conftest import AUTH, OPERATOR, asgi_client, events
+from tests.support.prometheus import Scrape
 from worker import build_worker
 from workflows.cart_abandonment import CartAbandonment
 from workflows.kit import CUSTOMER_ID, SEARCH_ATTRIBUTES, STEP, JourneyResult, JourneyStatus
@@ -630,6 +631,13 @@ async def test_an_event_failing_max_attempts_is_parked_and_an_operator_retries_i
             f"poison-{c}",
         )
         assert parked["attempts"] == 3 and "injected" in parked["reason"]
+        # /metrics says so: three failed attempts (no Temporal status: ``error``), one parked.
+        counted = Scrape((await api.get("/metrics")).text)
+        assert counted.value("kaeru_router_failures_total", reason="error") == 3
+        assert counted.value("kaeru_router_failures_total") == 3
+        assert counted.value("kaeru_router_parked_total", reason="max_attempts") == 1
+        assert counted.value("kaeru_router_parked_total") == 1
+        assert counted.value("kaeru_router_deliveries_total") == 1  # the tea
         outbox = (await api.get("/v1/admin/outbox", headers=OPERATOR)).json()
         assert (outbox["unrouted"], outbox["parked"]) == (0, 1)
         refuse.refusing = False
@@ -639,6 +647,10 @@ async def test_an_event_failing_max_attempts_is_parked_and_an_operator_retries_i
         (cart, _) = events(settings, customer_id=c)
         assert cart.routed_at is not None and cart.parked_at is None
         assert (await api.get("/v1/admin/parked", headers=OPERATOR)).json()["parked"] == []
+        retried = Scrape((await api.get("/metrics")).text)
+        assert retried.value("kaeru_router_deliveries_total") == 2
+        assert retried.value("kaeru_routing_lag_seconds_count") == 2
+        assert retried.value("kaeru_router_parked_total") == 1
 
 
 async def test_temporal_rate_limiting_pauses_routing_and_counts_against_no_event(
