@@ -174,13 +174,17 @@ class Telemetry:
         return Client(**config)
 
     def instrument_app(self, app: FastAPI) -> None:
-        """Trace every request of ``app`` (a server span named by the route template)."""
+        """Trace every request of ``app`` (a server span named by the route template) but the
+        scrapes and health checks, which would bury the events' traces under their own."""
         if self.provider is None:
             return
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(
-            app, tracer_provider=self.provider, exclude_spans=["receive", "send"]
+            app,
+            tracer_provider=self.provider,
+            exclude_spans=["receive", "send"],
+            excluded_urls="/metrics$,/healthz$",
         )
 
     def instrument_http(self, client: httpx.AsyncClient) -> None:

@@ -98,6 +98,10 @@ async def test_grpc_export_of_api_spans_named_by_otel_service_name_without_perso
         app = create_app(settings, run_router=False, telemetry=telemetry)
         try:
             async with serve(app, port), httpx.AsyncClient() as http:
+                # Neither a scrape nor a health check makes a span: one span in all, below.
+                for untraced in ("metrics", "healthz"):
+                    untraced_answer = await http.get(f"http://127.0.0.1:{port}/{untraced}")
+                    assert untraced_answer.status_code == 200
                 answer = await http.get(
                     f"http://127.0.0.1:{port}/v1/customers/{quote(email)}?user={customer_id}",
                     headers={
