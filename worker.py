@@ -81,10 +81,11 @@ def workflows() -> Sequence[type]:
 def activities_for(
     settings: Settings, http: httpx.AsyncClient, telemetry: Telemetry = NO_TELEMETRY
 ) -> list[Callable[..., Any]]:
-    """Every activity, with its clients injected once (``telemetry``: the SMTP send's span)."""
+    """Every activity, with its clients injected once (``telemetry``: the SMTP send's span and
+    the ad audience batch's)."""
     email = EmailActivities(settings, tracer=telemetry.tracer)
     ads = AudienceActivities(settings, http)
-    sync = AudienceSyncActivities(settings, http)
+    sync = AudienceSyncActivities(settings, http, tracer=telemetry.tracer)
     recommendations = RecommendationActivities(settings)
     entries = EntryActivities(settings)
     return [

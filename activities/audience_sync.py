@@ -14,6 +14,13 @@ batch (``audience_batches``) before sending it. A flush that crashed between sen
 marking finds the batch unfinished and sends it again before anything newer: Meta's add and
 remove are set operations, and a Google job that already ran is not run again. The local
 store has no platform to batch for: its changes are applied when queued.
+
+Traces: a flush runs in the flusher's own trace, not the events'. With tracing on, each queued
+change keeps the W3C ``traceparent`` of the journey step's activity that queued it
+(``audience_changes.traceparent``; null with tracing off), and the ``ad audience batch`` span
+around a batch's call to the platform links to the spans of its changes (at most
+:data:`kaeru.telemetry.MAX_LINKS`, the oldest first), so a backend leads from an event's
+trace to the Graph API call that applied its journey's change, and back.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from datetime import timedelta
 
 import httpx
+from opentelemetry.trace import NoOpTracer, SpanKind, Tracer
 from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -41,6 +49,7 @@ from activities.types import (
 from kaeru.db import session
 from kaeru.models import AudienceBatch, AudienceChangeRow, AudienceJoin, utcnow
 from kaeru.settings import Settings
+from kaeru.telemetry import MAX_LINKS, current_traceparent, links_to
 from kaeru.touchpoints import ADS, record_touchpoint
 
 APPLIED = "applied"
@@ -50,20 +59,25 @@ REJECTED = "rejected"
 #: Temporal to try again (a heartbeat every poll, so a dead worker is noticed).
 CONFIRM_WATCH = timedelta(seconds=60)
 CONFIRM_POLL = 0.2
+#: The span around one batch's call to an ad platform (attributes: the platform, the size).
+BATCH_SPAN = "ad audience batch"
 
 
 class AudienceSyncActivities:
-    """The queue, confirm and flush activities, with settings and HTTP client injected."""
+    """The queue, confirm and flush activities, with settings and HTTP client injected
+    (``tracer``: the ``ad audience batch`` span's)."""
 
     def __init__(
         self,
         settings: Settings,
         http: httpx.AsyncClient,
         confirm_watch: timedelta = CONFIRM_WATCH,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.http = http
         self.confirm_watch = confirm_watch
+        self.tracer = tracer or NoOpTracer()
         self.ads = AudienceActivities(settings, http)
         self.google = GoogleCustomerMatch(settings, http)
 
@@ -87,8 +101,9 @@ class AudienceSyncActivities:
                 ``add_to_audience``: nothing is queued then.
         """
         address = await asyncio.to_thread(self.ads._consented_email, change)
+        traceparent = current_traceparent()
         rows = [
-            _row(change, target, _hash(target.provider, address), joining=True)
+            _row(change, target, _hash(target.provider, address), traceparent, joining=True)
             for target in self.targets(change.audience)
         ]
         return await asyncio.to_thread(self._queue, change, rows)
@@ -96,7 +111,7 @@ class AudienceSyncActivities:
     @activity.defn(name="queue_audience_leave")
     async def queue_audience_leave(self, change: AudienceChange) -> AudienceTargets:
         """Queue the removal of exactly what the join ``change.joined_key`` queued."""
-        return await asyncio.to_thread(self._queue_leave, change)
+        return await asyncio.to_thread(self._queue_leave, change, current_traceparent())
 
     @activity.defn(name="confirm_audience_change")
     async def confirm_audience_change(self, change: AudienceChange) -> AudienceTargets:
@@ -151,7 +166,7 @@ class AudienceSyncActivities:
             batch, hashes = claimed
             activity.heartbeat(result.batches)
             try:
-                await self._send(batch, hashes)
+                await self._send_traced(batch, hashes)
             except ApplicationError as err:
                 if not err.non_retryable:
                     raise
@@ -173,6 +188,20 @@ class AudienceSyncActivities:
             result.applied += len(hashes)
 
     # ---- sending ---------------------------------------------------------------------------
+
+    async def _send_traced(self, batch: AudienceBatch, hashes: list[str]) -> None:
+        """:meth:`_send` in an ``ad audience batch`` span linked to the queued changes' spans."""
+        traceparents = await asyncio.to_thread(self._traceparents_of, batch)
+        with self.tracer.start_as_current_span(
+            BATCH_SPAN,
+            kind=SpanKind.INTERNAL,
+            links=links_to(traceparents),
+            attributes={
+                "kaeru.audience.platform": batch.provider,
+                "kaeru.audience.batch_size": len(hashes),
+            },
+        ):
+            await self._send(batch, hashes)
 
     async def _send(self, batch: AudienceBatch, hashes: list[str]) -> None:
         if batch.provider == META:
@@ -199,7 +228,7 @@ class AudienceSyncActivities:
         pending = any(row.provider != LOCAL for row in rows)
         return AudienceTargets([AudienceResult(r.provider, r.audience_id) for r in rows], pending)
 
-    def _queue_leave(self, change: AudienceChange) -> AudienceTargets:
+    def _queue_leave(self, change: AudienceChange, traceparent: str | None) -> AudienceTargets:
         """One leave per target of the join ``change.joined_key``, with the hash it sent."""
         with session(self.settings.resolved_database_url) as s:
             query = select(AudienceChangeRow).where(
@@ -208,7 +237,7 @@ class AudienceSyncActivities:
             targets = []
             for join in list(s.exec(query)):
                 target = AudienceResult(join.provider, join.audience_id)
-                _insert_new(s, _row(change, target, join.email_sha256, joining=False))
+                _insert_new(s, _row(change, target, join.email_sha256, traceparent, joining=False))
                 targets.append(target)
         return AudienceTargets(targets, any(t.provider != LOCAL for t in targets))
 
@@ -283,6 +312,18 @@ class AudienceSyncActivities:
         s.flush()
         return batch
 
+    def _traceparents_of(self, batch: AudienceBatch) -> list[str]:
+        """The stored trace contexts of the batch's changes, the oldest first (bounded)."""
+        with session(self.settings.resolved_database_url) as s:
+            query = (
+                select(AudienceChangeRow.traceparent)
+                .where(AudienceChangeRow.batch_id == batch.id)
+                .where(col(AudienceChangeRow.traceparent).is_not(None))
+                .order_by(col(AudienceChangeRow.id))
+                .limit(MAX_LINKS)
+            )
+            return [t for t in s.exec(query) if t]
+
     def _keep_job(self, batch: AudienceBatch, job: str) -> None:
         with session(self.settings.resolved_database_url) as s:
             row = s.get(AudienceBatch, batch.id)
@@ -323,7 +364,12 @@ def _hash(provider: str, address: str) -> str:
 
 
 def _row(
-    change: AudienceChange, target: AudienceResult, hashed: str, *, joining: bool
+    change: AudienceChange,
+    target: AudienceResult,
+    hashed: str,
+    traceparent: str | None,
+    *,
+    joining: bool,
 ) -> AudienceChangeRow:
     return AudienceChangeRow(
         key=f"{change.key}/{target.provider}",
@@ -336,6 +382,7 @@ def _row(
         audience_id=target.audience_id,
         email_sha256=hashed,
         joining=joining,
+        traceparent=traceparent,
     )
 
 

@@ -722,6 +722,10 @@ class AudienceChangeRow(SQLModel, table=True):
     batch_id: int | None = Field(default=None, index=True)
     applied_at: datetime | None = _ts(nullable=True)
     outcome: str | None = None
+    #: The W3C ``traceparent`` of the journey step that queued the change (its activity's
+    #: span), only while tracing is on: the flush's ``ad audience batch`` span links to it.
+    #: Trace and span ids only, nothing personal.
+    traceparent: str | None = Field(default=None, max_length=64)
 
 
 # ---- operations: the audit log of operator actions -------------------------------------------

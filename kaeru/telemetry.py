@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import SpanKind, Status, Tracer
+from opentelemetry.trace import Link, SpanKind, Status, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
@@ -224,6 +224,38 @@ def context_of(carrier: Any) -> otel_context.Context | None:
     if "traceparent" not in clean:
         return None
     return _PROPAGATOR.extract(clean)
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span (trace and span ids, flags: nothing
+    personal), to keep with queued work; None when no span is recording (tracing off)."""
+    traceparent = current_carrier().get("traceparent")
+    return traceparent if traceparent and len(traceparent) <= TRACEPARENT_LENGTH else None
+
+
+#: A version-00 ``traceparent``: ``00-<32 hex trace id>-<16 hex span id>-<2 hex flags>``.
+TRACEPARENT_LENGTH = 55
+#: The most links one span carries (the SDK's default ``OTEL_SPAN_LINK_COUNT_LIMIT`` too):
+#: a batch of 10,000 changes links to the first 128 of them.
+MAX_LINKS = 128
+
+
+def links_to(traceparents: Iterable[str | None], limit: int = MAX_LINKS) -> list[Link]:
+    """Links to the spans ``traceparents`` name (invalid or repeated ones skipped), at most
+    ``limit``."""
+    links: list[Link] = []
+    seen: set[str] = set()
+    for traceparent in traceparents:
+        if len(links) >= limit:
+            break
+        if not traceparent or traceparent in seen:
+            continue
+        seen.add(traceparent)
+        context = context_of({"traceparent": traceparent})
+        span = trace.get_current_span(context).get_span_context() if context else None
+        if span is not None and span.is_valid:
+            links.append(Link(span))
+    return links
 
 
 # ---- no personal data in spans ----------------------------------------------------------------
