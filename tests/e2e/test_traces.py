@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import uuid
 from pathlib import Path
 
@@ -27,14 +28,17 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.audience_sync import BATCH_SPAN
+from activities.types import FlushInput, FlushResult
 from kaeru.db import session
 from kaeru.journeys import registry
-from kaeru.models import Event
+from kaeru.models import AudienceChangeRow, Event
 from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, JsonFormatter, Telemetry
 from starter.app import create_app
 from tests.conftest import make_settings
-from tests.e2e.test_journey import MUG, eventually, free_port, serve
+from tests.e2e.test_journey import MUG, eventually, free_port, parts, serve
 from tests.support.codec import history_payloads, payload_json
+from tests.support.graph_api import GraphAPIServer
 from tests.support.otlp import OtlpHttpReceiver, ReceivedSpan
 from tests.support.smtp import SMTPTestServer
 from worker import PASSTHROUGH, build_worker, workflows
@@ -206,6 +210,125 @@ async def test_one_trace_from_the_request_to_the_smtp_send(
         for line in parsed:
             assert {"time", "level", "logger", "message"} <= line.keys()
         assert customer_id not in "\n".join(lines.lines) and email not in "\n".join(lines.lines)
+
+
+async def test_the_batched_graph_api_call_links_to_the_event_whose_journey_queued_it(
+    dev_server_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cart journey started by a ``Product Added`` queues the shopper's audience join; the
+    audience flusher, in a trace of its own, sends it to the (loopback, Graph-shaped) Meta API
+    inside an ``ad audience batch`` span that links to the journey's queue step, in the
+    event's trace."""
+    tag = uuid.uuid4().hex[:8]
+    customer_id, email = f"linus-{tag}", f"linus.{tag}@example.com"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    waits = {"EMAIL_DELAY": 1, "OPEN_WAIT": 60, "AD_DELAY": 1, "AD_CLICK_WAIT": 60}
+    for name, seconds in waits.items():
+        monkeypatch.setenv(f"KAERU_CART_{name}", str(seconds))
+    registry.cache_clear()
+    with OtlpHttpReceiver() as otlp, GraphAPIServer() as graph:
+        otel_env(monkeypatch, otlp.endpoint)
+        api_telemetry = Telemetry.from_env(API_SERVICE)
+        worker_telemetry = Telemetry.from_env(WORKER_SERVICE)
+        assert api_telemetry.provider and worker_telemetry.provider
+        async with SMTPTestServer() as smtp:
+            settings = make_settings(
+                f"sqlite:///{tmp_path / 'kaeru.db'}",
+                smtp_port=smtp.port,
+                public_url=base,
+                api_port=port,
+                shop_url="https://shop.test",
+                cart_url="https://shop.test/cart",
+                meta_graph_url=graph.url,
+                meta_access_token=graph.token,
+                meta_audience_id=graph.audience_id,
+            )
+            client: Client = dev_server_env.client
+            app = create_app(settings, client, telemetry=api_telemetry)
+            assert settings.write_key is not None
+            auth = (settings.write_key.get_secret_value(), "")
+            handle = client.get_workflow_handle(f"cart-abandonment-{customer_id}")
+            try:
+                async with (
+                    httpx.AsyncClient(base_url=base, auth=auth) as http,
+                    httpx.AsyncClient(timeout=10) as worker_http,
+                    build_worker(client, settings, worker_http, telemetry=worker_telemetry),
+                    serve(app, port),
+                ):
+                    worker_telemetry.instrument_http(worker_http)
+                    identified = await http.post(
+                        "/v1/identify", json={"userId": customer_id, "traits": {"email": email}}
+                    )
+                    assert identified.status_code == 200, identified.text
+                    added = await http.post(
+                        "/v1/track",
+                        json={
+                            "userId": customer_id,
+                            "event": "Product Added",
+                            "properties": {**MUG, "quantity": 1},
+                        },
+                    )
+                    assert added.status_code == 200, added.text
+                    await eventually(lambda: smtp.messages, "the cart email", timeout=30)
+                    html, _ = parts(smtp.messages[0].message)
+                    pixel = re.search(rf'src="({re.escape(base)}/t/o/[^"]+)"', html)
+                    assert pixel
+                    opened = await http.get(pixel.group(1).replace("&amp;", "&"))
+                    assert opened.status_code == 200
+
+                    def queued() -> list[AudienceChangeRow]:
+                        with session(settings.resolved_database_url) as s:
+                            return list(s.exec(select(AudienceChangeRow)))
+
+                    [row] = await eventually(queued, "the queued audience join", timeout=30)
+                    assert not graph.requests  # queued, not sent
+                    # The flusher's schedule would start this; here the test does, at once.
+                    flushed = await client.execute_workflow(
+                        "AudienceFlusher",
+                        FlushInput(),
+                        id=f"kaeru-audience-flusher-{tag}",
+                        task_queue=settings.task_queue,
+                        result_type=FlushResult,
+                    )
+                    assert flushed.applied == 1 and [r.method for r in graph.requests] == ["POST"]
+                    worker_telemetry.provider.force_flush()
+                    api_telemetry.provider.force_flush()
+
+                    def batch_and_track() -> tuple[ReceivedSpan, ReceivedSpan] | None:
+                        spans = otlp.spans
+                        batches = [span for span in spans if span.name == BATCH_SPAN]
+                        tracks = [span for span in spans if span.name == "POST /v1/track"]
+                        return (batches[0], tracks[0]) if batches and tracks else None
+
+                    batch, track = await eventually(batch_and_track, "the batch span", timeout=10)
+            finally:
+                with contextlib.suppress(RPCError):
+                    await handle.terminate("test over")
+                api_telemetry.shutdown()
+                worker_telemetry.shutdown()
+        spans = otlp.spans
+        raw = otlp.raw_bytes()
+
+    # The queued change kept the W3C trace context of the journey's queue step.
+    [step] = [
+        span
+        for span in spans
+        if span.name == "RunActivity:queue_audience_join" and span.trace_id == track.trace_id
+    ]
+    assert row.traceparent is not None
+    assert row.traceparent.startswith(f"00-{step.trace_id}-{step.span_id}-")
+    # The batch span is the flusher's, links to that step, and holds the Graph API call.
+    assert batch.service == WORKER_SERVICE and batch.trace_id != track.trace_id
+    assert batch.links == ((track.trace_id, step.span_id),)
+    assert batch.attributes == {"kaeru.audience.platform": "meta", "kaeru.audience.batch_size": 1}
+    flusher = {s.span_id: s for s in spans if s.trace_id == batch.trace_id}
+    assert flusher[batch.parent_span_id].name == "RunActivity:flush_audience_changes"
+    [call] = [s for s in flusher.values() if s.kind == Span.SPAN_KIND_CLIENT]
+    assert call.parent_span_id == batch.span_id
+    # Nothing personal in anything exported.
+    for secret in (customer_id, email, email.split("@")[0], graph.token):
+        assert secret.encode() not in raw
 
 
 def _trace_of_track(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan] | None:

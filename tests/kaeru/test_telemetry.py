@@ -16,23 +16,28 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from sqlmodel import select
 from temporalio.testing import ActivityEnvironment
 
 from activities.ads import AudienceActivities
-from activities.types import AudienceChange
+from activities.audience_sync import BATCH_SPAN, AudienceSyncActivities
+from activities.types import AudienceChange, FlushInput, FlushResult
 from kaeru.db import session
-from kaeru.models import Customer
+from kaeru.models import AudienceChangeRow, Customer
 from kaeru.telemetry import (
     API_SERVICE,
+    MAX_LINKS,
     WORKER_SERVICE,
     JsonFormatter,
     ScrubbingExporter,
     Telemetry,
+    links_to,
     otlp_protocol,
     tracing_configured,
 )
@@ -177,6 +182,144 @@ async def test_the_ad_api_call_is_a_child_span_without_the_token(sqlite_url: str
     exported = json.dumps([dict(span.attributes or {}) for span in memory.get_finished_spans()])
     for secret in (graph.token, customer_id, email):
         assert secret not in exported
+
+
+def _audience_join(customer_id: str) -> AudienceChange:
+    journey_id = f"cart-abandonment-{customer_id}"
+    return AudienceChange(
+        key=f"{journey_id}/run/ad_audience",
+        journey_id=journey_id,
+        step="ad_audience",
+        customer_id=customer_id,
+        audience="cart-retargeting",
+    )
+
+
+async def test_the_ad_audience_batch_span_links_to_the_traces_that_queued_its_changes(
+    sqlite_url: str,
+) -> None:
+    """Two events' journeys queue a join each (inside the span Temporal's interceptor opens
+    around their activity); the flusher's activity, in its own trace, sends both in one Graph
+    API call (loopback, Graph-shaped) inside an ``ad audience batch`` span that links to the
+    two events' spans. Every span arrives at a real OTLP/HTTP receiver, without the shoppers'
+    ids or addresses."""
+    tag = uuid.uuid4().hex[:8]
+    shoppers = [(f"lina-{tag}-{i}", f"lina.{tag}.{i}@example.com") for i in range(2)]
+    with session(sqlite_url) as s:
+        for customer_id, email in shoppers:
+            s.add(Customer(customer_id=customer_id, email=email))
+    with OtlpHttpReceiver() as otlp, GraphAPIServer() as graph:
+        telemetry = Telemetry.exporting_to(
+            OTLPSpanExporter(endpoint=f"{otlp.endpoint}/v1/traces"), WORKER_SERVICE
+        )
+        assert telemetry.provider is not None
+        unscrubbed = InMemorySpanExporter()
+        telemetry.provider.add_span_processor(SimpleSpanProcessor(unscrubbed))
+        settings = make_settings(
+            sqlite_url,
+            meta_graph_url=graph.url,
+            meta_access_token=graph.token,
+            meta_audience_id=graph.audience_id,
+        )
+        steps = []
+        async with httpx.AsyncClient() as http:
+            telemetry.instrument_http(http)
+            sync = AudienceSyncActivities(settings, http, tracer=telemetry.tracer)
+            for customer_id, _ in shoppers:
+                # The event's trace: its request, and the journey step's activity span.
+                with (
+                    telemetry.tracer.start_as_current_span(
+                        "POST /v1/track", attributes={"enduser.id": customer_id}
+                    ),
+                    telemetry.tracer.start_as_current_span(
+                        "RunActivity:queue_audience_join"
+                    ) as step,
+                ):
+                    await ActivityEnvironment().run(
+                        sync.queue_audience_join, _audience_join(customer_id)
+                    )
+                steps.append(step.get_span_context())
+            with telemetry.tracer.start_as_current_span(
+                "RunActivity:flush_audience_changes"
+            ) as flusher:
+                result = await ActivityEnvironment().run(sync.flush_audience_changes, FlushInput())
+        assert isinstance(result, FlushResult) and (result.batches, result.applied) == (1, 2)
+        assert [r.method for r in graph.requests] == ["POST"]
+        telemetry.shutdown()
+        spans = otlp.spans
+        exported = otlp.raw_bytes()
+
+    # Each queued change keeps the W3C traceparent of the step that queued it, nothing else.
+    with session(sqlite_url) as s:
+        rows = {r.customer_id: r for r in s.exec(select(AudienceChangeRow))}
+    for (customer_id, _), step_context in zip(shoppers, steps, strict=True):
+        traceparent = rows[customer_id].traceparent
+        flags = int(step_context.trace_flags)
+        assert traceparent == (
+            f"00-{step_context.trace_id:032x}-{step_context.span_id:016x}-{flags:02x}"
+        )
+
+    [batch] = [span for span in spans if span.name == BATCH_SPAN]
+    assert batch.attributes == {"kaeru.audience.platform": "meta", "kaeru.audience.batch_size": 2}
+    flush_context = flusher.get_span_context()
+    assert batch.trace_id == f"{flush_context.trace_id:032x}"
+    assert batch.parent_span_id == f"{flush_context.span_id:016x}"
+    assert sorted(batch.links) == sorted((f"{c.trace_id:032x}", f"{c.span_id:016x}") for c in steps)
+    assert batch.trace_id not in {trace_id for trace_id, _ in batch.links}
+    # The Graph API call is the batch span's child.
+    [call] = [span for span in spans if span.kind == Span.SPAN_KIND_CLIENT]
+    assert call.parent_span_id == batch.span_id and call.trace_id == batch.trace_id
+
+    before = json.dumps([dict(span.attributes or {}) for span in unscrubbed.get_finished_spans()])
+    assert shoppers[0][0] in before  # so the check below is able to fail
+    for customer_id, email in shoppers:
+        for secret in (customer_id, email, email.split("@")[0], graph.token):
+            assert secret.encode() not in exported
+
+
+async def test_with_tracing_off_no_trace_context_is_kept_with_a_queued_change(
+    sqlite_url: str,
+) -> None:
+    customer_id = f"otto-{uuid.uuid4().hex[:8]}"
+    with session(sqlite_url) as s:
+        s.add(Customer(customer_id=customer_id, email=f"{customer_id}@example.com"))
+    with GraphAPIServer() as graph:
+        settings = make_settings(
+            sqlite_url,
+            meta_graph_url=graph.url,
+            meta_access_token=graph.token,
+            meta_audience_id=graph.audience_id,
+        )
+        async with httpx.AsyncClient() as http:
+            off = Telemetry()
+            off.instrument_http(http)
+            sync = AudienceSyncActivities(settings, http, tracer=off.tracer)
+            # Tracing off: no interceptor, so no span around the activity, only no-op ones.
+            with off.tracer.start_as_current_span("RunActivity:queue_audience_join"):
+                await ActivityEnvironment().run(
+                    sync.queue_audience_join, _audience_join(customer_id)
+                )
+            result = await ActivityEnvironment().run(sync.flush_audience_changes, FlushInput())
+        assert isinstance(result, FlushResult) and result.applied == 1
+    with session(sqlite_url) as s:
+        [row] = s.exec(select(AudienceChangeRow))
+    assert row.traceparent is None and row.applied_at is not None
+
+
+def test_a_span_links_to_at_most_128_stored_trace_contexts() -> None:
+    provider = TracerProvider()
+    tracer = provider.get_tracer("test")
+    contexts = []
+    for _ in range(MAX_LINKS + 5):
+        with tracer.start_as_current_span("step") as step:
+            contexts.append(step.get_span_context())
+    stored = [f"00-{c.trace_id:032x}-{c.span_id:016x}-01" for c in contexts]
+    # Repeated, empty and malformed ones are skipped, not linked.
+    junk = [stored[0], None, "", "00-zz-yy-01", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"]
+    links = links_to([stored[0], *junk, *stored[1:]])
+    assert len(links) == MAX_LINKS == 128
+    assert [link.context.span_id for link in links] == [c.span_id for c in contexts[:MAX_LINKS]]
+    assert links_to(stored[:3]) and len(links_to(stored[:3])) == 3
 
 
 def test_json_log_lines_carry_the_current_trace_and_span() -> None:

@@ -36,6 +36,8 @@ class ReceivedSpan:
     parent_span_id: str
     kind: int
     attributes: dict[str, Any]
+    #: The spans this one links to: (trace id, span id), in hex.
+    links: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -61,6 +63,9 @@ class _Store:
                             parent_span_id=span.parent_span_id.hex(),
                             kind=span.kind,
                             attributes={a.key: _value(a.value) for a in span.attributes},
+                            links=tuple(
+                                (link.trace_id.hex(), link.span_id.hex()) for link in span.links
+                            ),
                         )
                     )
         with self.lock:
