@@ -42,6 +42,7 @@ from kaeru.analytics.model import (
 from kaeru.analytics.terminal import EARLIEST
 from kaeru.credentials import Account
 from kaeru.db import session as db_session
+from kaeru.kill_switch import GLOBAL, switches
 from kaeru.models import Customer, Touchpoint
 from kaeru.money import format_minor
 from kaeru.reports import (
@@ -549,6 +550,40 @@ def error_page(title: str, message: str) -> str:
 # ---- routes -----------------------------------------------------------------------------------
 
 
+#: Where the layout takes the banner of the kill switches that are on.
+HOLDS_SLOT = "<!-- kaeru:holds -->"
+
+
+def holds_banner(database_url: str) -> str:
+    """The banner every page shows while a kill switch is on (empty when none is): an
+    operator reading the numbers learns why messages stopped."""
+    on = switches(database_url)
+    if not on:
+        return ""
+    shown = [
+        {
+            "kind": switch.scope != GLOBAL,
+            "covers": (
+                f"{switch.scope} journeys"
+                if switch.scope != GLOBAL
+                else "every journey"
+                if switch.include_transactional
+                else "marketing journeys"
+            ),
+            "since": switch.since.strftime("%Y-%m-%d %H:%M"),
+            "actor": switch.actor,
+            "reason": switch.reason,
+        }
+        for switch in on
+    ]
+    return _templates.get_template("dashboard/_holds.html.j2").render(switches=shown)
+
+
+async def _with_holds(settings: Settings, body: str) -> str:
+    banner = await run_in_threadpool(holds_banner, settings.resolved_database_url)
+    return body.replace(HOLDS_SLOT, banner, 1)
+
+
 def _html(body: str, status: int = 200) -> HTMLResponse:
     # Operator data: no shared cache may keep it.
     return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
@@ -603,7 +638,7 @@ async def _report_page(request: Request, render: Callable[[Report], str]) -> Res
     except PeriodError as exc:
         return _html(error_page("Not a period", str(exc)), 400)
     report = await run_in_threadpool(load_report, settings, period)
-    return _html(render(report))
+    return _html(await _with_holds(settings, render(report)))
 
 
 @router.get("")
@@ -643,7 +678,8 @@ async def customers(request: Request) -> Response:
         return _html(
             error_page("Not a customer id", "a customer id is at most 200 characters"), 400
         )
-    return _html(await run_in_threadpool(customer_page, settings, query))
+    page = await run_in_threadpool(customer_page, settings, query)
+    return _html(await _with_holds(settings, page))
 
 
 @router.get("/login")

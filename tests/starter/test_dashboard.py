@@ -21,6 +21,7 @@ from kaeru.analytics.model import (
     Route,
 )
 from kaeru.db import write_session
+from kaeru.kill_switch import GLOBAL, turn_off, turn_on
 from kaeru.models import Customer
 from kaeru.reports import best_and_worst_routes
 from kaeru.settings import Settings
@@ -441,3 +442,38 @@ async def test_customer_page_lists_the_timeline_with_links_to_the_temporal_ui(
         till = (await api.get("/dashboard/customers", params={"id": "till-only"})).text
         assert "No profile" in till and "has sent an event" not in till
         assert [cells[1:3] for attrs, cells in Text(till).rows if cells] == [["purchase", "pos"]]
+
+
+async def test_every_page_says_when_a_kill_switch_is_on_and_why(sqlite_url: str) -> None:
+    """An operator reading the numbers learns at once why messages stopped; the reason is
+    text, never markup."""
+    settings = make_settings(sqlite_url)
+    pages = ("/dashboard", "/dashboard/funnels", "/dashboard/customers?id=c-1")
+    async with asgi_client(create_app(settings, run_router=False)) as api:
+        assert (await sign_in(api)).status_code == 303
+        for path in pages:
+            assert 'id="kill-switches"' not in (await api.get(path)).text, path
+
+        turn_on(
+            sqlite_url,
+            GLOBAL,
+            actor="cli:ann",
+            reason="<b>wrong</b> prices",
+            include_transactional=False,
+        )
+        turn_on(sqlite_url, "welcome", actor="api:bob", include_transactional=False)
+        for path in pages:
+            text = (await api.get(path)).text
+            banner = text[
+                text.index('id="kill-switches"') : text.index(
+                    "</div>", text.index('id="kill-switches"')
+                )
+            ]
+            assert "Kill switch on: marketing journeys" in banner, path
+            assert "(cli:ann):\n  &lt;b&gt;wrong&lt;/b&gt; prices." in banner
+            assert "Kill switch on: welcome journeys" in banner and "(api:bob)." in banner
+            assert "<code>--kind</code>" in banner
+
+        turn_off(sqlite_url, GLOBAL)
+        turn_off(sqlite_url, "welcome")
+        assert 'id="kill-switches"' not in (await api.get("/dashboard")).text
