@@ -206,7 +206,7 @@ def test_the_token_goes_to_no_plain_http_url_but_loopback(url: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "localhost"])
 def test_a_loopback_http_url_is_used(host: str) -> None:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))  # bound, never listening (nor anything on ::1 there, one hopes)
+    s.bind(("127.0.0.1", 0))  # bound, never listening: refused (or unreachable) on each host
     port = s.getsockname()[1]
     try:
         url = f"http://{host}:{port}"
