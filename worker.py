@@ -57,9 +57,9 @@ PASSTHROUGH = (
     "kaeru.commerce",
     "kaeru.holds",
     "kaeru.identity",
+    "kaeru.metric_names",
     "kaeru.money",
     "kaeru.search_attributes",
-    "kaeru.worker_metrics",
     "workflows.kit",
 )
 
@@ -116,7 +116,10 @@ def keep_workflow_ids_out_of_logs() -> None:
 
     By default they append the workflow id to every message and put it in the record's
     ``extra`` (which a structured formatter prints), and a journey's id is
-    ``<kind>-<customer id>``, often an email address: personal data stays out of logs.
+    ``<kind>-<customer id>``, often an email address: personal data stays out of logs. The
+    SDK's own messages that name a workflow id ("Failed activation on workflow ... with ID
+    ...") are rewritten by the logging setup's filter
+    (:class:`kaeru.telemetry.WorkflowIdFilter`).
     """
     workflow.logger.workflow_info_on_message = False
     workflow.logger.workflow_info_on_extra = False

@@ -45,11 +45,11 @@ from activities.types import (
 from kaeru.consent import refusal
 from kaeru.db import session
 from kaeru.identity import email_key, no_email_address
+from kaeru.metric_names import AD_API_CALLS, AD_API_ERRORS
 from kaeru.models import AudienceJoin, AudienceMember, utcnow
 from kaeru.pseudonyms import journey_kind
 from kaeru.settings import Settings
 from kaeru.touchpoints import ADS, record_touchpoint
-from kaeru.worker_metrics import AD_API_CALLS, AD_API_ERRORS
 
 LOCAL = "local"
 META = "meta"

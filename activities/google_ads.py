@@ -22,9 +22,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.metrics import count
 from activities.types import AUDIENCE_REJECTED
+from kaeru.metric_names import AD_API_CALLS, AD_API_ERRORS
 from kaeru.models import utcnow
 from kaeru.settings import Settings
-from kaeru.worker_metrics import AD_API_CALLS, AD_API_ERRORS
 
 GOOGLE = "google"
 #: ApplicationError type of retryable Google Ads failures (as Meta's: the audience is busy).

@@ -1,6 +1,6 @@
 """kaeru's counters in the worker, recorded through ``activity.metric_meter()``.
 
-They reach the worker's Prometheus endpoint (kaeru/worker_metrics.py has the names). Labels
+They reach the worker's Prometheus endpoint (kaeru/metric_names.py has the names). Labels
 are bounded by the code: the journey's kind (from its workflow id, by the registry), a reason
 or a platform; never an id or an address.
 """

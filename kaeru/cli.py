@@ -69,7 +69,7 @@ from kaeru.settings import Settings, known_timezone
 from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
 from kaeru.telemetry import setup_logging as configure_logging
 from kaeru.temporal import connect, ensure_search_attributes
-from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
+from kaeru.worker_metrics import MetricsAddressInvalid, MetricsPortTaken, worker_runtime
 from starter.app import create_app
 from starter.feedback import suppress
 from starter.parking import drop_parked, parked_events, retry_parked
@@ -262,8 +262,15 @@ def worker(
     async def main() -> None:
         try:
             runtime = worker_runtime(settings)
-        except MetricsPortTaken as exc:
+        except MetricsAddressInvalid as exc:
             raise StackError(str(exc)) from exc
+        except MetricsPortTaken as exc:
+            # Hosts that run several workers keep them all: only this one goes without its
+            # endpoint (as `kaeru dev` does).
+            runtime = None
+            logging.getLogger("kaeru.worker").warning(
+                "worker metrics are off for this process: %s", exc
+            )
         client = await connected(settings, runtime)
         task = asyncio.create_task(run_worker(client, settings, telemetry))
         console.print(

@@ -20,7 +20,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -37,6 +37,7 @@ from kaeru.cli_hold import journeys_app, say
 from kaeru.journeys import load_registry
 from kaeru.search_attributes import STEP
 from kaeru.settings import Settings
+from kaeru.telemetry import scrub_workflow_ids, workflow_ref
 from kaeru.temporal import converter
 
 T = TypeVar("T")
@@ -266,6 +267,12 @@ def _workflows_from(ref: str | None) -> list[type]:
         value = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         fail(f"--workflows {ref!r} cannot be loaded ({exc})", fix)
+    except Exception as exc:  # the module itself is broken: a SyntaxError, or its code raised
+        fail(
+            f"--workflows {ref!r} cannot be loaded: importing {module_name} raised "
+            f"{type(exc).__name__}: {exc}",
+            "Fix that module (python -c 'import MODULE' shows the traceback), then run again.",
+        )
     if callable(value) and not isinstance(value, type):
         value = value()
     if not isinstance(value, (list, tuple)) or not all(isinstance(c, type) for c in value):
@@ -301,7 +308,10 @@ class Replayed:
     kind: str
     running: int
     sampled: int
+    #: Workflow id → why it does not replay.
     failures: dict[str, str]
+    #: Workflow id → the run that was replayed (of each failure).
+    run_ids: dict[str, str] = field(default_factory=dict)
 
 
 #: ``deploy-check`` looks at up to this many times ``--sample`` running journeys of a kind to
@@ -390,10 +400,21 @@ async def _check(
             running=max(running, len(found)),
             sampled=len(found),
             failures={e.id: failures[e.id] for e in found if e.id in failures},
+            run_ids={e.id: e.run_id or "" for e in found if e.id in failures},
         )
         for workflow_type, (running, found) in sorted(samples.items())
         if running or found
     ]
+
+
+def _journey_name(replayed: Replayed, workflow_id: str, show_ids: bool) -> str:
+    """How ``deploy-check`` names a journey that fails: its workflow id in clear with
+    ``--show-ids``; else its kind, :func:`~kaeru.telemetry.key_ref` of the id and the run id
+    (the id is ``<kind>-<customer id>`` and CI logs are read widely)."""
+    if show_ids:
+        return workflow_id
+    run_id = replayed.run_ids.get(workflow_id, "")
+    return f"{workflow_ref(workflow_id, [replayed.kind])} run {run_id}".rstrip()
 
 
 def deploy_check(
@@ -410,6 +431,14 @@ def deploy_check(
             "instead of the worker's, e.g. a candidate change.",
         ),
     ] = None,
+    show_ids: Annotated[
+        bool,
+        typer.Option(
+            "--show-ids",
+            help="Name the journeys that fail by workflow id in clear (<kind>-<customer id>); "
+            "by default by kind, a digest of the id and the run id, fit for a CI log.",
+        ),
+    ] = False,
 ) -> None:
     """Replay a sample of the running journeys' histories (downloaded from Temporal) on the
     local code: exit 1 naming each journey the code would break, before it is deployed."""
@@ -428,7 +457,15 @@ def deploy_check(
     for one in checked:
         table.add_row(one.kind, str(one.running), str(one.sampled), str(len(one.failures)))
     console.print(table)
-    failed = [(one.kind, journey, why) for one in checked for journey, why in one.failures.items()]
+    failed = [
+        (
+            one.kind,
+            _journey_name(one, journey, show_ids),
+            why if show_ids else scrub_workflow_ids(why, [one.kind]),
+        )
+        for one in checked
+        for journey, why in one.failures.items()
+    ]
     replayed = sum(one.sampled for one in checked)
     if not failed:
         say(f"All {replayed} sampled journey(s) replay on the local code.")
@@ -436,6 +473,11 @@ def deploy_check(
     say(f"{len(failed)} of {replayed} sampled journey(s) do not replay on the local code:")
     for k, journey, why in failed:
         say(f"  {journey} ({k}): {why}")
+    if not show_ids:
+        say(
+            "Journeys are named by kind, a digest of the workflow id and the run id (the run "
+            "id finds one in the Temporal UI); --show-ids names them in clear."
+        )
     for hint in dict.fromkeys(_hint(why) for _, _, why in failed):
         say(hint)
     raise typer.Exit(1)

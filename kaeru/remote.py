@@ -3,8 +3,9 @@ operator token of ``KAERU_OPERATOR_TOKEN`` instead of database and Temporal cred
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -22,6 +23,34 @@ def journey_path(workflow_id: str, action: str) -> str:
     return f"/v1/admin/journeys/{quote(workflow_id, safe='')}/{action}"
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: a request to it never leaves this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_plain_http(base: str) -> None:
+    """Refuse to send the operator token anywhere but HTTPS or this machine.
+
+    Raises:
+        RemoteError: ``base`` is not ``https://`` and its host is not loopback.
+    """
+    parts = urlsplit(base)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and is_loopback(parts.hostname or ""):
+        return
+    raise RemoteError(
+        f"KAERU_API_URL={base} is not an https:// URL: the operator token would cross the "
+        "network in clear, readable by anyone on the path. Give the deployment's https:// "
+        "address (http:// only for 127.0.0.1, ::1 or localhost, e.g. an SSH tunnel)"
+    )
+
+
 def admin_call(
     settings: Settings, method: str, path: str, body: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -37,6 +66,7 @@ def admin_call(
             f"KAERU_API_URL is set ({base}) but KAERU_OPERATOR_TOKEN is not: set it to the "
             "deployment's operator token"
         )
+    refuse_plain_http(base)
     try:
         answer = httpx.request(
             method,

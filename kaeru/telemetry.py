@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -395,7 +397,9 @@ class JsonFormatter(logging.Formatter):
         if span.is_valid:
             line["trace_id"] = trace.format_trace_id(span.trace_id)
             line["span_id"] = trace.format_span_id(span.span_id)
-        if record.exc_info:
+        if record.exc_text:
+            line["exception"] = record.exc_text
+        elif record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
@@ -408,10 +412,99 @@ def log_formatter(log_format: str) -> logging.Formatter:
 
 
 def setup_logging(level: int, log_format: str) -> None:
-    """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``)."""
+    """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``), workflow ids
+    pseudonymised (:class:`WorkflowIdFilter`)."""
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(log_format))
+    handler.addFilter(WorkflowIdFilter())
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def workflow_ref(workflow_id: str, kinds: Iterable[str] = ()) -> str:
+    """How a log line names a workflow: :func:`key_ref` of its id, after its journey kind when
+    the id starts with one of ``kinds`` (``cart-abandonment-sha256:<12 hex>``); a journey's id
+    is ``<kind>-<customer id>``, often an email address."""
+    for kind in sorted(kinds, key=len, reverse=True):
+        if workflow_id.startswith(f"{kind}-"):
+            return f"{kind}-{key_ref(workflow_id)}"
+    return key_ref(workflow_id)
+
+
+def _loaded_kinds() -> tuple[str, ...]:
+    """The journey kinds of the process's registry, once it has been loaded (never loading
+    it here: a log filter must not import workflows, nor log while it does)."""
+    journeys = sys.modules.get("kaeru.journeys")
+    loaded = getattr(journeys, "registry", None)
+    if loaded is None or not loaded.cache_info().currsize:
+        return ()
+    return tuple(route.kind for route in loaded().routes)
+
+
+#: Where the Temporal SDK's messages name a workflow id (worker/_workflow_instance.py,
+#: _activity.py; the replayer), and kaeru's own ``workflow_id=`` style: group 2 is the id.
+_WORKFLOW_ID_PHRASES = (
+    re.compile(r"(\bwith ID )(.+?)(?= and run ID\b)"),
+    re.compile(r"(\bfor workflow )(\S+)(?= is not registered\b)"),
+    re.compile(r"(\bworkflow[ _]?id(?:=|: ?)['\"]?)([^'\",\s)}\]]+)", re.IGNORECASE),
+)
+#: Extras the SDK's workflow and activity loggers add (a structured handler may print them).
+_DETAIL_EXTRAS = ("temporal_workflow", "temporal_activity")
+
+
+def scrub_workflow_ids(text: str, kinds: Iterable[str] = ()) -> str:
+    """``text`` with every workflow id it names (see ``_WORKFLOW_ID_PHRASES``) replaced by
+    :func:`workflow_ref`; an id already pseudonymised is left as it is."""
+    for phrase in _WORKFLOW_ID_PHRASES:
+        text = phrase.sub(
+            lambda m: (
+                m.group(1)
+                + (m.group(2) if "sha256:" in m.group(2) else workflow_ref(m.group(2), kinds))
+            ),
+            text,
+        )
+    return text
+
+
+class WorkflowIdFilter(logging.Filter):
+    """Rewrites the workflow ids in a record (temporalio's "Failed activation on workflow X
+    with ID <id> and run ID ...", its exception text, the SDK's ``temporal_workflow`` extras)
+    to :func:`workflow_ref`, for the text and the JSON format alike. Installed on the handler,
+    so it sees the records of every logger. :func:`worker.keep_workflow_ids_out_of_logs`
+    stops the workflow and activity loggers adding ids; this catches the SDK's own lines."""
+
+    def __init__(self, kinds: Iterable[str] | None = None) -> None:
+        """``kinds``: the journey kinds an id may start with; by default, those of the
+        process's registry once it is loaded."""
+        super().__init__()
+        self._kinds = tuple(kinds) if kinds is not None else None
+
+    def kinds(self) -> tuple[str, ...]:
+        if self._kinds is not None:
+            return self._kinds
+        try:
+            return _loaded_kinds()
+        except Exception:  # a registry that cannot load: the ids still go, without the kind
+            return ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kinds = self.kinds()
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit: logging reports it when formatting
+            return True
+        scrubbed = scrub_workflow_ids(message, kinds)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub_workflow_ids(record.exc_text, kinds)
+        for name in _DETAIL_EXTRAS:
+            details = getattr(record, name, None)
+            if isinstance(details, dict) and isinstance(details.get("workflow_id"), str):
+                ref = workflow_ref(details["workflow_id"], kinds)
+                setattr(record, name, {**details, "workflow_id": ref})
+        return True
 
 
 def key_ref(key: str) -> str:

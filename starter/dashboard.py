@@ -28,6 +28,7 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from kaeru.analytics.model import (
@@ -63,7 +64,7 @@ from kaeru.reports import (
 )
 from kaeru.settings import Settings
 from starter import operator_session
-from starter.deps import account_of_token, credentials_of
+from starter.deps import ApiError, account_of_token, credentials_of
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
@@ -601,10 +602,29 @@ async def _operator(request: Request, settings: Settings) -> Account | None:
 
 
 async def _configured(request: Request, settings: Settings) -> bool:
-    """Whether anyone can sign in: KAERU_OPERATOR_TOKEN or an account of `kaeru operators`."""
+    """Whether anyone can sign in: KAERU_OPERATOR_TOKEN or an account of `kaeru operators`.
+
+    Raises:
+        ApiError: 503 when the accounts cannot be read (the database is down).
+    """
     if operator_session.operator_token(settings):
         return True
-    return bool((await credentials_of(request).current()).operators)
+    try:
+        return bool((await credentials_of(request).current()).operators)
+    except SQLAlchemyError as exc:
+        raise ApiError(503, "unavailable", DATABASE_DOWN) from exc
+
+
+#: The dashboard's answer when it cannot read the operator accounts.
+DATABASE_DOWN = (
+    "cannot read the operator accounts from the database (KAERU_DATABASE_URL); try again in "
+    "a moment"
+)
+
+
+def _unavailable(settings: Settings, error: ApiError) -> Response:
+    """The sign-in page saying why nobody can sign in now (503): the database is down."""
+    return _html(login_page(settings, error.message, error=True), error.status)
 
 
 def _safe_next(value: str) -> str:
@@ -619,10 +639,15 @@ async def _guard(request: Request) -> Response | None:
     """None for a signed-in operator (either role: the dashboard only reads); otherwise the
     answer: sign in, or no dashboard at all."""
     settings: Settings = request.app.state.settings
-    if not await _configured(request, settings):
-        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
-    if await _operator(request, settings) is not None:
-        return None
+    try:
+        if not await _configured(request, settings):
+            return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
+        if await _operator(request, settings) is not None:
+            return None
+    except ApiError as exc:
+        if exc.status != 503:
+            raise
+        return _unavailable(settings, exc)
     wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse("/dashboard/login?" + urlencode({"next": wanted}), status_code=303)
 
@@ -686,20 +711,28 @@ async def customers(request: Request) -> Response:
 async def login_form(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     next_path = _safe_next(request.query_params.get("next", "/dashboard"))
-    if not await _configured(request, settings):
-        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
+    try:
+        if not await _configured(request, settings):
+            return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
+    except ApiError as exc:
+        return _unavailable(settings, exc)
     return _html(login_page(settings, "Sign in with the operator token.", next_path=next_path))
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    if not await _configured(request, settings):
-        return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     next_path = _safe_next(form.get("next", ["/dashboard"])[0])
     given = form.get("token", [""])[0].strip()
-    account = await account_of_token(request, given) if given else None
+    try:
+        if not await _configured(request, settings):
+            return _html(login_page(settings, NOT_CONFIGURED, error=True), 503)
+        account = await account_of_token(request, given) if given else None
+    except ApiError as exc:
+        if exc.status != 503 or exc.code != "unavailable":
+            raise
+        return _unavailable(settings, exc)
     if account is None:
         message = (
             "That is not the operator token (KAERU_OPERATOR_TOKEN) nor a token of `kaeru "
@@ -707,7 +740,7 @@ async def login(request: Request) -> Response:
         )
         return _html(login_page(settings, message, next_path=next_path, error=True), 401)
     cookie = (
-        operator_session.account_cookie(account, _PURPOSE)
+        operator_session.account_cookie(account, _PURPOSE, operator_session.server_key_of(request))
         if account.token_hash
         else operator_session.session_cookie(operator_session.operator_token(settings), _PURPOSE)
     )

@@ -14,6 +14,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -137,7 +138,14 @@ async def _steer(action: Callable[[], Awaitable[T]]) -> T:
 async def kill_switch_status(request: Request, settings: SettingsDep) -> KillSwitchStatus:
     """The switches that are on (global first), how many journeys each holds, and how many
     journeys an operator paused."""
-    on = await run_in_threadpool(switches, settings.resolved_database_url)
+    try:
+        on = await run_in_threadpool(switches, settings.resolved_database_url)
+    except SQLAlchemyError as exc:
+        raise ApiError(
+            503,
+            "unavailable",
+            "cannot read the kill switches from the database (KAERU_DATABASE_URL); try again",
+        ) from exc
     journeys = steering.journeys_of(settings)
     try:
         client = await _client(request, settings)

@@ -70,9 +70,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from kaeru.identity import IDENTITY_MERGED as IDENTITY_MERGED
     from kaeru.machine_opens import ALL_LINKS_SAME_SECOND, APPLE_MPP, SCANNER_UA
+    from kaeru.metric_names import JOURNEYS_ENDED, JOURNEYS_STARTED
     from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, SEARCH_ATTRIBUTES, STEP
     from kaeru.variants import HOLDOUT, Experiment, assign, held_out
-    from kaeru.worker_metrics import JOURNEYS_ENDED, JOURNEYS_STARTED
 
 T = TypeVar("T")
 #: A journey's settings dataclass (see :func:`setting`).

@@ -62,13 +62,13 @@ from activities.types import (
 )
 from kaeru.db import session
 from kaeru.identity import NO_EMAIL_ADDRESS, no_email_address
+from kaeru.metric_names import MESSAGES_FAILED, MESSAGES_SENT, MESSAGES_SUPPRESSED
 from kaeru.models import EmailMessage, utcnow
 from kaeru.settings import Settings
 from kaeru.telemetry import key_ref
 from kaeru.tracking_tokens import register_tokens, signing_key
 from kaeru.unsubscribe_tokens import register as register_unsubscribe
 from kaeru.unsubscribe_tokens import token_for as unsubscribe_token
-from kaeru.worker_metrics import MESSAGES_FAILED, MESSAGES_SENT, MESSAGES_SUPPRESSED
 
 
 class EmailActivities:

@@ -50,7 +50,7 @@ from kaeru.serving import (
 from kaeru.settings import Settings
 from kaeru.telemetry import API_SERVICE, WORKER_SERVICE, Telemetry
 from kaeru.temporal import connect, ensure_search_attributes, missing_search_attributes
-from kaeru.worker_metrics import MetricsPortTaken, worker_runtime
+from kaeru.worker_metrics import MetricsUnavailable, worker_runtime
 from starter.app import create_app
 from starter.limits import split_list
 from worker import run_worker
@@ -455,7 +455,7 @@ def _metrics_runtime(s: Settings, console: Console) -> Runtime | None:
     warning and no endpoint: a development stack runs on without its metrics."""
     try:
         runtime = worker_runtime(s)
-    except MetricsPortTaken as exc:
+    except MetricsUnavailable as exc:
         console.print(Text(f"worker metrics are off: {exc}", style="yellow"), soft_wrap=True)
         return None
     if runtime is not None:

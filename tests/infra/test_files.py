@@ -112,6 +112,35 @@ def listens_on(service: dict[str, Any]) -> set[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class Hook:
+    """A template's Helm hook annotations."""
+
+    events: frozenset[str]
+    weight: int
+    delete_policy: frozenset[str]
+
+
+def hook_of(template: str) -> Hook | None:
+    """The ``helm.sh/hook*`` annotations of a template (read as text: a template with
+    ``{{ if }}`` lines is no YAML); None when it is no hook."""
+
+    def annotation(name: str) -> str | None:
+        match = re.search(rf'^\s*"?helm\.sh/{name}"?:\s*"?([^"\n]*)"?\s*$', template, re.M)
+        return match.group(1).strip() if match else None
+
+    events = annotation("hook")
+    if events is None:
+        return None
+    return Hook(
+        events=frozenset(e.strip() for e in events.split(",")),
+        weight=int(annotation("hook-weight") or 0),
+        delete_policy=frozenset(
+            p.strip() for p in (annotation("hook-delete-policy") or "").split(",") if p
+        ),
+    )
+
+
 # ---- the checker -----------------------------------------------------------------------------
 
 
@@ -419,6 +448,11 @@ class Checker:
             self.problem("helm api.yaml: its probes do not ask /healthz")
         if "kaeru migrate && kaeru setup" not in job or "pre-install,pre-upgrade" not in job:
             self.problem("helm migrate-job.yaml: no pre-install/upgrade `kaeru migrate`/`setup`")
+        self.check_hook_order(templates)
+        secret = (templates / "secret.yaml").read_text()
+        for name in ("KAERU_DATABASE_URL", "KAERU_METRICS_TOKEN"):
+            if not re.search(rf'required\s+"[^"]*"\s+\.Values\.secrets\.{name}\b', secret):
+                self.problem(f"helm secret.yaml: renders with an empty {name} (no `required`)")
         temporal = self.yaml("helm/temporal-values.yaml")
         persistence = temporal["server"]["config"]["persistence"]
         for store in ("default", "visibility"):
@@ -429,6 +463,30 @@ class Checker:
             self.problem("helm temporal-values: the Web UI is off")
         if temporal.get("cassandra", {}).get("enabled", True):
             self.problem("helm temporal-values: the chart's Cassandra is still on")
+
+    def check_hook_order(self, templates: Path) -> None:
+        """The migrate Job is a pre-install/pre-upgrade hook reading the settings ConfigMap and
+        Secret; Helm creates hooks (by weight) before every other resource, so both must be
+        hooks of the same events with a lower weight, recreated each time."""
+        job = hook_of((templates / "migrate-job.yaml").read_text())
+        if job is None:
+            self.problem("helm migrate-job.yaml: not a Helm hook")
+            return
+        for name in ("configmap.yaml", "secret.yaml"):
+            hook = hook_of((templates / name).read_text())
+            if hook is None or not {"pre-install", "pre-upgrade"} <= hook.events:
+                self.problem(
+                    f"helm {name}: not a pre-install,pre-upgrade hook, so the migrate Job "
+                    "starts before it exists"
+                )
+                continue
+            if hook.weight >= job.weight:
+                self.problem(
+                    f"helm {name}: hook weight {hook.weight} is not below the migrate Job's "
+                    f"{job.weight}"
+                )
+            if "before-hook-creation" not in hook.delete_policy:
+                self.problem(f"helm {name}: no hook-delete-policy before-hook-creation")
 
     def temporal_frontend_port(self) -> int:
         temporal = self.yaml("helm/temporal-values.yaml")
@@ -567,6 +625,50 @@ MUTATIONS = [
         "pip install -c requirements.lock .",
         "pip install .",
         "does not install kaeru with -c requirements.lock",
+    ),
+    # the settings must exist before the migrate Job (hooks, a lower weight)
+    (
+        "helm/kaeru/templates/configmap.yaml",
+        '"helm.sh/hook-weight": "-5"',
+        '"helm.sh/hook-weight": "5"',
+        "helm configmap.yaml: hook weight 5 is not below the migrate Job's 0",
+    ),
+    (
+        "helm/kaeru/templates/secret.yaml",
+        '"helm.sh/hook": pre-install,pre-upgrade',
+        "helm.sh/not-a-hook: true",
+        "helm secret.yaml: not a pre-install,pre-upgrade hook",
+    ),
+    (
+        "helm/kaeru/templates/configmap.yaml",
+        '"helm.sh/hook": pre-install,pre-upgrade',
+        '"helm.sh/hook": pre-install',
+        "helm configmap.yaml: not a pre-install,pre-upgrade hook",
+    ),
+    (
+        "helm/kaeru/templates/secret.yaml",
+        '"helm.sh/hook-delete-policy": before-hook-creation',
+        '"helm.sh/hook-delete-policy": hook-succeeded',
+        "helm secret.yaml: no hook-delete-policy before-hook-creation",
+    ),
+    (
+        "helm/kaeru/templates/migrate-job.yaml",
+        '"helm.sh/hook-weight": "0"',
+        '"helm.sh/hook-weight": "-10"',
+        "helm secret.yaml: hook weight -5 is not below the migrate Job's -10",
+    ),
+    # an empty database URL or metrics token must not render
+    (
+        "helm/kaeru/templates/secret.yaml",
+        '{{- $_ := required "secrets.KAERU_DATABASE_URL',
+        '{{- $_ := default "secrets.KAERU_DATABASE_URL',
+        "renders with an empty KAERU_DATABASE_URL",
+    ),
+    (
+        "helm/kaeru/templates/secret.yaml",
+        '{{- $_ := required "secrets.KAERU_METRICS_TOKEN',
+        '{{- $_ := default "secrets.KAERU_METRICS_TOKEN',
+        "renders with an empty KAERU_METRICS_TOKEN",
     ),
     (
         "helm/temporal-values.yaml",

@@ -191,3 +191,28 @@ def test_an_unreachable_api_names_kaeru_api_url() -> None:
     assert_clear_failure(
         kaeru("kill-switch", "on", **no_token), "KAERU_API_URL is set", "KAERU_OPERATOR_TOKEN"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://kaeru.shop.example", "http://10.0.0.5:8000", "http://127.0.0.1.nip.io", "ftp://x"],
+)
+def test_the_token_goes_to_no_plain_http_url_but_loopback(url: str) -> None:
+    refused = kaeru("kill-switch", "status", **NOWHERE, KAERU_API_URL=url)
+    assert_clear_failure(refused, f"KAERU_API_URL={url} is not an https:// URL", "https://")
+    assert "cannot reach" not in refused.stderr  # refused before any request
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "localhost"])
+def test_a_loopback_http_url_is_used(host: str) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))  # bound, never listening: refused (or unreachable) on each host
+    port = s.getsockname()[1]
+    try:
+        url = f"http://{host}:{port}"
+        assert_clear_failure(
+            kaeru("kill-switch", "status", **NOWHERE, KAERU_API_URL=url),
+            f"cannot reach the kaeru API at KAERU_API_URL={url}",
+        )
+    finally:
+        s.close()

@@ -30,6 +30,7 @@ from typer.testing import CliRunner, Result
 from kaeru.cli import app
 from kaeru.cli_deploy import NO_PATCH, spread
 from kaeru.settings import Settings
+from kaeru.telemetry import workflow_ref
 from tests.conftest import make_settings
 from tests.journeys.changed_cart import EXTRA_STEP, patched
 from tests.support.codec import CodecEnv, codec_client, new_master_key
@@ -188,7 +189,17 @@ async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_chan
     assert "Traceback" not in broken.output
     assert "2 of 2 sampled journey(s) do not replay on the local code" in broken.stdout
     for shopper in (first, second):
-        [line] = [x for x in broken.stdout.splitlines() if shopper.journey_id in x]
+        # By default a CI log gets kind, digest and run id: no customer id in clear.
+        assert shopper.journey_id not in broken.stdout
+        assert shopper.customer_id not in broken.stdout
+        named = f"{workflow_ref(shopper.journey_id, ['cart-abandonment'])} run "
+        [line] = [x for x in broken.stdout.splitlines() if named in x]
+        assert "(cart-abandonment)" in line and "TMPRL1100" in line, line
+    assert "--show-ids names them in clear" in " ".join(broken.stdout.split())
+    clear = await stack.kaeru("deploy-check", "--workflows", UNPATCHED, "--show-ids")
+    assert clear.exit_code == 1, clear.output
+    for shopper in (first, second):
+        [line] = [x for x in clear.stdout.splitlines() if shopper.journey_id in x]
         assert "(cart-abandonment)" in line and "TMPRL1100" in line, line
     assert 'wrap the change in `if workflow.patched("<change-id>"):`' in " ".join(
         broken.stdout.split()
@@ -209,7 +220,8 @@ async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_chan
     out, err = await process.communicate()
     assert process.returncode == 1, (out, err)
     text = (out + err).decode()
-    assert first.journey_id in text and second.journey_id in text, text
+    assert first.journey_id not in text and second.journey_id not in text, text
+    assert text.count(" run ") >= 2 and "cart-abandonment-sha256:" in text, text
     assert "Traceback" not in text and "WARN" not in text and "stack_trace" not in text, text
 
     removed = await stack.kaeru("deploy-check", "--workflows", WITHOUT_CART)
@@ -312,8 +324,9 @@ async def test_impact_counts_journeys_per_kind_step_and_patches_seen(stack: Stac
     back = await stack.kaeru("deploy-check")
     assert back.exit_code == 1, back.output
     assert "1 of 3 sampled journey(s) do not replay" in back.stdout
-    assert candidate.journey_id in back.stdout
-    assert plain.journey_id not in back.stdout and stored.journey_id not in back.stdout
+    assert workflow_ref(candidate.journey_id, ["cart-abandonment"]) in back.stdout
+    for other in (plain, stored):
+        assert workflow_ref(other.journey_id, ["cart-abandonment"]) not in back.stdout
     forward = await stack.kaeru("deploy-check", "--workflows", PATCHED)
     assert forward.exit_code == 0, forward.output
 
@@ -351,7 +364,8 @@ async def test_deploy_check_decodes_histories_with_the_workers_codec(
         del stack.cli_env["KAERU_CODEC_MASTER_KEY"]
         without = await stack.kaeru("deploy-check")
         assert without.exit_code == 1, without.output
-        [line] = [x for x in without.stdout.splitlines() if shopper.journey_id in x]
+        named = workflow_ref(shopper.journey_id, ["cart-abandonment"])
+        [line] = [x for x in without.stdout.splitlines() if named in x]
         assert "Unknown payload encoding binary/encrypted" in line and "File " not in line, line
         assert "run the check with the worker's KAERU_CODEC_MASTER_KEY" in " ".join(
             without.stdout.split()
@@ -383,3 +397,25 @@ def test_the_sample_takes_every_step_before_a_second_of_any() -> None:
     assert [n for _, n in spread(newest_first, 5, lambda j: j[0])] == [1, 4, 5, 2, 6]
     assert len(spread(newest_first, 99, lambda j: j[0])) == 6
     assert spread([], 3, lambda j: j) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ("def broken(:\n", "SyntaxError"),
+        ("raise RuntimeError('the candidate is half written')\n", "RuntimeError"),
+    ],
+)
+def test_a_workflows_module_that_does_not_import_is_one_line(
+    source: str, error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"candidate_{error.lower()}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["deploy-check", "--workflows", f"{name}:workflows"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"--workflows '{name}:workflows' cannot be loaded" in line, result.stderr
+    assert f"importing {name} raised {error}" in line, result.stderr

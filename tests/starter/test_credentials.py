@@ -4,8 +4,11 @@ made by the real CLI, checked through the cache, refused once revoked, every cha
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +18,12 @@ from typer.testing import CliRunner
 
 from kaeru.audit import cli_actor
 from kaeru.cli import app as cli
+from kaeru.credentials import READ_ONLY, Account, digest
 from kaeru.settings import Settings
+from starter import dashboard
 from starter.app import create_app
 from starter.dashboard import SESSION_COOKIE
+from starter.operator_session import account_cookie
 from tests.conftest import make_settings
 from tests.starter.conftest import OPERATOR, asgi_client, basic, events
 from tests.starter.test_admin import park
@@ -215,6 +221,26 @@ async def test_the_dashboard_signs_in_an_account_and_a_revoke_signs_it_out(
             stranger.cookies.set(SESSION_COOKIE, forged, domain="kaeru.test", path="/dashboard")
             away = await stranger.get("/dashboard/funnels", follow_redirects=False)
             assert away.status_code == 303
+            # The stored token hash alone (a database dump, a backup) makes no cookie: the
+            # server's secret key signs it too.
+            token_hash = digest(token)
+            expires = int(time.time()) + 3600
+            message = f"{dashboard._PURPOSE}:carol:{expires}".encode()
+            hash_only = hmac.new(token_hash.encode(), message, hashlib.sha256).hexdigest()
+            carol = Account("carol", READ_ONLY, token_hash)
+            for made in (
+                f"{expires}.{hash_only}.carol",
+                account_cookie(carol, dashboard._PURPOSE, b"another server's secret key 0123"),
+            ):
+                stranger.cookies.set(SESSION_COOKIE, made, domain="kaeru.test", path="/dashboard")
+                refused = await stranger.get("/dashboard/funnels", follow_redirects=False)
+                assert refused.status_code == 303, made
+            server_key = api_app.state.signing_key
+            assert settings.secret_key is not None
+            assert server_key == settings.secret_key.get_secret_value().encode()
+            with_key = account_cookie(carol, dashboard._PURPOSE, server_key)
+            stranger.cookies.set(SESSION_COOKIE, with_key, domain="kaeru.test", path="/dashboard")
+            assert (await stranger.get("/dashboard/funnels")).status_code == 200
             stranger.cookies.set(SESSION_COOKIE, cookie, domain="kaeru.test", path="/dashboard")
             assert (await stranger.get("/dashboard/funnels")).status_code == 200
 
