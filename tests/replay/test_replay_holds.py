@@ -55,7 +55,7 @@ def with_a_signal_after(text: str, after: int, name: str, payload: dict[str, obj
     data = base64.b64encode(json.dumps(payload).encode()).decode()
     signal = {
         "eventId": str(after + 1),
-        "eventTime": events[after - 1]["eventTime"],
+        "eventTime": history["events"][after - 1]["eventTime"],
         "eventType": "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED",
         "workflowExecutionSignaledEventAttributes": {
             "signalName": name,
