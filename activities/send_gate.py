@@ -182,6 +182,20 @@ class SendGateActivities:
                     self._settle(row, DROPPED, now, f"refused: {why}")
                     s.add(row)
                 return ReserveSendResult(REFUSED, None, why, outcome)
+            if row is not None and row.state == GRANTED and self._granted_before_hold(row, wanted):
+                if row.stale_at is not None and now > row.stale_at:
+                    reason = (
+                        f"held past the message's stale limit ({row.stale_at:%Y-%m-%d %H:%M} "
+                        "UTC) after its send slot was granted"
+                    )
+                    self._settle(row, DROPPED, now, reason)
+                    row.granted_at = None
+                    s.add(row)
+                    return ReserveSendResult(DROP, None, reason)
+                row.granted_at = None  # it was not used: the caps no longer count it
+                result = self._decide(s, row, now)
+                s.add(row)
+                return result
             if row is not None and row.state == GRANTED:
                 return ReserveSendResult(SEND, None, "the slot was granted earlier")
             if row is not None and row.state == DROPPED:
@@ -205,6 +219,17 @@ class SendGateActivities:
             result = self._decide(s, row, now)
             s.add(row)
         return result
+
+    @staticmethod
+    def _granted_before_hold(row: SendSlot, wanted: ReserveSendInput) -> bool:
+        """Whether ``row``'s grant came before the hold ``wanted`` says the message had."""
+        held_until = wanted.held_until
+        if held_until is None or row.granted_at is None:
+            return False
+        granted = row.granted_at
+        if granted.tzinfo is None:  # SQLite gives it back naive (UTC)
+            granted = granted.replace(tzinfo=UTC)
+        return granted < held_until
 
     def _refusal(self, s: Session, wanted: ReserveSendInput) -> tuple[str, str] | None:
         """How the journey ends and why, when the message may not go at all; else None."""

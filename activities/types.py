@@ -348,6 +348,11 @@ class ReserveSendInput:
     #: When the journey asks (the workflow's clock, which a time-skipping test server moves
     #: and a replay repeats); None: the gate's own clock.
     asked_at: datetime | None = None
+    #: The message was held (the kill switch, an operator's pause) after its slot was
+    #: granted, until this moment (the workflow's clock): a grant from before it is decided
+    #: again, as if asked now (quiet hours, caps; past its stale limit it is dropped). A grant
+    #: from after it (this same ask, retried) stands. None: a grant stands.
+    held_until: datetime | None = None
 
 
 @dataclass

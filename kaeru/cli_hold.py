@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 from temporalio.service import RPCError
 
 from kaeru import audit, steering
@@ -46,8 +47,9 @@ __all__ = ["CANCEL_WAIT", "journeys_app", "kill_switch_app"]
 
 
 def say(text: str) -> None:
-    """Print a line unwrapped: a command in it stays copyable."""
-    console.print(text, soft_wrap=True)
+    """Print a line unwrapped (a command in it stays copyable) and as it is: no rich markup,
+    since reasons, ids and kinds in it are people's text (``stop [/] now``)."""
+    console.print(text, soft_wrap=True, markup=False)
 
 
 def refused(err: SteeringError) -> NoReturn:
@@ -201,7 +203,7 @@ def kill_switch_off(kind: KindOption = None) -> None:
         )
     say(
         f"{named(scope).capitalize()} is off: released {released} held journey(s); they go on "
-        "at once."
+        "at once, a held email through the send gate again (quiet hours, caps, stale limit)."
     )
     if failed:
         fail(f"{failed} held journey(s) could not be signalled: {on_their_own}")
@@ -250,7 +252,7 @@ def kill_switch_status() -> None:
         for column in ("switch", "holds", "since (UTC)", "by", "reason", "held now"):
             table.add_column(column)
         for view in views:
-            table.add_row(
+            cells = (
                 "global" if view.scope == GLOBAL else view.scope,
                 view.covers,
                 f"{view.since:%Y-%m-%d %H:%M:%S}",
@@ -258,9 +260,10 @@ def kill_switch_status() -> None:
                 view.reason or "-",
                 "?" if view.held is None else str(view.held),
             )
+            table.add_row(*(Text(cell) for cell in cells))  # plain text, never markup
         console.print(table)
     if problem:
-        errors.print(problem, soft_wrap=True)
+        errors.print(Text(problem), soft_wrap=True)
     if paused is None:
         where = "KAERU_API_URL's deployment" if settings.api_url else "KAERU_TEMPORAL_ADDRESS"
         say(f"Held journeys not counted: Temporal could not be asked (check {where}).")
@@ -346,11 +349,17 @@ def journeys_pause(
     )
 
 
-def journeys_resume(workflow_id: JourneyIdArg) -> None:
-    """Resume a paused or held journey: what it held goes out once."""
+def journeys_resume(
+    workflow_id: JourneyIdArg,
+    reason: Annotated[
+        str, typer.Option(help="Why, for the journey's story and the audit log.")
+    ] = "",
+) -> None:
+    """Resume a paused or held journey: what it held goes out once (its email through the
+    send gate again: quiet hours, caps, stale limit)."""
     settings = load_settings()
     if settings.api_url:
-        answer = remote(settings, "POST", journey_path(workflow_id, "resume"))
+        answer = remote(settings, "POST", journey_path(workflow_id, "resume"), {"reason": reason})
         still: str | None = answer.get("still_held_by")
     else:
         _local(settings)
@@ -358,7 +367,7 @@ def journeys_resume(workflow_id: JourneyIdArg) -> None:
         resumed = _steer(
             settings,
             lambda client, journeys: steering.resume(
-                client, settings, journeys, workflow_id, actor=actor
+                client, settings, journeys, workflow_id, reason=reason, actor=actor
             ),
         )
         still = resumed.still_held_by.scope if resumed.still_held_by else None

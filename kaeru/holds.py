@@ -5,7 +5,9 @@ read by the worker as an outside activity starts: when a switch covers the journ
 activity fails with :data:`HELD_BY_KILL_SWITCH` without acting, and the kit
 (``Journey.call``) waits for a ``resume`` signal, then calls it again with the same input and
 idempotency key. A pause (``kaeru journeys pause``) is a signal that makes the kit wait the
-same way before its next outside step, without asking the activity.
+same way before its next outside step, without asking the activity. A held marketing email
+asks the send gate again when released (its slot was granted before the hold): it may wait
+for quiet hours or a cap, or be dropped past its stale limit.
 
 Pure: the workflow sandbox passes this module through. Every name here is a contract with
 running journeys and saved queries: never rename one.
@@ -70,6 +72,8 @@ class ResumeJourney:
 
     scope: str = RELEASE_JOURNEY
     actor: str = ""
+    #: Why (``kaeru journeys resume --reason``): for the story.
+    reason: str = ""
 
 
 class KnowsHolds(WorkflowInboundInterceptor):

@@ -6,7 +6,9 @@ reads the rows as an outside activity starts (:class:`KillSwitchGate`, cached fo
 ``KAERU_KILL_SWITCH_CACHE``) and, when one covers the journey, fails the activity with
 ``KillSwitchHeld`` before it acts; the kit waits for a ``resume`` and tries the same step
 again (kaeru/holds.py). ``kaeru kill-switch off`` deletes the row and signals the journeys it
-held, so they go on at once.
+held, so they go on at once: the cache only ever lets a step act, a hold is always decided on
+a read of the switches made after the step started (:meth:`SwitchReader.since`), so a step
+tried again after the release is not held by what a worker read before it.
 """
 
 from __future__ import annotations
@@ -101,16 +103,31 @@ class SwitchReader:
     def __init__(self, database_url: str, ttl: float) -> None:
         self._url = database_url
         self._ttl = ttl
+        #: When the latest read started (``time.monotonic()``): it saw every change before.
         self._read_at = float("-inf")
         self._on: list[KillSwitch] = []
         self._lock = asyncio.Lock()
 
     async def current(self) -> list[KillSwitch]:
+        """The switches, as read at most ``ttl`` seconds ago."""
         async with self._lock:
             if time.monotonic() - self._read_at >= self._ttl:
-                self._on = await asyncio.to_thread(switches, self._url)
-                self._read_at = time.monotonic()
+                await self._read()
             return self._on
+
+    async def since(self, moment: float) -> list[KillSwitch]:
+        """The switches, as read after ``moment`` (``time.monotonic()``): a read that
+        started after it serves every activity that asks meanwhile, so a burst of held steps
+        costs one read, not one each."""
+        async with self._lock:
+            if self._read_at < moment:
+                await self._read()
+            return self._on
+
+    async def _read(self) -> None:
+        started = time.monotonic()
+        self._on = await asyncio.to_thread(switches, self._url)
+        self._read_at = started
 
 
 class KillSwitchGate(Interceptor):
@@ -151,7 +168,13 @@ class _Gate(ActivityInboundInterceptor):
             and info.activity_type in OUTSIDE_ACTIVITIES
             and HOLDS_HEADER in input.headers
         ):
-            switch = covering(await self.gate.reader.current(), journey.kind, journey.transactional)
+            asked = time.monotonic()
+            reader, kind = self.gate.reader, journey.kind
+            switch = covering(await reader.current(), kind, journey.transactional)
+            if switch is not None:
+                # Held by what may be an old read (a switch turned off since, and this the
+                # step its release tries again): a hold is decided on a read from now.
+                switch = covering(await reader.since(asked), kind, journey.transactional)
             if switch is not None:
                 which = (
                     "the global kill switch"

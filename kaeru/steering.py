@@ -311,8 +311,9 @@ async def resume(
     workflow_id: str,
     *,
     actor: str,
+    reason: str = "",
 ) -> Resumed:
-    """Resume a paused or held journey (audited).
+    """Resume a paused or held journey (audited, with ``reason``, which its story tells too).
 
     Raises:
         SteeringError: as :func:`running`, or the journey is neither paused nor held.
@@ -326,10 +327,11 @@ async def resume(
             f"Pause it with `kaeru journeys pause {workflow_id}`.",
         )
     await client.get_workflow_handle(workflow_id).signal(
-        RESUME_SIGNAL, ResumeJourney(scope=RELEASE_JOURNEY, actor=actor)
+        RESUME_SIGNAL, ResumeJourney(scope=RELEASE_JOURNEY, actor=actor, reason=reason)
     )
     url = settings.resolved_database_url
-    await asyncio.to_thread(audit.record, url, actor, "journey.resume", workflow_id, {"was": held})
+    detail = {"was": held, "reason": reason}
+    await asyncio.to_thread(audit.record, url, actor, "journey.resume", workflow_id, detail)
     on = await asyncio.to_thread(switches, url)
     journey = journeys[description.workflow_type]
     return Resumed(held, covering(on, journey.kind, journey.transactional))

@@ -240,12 +240,20 @@ async def pause(
 
 
 @router.post("/admin/journeys/{workflow_id:path}/resume", response_model=JourneyChangePublic)
-async def resume(workflow_id: str, request: Request, settings: SettingsDep) -> JourneyChangePublic:
-    """Resume a paused or held journey: what it held goes out once."""
+async def resume(
+    workflow_id: str, request: Request, settings: SettingsDep, body: Reason | None = None
+) -> JourneyChangePublic:
+    """Resume a paused or held journey: what it held goes out once (an email through the
+    send gate again)."""
     client = await _client(request, settings)
     resumed = await _steer(
         lambda: steering.resume(
-            client, settings, steering.journeys_of(settings), workflow_id, actor=api_actor(request)
+            client,
+            settings,
+            steering.journeys_of(settings),
+            workflow_id,
+            reason=(body or Reason()).reason,
+            actor=api_actor(request),
         )
     )
     return JourneyChangePublic(

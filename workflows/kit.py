@@ -316,6 +316,10 @@ def _found_order(error: ApplicationError) -> Purchase | None:
         return None
 
 
+class _DroppedAfterHold(Exception):
+    """The send gate, asked again after a hold, dropped the message (stale)."""
+
+
 class _HeldByKillSwitch(Exception):
     """An outside step the kill switch held (it did not act): ``Journey.call`` waits."""
 
@@ -552,8 +556,14 @@ class Journey(Generic[S]):
 
     @workflow.signal(name=PAUSE_SIGNAL)
     def pause_requested(self, request: PauseJourney) -> None:
-        """An operator's pause: hold before the next outside step until a ``resume``."""
+        """An operator's pause: hold before the next outside step until a ``resume``.
+
+        Only under :data:`HOLDS`: a pause a worker of the code before it received did nothing
+        (it had no such signal), and its replay must do nothing either.
+        """
         if self.outcome is not None or self.paused is not None:
+            return
+        if not workflow.patched(HOLDS):
             return
         self.paused = request.reason or "no reason given"
         self._show_held(PAUSED)
@@ -565,7 +575,8 @@ class Journey(Generic[S]):
         self._resumes += 1
         if request.scope == RELEASE_JOURNEY and self.paused is not None:
             self.paused = None
-            self.tell(f"resumed by {request.actor or 'an operator'}")
+            because = f": {request.reason}" if request.reason else ""
+            self.tell(f"resumed by {request.actor or 'an operator'}{because}")
             if self.held_by == PAUSED or self.held_by is None:
                 self._show_held(None)
 
@@ -868,6 +879,7 @@ class Journey(Generic[S]):
         heartbeat: bool = False,
         deadline: timedelta = SEND_DEADLINE,
         stop_on_purchase: bool = False,
+        after_hold: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """Run an activity with kaeru's timeouts and retries.
 
@@ -877,8 +889,11 @@ class Journey(Generic[S]):
 
         An outside step (kaeru/holds.py) waits first while an operator paused the journey,
         and waits when the kill switch held it; then it runs again with the same input (the
-        same idempotency key: what was held goes out once). A hold ends at once when the
-        journey must end (a purchase).
+        same idempotency key: what was held goes out once), after ``after_hold`` (the send
+        gate, asked again: a hold may have lasted into quiet hours or past the message's stale
+        limit). A hold ends at once when the journey must end (a purchase). The kill switch's
+        hold tries again after :data:`HOLD_RECHECK`, then twice as long each time, up to
+        :data:`HOLD_RECHECK_MAX`; a resume starts that over.
 
         Raises:
             JourneyExit: the activity failed for good (bounce, no address, deadline passed),
@@ -886,10 +901,16 @@ class Journey(Generic[S]):
         """
         outside = activity in OUTSIDE_ACTIVITIES
         recheck = HOLD_RECHECK
+        held = False
         while True:
             if outside and self.paused is not None and workflow.patched(HOLDS):
                 await self._held(step, PAUSED, self.paused, None)
+                recheck, held = HOLD_RECHECK, True
                 continue
+            if held and after_hold is not None:
+                held = False
+                await after_hold()
+                continue  # a pause may have come meanwhile
             try:
                 return await self._call_once(
                     activity,
@@ -900,13 +921,14 @@ class Journey(Generic[S]):
                     deadline=deadline,
                     stop_on_purchase=stop_on_purchase,
                 )
-            except _HeldByKillSwitch as held:
-                await self._held(step, KILL_SWITCH, held.reason, recheck)
-                recheck = min(recheck * 2, HOLD_RECHECK_MAX)
+            except _HeldByKillSwitch as switch:
+                resumed = await self._held(step, KILL_SWITCH, switch.reason, recheck)
+                recheck = HOLD_RECHECK if resumed else min(recheck * 2, HOLD_RECHECK_MAX)
+                held = True
 
-    async def _held(self, step: str, why: str, reason: str, recheck: timedelta | None) -> None:
+    async def _held(self, step: str, why: str, reason: str, recheck: timedelta | None) -> bool:
         """Wait before ``step`` until a resume (or ``recheck``, for the kill switch), showing
-        operators why (``KaeruHeld``, the story, the status query).
+        operators why (``KaeruHeld``, the story, the status query). Whether a resume came.
 
         Raises:
             JourneyExit: the journey must end meanwhile (a purchase).
@@ -943,6 +965,7 @@ class Journey(Generic[S]):
         self._show_held(PAUSED if self.paused is not None else None)
         if self.paused is None:
             self.tell(f"trying the {step} step again")
+        return self._resumes > resumes
 
     async def _call_once(
         self,
@@ -1015,12 +1038,28 @@ class Journey(Generic[S]):
         if found is not None and email.variant is None:
             email.experiment, email.variant, experiment = found
             email.template = experiment.variants[email.variant].template or email.template
-        if email.marketing and workflow.patched(SEND_GATE):
-            if not await self.reserve_slot(step, email, stale_after):
-                return SendEmailResult(message_id="", to_address="", status=SKIPPED)
-        result = await self.call(
-            "send_email", email, SendEmailResult, step, heartbeat=True, stop_on_purchase=True
-        )
+        gated = email.marketing and workflow.patched(SEND_GATE)
+        if gated and not await self.reserve_slot(step, email, stale_after):
+            return SendEmailResult(message_id="", to_address="", status=SKIPPED)
+
+        async def ask_again() -> None:
+            # Held after its slot was granted: the gate decides again (quiet hours, the caps
+            # and the stale limit, counted from when the journey first wanted to send).
+            if not await self.reserve_slot(step, email, stale_after, held_until=workflow.now()):
+                raise _DroppedAfterHold
+
+        try:
+            result = await self.call(
+                "send_email",
+                email,
+                SendEmailResult,
+                step,
+                heartbeat=True,
+                stop_on_purchase=True,
+                after_hold=ask_again if gated else None,
+            )
+        except _DroppedAfterHold:
+            return SendEmailResult(message_id="", to_address="", status=SKIPPED)
         if result.status == SKIPPED:
             self.tell(
                 f"did not send {message_name(step)}: the shopper got one on the same topic "
@@ -1032,10 +1071,17 @@ class Journey(Generic[S]):
         return result
 
     async def reserve_slot(
-        self, step: str, email: SendEmailInput, stale_after: timedelta | None
+        self,
+        step: str,
+        email: SendEmailInput,
+        stale_after: timedelta | None,
+        *,
+        held_until: datetime | None = None,
     ) -> bool:
         """Ask the send gate for ``email``'s slot until it is granted (True) or the message
         is dropped as stale (False). Each wait is one timer, raced against every exit.
+        ``held_until``: the message was held after its slot was granted, until then; the gate
+        decides again (``ReserveSendInput.held_until``).
 
         Raises:
             JourneyExit: ``unsubscribed`` (consent says no), ``undeliverable`` (the address
@@ -1055,6 +1101,7 @@ class Journey(Generic[S]):
                     stale_after.total_seconds() if stale_after is not None else None
                 ),
                 asked_at=workflow.now(),
+                held_until=held_until,
             )
             answer = await self.call("reserve_send", ask, ReserveSendResult, step)
             if answer.verdict == SEND:

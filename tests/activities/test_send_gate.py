@@ -57,6 +57,7 @@ def ask(
     priority: int = 30,
     wanted_at: datetime | None = None,
     stale_after: timedelta | None = None,
+    held_until: datetime | None = None,
 ) -> ReserveSendInput:
     return ReserveSendInput(
         key=key,
@@ -68,6 +69,7 @@ def ask(
         wanted_at=wanted_at or at,
         stale_after_seconds=stale_after.total_seconds() if stale_after else None,
         asked_at=at,
+        held_until=held_until,
     )
 
 
@@ -100,6 +102,39 @@ def test_a_granted_slot_stays_granted_and_another_customer_is_not_capped(
     assert g.reserve(ask(c, "a/r/one", T0 + HOUR)).verdict == SEND  # a retry: the same slot
     assert g.reserve(ask(c, "b/r/two", T0 + HOUR)).verdict == WAIT
     assert g.reserve(ask(other, "c/r/one", T0 + HOUR)).verdict == SEND
+
+
+def test_a_grant_from_before_a_hold_is_decided_again(database_url: str) -> None:
+    """Held (the kill switch, a pause) after its grant, a message asks again: into quiet
+    hours it waits for their end, and that new grant stands when the same ask is retried."""
+    g = gate(database_url, quiet_start="20:00", quiet_end="08:00")
+    c = customer(database_url)
+    assert g.reserve(ask(c, "a/r/one", T0, stale_after=2 * DAY)).verdict == SEND
+    released = T0 + 12 * HOUR  # 22:00 UTC: quiet
+    after = g.reserve(ask(c, "a/r/one", released, wanted_at=T0, held_until=released))
+    assert (after.verdict, after.until) == (WAIT, T0 + 22 * HOUR)
+    assert "quiet hours" in after.reason
+    woke = T0 + 22 * HOUR
+    assert g.reserve(ask(c, "a/r/one", woke, wanted_at=T0, held_until=released)).verdict == SEND
+    assert row(database_url, "a/r/one").granted_at == woke
+    # Retried (the same input): the grant from after the hold stands.
+    assert g.reserve(ask(c, "a/r/one", woke, wanted_at=T0, held_until=released)).verdict == SEND
+    assert row(database_url, "a/r/one").granted_at == woke
+    # Without a hold, a grant stands whenever asked (a retry, the journey waking).
+    assert g.reserve(ask(c, "a/r/one", T0 + 23 * HOUR)).verdict == SEND
+
+
+def test_a_message_held_past_its_stale_limit_is_dropped(database_url: str) -> None:
+    g = gate(database_url)
+    c = customer(database_url)
+    assert g.reserve(ask(c, "a/r/one", T0, stale_after=2 * HOUR)).verdict == SEND
+    released = T0 + 3 * HOUR  # the slot is free, but the message is stale
+    dropped = g.reserve(ask(c, "a/r/one", released, wanted_at=T0, held_until=released))
+    assert dropped.verdict == DROP and "held past the message's stale limit" in dropped.reason
+    kept = row(database_url, "a/r/one")
+    assert kept.state == "dropped" and kept.granted_at is None
+    # The unused grant no longer counts against the cap (one a day).
+    assert g.reserve(ask(c, "b/r/two", released)).verdict == SEND
 
 
 def test_the_weekly_cap_counts_a_rolling_seven_days(database_url: str) -> None:

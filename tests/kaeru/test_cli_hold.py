@@ -122,6 +122,19 @@ def test_a_kinds_switch_is_its_own(sqlite_url: str) -> None:
     assert actions(sqlite_url) == [("kill_switch.on", "cart-abandonment")]
 
 
+def test_a_reason_is_shown_as_it_was_written_never_as_markup(sqlite_url: str) -> None:
+    """Rich markup in a reason (``[/]`` closes a tag that never opened) raised MarkupError."""
+    env = {"KAERU_DATABASE_URL": sqlite_url, "KAERU_TEMPORAL_ADDRESS": UNREACHABLE}
+    reason = "stop [/] now [bold]really[/bold]"
+    on = kaeru("kill-switch", "on", "--kind", "[red]cart", **env)
+    assert_clear_failure(on, "there is no journey kind '[red]cart'")
+    on = kaeru("kill-switch", "on", "--reason", reason, **env)
+    assert on.exit_code == 0, on.output
+    status = kaeru("kill-switch", "status", **env)
+    assert status.exit_code == 0, status.output
+    assert reason in status.stdout
+
+
 def test_steering_needs_a_journey_that_runs(sqlite_url: str) -> None:
     env = {"KAERU_DATABASE_URL": sqlite_url, "KAERU_TEMPORAL_ADDRESS": UNREACHABLE}
     assert_clear_failure(
@@ -239,9 +252,13 @@ async def test_one_journey_is_paused_resumed_and_cancelled(stack: Stack) -> None
     again = await kaeru_async("journeys", "pause", journey, **env)
     assert again.exit_code == 0 and "already is paused" in again.stdout
 
-    resumed = await kaeru_async("journeys", "resume", journey, **env)
+    resumed = await kaeru_async("journeys", "resume", journey, "--reason", "checked [ok]", **env)
     assert resumed.exit_code == 0, resumed.output
     await until(lambda: held_is(None), "KaeruHeld is unset")
+    story = (await shopper.status()).story
+    assert any(f"resumed by {cli_actor()}: checked [ok]" in line for line in story), story
+    [audited] = [e for e in entries(url) if e.action == "journey.resume"]
+    assert audited.detail == {"was": PAUSED, "reason": "checked [ok]"}
     assert_clear_failure(
         await kaeru_async("journeys", "resume", journey, **env), "is neither paused nor held"
     )

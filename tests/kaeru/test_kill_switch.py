@@ -4,6 +4,7 @@ worker's cached read of them."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from kaeru.holds import GLOBAL
 from kaeru.kill_switch import SwitchReader, covering, switches, turn_off, turn_on
@@ -55,3 +56,19 @@ async def test_the_worker_reads_the_switches_at_most_once_per_ttl(sqlite_url: st
     assert [s.scope for s in await fresh.current()] == [GLOBAL]
     reads = await asyncio.gather(*(fresh.current() for _ in range(5)))
     assert all(len(r) == 1 for r in reads)
+
+
+async def test_a_hold_is_decided_on_a_read_from_after_the_step_started(sqlite_url: str) -> None:
+    """The cache may say a switch is on that went off since: ``since`` reads again, once for
+    every step that asked before the read started."""
+    reader = SwitchReader(sqlite_url, ttl=3600)
+    turn_on(sqlite_url, GLOBAL, actor="t", include_transactional=False)
+    assert [s.scope for s in await reader.current()] == [GLOBAL]
+    turn_off(sqlite_url, GLOBAL)
+    assert [s.scope for s in await reader.current()] == [GLOBAL]  # cached
+    asked = time.monotonic()
+    assert await reader.since(asked) == []
+    turn_on(sqlite_url, GLOBAL, actor="t", include_transactional=False)
+    # A step that asked before that read is served by it: no second read.
+    assert await reader.since(asked) == []
+    assert [s.scope for s in await reader.since(time.monotonic())] == [GLOBAL]

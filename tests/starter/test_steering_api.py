@@ -132,10 +132,15 @@ async def test_one_journey_is_paused_resumed_and_cancelled_over_the_api(
 
         await until(counted, "the status counts the paused journey")
 
-        resumed = await api.post(journey(journey_id, "resume"), headers=OPERATOR)
+        resumed = await api.post(
+            journey(journey_id, "resume"), json={"reason": "checked"}, headers=OPERATOR
+        )
         assert resumed.status_code == 200, resumed.text
         assert (resumed.json()["was"], resumed.json()["still_held_by"]) == (PAUSED, None)
         await until(lambda: held_is(None), "KaeruHeld is unset")
+        assert any(
+            "resumed by api:operator: checked" in line for line in (await shopper.status()).story
+        )
         refusal(await api.post(journey(journey_id, "resume"), headers=OPERATOR), 409, "not_held")
 
         cancelled = await api.post(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -43,6 +43,7 @@ from tests.workflows.conftest import DAY, SHOE, Shopper, record_histories
 from tests.workflows.test_order_confirmation import ORDER, Buyer
 from tests.workflows.test_order_confirmation import buyer as buyer  # the fixture
 from worker import PASSTHROUGH, activities_for, build_worker, kill_switch_gate, workflows
+from workflows.kit import STALE_AFTER
 from workflows.order_confirmation import OrderConfirmation
 
 MAIL_FROM = make_settings("sqlite://").mail_from
@@ -50,20 +51,48 @@ MAIL_FROM = make_settings("sqlite://").mail_from
 FRESH = timedelta(milliseconds=1)
 
 
-@pytest.fixture
-async def held_shopper(
-    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+@contextlib.asynccontextmanager
+async def shopper_on_a_worker(
+    env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer, **overrides: Any
 ) -> AsyncIterator[Shopper]:
-    """The ``shopper`` fixture's worker, reading the kill switches at every outside step."""
-    settings = make_settings(sqlite_url, smtp_port=smtp.port, kill_switch_cache=FRESH)
-    async with httpx.AsyncClient() as http, build_worker(time_skipping_env.client, settings, http):
-        shopper = Shopper(time_skipping_env, sqlite_url, smtp, settings.task_queue)
+    """The ``shopper`` fixture's worker with the settings ``overrides``."""
+    settings = make_settings(sqlite_url, smtp_port=smtp.port, **overrides)
+    async with httpx.AsyncClient() as http, build_worker(env.client, settings, http):
+        shopper = Shopper(env, sqlite_url, smtp, settings.task_queue)
         with session(sqlite_url) as s:
             s.add(Customer(customer_id=shopper.customer_id, email=shopper.email))
         yield shopper
         with contextlib.suppress(RPCError):
             await shopper.handle.terminate("test over")
         await record_histories(shopper.env.client, shopper.journey_id)
+
+
+@pytest.fixture
+async def held_shopper(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> AsyncIterator[Shopper]:
+    """The ``shopper`` fixture's worker, reading the kill switches at every outside step."""
+    async with shopper_on_a_worker(
+        time_skipping_env, sqlite_url, smtp, kill_switch_cache=FRESH
+    ) as shopper:
+        yield shopper
+
+
+@pytest.fixture
+async def cached_shopper(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> AsyncIterator[Shopper]:
+    """The ``shopper`` fixture's worker, keeping what it read of the switches for the default
+    KAERU_KILL_SWITCH_CACHE (5 s)."""
+    async with shopper_on_a_worker(
+        time_skipping_env, sqlite_url, smtp, kill_switch_cache=timedelta(seconds=5)
+    ) as shopper:
+        yield shopper
+
+
+def quiet_in(now: datetime, start: timedelta, end: timedelta) -> dict[str, str]:
+    """Quiet hours (shop time, UTC here) from ``now + start`` to ``now + end`` of the day."""
+    return {"quiet_start": f"{now + start:%H:%M}", "quiet_end": f"{now + end:%H:%M}"}
 
 
 async def held_by(shopper: Shopper, why: str | None) -> Any:
@@ -275,3 +304,129 @@ async def test_journeys_of_code_that_knows_no_holds_are_not_held(
             finally:
                 with contextlib.suppress(RPCError):
                     await shopper.handle.terminate("test over")
+
+
+async def test_the_release_is_not_held_again_by_what_a_worker_read_before_it(
+    cached_shopper: Shopper,
+) -> None:
+    """The worker keeps its read of the switches for 5 s: the step the release tries again a
+    moment after the switch went off must not be held by that read (it would then wait for
+    its recheck timer, minutes away, which nothing skips here)."""
+    shopper = cached_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    turn_off(shopper.db, GLOBAL)
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+    await shopper.wait_for_emails(1)  # within seconds, real time
+    await held_by(shopper, None)
+    assert len(await cart_email_key(shopper)) == 1
+
+
+async def test_a_resume_starts_the_recheck_backoff_over(held_shopper: Shopper) -> None:
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    # Held again after 1 minute, then after 2 more, then for 4: the first wait of more than
+    # 2 minutes left is the third.
+    for _ in range(40):
+        await shopper.skip(30)
+        await asyncio.sleep(0.1)
+        before = await shopper.status()
+        now = await shopper.env.get_current_time()
+        if before.waiting_until is not None and before.waiting_until - now > timedelta(minutes=2):
+            break
+    else:
+        raise AssertionError("the recheck did not back off")
+    # A resume while the switch is still on (another switch went off, an operator's resume):
+    # held again at once, and its next recheck is the first one again, a minute away.
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+    for _ in range(200):
+        status = await shopper.status()
+        if status.held == KILL_SWITCH and status.waiting_until not in (None, before.waiting_until):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the resumed step was not held again")
+    assert status.waiting_until is not None
+    left = status.waiting_until - await shopper.env.get_current_time()
+    assert left <= timedelta(minutes=1, seconds=5), left
+    assert shopper.emails() == []
+
+
+async def test_a_held_email_released_in_quiet_hours_waits_for_their_end(
+    time_skipping_env: WorkflowEnvironment, sqlite_url: str, smtp: SMTPTestServer
+) -> None:
+    """The send gate granted the slot before the hold; the release, three hours later, is in
+    quiet hours: the email asks the gate again and goes out as they end, once."""
+    now = (await time_skipping_env.get_current_time()).astimezone(UTC)
+    quiet = quiet_in(now, timedelta(hours=2), timedelta(hours=4))
+    async with shopper_on_a_worker(
+        time_skipping_env, sqlite_url, smtp, kill_switch_cache=FRESH, **quiet
+    ) as shopper:
+        turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+        await shopper.cart("Product Added", **SHOE)
+        await shopper.skip(DAY + 60)  # the gate grants the slot (not quiet), the switch holds
+        await held_by(shopper, KILL_SWITCH)
+        await shopper.skip(3 * 3600)  # into the quiet hours
+        released = await time_skipping_env.get_current_time()
+        turn_off(shopper.db, GLOBAL)
+        await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_KILL_SWITCH))
+        for _ in range(200):
+            status = await shopper.status()
+            if status.waiting_for == "a send slot":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the released email did not wait for a slot: {status.story}")
+        assert any("quiet hours" in line for line in status.story[-2:]), status.story
+        opens = status.waiting_until
+        assert opens is not None and f"{opens:%H:%M}" == quiet["quiet_end"], opens
+        assert timedelta(minutes=30) < opens - released < timedelta(hours=2), opens
+        await asyncio.sleep(0.3)
+        assert shopper.emails() == []
+        await shopper.skip((opens - await time_skipping_env.get_current_time()).total_seconds())
+        await shopper.wait_for_emails(1)
+        assert len(await cart_email_key(shopper)) == 1
+
+
+async def test_a_pause_past_the_stale_limit_drops_the_email(held_shopper: Shopper) -> None:
+    """The gate granted the slot, then the journey was paused for longer than the stale limit
+    (two days from when it wanted to send): the resume asks the gate again, which drops it."""
+    shopper = held_shopper
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.handle.signal(PAUSE_SIGNAL, PauseJourney(reason="checking", actor="cli:ann"))
+    await held_by(shopper, PAUSED)
+    await shopper.skip(DAY + 60)
+    await shopper.wait_for_step("cart_email")
+    await shopper.skip(STALE_AFTER.total_seconds() + 3600)
+    await asyncio.sleep(0.3)
+    assert shopper.emails() == []
+    await shopper.handle.signal(RESUME_SIGNAL, ResumeJourney(scope=RELEASE_JOURNEY, actor="x"))
+    # Dropped as the gate drops a message that waited too long: the journey ends as it does
+    # when its reminder is skipped.
+    assert await shopper.outcome() == "already_reminded"
+    story = (await shopper.status()).story
+    assert any(
+        "did not send the cart email (stale): held past the message's stale limit" in line
+        for line in story
+    ), story
+    assert shopper.emails() == []
+
+
+async def test_a_switch_on_past_the_stale_limit_drops_the_email(held_shopper: Shopper) -> None:
+    """Each recheck asks the gate again too: past the stale limit the email is dropped while
+    the switch is still on, and the journey goes on without it."""
+    shopper = held_shopper
+    turn_on(shopper.db, GLOBAL, actor="test", include_transactional=False)
+    await shopper.cart("Product Added", **SHOE)
+    await shopper.skip(DAY + 60)
+    await held_by(shopper, KILL_SWITCH)
+    await shopper.skip(STALE_AFTER.total_seconds() + 3600)
+    assert await shopper.outcome() == "already_reminded"
+    story = (await shopper.status()).story
+    assert any("held past the message's stale limit" in line for line in story), story
+    assert shopper.emails() == []
