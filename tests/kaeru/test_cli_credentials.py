@@ -5,46 +5,30 @@ database keys alone."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import socket
-from pathlib import Path
 
-import pytest
 from sqlalchemy import text
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from kaeru.audit import cli_actor, entries
-from kaeru.cli import api_key_problem, app
+from kaeru.cli import api_key_problem
 from kaeru.db import session
 from tests.conftest import make_settings
-
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No KAERU_ variable or .env of the developer's leaks in."""
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+from tests.support.cli import (  # noqa: F401 - clean_environment is a fixture
+    assert_clear_failure,
+    clean_environment,
+    run_kaeru,
+)
 
 
 def kaeru(url: str, *args: str, **env: str) -> Result:
-    return runner.invoke(app, list(args), env={"COLUMNS": "200", "KAERU_DATABASE_URL": url, **env})
+    return run_kaeru(list(args), {"KAERU_DATABASE_URL": url, **env}, columns=200)
 
 
 def ok(result: Result) -> str:
     assert result.exit_code == 0, (result.output, result.stderr)
     return result.output
-
-
-def assert_clear_failure(result: Result, *phrases: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in " ".join(result.stderr.split()), result.stderr
 
 
 def rows(url: str, table: str) -> list[dict[str, object]]:

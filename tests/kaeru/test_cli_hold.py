@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,47 +19,33 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from activities.email.addresses import message_id_for
 from kaeru.audit import cli_actor, entries
-from kaeru.cli import app
 from kaeru.db import session
 from kaeru.holds import KILL_SWITCH, PAUSED
 from kaeru.kill_switch import switches
 from kaeru.models import Customer
 from kaeru.search_attributes import HELD, OUTCOME
 from tests.conftest import make_settings
+from tests.support.cli import (  # noqa: F401 - clean_environment is a fixture
+    UNREACHABLE,
+    assert_clear_failure,
+    clean_environment,
+    run_kaeru,
+)
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SETTINGS, SHOE, Shopper
 from worker import build_worker
 
-runner = CliRunner()
-UNREACHABLE = "127.0.0.1:1"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No KAERU_ variable or .env of the developer's leaks in."""
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
 
 def kaeru(*args: str, **env: str) -> Result:
-    return runner.invoke(app, list(args), env={"COLUMNS": "200", **env})
+    return run_kaeru(list(args), env, columns=200)
 
 
 async def kaeru_async(*args: str, **env: str) -> Result:
     return await asyncio.to_thread(kaeru, *args, **env)
-
-
-def assert_clear_failure(result: Result, *phrases: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in " ".join(result.stderr.split()), result.stderr
 
 
 def actions(url: str) -> list[tuple[str, str]]:

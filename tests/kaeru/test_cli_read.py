@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,10 +23,9 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from kaeru.audit import cli_actor
-from kaeru.cli import app
 from kaeru.cli_read import UnsearchableValue, journeys_query, literal
 from kaeru.consent import EMAIL, SMS, set_consent
 from kaeru.db import session
@@ -45,25 +42,19 @@ from kaeru.models import (
 from kaeru.pseudonyms import read_visible_ids
 from kaeru.search_attributes import CUSTOMER_ID, HELD, OUTCOME, STEP
 from tests.conftest import make_settings
+from tests.support.cli import (  # noqa: F401 - clean_environment is a fixture
+    UNREACHABLE,
+    assert_clear_failure,
+    clean_environment,
+    run_kaeru,
+)
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SETTINGS, SHOE, Shopper
 from worker import build_worker
 
-runner = CliRunner()
-UNREACHABLE = "127.0.0.1:1"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No KAERU_ variable or .env of the developer's leaks in."""
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
 
 def kaeru(*args: str, **env: str) -> Result:
-    return runner.invoke(app, list(args), env={"COLUMNS": "250", **env})
+    return run_kaeru(list(args), env)
 
 
 async def kaeru_async(*args: str, **env: str) -> Result:
@@ -74,13 +65,6 @@ def ok(result: Result) -> str:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     return result.stdout
-
-
-def assert_clear_failure(result: Result, *phrases: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in " ".join(result.stderr.split()), result.stderr
 
 
 def rows(stdout: str) -> list[list[str]]:

@@ -19,10 +19,7 @@ from starter.app import create_app
 from starter.steering import API_ACTOR
 from tests.conftest import make_settings
 from tests.kaeru.test_cli_hold import (  # noqa: F401 - fixtures
-    UNREACHABLE,
     Stack,
-    assert_clear_failure,
-    clean_environment,
     kaeru,
     kaeru_async,
     smtp,
@@ -30,6 +27,11 @@ from tests.kaeru.test_cli_hold import (  # noqa: F401 - fixtures
     until,
 )
 from tests.starter.conftest import uvicorn_server
+from tests.support.cli import (  # noqa: F401 - clean_environment is a fixture
+    UNREACHABLE,
+    assert_clear_failure,
+    clean_environment,
+)
 from tests.workflows.conftest import SETTINGS, SHOE
 
 TOKEN = "test-operator-token"  # make_settings's

@@ -33,6 +33,8 @@ from kaeru.settings import Settings
 from kaeru.telemetry import workflow_ref
 from tests.conftest import make_settings
 from tests.journeys.changed_cart import EXTRA_STEP, patched
+from tests.support.cli import assert_clear_failure as assert_clear_failure_in
+from tests.support.cli import clean_environment  # noqa: F401 - a fixture
 from tests.support.codec import CodecEnv, codec_client, new_master_key
 from tests.support.smtp import SMTPTestServer
 from tests.workflows.conftest import SHOE, Shopper
@@ -44,15 +46,6 @@ ROOT = Path(__file__).resolve().parents[2]
 UNPATCHED = "tests.journeys.changed_cart:unpatched"
 PATCHED = "tests.journeys.changed_cart:patched"
 WITHOUT_CART = "tests.journeys.changed_cart:without_cart"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No KAERU_ variable or .env of the developer's leaks in."""
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -158,10 +151,7 @@ def row(result: Result, kind: str) -> list[str]:
 
 
 def assert_clear_failure(result: Result, *phrases: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in " ".join(result.output.split()), result.output
+    assert_clear_failure_in(result, *phrases, stream="output")
 
 
 async def test_deploy_check_passes_the_code_and_names_journeys_an_unpatched_change_breaks(

@@ -6,18 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
-from typer.testing import CliRunner
 
 from kaeru.audit import cli_actor
-from kaeru.cli import app as cli
 from kaeru.credentials import READ_ONLY, Account, digest
 from kaeru.settings import Settings
 from starter import dashboard
@@ -28,27 +22,16 @@ from tests.conftest import make_settings
 from tests.starter.conftest import OPERATOR, asgi_client, basic, events
 from tests.starter.test_admin import park
 from tests.starter.test_limits import NEVER, batch, serving
+from tests.support.cli import clean_environment, run_kaeru  # noqa: F401 - a fixture
 
 TRACK = {"userId": "u1", "event": "Product Added", "properties": {"product_id": "p1"}}
 #: Short, so a revoke shows within the test; the product's default is 5 s.
 TTL = 0.3
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No KAERU_ variable or .env of the developer's leaks into the CLI."""
-    for name in list(os.environ):
-        if name.startswith("KAERU_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    yield
-
 
 def kaeru(url: str, *args: str) -> str:
     """Run the real CLI on the test's database; its output (it must succeed)."""
-    result = runner.invoke(cli, list(args), env={"COLUMNS": "200", "KAERU_DATABASE_URL": url})
+    result = run_kaeru(list(args), {"KAERU_DATABASE_URL": url}, columns=200)
     assert result.exit_code == 0, (result.output, result.stderr)
     return result.output
 

@@ -15,12 +15,12 @@ from starter.steering import API_ACTOR
 from tests.conftest import make_settings
 from tests.kaeru.test_cli_hold import (  # noqa: F401 - fixtures
     Stack,
-    clean_environment,
     smtp,
     stack,
     until,
 )
 from tests.starter.conftest import OPERATOR, asgi_client
+from tests.support.cli import clean_environment  # noqa: F401 - a fixture
 from tests.workflows.conftest import SETTINGS, SHOE
 
 SWITCH = "/v1/admin/kill-switch"
