@@ -237,14 +237,21 @@ async def end_what_the_test_started(request: pytest.FixtureRequest) -> AsyncIter
             pass  # it ended on its own (the usual case)
 
 
-@pytest.fixture(scope="session")
-async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    """Temporal's time-skipping test server: a 9-day journey runs in seconds."""
+async def start_time_skipping() -> WorkflowEnvironment:
+    """A time-skipping test server with kaeru's search attributes and the test clients'
+    interceptors."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"),
         interceptors=[RetryQueriesCutByTheDeadlockDetector(), TIME_SKIPPING_STARTS],
     )
     await ensure_search_attributes(env.client, "default")
+    return env
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server: a 9-day journey runs in seconds."""
+    env = await start_time_skipping()
     yield env
     await env.shutdown()
 
