@@ -11,7 +11,7 @@ Temporal credentials.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -321,6 +321,20 @@ def _local(settings: Settings) -> None:
     database_url_checked(settings)
 
 
+def _steer_journey(
+    settings: Settings, action: Callable[..., Awaitable[Any]], workflow_id: str, reason: str
+) -> Any:
+    """``steering.pause``, ``resume`` or ``cancel`` of one journey here, as the CLI's user."""
+    _local(settings)
+    actor = audit.cli_actor()
+    return _steer(
+        settings,
+        lambda client, journeys: action(
+            client, settings, journeys, workflow_id, reason=reason, actor=actor
+        ),
+    )
+
+
 def journeys_pause(
     workflow_id: JourneyIdArg,
     reason: Annotated[str, typer.Option(help="Why, for the journey's story.")] = "",
@@ -332,14 +346,7 @@ def journeys_pause(
         answer = remote(settings, "POST", journey_path(workflow_id, "pause"), {"reason": reason})
         changed = bool(answer["changed"])
     else:
-        _local(settings)
-        actor = audit.cli_actor()
-        changed = _steer(
-            settings,
-            lambda client, journeys: steering.pause(
-                client, settings, journeys, workflow_id, reason=reason, actor=actor
-            ),
-        )
+        changed = _steer_journey(settings, steering.pause, workflow_id, reason)
     if not changed:
         say(f"Journey {workflow_id} already is paused: nothing was changed.")
         return
@@ -362,14 +369,7 @@ def journeys_resume(
         answer = remote(settings, "POST", journey_path(workflow_id, "resume"), {"reason": reason})
         still: str | None = answer.get("still_held_by")
     else:
-        _local(settings)
-        actor = audit.cli_actor()
-        resumed = _steer(
-            settings,
-            lambda client, journeys: steering.resume(
-                client, settings, journeys, workflow_id, reason=reason, actor=actor
-            ),
-        )
+        resumed = _steer_journey(settings, steering.resume, workflow_id, reason)
         still = resumed.still_held_by.scope if resumed.still_held_by else None
     say(f"Resumed {workflow_id}: it goes on with the step it held.")
     if still is not None:
@@ -392,14 +392,7 @@ def journeys_cancel(
         answer = remote(settings, "POST", journey_path(workflow_id, "cancel"), {"reason": reason})
         ended = bool(answer["changed"])
     else:
-        _local(settings)
-        actor = audit.cli_actor()
-        ended = _steer(
-            settings,
-            lambda client, journeys: steering.cancel(
-                client, settings, journeys, workflow_id, reason=reason, actor=actor
-            ),
-        )
+        ended = _steer_journey(settings, steering.cancel, workflow_id, reason)
     if ended:
         say(f"Cancelled {workflow_id}: it ended cancelled and left its ad audiences.")
     else:

@@ -134,6 +134,27 @@ async def _steer(action: Callable[[], Awaitable[T]]) -> T:
         ) from err
 
 
+async def _steer_journey(
+    request: Request,
+    settings: Settings,
+    action: Callable[..., Awaitable[T]],
+    workflow_id: str,
+    body: Reason | None,
+) -> T:
+    """``steering.pause``, ``resume`` or ``cancel`` of one journey, as this request's operator."""
+    client = await _client(request, settings)
+    return await _steer(
+        lambda: action(
+            client,
+            settings,
+            steering.journeys_of(settings),
+            workflow_id,
+            reason=(body or Reason()).reason,
+            actor=api_actor(request),
+        )
+    )
+
+
 @router.get("/admin/kill-switch", response_model=KillSwitchStatus)
 async def kill_switch_status(request: Request, settings: SettingsDep) -> KillSwitchStatus:
     """The switches that are on (global first), how many journeys each holds, and how many
@@ -225,17 +246,7 @@ async def pause(
     workflow_id: str, request: Request, settings: SettingsDep, body: Reason | None = None
 ) -> JourneyChangePublic:
     """Pause one journey before its next outside step, until a resume."""
-    client = await _client(request, settings)
-    changed = await _steer(
-        lambda: steering.pause(
-            client,
-            settings,
-            steering.journeys_of(settings),
-            workflow_id,
-            reason=(body or Reason()).reason,
-            actor=api_actor(request),
-        )
-    )
+    changed = await _steer_journey(request, settings, steering.pause, workflow_id, body)
     return JourneyChangePublic(journey_id=workflow_id, action="pause", changed=changed)
 
 
@@ -245,17 +256,7 @@ async def resume(
 ) -> JourneyChangePublic:
     """Resume a paused or held journey: what it held goes out once (an email through the
     send gate again)."""
-    client = await _client(request, settings)
-    resumed = await _steer(
-        lambda: steering.resume(
-            client,
-            settings,
-            steering.journeys_of(settings),
-            workflow_id,
-            reason=(body or Reason()).reason,
-            actor=api_actor(request),
-        )
-    )
+    resumed = await _steer_journey(request, settings, steering.resume, workflow_id, body)
     return JourneyChangePublic(
         journey_id=workflow_id,
         action="resume",
@@ -270,15 +271,5 @@ async def cancel(
     workflow_id: str, request: Request, settings: SettingsDep, body: Reason | None = None
 ) -> JourneyChangePublic:
     """Cancel one journey: it ends with outcome ``cancelled`` and leaves its ad audiences."""
-    client = await _client(request, settings)
-    ended = await _steer(
-        lambda: steering.cancel(
-            client,
-            settings,
-            steering.journeys_of(settings),
-            workflow_id,
-            reason=(body or Reason()).reason,
-            actor=api_actor(request),
-        )
-    )
+    ended = await _steer_journey(request, settings, steering.cancel, workflow_id, body)
     return JourneyChangePublic(journey_id=workflow_id, action="cancel", changed=ended)
